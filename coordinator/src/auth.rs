@@ -1,0 +1,94 @@
+//! Users' credentials: argon2id password hashes and the JWTs that `POST /api/v1/auth/login`
+//! issues (HS256, one hour). The signing key is replicated state, so every node checks the
+//! tokens every other node issued.
+
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::state::records::Role;
+
+/// `expires_in` of a login token, in seconds (the seed's 3600).
+pub const TOKEN_LIFETIME_SECONDS: i64 = 3600;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The user id, as a string (JWT convention).
+    pub sub: String,
+    pub role: Role,
+    pub username: String,
+    pub exp: i64,
+    pub iat: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid or expired token; log in again with POST /api/v1/auth/login")]
+    BadToken,
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+}
+
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|hash| hash.to_string())
+        .map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+pub fn verify_password(password: &str, stored_hash: &str) -> bool {
+    match PasswordHash::new(stored_hash) {
+        Ok(hash) => argon2::Argon2::default().verify_password(password.as_bytes(), &hash).is_ok(),
+        Err(_) => false,
+    }
+}
+
+pub fn issue_token(signing_key: &str, user_id: u64, username: &str, role: Role, now_seconds: i64) -> Result<String, AuthError> {
+    let claims = Claims {
+        sub: user_id.to_string(),
+        role,
+        username: username.to_string(),
+        exp: now_seconds + TOKEN_LIFETIME_SECONDS,
+        iat: now_seconds,
+    };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(signing_key.as_bytes()))
+        .map_err(|_| AuthError::BadToken)
+}
+
+pub fn check_token(signing_key: &str, token: &str) -> Result<Claims, AuthError> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.leeway = 5;
+    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(signing_key.as_bytes()), &validation)
+        .map(|data| data.claims)
+        .map_err(|_| AuthError::BadToken)
+}
+
+/// A random string of `length` URL-safe characters, for generated passwords and keys.
+pub fn random_secret(length: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    let mut rng = rand::rng();
+    (0..length).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_and_tokens_round_trip() {
+        let hash = hash_password("your_password").unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password("your_password", &hash));
+        assert!(!verify_password("wrong", &hash));
+        let now = 1_764_134_400;
+        let token = issue_token("key", 7, "john_doe", Role::Developer, now).unwrap();
+        let claims = check_token("key", &token);
+        // Expired long ago relative to the real clock: rejected.
+        assert!(claims.is_err());
+        let fresh = issue_token("key", 7, "john_doe", Role::Developer, jsonwebtoken::get_current_timestamp() as i64).unwrap();
+        assert_eq!(check_token("key", &fresh).unwrap().sub, "7");
+        assert!(check_token("other key", &fresh).is_err());
+    }
+}

@@ -1,0 +1,190 @@
+//! The node configuration file (TOML). `davit serve --config FILE` reads one; `davit up` builds
+//! one for a single node.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::BackendKind;
+use crate::tls::TlsFiles;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node_id: u64,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// host:port for REST, the dashboard and /metrics.
+    pub http_addr: String,
+    /// host:port for gRPC: Raft, forwarding between coordinators, agents, integrations.
+    pub grpc_addr: String,
+    pub data_dir: PathBuf,
+    /// Which embedded database holds the state (`redb`, the default, or `sled`).
+    #[serde(default)]
+    pub storage: BackendKind,
+    /// The initial voters. A node listed here with no state yet initializes the cluster with
+    /// exactly these members; a node that will be added later has `bootstrap = false`.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default = "default_true")]
+    pub bootstrap: bool,
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub node_id: u64,
+    pub grpc_addr: String,
+    pub http_addr: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) every this many applied entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log after a snapshot, so a briefly lagging follower catches up from
+    /// the log rather than by snapshot.
+    pub keep_after_snapshot: u64,
+    /// How long a client write or linearizable read may wait for a quorum before the node
+    /// answers 503.
+    pub quorum_timeout_ms: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_every: 5000,
+            keep_after_snapshot: 1000,
+            quorum_timeout_ms: 5000,
+        }
+    }
+}
+
+fn default_region() -> String {
+    "default".into()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut config: NodeConfig =
+            toml::from_str(&text).map_err(|error| ConfigError::Invalid { path: path.to_path_buf(), message: error.to_string() })?;
+        // Relative paths in a config file are relative to the file, so shipped configs work from
+        // any working directory.
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.data_dir = base.join(&config.data_dir);
+        if let Some(tls) = &mut config.tls {
+            tls.ca_file = base.join(&tls.ca_file);
+            tls.cert_file = base.join(&tls.cert_file);
+            tls.key_file = base.join(&tls.key_file);
+        }
+        config.validate().map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("node_id must be 1 or more".into());
+        }
+        for addr in [&self.http_addr, &self.grpc_addr] {
+            if addr.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
+                return Err(format!("address {addr:?} must be host:port"));
+            }
+        }
+        if self.http_addr == self.grpc_addr {
+            return Err("http_addr and grpc_addr must differ".into());
+        }
+        let mut ids: Vec<u64> = self.peers.iter().map(|peer| peer.node_id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() != self.peers.len() {
+            return Err("peers lists a node_id twice".into());
+        }
+        if self.bootstrap && !self.peers.is_empty() && !self.peers.iter().any(|peer| peer.node_id == self.node_id) {
+            return Err(format!(
+                "node {} bootstraps but is not in its own peers list; add it, or set bootstrap = false for a node that will be added later",
+                self.node_id
+            ));
+        }
+        let raft = &self.raft;
+        if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms || raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            return Err("raft timeouts must satisfy heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into());
+        }
+        Ok(())
+    }
+
+    /// The members the cluster starts with: the peers list, or just this node.
+    pub fn initial_members(&self) -> Vec<PeerConfig> {
+        if self.peers.is_empty() {
+            vec![PeerConfig {
+                node_id: self.node_id,
+                grpc_addr: self.grpc_addr.clone(),
+                http_addr: self.http_addr.clone(),
+                region: self.region.clone(),
+            }]
+        } else {
+            self.peers.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster-configs");
+        let mut count = 0;
+        for dir in ["local-1", "local-3", "regions-5"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+                if entry.path().extension().is_some_and(|ext| ext == "toml") {
+                    let config = NodeConfig::load(&entry.path()).unwrap();
+                    assert!(config.peers.is_empty() || config.peers.iter().any(|p| p.node_id == config.node_id));
+                    count += 1;
+                }
+            }
+        }
+        assert_eq!(count, 1 + 3 + 5);
+        let regions: Vec<String> =
+            NodeConfig::load(&root.join("regions-5/node-1.toml")).unwrap().peers.into_iter().map(|p| p.region).collect();
+        assert_eq!(regions, ["a", "a", "b", "b", "c"]);
+    }
+
+    #[test]
+    fn bad_configs_say_what_to_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1\"\ndata_dir = \"d\"\n").unwrap();
+        let error = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("must be host:port"), "{error}");
+        std::fs::write(&path, "node_id = 1\nhttp_adr = \"x\"\n").unwrap();
+        let error = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("http_adr"), "{error}");
+    }
+}

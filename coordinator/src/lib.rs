@@ -1,0 +1,16 @@
+//! Davit's coordinator: a Raft-replicated control plane. See ARCHITECTURE.md for the map.
+
+pub mod api_error;
+pub mod auth;
+pub mod cli;
+pub mod cluster_service;
+pub mod config;
+pub mod grpc_api;
+pub mod http;
+pub mod node;
+pub mod observability;
+pub mod raft;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod tls;

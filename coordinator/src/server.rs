@@ -1,0 +1,189 @@
+//! Starting a coordinator: bind the listeners, start the Raft node, serve gRPC (Raft,
+//! cluster, integration API) and HTTP (REST, metrics), and initialize a new cluster (token
+//! signing key, first admin) once it has a leader.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use davit_proto::api::config_service_server::ConfigServiceServer;
+use davit_proto::cluster::cluster_service_server::ClusterServiceServer;
+use davit_proto::raft::raft_service_server::RaftServiceServer;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth;
+use crate::cluster_service::ClusterGrpc;
+use crate::config::NodeConfig;
+use crate::grpc_api::ConfigGrpc;
+use crate::http::{AppState, router};
+use crate::node::Node;
+use crate::raft::service::RaftGrpc;
+use crate::state::Command;
+use crate::state::records::Role;
+use crate::store::Table;
+use crate::tls::TlsMaterial;
+
+/// The first admin's credentials, shown once when the cluster creates them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdminCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+pub struct RunningServer {
+    pub node: Arc<Node>,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub tls: bool,
+    /// Set when this process created the first admin.
+    pub admin_credentials: watch::Receiver<Option<AdminCredentials>>,
+    pub credentials_file: PathBuf,
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|error| {
+        anyhow::anyhow!("cannot listen for {what} on {addr}: {error}; is another davit running there? pick another address")
+    })
+}
+
+pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
+    let http_listener = bind(&config.http_addr, "HTTP").await?;
+    let grpc_listener = bind(&config.grpc_addr, "gRPC").await?;
+    let http_addr = http_listener.local_addr()?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
+    let credentials_file = config.data_dir.join("initial-admin.json");
+    let prometheus = crate::observability::prometheus();
+    let node = Node::start(config).await?;
+
+    let mut grpc = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)));
+    if let Some(tls) = &tls {
+        grpc = grpc.tls_config(tls.tonic_server())?;
+    }
+    let grpc = grpc
+        .add_service(RaftServiceServer::new(RaftGrpc::new(node.raft.clone())).max_decoding_message_size(256 * 1024 * 1024))
+        .add_service(ClusterServiceServer::new(ClusterGrpc::new(node.clone())))
+        .add_service(ConfigServiceServer::new(ConfigGrpc::new(node.clone())));
+    tokio::spawn(async move {
+        if let Err(error) = grpc.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener)).await {
+            tracing::error!(%error, "gRPC server stopped");
+        }
+    });
+
+    let app = router(AppState { node: node.clone(), prometheus });
+    match &tls {
+        None => {
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(http_listener, app).await {
+                    tracing::error!(%error, "HTTP server stopped");
+                }
+            });
+        }
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.rustls_http_server()?);
+            tokio::spawn(serve_https(http_listener, acceptor, app));
+        }
+    }
+
+    let (credentials_sender, admin_credentials) = watch::channel(None);
+    tokio::spawn(initialize_cluster(node.clone(), credentials_file.clone(), credentials_sender));
+    Ok(RunningServer { node, http_addr, grpc_addr, tls: tls.is_some(), admin_credentials, credentials_file })
+}
+
+async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, app: axum::Router) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "HTTPS accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(stream).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Once this node leads a new cluster: propose the token signing key and the first admin.
+/// Proposals are deterministic in effect: if two leaders in a row both try, the second
+/// `InitializeCluster` / `CreateUser admin` is rejected by `apply`, and only the creator
+/// reports credentials.
+async fn initialize_cluster(node: Arc<Node>, credentials_file: PathBuf, credentials: watch::Sender<Option<AdminCredentials>>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !node.is_leader() {
+            if node.token_signing_key().is_some() && has_users(&node) {
+                return;
+            }
+            continue;
+        }
+        if node.token_signing_key().is_none() {
+            let command = Command::InitializeCluster { token_signing_key: auth::random_secret(48) };
+            if let Err(error) = node.propose(None, command).await {
+                tracing::warn!(%error, "could not initialize the cluster yet");
+                continue;
+            }
+        }
+        if has_users(&node) {
+            return;
+        }
+        let password = auth::random_secret(20);
+        let password_hash = match tokio::task::spawn_blocking({
+            let password = password.clone();
+            move || auth::hash_password(&password)
+        })
+        .await
+        {
+            Ok(Ok(hash)) => hash,
+            other => {
+                tracing::error!(?other, "cannot hash the first admin's password");
+                return;
+            }
+        };
+        let command =
+            Command::CreateUser { username: "admin".into(), email: "admin@localhost".into(), password_hash, role: Role::Admin };
+        match node.propose(None, command).await {
+            Ok((outcome, _)) if outcome.result.is_ok() => {
+                let created = AdminCredentials { username: "admin".into(), password };
+                if let Err(error) = write_credentials(&credentials_file, &created) {
+                    tracing::warn!(%error, "cannot save the first admin's credentials file");
+                }
+                tracing::info!(file = %credentials_file.display(), "created the first admin user");
+                credentials.send_replace(Some(created));
+                return;
+            }
+            Ok((outcome, _)) => {
+                tracing::info!(?outcome, "first admin already exists");
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "could not create the first admin yet"),
+        }
+    }
+}
+
+fn has_users(node: &Node) -> bool {
+    node.backend.scan(Table::Users, crate::store::full_range(), 1, false).map(|rows| !rows.is_empty()).unwrap_or(false)
+}
+
+fn write_credentials(path: &std::path::Path, credentials: &AdminCredentials) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(&serde_json::to_vec_pretty(credentials).expect("serializes"))?;
+    file.sync_all()
+}

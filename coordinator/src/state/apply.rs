@@ -1,0 +1,843 @@
+//! `apply`: the pure function from (state, proposal) to (new state, outcome). It never reads
+//! the clock, draws a random number or does IO beyond the [`StateRead`] it is handed; the time
+//! and the actor come from the proposal, ids from counters in the state itself. Every replica
+//! therefore computes the same result from the same log.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use super::codec::{decode, encode, id_key, key_id};
+use super::command::{Command, ConfigEntry, Outcome, Proposal, RejectionCode};
+use super::records::*;
+use super::txn::{StateRead, Txn};
+use crate::store::{StoreResult, Table};
+
+/// Keys of the state machine's bookkeeping in [`Table::StateMeta`].
+pub mod meta_keys {
+    pub const AUDIT_HEAD: &[u8] = b"audit_head";
+    pub const TOKEN_SIGNING_KEY: &[u8] = b"token_signing_key";
+    pub fn next_id(table: crate::store::Table) -> Vec<u8> {
+        format!("next_id/{}", table.name()).into_bytes()
+    }
+}
+
+/// Index names (the first part of a key in [`Table::Indexes`]).
+pub mod index {
+    pub const USERS_BY_NAME: &str = "users.username";
+    pub const USERS_BY_EMAIL: &str = "users.email";
+    pub const TOKENS_BY_HASH: &str = "api_tokens.token_hash";
+    pub const TOKENS_BY_USER: &str = "api_tokens.user_id";
+    pub const REPOSITORIES_BY_URL: &str = "repositories.repo_url";
+    pub const REPOSITORIES_BY_USER: &str = "repositories.user_id";
+    pub const PIPELINES_BY_REPO: &str = "pipelines.repo_id";
+    pub const DEPLOYMENTS_BY_PIPELINE: &str = "deployments.pipeline_id";
+    pub const DEPLOYMENTS_BY_STATUS: &str = "deployments.status";
+    pub const ARTIFACTS_BY_PIPELINE: &str = "artifacts.pipeline_id";
+    pub const CONFIGURATIONS_BY_PIPELINE: &str = "configurations.pipeline_id";
+    pub const NOTIFICATIONS_BY_USER: &str = "notifications.user_id";
+    pub const JOBS_BY_DEPLOYMENT: &str = "jobs.deployment_id";
+    pub const JOBS_BY_STATUS: &str = "jobs.status";
+    pub const AGENTS_BY_NAME: &str = "agents.name";
+}
+
+pub fn index_prefix(name: &str, value: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + value.len() + 10);
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key.extend_from_slice(value.as_bytes());
+    key.push(0);
+    key
+}
+
+fn index_key(name: &str, value: &str, id: u64) -> Vec<u8> {
+    let mut key = index_prefix(name, value);
+    key.extend_from_slice(&id_key(id));
+    key
+}
+
+/// The ids an index holds for `value`, in id order.
+pub fn index_ids(state: &dyn StateRead, name: &str, value: &str) -> StoreResult<Vec<u64>> {
+    Ok(state
+        .scan_prefix(Table::Indexes, &index_prefix(name, value))?
+        .into_iter()
+        .filter_map(|(key, _)| key_id(&key))
+        .collect())
+}
+
+/// Key of a configuration row: environment, pipeline (0 = all pipelines), key.
+pub fn configuration_key(environment: &str, pipeline_id: Option<u64>, key: &str) -> Vec<u8> {
+    let mut bytes = configuration_prefix(environment, pipeline_id);
+    bytes.extend_from_slice(key.as_bytes());
+    bytes
+}
+
+pub fn configuration_prefix(environment: &str, pipeline_id: Option<u64>) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(environment.len() + 10);
+    bytes.extend_from_slice(environment.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(&id_key(pipeline_id.unwrap_or(0)));
+    bytes
+}
+
+/// Key of a log segment: deployment, job, sequence.
+pub fn log_segment_key(deployment_id: u64, job_id: u64, sequence: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(24);
+    key.extend_from_slice(&id_key(deployment_id));
+    key.extend_from_slice(&id_key(job_id));
+    key.extend_from_slice(&id_key(sequence));
+    key
+}
+
+pub fn load<T: DeserializeOwned>(state: &dyn StateRead, table: Table, key: &[u8]) -> StoreResult<Option<T>> {
+    state.get(table, key)?.map(|bytes| decode(table, &bytes)).transpose()
+}
+
+pub fn load_id<T: DeserializeOwned>(state: &dyn StateRead, table: Table, id: u64) -> StoreResult<Option<T>> {
+    load(state, table, &id_key(id))
+}
+
+fn store<T: Serialize>(txn: &mut Txn, table: Table, key: impl Into<Vec<u8>>, value: &T) {
+    txn.put(table, key, encode(value));
+}
+
+fn next_id(txn: &mut Txn, table: Table) -> StoreResult<u64> {
+    let key = meta_keys::next_id(table);
+    let id: u64 = load(txn, Table::StateMeta, &key)?.unwrap_or(1);
+    store(txn, Table::StateMeta, key, &(id + 1));
+    Ok(id)
+}
+
+fn not_found(what: &str, id: u64) -> Outcome {
+    Outcome::rejected(RejectionCode::NotFound, format!("{what} {id} not found"))
+}
+
+/// Apply one proposal. Rejected commands change nothing; accepted ones (that are audited)
+/// also append one hash-chained audit entry.
+pub fn apply(state: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResult<Outcome> {
+    let (outcome, writes) = {
+        let mut child = Txn::new(state);
+        let outcome = execute(&mut child, proposal)?;
+        if outcome.result.is_ok() && proposal.command.is_audited() {
+            append_audit(&mut child, proposal, log_index)?;
+        }
+        (outcome, child.into_writes())
+    };
+    if outcome.result.is_ok() {
+        state.absorb(writes);
+    }
+    Ok(outcome)
+}
+
+pub fn audit_hash(previous_hash: &str, entry: &AuditLog) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(previous_hash.as_bytes());
+    let unhashed = AuditLog { hash: String::new(), ..entry.clone() };
+    hasher.update(serde_json::to_vec(&unhashed).expect("audit entries serialize"));
+    hex(&hasher.finalize())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn append_audit(txn: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResult<()> {
+    let previous_hash: String = load(txn, Table::StateMeta, meta_keys::AUDIT_HEAD)?.unwrap_or_default();
+    let audit_id = next_id(txn, Table::AuditLogs)?;
+    let mut entry = AuditLog {
+        audit_id,
+        user_id: proposal.actor,
+        action: proposal.command.action().to_string(),
+        details: proposal.command.audit_details(),
+        timestamp: proposal.time,
+        log_index,
+        previous_hash: previous_hash.clone(),
+        hash: String::new(),
+    };
+    entry.hash = audit_hash(&previous_hash, &entry);
+    store(txn, Table::StateMeta, meta_keys::AUDIT_HEAD.to_vec(), &entry.hash);
+    store(txn, Table::AuditLogs, id_key(audit_id), &entry);
+    Ok(())
+}
+
+fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
+    let now = proposal.time;
+    match &proposal.command {
+        Command::InitializeCluster { token_signing_key } => {
+            if txn.get(Table::StateMeta, meta_keys::TOKEN_SIGNING_KEY)?.is_some() {
+                return Ok(Outcome::rejected(RejectionCode::Conflict, "the cluster is already initialized"));
+            }
+            store(txn, Table::StateMeta, meta_keys::TOKEN_SIGNING_KEY.to_vec(), token_signing_key);
+            Ok(Outcome::applied(None, 1))
+        }
+        Command::CreateUser { username, email, password_hash, role } => {
+            if username.trim().is_empty() || username.len() > 50 {
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "username must be 1 to 50 characters"));
+            }
+            if !index_ids(txn, index::USERS_BY_NAME, username)?.is_empty() {
+                return Ok(Outcome::rejected(RejectionCode::Conflict, format!("username {username:?} is taken")));
+            }
+            if !index_ids(txn, index::USERS_BY_EMAIL, email)?.is_empty() {
+                return Ok(Outcome::rejected(RejectionCode::Conflict, format!("email {email:?} is already used")));
+            }
+            let user_id = next_id(txn, Table::Users)?;
+            let user = User {
+                user_id,
+                username: username.clone(),
+                email: email.clone(),
+                password_hash: password_hash.clone(),
+                role: *role,
+                created_at: now,
+                updated_at: now,
+            };
+            store(txn, Table::Users, id_key(user_id), &user);
+            txn.put(Table::Indexes, index_key(index::USERS_BY_NAME, username, user_id), Vec::new());
+            txn.put(Table::Indexes, index_key(index::USERS_BY_EMAIL, email, user_id), Vec::new());
+            Ok(Outcome::applied(Some(user_id), 1))
+        }
+        Command::UpdateUser { user_id, email, password_hash, role } => {
+            let Some(mut user) = load_id::<User>(txn, Table::Users, *user_id)? else {
+                return Ok(not_found("user", *user_id));
+            };
+            if let Some(email) = email {
+                if index_ids(txn, index::USERS_BY_EMAIL, email)?.iter().any(|id| id != user_id) {
+                    return Ok(Outcome::rejected(RejectionCode::Conflict, format!("email {email:?} is already used")));
+                }
+                txn.delete(Table::Indexes, index_key(index::USERS_BY_EMAIL, &user.email, *user_id));
+                txn.put(Table::Indexes, index_key(index::USERS_BY_EMAIL, email, *user_id), Vec::new());
+                user.email = email.clone();
+            }
+            if let Some(password_hash) = password_hash {
+                user.password_hash = password_hash.clone();
+            }
+            if let Some(role) = role {
+                user.role = *role;
+            }
+            user.updated_at = now;
+            store(txn, Table::Users, id_key(*user_id), &user);
+            Ok(Outcome::applied(Some(*user_id), 1))
+        }
+        Command::DeleteUser { user_id } => {
+            let Some(user) = load_id::<User>(txn, Table::Users, *user_id)? else {
+                return Ok(not_found("user", *user_id));
+            };
+            let mut affected = 1;
+            txn.delete(Table::Users, id_key(*user_id));
+            txn.delete(Table::Indexes, index_key(index::USERS_BY_NAME, &user.username, *user_id));
+            txn.delete(Table::Indexes, index_key(index::USERS_BY_EMAIL, &user.email, *user_id));
+            // Repositories keep existing without an owner (ON DELETE SET NULL); tokens and
+            // notification subscriptions go with the user (ON DELETE CASCADE).
+            let owner = user_id.to_string();
+            for repo_id in index_ids(txn, index::REPOSITORIES_BY_USER, &owner)? {
+                if let Some(mut repository) = load_id::<Repository>(txn, Table::Repositories, repo_id)? {
+                    repository.user_id = None;
+                    repository.updated_at = now;
+                    store(txn, Table::Repositories, id_key(repo_id), &repository);
+                }
+                txn.delete(Table::Indexes, index_key(index::REPOSITORIES_BY_USER, &owner, repo_id));
+                affected += 1;
+            }
+            for token_id in index_ids(txn, index::TOKENS_BY_USER, &owner)? {
+                affected += delete_token(txn, token_id)?;
+            }
+            for notification_id in index_ids(txn, index::NOTIFICATIONS_BY_USER, &owner)? {
+                affected += delete_notification(txn, notification_id)?;
+            }
+            Ok(Outcome::applied(Some(*user_id), affected))
+        }
+        Command::CreateApiToken { user_id, name, token_hash, expires_at } => {
+            if load_id::<User>(txn, Table::Users, *user_id)?.is_none() {
+                return Ok(not_found("user", *user_id));
+            }
+            let token_id = next_id(txn, Table::ApiTokens)?;
+            let token = ApiToken {
+                token_id,
+                user_id: *user_id,
+                name: name.clone(),
+                token_hash: token_hash.clone(),
+                created_at: now,
+                expires_at: *expires_at,
+            };
+            store(txn, Table::ApiTokens, id_key(token_id), &token);
+            txn.put(Table::Indexes, index_key(index::TOKENS_BY_HASH, token_hash, token_id), Vec::new());
+            txn.put(Table::Indexes, index_key(index::TOKENS_BY_USER, &user_id.to_string(), token_id), Vec::new());
+            Ok(Outcome::applied(Some(token_id), 1))
+        }
+        Command::RevokeApiToken { token_id } => match delete_token(txn, *token_id)? {
+            0 => Ok(not_found("API token", *token_id)),
+            affected => Ok(Outcome::applied(Some(*token_id), affected)),
+        },
+        Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret } => {
+            if repo_url.trim().is_empty() {
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "repo_url must not be empty"));
+            }
+            if let Some(existing) = index_ids(txn, index::REPOSITORIES_BY_URL, repo_url)?.first() {
+                return Ok(Outcome::rejected(
+                    RejectionCode::Conflict,
+                    format!("repository {repo_url} is already connected as repository {existing}"),
+                ));
+            }
+            let repo_id = next_id(txn, Table::Repositories)?;
+            let repository = Repository {
+                repo_id,
+                name: name.clone(),
+                repo_url: repo_url.clone(),
+                branch: branch.clone(),
+                scm_type: *scm_type,
+                webhook_secret: webhook_secret.clone(),
+                user_id: proposal.actor,
+                created_at: now,
+                updated_at: now,
+            };
+            store(txn, Table::Repositories, id_key(repo_id), &repository);
+            txn.put(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, repo_url, repo_id), Vec::new());
+            if let Some(user_id) = proposal.actor {
+                txn.put(Table::Indexes, index_key(index::REPOSITORIES_BY_USER, &user_id.to_string(), repo_id), Vec::new());
+            }
+            Ok(Outcome::applied(Some(repo_id), 1))
+        }
+        Command::DeleteRepository { repo_id } => {
+            let Some(repository) = load_id::<Repository>(txn, Table::Repositories, *repo_id)? else {
+                return Ok(not_found("repository", *repo_id));
+            };
+            let mut affected = 1;
+            txn.delete(Table::Repositories, id_key(*repo_id));
+            txn.delete(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, &repository.repo_url, *repo_id));
+            if let Some(user_id) = repository.user_id {
+                txn.delete(Table::Indexes, index_key(index::REPOSITORIES_BY_USER, &user_id.to_string(), *repo_id));
+            }
+            for pipeline_id in index_ids(txn, index::PIPELINES_BY_REPO, &repo_id.to_string())? {
+                affected += delete_pipeline(txn, pipeline_id)?;
+            }
+            Ok(Outcome::applied(Some(*repo_id), affected))
+        }
+        Command::CreatePipeline { name, repo_id, branch, build_command, deploy_strategy, environment } => {
+            if name.trim().is_empty() {
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "pipeline name must not be empty"));
+            }
+            if load_id::<Repository>(txn, Table::Repositories, *repo_id)?.is_none() {
+                return Ok(not_found("repository", *repo_id));
+            }
+            let pipeline_id = next_id(txn, Table::Pipelines)?;
+            let pipeline = Pipeline {
+                pipeline_id,
+                name: name.clone(),
+                repo_id: *repo_id,
+                branch: branch.clone(),
+                build_command: build_command.clone(),
+                deploy_strategy: *deploy_strategy,
+                environment: environment.clone(),
+                is_active: true,
+                created_at: now,
+                updated_at: now,
+            };
+            store(txn, Table::Pipelines, id_key(pipeline_id), &pipeline);
+            txn.put(Table::Indexes, index_key(index::PIPELINES_BY_REPO, &repo_id.to_string(), pipeline_id), Vec::new());
+            Ok(Outcome::applied(Some(pipeline_id), 1))
+        }
+        Command::UpdatePipeline { pipeline_id, patch } => {
+            let Some(mut pipeline) = load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)? else {
+                return Ok(not_found("pipeline", *pipeline_id));
+            };
+            if let Some(name) = &patch.name {
+                if name.trim().is_empty() {
+                    return Ok(Outcome::rejected(RejectionCode::Invalid, "pipeline name must not be empty"));
+                }
+                pipeline.name = name.clone();
+            }
+            if let Some(branch) = &patch.branch {
+                pipeline.branch = Some(branch.clone());
+            }
+            if let Some(build_command) = &patch.build_command {
+                pipeline.build_command = Some(build_command.clone());
+            }
+            if let Some(strategy) = patch.deploy_strategy {
+                pipeline.deploy_strategy = strategy;
+            }
+            if let Some(environment) = &patch.environment {
+                pipeline.environment = environment.clone();
+            }
+            if let Some(is_active) = patch.is_active {
+                pipeline.is_active = is_active;
+            }
+            pipeline.updated_at = now;
+            store(txn, Table::Pipelines, id_key(*pipeline_id), &pipeline);
+            Ok(Outcome::applied(Some(*pipeline_id), 1))
+        }
+        Command::DeletePipeline { pipeline_id } => match delete_pipeline(txn, *pipeline_id)? {
+            0 => Ok(not_found("pipeline", *pipeline_id)),
+            affected => Ok(Outcome::applied(Some(*pipeline_id), affected)),
+        },
+        Command::CreateDeployment { pipeline_id, commit_hash, environment, config_overrides, rollback_of } => {
+            if load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)?.is_none() {
+                return Ok(not_found("pipeline", *pipeline_id));
+            }
+            if let Some(previous) = rollback_of
+                && load_id::<Deployment>(txn, Table::Deployments, *previous)?.is_none()
+            {
+                return Ok(not_found("deployment to roll back", *previous));
+            }
+            let deployment_id = next_id(txn, Table::Deployments)?;
+            let deployment = Deployment {
+                deployment_id,
+                pipeline_id: *pipeline_id,
+                commit_hash: commit_hash.clone(),
+                status: DeploymentStatus::Pending,
+                environment: environment.clone(),
+                start_time: None,
+                end_time: None,
+                triggered_by: proposal.actor,
+                rollback_of: *rollback_of,
+                config_overrides: config_overrides.clone(),
+                created_at: now,
+                updated_at: now,
+            };
+            store(txn, Table::Deployments, id_key(deployment_id), &deployment);
+            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string(), deployment_id), Vec::new());
+            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, "pending", deployment_id), Vec::new());
+            Ok(Outcome::applied(Some(deployment_id), 1))
+        }
+        Command::SetDeploymentStatus { deployment_id, status } => {
+            let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, *deployment_id)? else {
+                return Ok(not_found("deployment", *deployment_id));
+            };
+            if deployment.status.is_final() && deployment.status != *status {
+                return Ok(Outcome::rejected(
+                    RejectionCode::Conflict,
+                    format!("deployment {deployment_id} already ended as {:?}", deployment.status),
+                ));
+            }
+            txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(deployment.status), *deployment_id));
+            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(*status), *deployment_id), Vec::new());
+            if *status == DeploymentStatus::InProgress && deployment.start_time.is_none() {
+                deployment.start_time = Some(now);
+            }
+            if status.is_final() && deployment.end_time.is_none() {
+                deployment.end_time = Some(now);
+            }
+            deployment.status = *status;
+            deployment.updated_at = now;
+            store(txn, Table::Deployments, id_key(*deployment_id), &deployment);
+            Ok(Outcome::applied(Some(*deployment_id), 1))
+        }
+        Command::RecordArtifact { pipeline_id, version, artifact_path, digest, size_bytes } => {
+            if load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)?.is_none() {
+                return Ok(not_found("pipeline", *pipeline_id));
+            }
+            let artifact_id = next_id(txn, Table::Artifacts)?;
+            let artifact = Artifact {
+                artifact_id,
+                pipeline_id: *pipeline_id,
+                version: version.clone(),
+                artifact_path: artifact_path.clone(),
+                digest: digest.clone(),
+                size_bytes: *size_bytes,
+                created_at: now,
+                updated_at: now,
+            };
+            store(txn, Table::Artifacts, id_key(artifact_id), &artifact);
+            txn.put(Table::Indexes, index_key(index::ARTIFACTS_BY_PIPELINE, &pipeline_id.to_string(), artifact_id), Vec::new());
+            Ok(Outcome::applied(Some(artifact_id), 1))
+        }
+        Command::DeleteArtifact { artifact_id } => match delete_artifact(txn, *artifact_id)? {
+            0 => Ok(not_found("artifact", *artifact_id)),
+            affected => Ok(Outcome::applied(Some(*artifact_id), affected)),
+        },
+        Command::SetConfigurations { environment, pipeline_id, entries } => {
+            set_configurations(txn, now, environment, *pipeline_id, entries)
+        }
+        Command::DeleteConfiguration { environment, pipeline_id, key } => {
+            let row_key = configuration_key(environment, *pipeline_id, key);
+            let Some(row) = load::<Configuration>(txn, Table::Configurations, &row_key)? else {
+                return Ok(Outcome::rejected(
+                    RejectionCode::NotFound,
+                    format!("configuration {key:?} not found in environment {environment:?}"),
+                ));
+            };
+            txn.delete(Table::Configurations, row_key.clone());
+            if let Some(pipeline_id) = pipeline_id {
+                txn.delete(Table::Indexes, configuration_index_key(*pipeline_id, &row_key));
+            }
+            Ok(Outcome::applied(Some(row.config_id), 1))
+        }
+        Command::RecordLogSegment {
+            deployment_id,
+            job_id,
+            sequence,
+            blob_key,
+            bytes,
+            lines,
+            error_lines,
+            first_timestamp,
+            last_timestamp,
+        } => {
+            let segment = LogSegment {
+                deployment_id: *deployment_id,
+                job_id: *job_id,
+                sequence: *sequence,
+                blob_key: blob_key.clone(),
+                bytes: *bytes,
+                lines: *lines,
+                error_lines: *error_lines,
+                first_timestamp: *first_timestamp,
+                last_timestamp: *last_timestamp,
+            };
+            let key = log_segment_key(*deployment_id, *job_id, *sequence);
+            // Recording the same segment twice (a retried upload) is not an error.
+            if let Some(existing) = load::<LogSegment>(txn, Table::Logs, &key)? {
+                if existing == segment {
+                    return Ok(Outcome::applied(None, 0));
+                }
+                return Ok(Outcome::rejected(
+                    RejectionCode::Conflict,
+                    format!("log segment {sequence} of job {job_id} was already recorded with other contents"),
+                ));
+            }
+            store(txn, Table::Logs, key, &segment);
+            Ok(Outcome::applied(None, 1))
+        }
+        Command::CreateNotification { user_id, notification_type, target, events } => {
+            if load_id::<User>(txn, Table::Users, *user_id)?.is_none() {
+                return Ok(not_found("user", *user_id));
+            }
+            if target.trim().is_empty() {
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "notification target must not be empty"));
+            }
+            let notification_id = next_id(txn, Table::Notifications)?;
+            let notification = Notification {
+                notification_id,
+                user_id: *user_id,
+                notification_type: *notification_type,
+                target: target.clone(),
+                events: events.clone(),
+                is_active: true,
+                created_at: now,
+                updated_at: now,
+            };
+            store(txn, Table::Notifications, id_key(notification_id), &notification);
+            txn.put(Table::Indexes, index_key(index::NOTIFICATIONS_BY_USER, &user_id.to_string(), notification_id), Vec::new());
+            Ok(Outcome::applied(Some(notification_id), 1))
+        }
+        Command::DeleteNotification { notification_id } => match delete_notification(txn, *notification_id)? {
+            0 => Ok(not_found("notification", *notification_id)),
+            affected => Ok(Outcome::applied(Some(*notification_id), affected)),
+        },
+        Command::RegisterAgent { name, labels, credential_hash } => {
+            if name.trim().is_empty() {
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "agent name must not be empty"));
+            }
+            for agent_id in index_ids(txn, index::AGENTS_BY_NAME, name)? {
+                if let Some(agent) = load_id::<Agent>(txn, Table::Agents, agent_id)?
+                    && agent.deregistered_at.is_none()
+                {
+                    return Ok(Outcome::rejected(
+                        RejectionCode::Conflict,
+                        format!("an agent named {name:?} is already registered (agent {agent_id}); deregister it first"),
+                    ));
+                }
+            }
+            let agent_id = next_id(txn, Table::Agents)?;
+            let agent = Agent {
+                agent_id,
+                name: name.clone(),
+                labels: labels.clone(),
+                credential_hash: credential_hash.clone(),
+                registered_at: now,
+                deregistered_at: None,
+            };
+            store(txn, Table::Agents, id_key(agent_id), &agent);
+            txn.put(Table::Indexes, index_key(index::AGENTS_BY_NAME, name, agent_id), Vec::new());
+            Ok(Outcome::applied(Some(agent_id), 1))
+        }
+        Command::DeregisterAgent { agent_id } => {
+            let Some(mut agent) = load_id::<Agent>(txn, Table::Agents, *agent_id)? else {
+                return Ok(not_found("agent", *agent_id));
+            };
+            agent.deregistered_at.get_or_insert(now);
+            store(txn, Table::Agents, id_key(*agent_id), &agent);
+            Ok(Outcome::applied(Some(*agent_id), 1))
+        }
+        Command::EnqueueJob { deployment_id, name, labels, spec, max_attempts } => {
+            if load_id::<Deployment>(txn, Table::Deployments, *deployment_id)?.is_none() {
+                return Ok(not_found("deployment", *deployment_id));
+            }
+            let job_id = next_id(txn, Table::Jobs)?;
+            let job = Job {
+                job_id,
+                deployment_id: *deployment_id,
+                name: name.clone(),
+                labels: labels.clone(),
+                spec: spec.clone(),
+                status: JobStatus::Queued,
+                attempt: 0,
+                max_attempts: (*max_attempts).max(1),
+                lease: None,
+                failure_reason: None,
+                created_at: now,
+                updated_at: now,
+            };
+            store(txn, Table::Jobs, id_key(job_id), &job);
+            txn.put(Table::Indexes, index_key(index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string(), job_id), Vec::new());
+            set_job_status_index(txn, job_id, None, JobStatus::Queued);
+            Ok(Outcome::applied(Some(job_id), 1))
+        }
+        Command::AssignJob { job_id, agent_id, attempt, lease_expires_at } => {
+            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
+                return Ok(not_found("job", *job_id));
+            };
+            if job.status != JobStatus::Queued || *attempt != job.attempt + 1 {
+                return Ok(Outcome::rejected(
+                    RejectionCode::StaleAttempt,
+                    format!("job {job_id} is {:?} at attempt {}; cannot assign attempt {attempt}", job.status, job.attempt),
+                ));
+            }
+            match load_id::<Agent>(txn, Table::Agents, *agent_id)? {
+                Some(agent) if agent.deregistered_at.is_none() => {}
+                _ => return Ok(not_found("agent", *agent_id)),
+            }
+            set_job_status_index(txn, *job_id, Some(job.status), JobStatus::Running);
+            job.status = JobStatus::Running;
+            job.attempt = *attempt;
+            job.lease = Some(Lease { agent_id: *agent_id, attempt: *attempt, expires_at: *lease_expires_at });
+            job.updated_at = now;
+            store(txn, Table::Jobs, id_key(*job_id), &job);
+            Ok(Outcome::applied(Some(*job_id), 1))
+        }
+        Command::RenewLease { job_id, agent_id, attempt, lease_expires_at } => {
+            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
+                return Ok(not_found("job", *job_id));
+            };
+            match &mut job.lease {
+                Some(lease) if lease.attempt == *attempt && lease.agent_id == *agent_id && job.status == JobStatus::Running => {
+                    lease.expires_at = (*lease_expires_at).max(lease.expires_at);
+                }
+                _ => return Ok(stale_attempt(*job_id, *attempt)),
+            }
+            job.updated_at = now;
+            store(txn, Table::Jobs, id_key(*job_id), &job);
+            Ok(Outcome::applied(Some(*job_id), 1))
+        }
+        Command::CompleteJob { job_id, attempt, succeeded, failure_reason } => {
+            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
+                return Ok(not_found("job", *job_id));
+            };
+            if job.status != JobStatus::Running || job.lease.as_ref().map(|lease| lease.attempt) != Some(*attempt) {
+                return Ok(stale_attempt(*job_id, *attempt));
+            }
+            let status = if *succeeded { JobStatus::Succeeded } else { JobStatus::Failed };
+            set_job_status_index(txn, *job_id, Some(job.status), status);
+            job.status = status;
+            job.lease = None;
+            job.failure_reason = failure_reason.clone();
+            job.updated_at = now;
+            store(txn, Table::Jobs, id_key(*job_id), &job);
+            Ok(Outcome::applied(Some(*job_id), 1))
+        }
+        Command::ExpireLease { job_id, attempt } => {
+            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
+                return Ok(not_found("job", *job_id));
+            };
+            let Some(lease) = job.lease.clone().filter(|lease| lease.attempt == *attempt) else {
+                return Ok(stale_attempt(*job_id, *attempt));
+            };
+            let status = if job.attempt < job.max_attempts {
+                JobStatus::Queued
+            } else {
+                job.failure_reason = Some(format!(
+                    "agent {} stopped reporting on attempt {} of {}; no attempts left",
+                    lease.agent_id, job.attempt, job.max_attempts
+                ));
+                JobStatus::Failed
+            };
+            set_job_status_index(txn, *job_id, Some(job.status), status);
+            job.status = status;
+            job.lease = None;
+            job.updated_at = now;
+            store(txn, Table::Jobs, id_key(*job_id), &job);
+            Ok(Outcome::applied(Some(*job_id), 1))
+        }
+        Command::CancelJob { job_id, reason } => {
+            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
+                return Ok(not_found("job", *job_id));
+            };
+            if matches!(job.status, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled) {
+                return Ok(Outcome::rejected(RejectionCode::Conflict, format!("job {job_id} already ended as {:?}", job.status)));
+            }
+            set_job_status_index(txn, *job_id, Some(job.status), JobStatus::Cancelled);
+            job.status = JobStatus::Cancelled;
+            job.lease = None;
+            job.failure_reason = Some(reason.clone());
+            job.updated_at = now;
+            store(txn, Table::Jobs, id_key(*job_id), &job);
+            Ok(Outcome::applied(Some(*job_id), 1))
+        }
+    }
+}
+
+fn stale_attempt(job_id: u64, attempt: u32) -> Outcome {
+    Outcome::rejected(
+        RejectionCode::StaleAttempt,
+        format!("attempt {attempt} of job {job_id} no longer holds the lease; its report is refused"),
+    )
+}
+
+pub fn status_name(status: DeploymentStatus) -> &'static str {
+    match status {
+        DeploymentStatus::Pending => "pending",
+        DeploymentStatus::InProgress => "in_progress",
+        DeploymentStatus::Success => "success",
+        DeploymentStatus::Failed => "failed",
+        DeploymentStatus::RolledBack => "rolled_back",
+    }
+}
+
+pub fn job_status_name(status: JobStatus) -> &'static str {
+    match status {
+        JobStatus::Queued => "queued",
+        JobStatus::Running => "running",
+        JobStatus::Succeeded => "succeeded",
+        JobStatus::Failed => "failed",
+        JobStatus::Cancelled => "cancelled",
+    }
+}
+
+fn set_job_status_index(txn: &mut Txn, job_id: u64, old: Option<JobStatus>, new: JobStatus) {
+    if let Some(old) = old {
+        txn.delete(Table::Indexes, index_key(index::JOBS_BY_STATUS, job_status_name(old), job_id));
+    }
+    txn.put(Table::Indexes, index_key(index::JOBS_BY_STATUS, job_status_name(new), job_id), Vec::new());
+}
+
+fn configuration_index_key(pipeline_id: u64, row_key: &[u8]) -> Vec<u8> {
+    let mut key = index_prefix(index::CONFIGURATIONS_BY_PIPELINE, &pipeline_id.to_string());
+    key.extend_from_slice(row_key);
+    key
+}
+
+fn set_configurations(
+    txn: &mut Txn,
+    now: Timestamp,
+    environment: &str,
+    pipeline_id: Option<u64>,
+    entries: &[ConfigEntry],
+) -> StoreResult<Outcome> {
+    if environment.trim().is_empty() || environment.len() > 20 {
+        return Ok(Outcome::rejected(RejectionCode::Invalid, "environment must be 1 to 20 characters"));
+    }
+    if entries.is_empty() {
+        return Ok(Outcome::rejected(RejectionCode::Invalid, "give at least one configuration variable"));
+    }
+    if let Some(pipeline_id) = pipeline_id
+        && load_id::<Pipeline>(txn, Table::Pipelines, pipeline_id)?.is_none()
+    {
+        return Ok(not_found("pipeline", pipeline_id));
+    }
+    for entry in entries {
+        if entry.key.is_empty() || entry.key.len() > 100 {
+            return Ok(Outcome::rejected(RejectionCode::Invalid, format!("configuration key {:?} must be 1 to 100 characters", entry.key)));
+        }
+    }
+    let mut last_id = None;
+    for entry in entries {
+        let row_key = configuration_key(environment, pipeline_id, &entry.key);
+        let row = match load::<Configuration>(txn, Table::Configurations, &row_key)? {
+            Some(mut row) => {
+                row.value = entry.value.clone();
+                row.is_secret = entry.is_secret;
+                row.updated_at = now;
+                row
+            }
+            None => Configuration {
+                config_id: next_id(txn, Table::Configurations)?,
+                environment: environment.to_string(),
+                key: entry.key.clone(),
+                value: entry.value.clone(),
+                is_secret: entry.is_secret,
+                pipeline_id,
+                created_at: now,
+                updated_at: now,
+            },
+        };
+        last_id = Some(row.config_id);
+        if let Some(pipeline_id) = pipeline_id {
+            txn.put(Table::Indexes, configuration_index_key(pipeline_id, &row_key), Vec::new());
+        }
+        store(txn, Table::Configurations, row_key, &row);
+    }
+    Ok(Outcome::applied(last_id, entries.len() as u64))
+}
+
+fn delete_token(txn: &mut Txn, token_id: u64) -> StoreResult<u64> {
+    let Some(token) = load_id::<ApiToken>(txn, Table::ApiTokens, token_id)? else {
+        return Ok(0);
+    };
+    txn.delete(Table::ApiTokens, id_key(token_id));
+    txn.delete(Table::Indexes, index_key(index::TOKENS_BY_HASH, &token.token_hash, token_id));
+    txn.delete(Table::Indexes, index_key(index::TOKENS_BY_USER, &token.user_id.to_string(), token_id));
+    Ok(1)
+}
+
+fn delete_notification(txn: &mut Txn, notification_id: u64) -> StoreResult<u64> {
+    let Some(notification) = load_id::<Notification>(txn, Table::Notifications, notification_id)? else {
+        return Ok(0);
+    };
+    txn.delete(Table::Notifications, id_key(notification_id));
+    txn.delete(Table::Indexes, index_key(index::NOTIFICATIONS_BY_USER, &notification.user_id.to_string(), notification_id));
+    Ok(1)
+}
+
+fn delete_artifact(txn: &mut Txn, artifact_id: u64) -> StoreResult<u64> {
+    let Some(artifact) = load_id::<Artifact>(txn, Table::Artifacts, artifact_id)? else {
+        return Ok(0);
+    };
+    txn.delete(Table::Artifacts, id_key(artifact_id));
+    txn.delete(Table::Indexes, index_key(index::ARTIFACTS_BY_PIPELINE, &artifact.pipeline_id.to_string(), artifact_id));
+    Ok(1)
+}
+
+fn delete_deployment(txn: &mut Txn, deployment_id: u64) -> StoreResult<u64> {
+    let Some(deployment) = load_id::<Deployment>(txn, Table::Deployments, deployment_id)? else {
+        return Ok(0);
+    };
+    let mut affected = 1;
+    txn.delete(Table::Deployments, id_key(deployment_id));
+    txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &deployment.pipeline_id.to_string(), deployment_id));
+    txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(deployment.status), deployment_id));
+    for (key, _) in txn.scan_prefix(Table::Logs, &id_key(deployment_id))? {
+        txn.delete(Table::Logs, key);
+        affected += 1;
+    }
+    for job_id in index_ids(txn, index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string())? {
+        if let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? {
+            txn.delete(Table::Indexes, index_key(index::JOBS_BY_STATUS, job_status_name(job.status), job_id));
+        }
+        txn.delete(Table::Jobs, id_key(job_id));
+        txn.delete(Table::Indexes, index_key(index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string(), job_id));
+        affected += 1;
+    }
+    Ok(affected)
+}
+
+/// Delete a pipeline and everything that hangs off it (ON DELETE CASCADE in the seed).
+fn delete_pipeline(txn: &mut Txn, pipeline_id: u64) -> StoreResult<u64> {
+    let Some(pipeline) = load_id::<Pipeline>(txn, Table::Pipelines, pipeline_id)? else {
+        return Ok(0);
+    };
+    let mut affected = 1;
+    txn.delete(Table::Pipelines, id_key(pipeline_id));
+    txn.delete(Table::Indexes, index_key(index::PIPELINES_BY_REPO, &pipeline.repo_id.to_string(), pipeline_id));
+    let owner = pipeline_id.to_string();
+    for deployment_id in index_ids(txn, index::DEPLOYMENTS_BY_PIPELINE, &owner)? {
+        affected += delete_deployment(txn, deployment_id)?;
+    }
+    for artifact_id in index_ids(txn, index::ARTIFACTS_BY_PIPELINE, &owner)? {
+        affected += delete_artifact(txn, artifact_id)?;
+    }
+    let prefix = index_prefix(index::CONFIGURATIONS_BY_PIPELINE, &owner);
+    for (index_entry, _) in txn.scan_prefix(Table::Indexes, &prefix)? {
+        txn.delete(Table::Configurations, index_entry[prefix.len()..].to_vec());
+        txn.delete(Table::Indexes, index_entry);
+        affected += 1;
+    }
+    Ok(affected)
+}

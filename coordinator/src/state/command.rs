@@ -1,0 +1,220 @@
+//! Typed commands: the only way the replicated state changes. A [`Proposal`] is what goes into
+//! the Raft log: the command plus everything `apply` would otherwise have to ask the world
+//! for (the time, the acting user), stamped once by the leader.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::records::{DeployStrategy, DeploymentStatus, NotificationType, Role, ScmType, Timestamp};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// Wall-clock time on the leader when it proposed, in milliseconds since the epoch.
+    pub time: Timestamp,
+    /// The user the command acts for; `None` for the system itself.
+    #[serde(default)]
+    pub actor: Option<u64>,
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigEntry {
+    pub key: String,
+    pub value: String,
+    #[serde(default)]
+    pub is_secret: bool,
+}
+
+/// Changes to a pipeline; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelinePatch {
+    pub name: Option<String>,
+    pub branch: Option<String>,
+    pub build_command: Option<String>,
+    pub deploy_strategy: Option<DeployStrategy>,
+    pub environment: Option<String>,
+    pub is_active: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// The first command of a new cluster: the key every node signs and checks user tokens
+    /// with, drawn by the leader. Applying it again changes nothing.
+    InitializeCluster { token_signing_key: String },
+    CreateUser { username: String, email: String, password_hash: String, role: Role },
+    UpdateUser { user_id: u64, email: Option<String>, password_hash: Option<String>, role: Option<Role> },
+    DeleteUser { user_id: u64 },
+    CreateApiToken { user_id: u64, name: String, token_hash: String, expires_at: Option<Timestamp> },
+    RevokeApiToken { token_id: u64 },
+    ConnectRepository { name: String, repo_url: String, branch: String, scm_type: ScmType, webhook_secret: Option<String> },
+    DeleteRepository { repo_id: u64 },
+    CreatePipeline {
+        name: String,
+        repo_id: u64,
+        branch: Option<String>,
+        build_command: Option<String>,
+        deploy_strategy: DeployStrategy,
+        environment: String,
+    },
+    UpdatePipeline { pipeline_id: u64, patch: PipelinePatch },
+    DeletePipeline { pipeline_id: u64 },
+    CreateDeployment {
+        pipeline_id: u64,
+        commit_hash: String,
+        environment: String,
+        config_overrides: BTreeMap<String, String>,
+        rollback_of: Option<u64>,
+    },
+    SetDeploymentStatus { deployment_id: u64, status: DeploymentStatus },
+    RecordArtifact { pipeline_id: u64, version: String, artifact_path: String, digest: String, size_bytes: u64 },
+    DeleteArtifact { artifact_id: u64 },
+    SetConfigurations { environment: String, pipeline_id: Option<u64>, entries: Vec<ConfigEntry> },
+    DeleteConfiguration { environment: String, pipeline_id: Option<u64>, key: String },
+    RecordLogSegment {
+        deployment_id: u64,
+        job_id: u64,
+        sequence: u64,
+        blob_key: String,
+        bytes: u64,
+        lines: u64,
+        error_lines: u64,
+        first_timestamp: Timestamp,
+        last_timestamp: Timestamp,
+    },
+    CreateNotification { user_id: u64, notification_type: NotificationType, target: String, events: Vec<String> },
+    DeleteNotification { notification_id: u64 },
+    RegisterAgent { name: String, labels: BTreeMap<String, String>, credential_hash: String },
+    DeregisterAgent { agent_id: u64 },
+    EnqueueJob {
+        deployment_id: u64,
+        name: String,
+        labels: BTreeMap<String, String>,
+        spec: serde_json::Value,
+        max_attempts: u32,
+    },
+    /// Lease a queued job to an agent. `attempt` must be the job's next attempt: the
+    /// scheduler's view was current when it decided.
+    AssignJob { job_id: u64, agent_id: u64, attempt: u32, lease_expires_at: Timestamp },
+    RenewLease { job_id: u64, agent_id: u64, attempt: u32, lease_expires_at: Timestamp },
+    /// The agent's final report. Refused unless `attempt` is the current lease's attempt.
+    CompleteJob { job_id: u64, attempt: u32, succeeded: bool, failure_reason: Option<String> },
+    /// The leader saw the lease run out: retry the job or fail it.
+    ExpireLease { job_id: u64, attempt: u32 },
+    CancelJob { job_id: u64, reason: String },
+}
+
+impl Command {
+    /// The audit log's name for the action.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Command::InitializeCluster { .. } => "cluster.initialize",
+            Command::CreateUser { .. } => "user.create",
+            Command::UpdateUser { .. } => "user.update",
+            Command::DeleteUser { .. } => "user.delete",
+            Command::CreateApiToken { .. } => "api_token.create",
+            Command::RevokeApiToken { .. } => "api_token.revoke",
+            Command::ConnectRepository { .. } => "repository.connect",
+            Command::DeleteRepository { .. } => "repository.delete",
+            Command::CreatePipeline { .. } => "pipeline.create",
+            Command::UpdatePipeline { .. } => "pipeline.update",
+            Command::DeletePipeline { .. } => "pipeline.delete",
+            Command::CreateDeployment { .. } => "deployment.create",
+            Command::SetDeploymentStatus { .. } => "deployment.status",
+            Command::RecordArtifact { .. } => "artifact.record",
+            Command::DeleteArtifact { .. } => "artifact.delete",
+            Command::SetConfigurations { .. } => "configuration.set",
+            Command::DeleteConfiguration { .. } => "configuration.delete",
+            Command::RecordLogSegment { .. } => "log.segment",
+            Command::CreateNotification { .. } => "notification.create",
+            Command::DeleteNotification { .. } => "notification.delete",
+            Command::RegisterAgent { .. } => "agent.register",
+            Command::DeregisterAgent { .. } => "agent.deregister",
+            Command::EnqueueJob { .. } => "job.enqueue",
+            Command::AssignJob { .. } => "job.assign",
+            Command::RenewLease { .. } => "job.renew_lease",
+            Command::CompleteJob { .. } => "job.complete",
+            Command::ExpireLease { .. } => "job.expire_lease",
+            Command::CancelJob { .. } => "job.cancel",
+        }
+    }
+
+    /// Whether the action is recorded in the audit log. High-volume machine traffic (log
+    /// segments, lease renewals) is not: it would drown out what people did.
+    pub fn is_audited(&self) -> bool {
+        !matches!(self, Command::RecordLogSegment { .. } | Command::RenewLease { .. })
+    }
+
+    /// A summary for the audit log that never contains a secret value or a password hash.
+    pub fn audit_details(&self) -> String {
+        match self {
+            Command::InitializeCluster { .. } => String::new(),
+            Command::CreateUser { username, role, .. } => format!("username={username} role={role:?}"),
+            Command::UpdateUser { user_id, role, password_hash, .. } => {
+                format!("user_id={user_id} role={role:?} password_changed={}", password_hash.is_some())
+            }
+            Command::CreateApiToken { user_id, name, .. } => format!("user_id={user_id} name={name}"),
+            Command::ConnectRepository { repo_url, branch, scm_type, .. } => {
+                format!("repo_url={repo_url} branch={branch} scm_type={scm_type:?}")
+            }
+            Command::SetConfigurations { environment, pipeline_id, entries } => {
+                let keys: Vec<&str> = entries.iter().map(|entry| entry.key.as_str()).collect();
+                format!("environment={environment} pipeline_id={pipeline_id:?} keys={}", keys.join(","))
+            }
+            Command::CreatePipeline { name, repo_id, .. } => format!("name={name} repo_id={repo_id}"),
+            Command::CreateDeployment { pipeline_id, commit_hash, environment, .. } => {
+                format!("pipeline_id={pipeline_id} commit={commit_hash} environment={environment}")
+            }
+            Command::RegisterAgent { name, .. } => format!("name={name}"),
+            Command::EnqueueJob { deployment_id, name, .. } => format!("deployment_id={deployment_id} name={name}"),
+            other => {
+                // Everything else carries ids and enums only.
+                let mut json = serde_json::to_value(other).unwrap_or_default();
+                if let Some(object) = json.as_object_mut() {
+                    object.remove("type");
+                }
+                json.to_string()
+            }
+        }
+    }
+}
+
+/// What applying a proposal produced. A rejection is a normal, deterministic outcome (every
+/// replica rejects alike), not a storage failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub result: Result<Applied, Rejection>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The id of the row created or changed, if one.
+    pub id: Option<u64>,
+    /// How many rows were written or deleted.
+    pub affected: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectionCode {
+    NotFound,
+    Conflict,
+    Invalid,
+    StaleAttempt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub code: RejectionCode,
+    pub message: String,
+}
+
+impl Outcome {
+    pub fn applied(id: Option<u64>, affected: u64) -> Self {
+        Outcome { result: Ok(Applied { id, affected }) }
+    }
+    pub fn rejected(code: RejectionCode, message: impl Into<String>) -> Self {
+        Outcome { result: Err(Rejection { code, message: message.into() }) }
+    }
+}

@@ -1,0 +1,232 @@
+use std::collections::BTreeMap;
+
+use super::apply::{audit_hash, configuration_key, index, index_ids, load, load_id};
+use super::codec::{decode, encode};
+use super::command::*;
+use super::records::*;
+use super::txn::{EmptyState, StateRead, Txn};
+use super::apply;
+use crate::store::Table;
+
+fn propose(txn: &mut Txn, time: i64, command: Command) -> Outcome {
+    let proposal = Proposal { time, actor: Some(1), command };
+    apply(txn, &proposal, time as u64).unwrap()
+}
+
+fn id(outcome: Outcome) -> u64 {
+    outcome.result.expect("applied").id.expect("an id")
+}
+
+fn seed_pipeline(txn: &mut Txn) -> u64 {
+    let repo_id = id(propose(
+        txn,
+        1,
+        Command::ConnectRepository {
+            name: "repo".into(),
+            repo_url: "https://github.com/org/repo".into(),
+            branch: "main".into(),
+            scm_type: ScmType::Github,
+            webhook_secret: Some("sealed".into()),
+        },
+    ));
+    id(propose(
+        txn,
+        2,
+        Command::CreatePipeline {
+            name: "production-pipeline".into(),
+            repo_id,
+            branch: Some("main".into()),
+            build_command: Some("mvn clean package".into()),
+            deploy_strategy: DeployStrategy::BlueGreen,
+            environment: "production".into(),
+        },
+    ))
+}
+
+#[test]
+fn users_are_unique_by_name_and_email() {
+    let mut txn = Txn::new(&EmptyState);
+    let create = |name: &str, email: &str| Command::CreateUser {
+        username: name.into(),
+        email: email.into(),
+        password_hash: "h".into(),
+        role: Role::Developer,
+    };
+    assert_eq!(id(propose(&mut txn, 1, create("john_doe", "j@x"))), 1);
+    let duplicate = propose(&mut txn, 2, create("john_doe", "other@x"));
+    assert_eq!(duplicate.result.unwrap_err().code, RejectionCode::Conflict);
+    let duplicate_email = propose(&mut txn, 3, create("jane", "j@x"));
+    assert_eq!(duplicate_email.result.unwrap_err().code, RejectionCode::Conflict);
+    assert_eq!(id(propose(&mut txn, 4, create("jane", "jane@x"))), 2);
+}
+
+#[test]
+fn rejected_commands_leave_no_trace_and_no_audit_entry() {
+    let mut txn = Txn::new(&EmptyState);
+    let outcome = propose(&mut txn, 1, Command::DeletePipeline { pipeline_id: 9 });
+    assert_eq!(outcome.result.unwrap_err().message, "pipeline 9 not found");
+    assert!(txn.scan_prefix(Table::AuditLogs, b"").unwrap().is_empty());
+    assert!(txn.scan_prefix(Table::StateMeta, b"").unwrap().is_empty());
+}
+
+#[test]
+fn configurations_upsert_per_environment_and_pipeline() {
+    let mut txn = Txn::new(&EmptyState);
+    let pipeline_id = seed_pipeline(&mut txn);
+    let entries = vec![
+        ConfigEntry { key: "db_password".into(), value: "new_password".into(), is_secret: true },
+        ConfigEntry { key: "api_key".into(), value: "12345".into(), is_secret: false },
+    ];
+    let set = |entries: Vec<ConfigEntry>, pipeline_id| Command::SetConfigurations {
+        environment: "staging".into(),
+        pipeline_id,
+        entries,
+    };
+    assert_eq!(propose(&mut txn, 3, set(entries.clone(), None)).result.unwrap().affected, 2);
+    propose(&mut txn, 4, set(vec![ConfigEntry { key: "api_key".into(), value: "67890".into(), is_secret: false }], None));
+    propose(&mut txn, 5, set(entries, Some(pipeline_id)));
+    let row: Configuration = load(&txn, Table::Configurations, &configuration_key("staging", None, "api_key")).unwrap().unwrap();
+    assert_eq!(row.value, "67890");
+    assert_eq!(row.created_at, 3);
+    assert_eq!(row.updated_at, 4);
+    assert_eq!(txn.scan_prefix(Table::Configurations, b"staging\0").unwrap().len(), 4);
+}
+
+#[test]
+fn deleting_a_repository_cascades_to_pipelines_deployments_artifacts_and_configurations() {
+    let mut txn = Txn::new(&EmptyState);
+    let pipeline_id = seed_pipeline(&mut txn);
+    let deployment_id = id(propose(
+        &mut txn,
+        3,
+        Command::CreateDeployment {
+            pipeline_id,
+            commit_hash: "abc123def".into(),
+            environment: "staging".into(),
+            config_overrides: BTreeMap::from([("env".into(), "staging".into())]),
+            rollback_of: None,
+        },
+    ));
+    propose(
+        &mut txn,
+        4,
+        Command::RecordArtifact {
+            pipeline_id,
+            version: "v1.0.0".into(),
+            artifact_path: "sha256/ab".into(),
+            digest: "ab".into(),
+            size_bytes: 10,
+        },
+    );
+    propose(
+        &mut txn,
+        5,
+        Command::SetConfigurations {
+            environment: "staging".into(),
+            pipeline_id: Some(pipeline_id),
+            entries: vec![ConfigEntry { key: "k".into(), value: "v".into(), is_secret: false }],
+        },
+    );
+    let deployment: Deployment = load_id(&txn, Table::Deployments, deployment_id).unwrap().unwrap();
+    assert_eq!(deployment.triggered_by, Some(1));
+    assert_eq!(deployment.status, DeploymentStatus::Pending);
+
+    let outcome = propose(&mut txn, 6, Command::DeleteRepository { repo_id: 1 });
+    assert_eq!(outcome.result.unwrap().affected, 5);
+    for table in [Table::Repositories, Table::Pipelines, Table::Deployments, Table::Artifacts, Table::Configurations] {
+        assert!(txn.scan_prefix(table, b"").unwrap().is_empty(), "{table:?} still has rows");
+    }
+    assert!(index_ids(&txn, index::DEPLOYMENTS_BY_STATUS, "pending").unwrap().is_empty());
+}
+
+#[test]
+fn a_lease_fences_out_stale_attempts_and_retries_until_the_limit() {
+    let mut txn = Txn::new(&EmptyState);
+    let pipeline_id = seed_pipeline(&mut txn);
+    let deployment_id = id(propose(
+        &mut txn,
+        3,
+        Command::CreateDeployment {
+            pipeline_id,
+            commit_hash: "abc".into(),
+            environment: "staging".into(),
+            config_overrides: BTreeMap::new(),
+            rollback_of: None,
+        },
+    ));
+    let agent = |name: &str| Command::RegisterAgent { name: name.into(), labels: BTreeMap::new(), credential_hash: "h".into() };
+    let agent_a = id(propose(&mut txn, 4, agent("a")));
+    let agent_b = id(propose(&mut txn, 5, agent("b")));
+    let job_id = id(propose(
+        &mut txn,
+        6,
+        Command::EnqueueJob {
+            deployment_id,
+            name: "build".into(),
+            labels: BTreeMap::new(),
+            spec: serde_json::json!({}),
+            max_attempts: 2,
+        },
+    ));
+    propose(&mut txn, 7, Command::AssignJob { job_id, agent_id: agent_a, attempt: 1, lease_expires_at: 100 }).result.unwrap();
+    propose(&mut txn, 8, Command::ExpireLease { job_id, attempt: 1 }).result.unwrap();
+    propose(&mut txn, 9, Command::AssignJob { job_id, agent_id: agent_b, attempt: 2, lease_expires_at: 200 }).result.unwrap();
+    // The first agent comes back late: its report is refused.
+    let late = propose(&mut txn, 10, Command::CompleteJob { job_id, attempt: 1, succeeded: true, failure_reason: None });
+    assert_eq!(late.result.unwrap_err().code, RejectionCode::StaleAttempt);
+    propose(&mut txn, 11, Command::ExpireLease { job_id, attempt: 2 }).result.unwrap();
+    let job: Job = load_id(&txn, Table::Jobs, job_id).unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    assert!(job.failure_reason.unwrap().contains("no attempts left"));
+}
+
+#[test]
+fn the_audit_log_is_hash_chained() {
+    let mut txn = Txn::new(&EmptyState);
+    seed_pipeline(&mut txn);
+    let entries: Vec<AuditLog> = txn
+        .scan_prefix(Table::AuditLogs, b"")
+        .unwrap()
+        .into_iter()
+        .map(|(_, bytes)| decode(Table::AuditLogs, &bytes).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].previous_hash, "");
+    assert_eq!(entries[1].previous_hash, entries[0].hash);
+    for entry in &entries {
+        assert_eq!(audit_hash(&entry.previous_hash, entry), entry.hash);
+    }
+    assert!(!entries[0].details.contains("sealed"), "webhook secret leaked into the audit log");
+}
+
+#[test]
+fn apply_is_deterministic() {
+    let run = || {
+        let mut txn = Txn::new(&EmptyState);
+        seed_pipeline(&mut txn);
+        txn.into_batch()
+    };
+    assert_eq!(run(), run());
+}
+
+/// Version 1 of the stored formats, frozen: these bytes were written by this version of davit
+/// and must decode forever.
+#[test]
+fn frozen_v1_records_still_decode() {
+    let user = b"\x01{\"user_id\":1,\"username\":\"admin\",\"email\":\"admin@localhost\",\"password_hash\":\"$argon2id$x\",\"role\":\"admin\",\"created_at\":1764134400000,\"updated_at\":1764134400000}";
+    let user: User = decode(Table::Users, user).unwrap();
+    assert_eq!(user.role, Role::Admin);
+    assert_eq!(user.username, "admin");
+
+    let proposal = b"{\"time\":1764134400000,\"actor\":1,\"command\":{\"type\":\"set_configurations\",\"environment\":\"staging\",\"pipeline_id\":null,\"entries\":[{\"key\":\"api_key\",\"value\":\"12345\",\"is_secret\":false}]}}";
+    let proposal: Proposal = serde_json::from_slice(proposal).unwrap();
+    assert!(matches!(proposal.command, Command::SetConfigurations { ref entries, .. } if entries[0].value == "12345"));
+
+    let pipeline = b"\x01{\"pipeline_id\":3,\"name\":\"p\",\"repo_id\":1,\"branch\":\"main\",\"build_command\":null,\"deploy_strategy\":\"blue-green\",\"environment\":\"development\",\"is_active\":true,\"created_at\":1,\"updated_at\":2}";
+    let pipeline: Pipeline = decode(Table::Pipelines, pipeline).unwrap();
+    assert_eq!(pipeline.deploy_strategy, DeployStrategy::BlueGreen);
+
+    // And what we write today is still version 1.
+    assert_eq!(encode(&user)[0], 1);
+    assert!(decode::<User>(Table::Users, b"\x02{}").unwrap_err().to_string().contains("newer davit"));
+}

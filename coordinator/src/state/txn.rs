@@ -1,0 +1,127 @@
+//! A write overlay over the stored state. `apply` reads and writes through a [`Txn`]; the
+//! state machine turns the collected writes into one atomic [`WriteBatch`]. A command that is
+//! rejected halfway leaves no trace because its writes live in a child overlay that is dropped.
+
+use std::collections::BTreeMap;
+
+use crate::store::{Backend, KeyValue, StoreResult, Table, WriteBatch, prefix_range};
+
+pub trait StateRead {
+    fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
+    /// Every key/value whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> StoreResult<Vec<KeyValue>>;
+}
+
+/// Reads straight from a backend.
+pub struct BackendRead<'a>(pub &'a dyn Backend);
+
+impl StateRead for BackendRead<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        self.0.get(table, key)
+    }
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> StoreResult<Vec<KeyValue>> {
+        self.0.scan(table, prefix_range(prefix), usize::MAX, false)
+    }
+}
+
+/// An empty state, for tests and for the first apply on a new node.
+pub struct EmptyState;
+
+impl StateRead for EmptyState {
+    fn get(&self, _: Table, _: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    fn scan_prefix(&self, _: Table, _: &[u8]) -> StoreResult<Vec<KeyValue>> {
+        Ok(Vec::new())
+    }
+}
+
+type Writes = BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>;
+
+pub struct Txn<'a> {
+    base: &'a dyn StateRead,
+    writes: Writes,
+}
+
+impl<'a> Txn<'a> {
+    pub fn new(base: &'a dyn StateRead) -> Self {
+        Self { base, writes: BTreeMap::new() }
+    }
+
+    pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+        self.writes.insert((table, key.into()), Some(value));
+    }
+
+    pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) {
+        self.writes.insert((table, key.into()), None);
+    }
+
+    /// Take over the writes of a child overlay that succeeded.
+    pub fn absorb(&mut self, writes: Writes) {
+        self.writes.extend(writes);
+    }
+
+    pub fn into_writes(self) -> Writes {
+        self.writes
+    }
+
+    pub fn into_batch(self) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        for ((table, key), value) in self.writes {
+            match value {
+                Some(value) => batch.put(table, key, value),
+                None => batch.delete(table, key),
+            }
+        }
+        batch
+    }
+}
+
+impl StateRead for Txn<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        match self.writes.get(&(table, key.to_vec())) {
+            Some(value) => Ok(value.clone()),
+            None => self.base.get(table, key),
+        }
+    }
+
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> StoreResult<Vec<KeyValue>> {
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.base.scan_prefix(table, prefix)?.into_iter().collect();
+        let start = (table, prefix.to_vec());
+        for ((write_table, key), value) in self.writes.range(start..) {
+            if *write_table != table || !key.starts_with(prefix) {
+                break;
+            }
+            match value {
+                Some(value) => merged.insert(key.clone(), value.clone()),
+                None => merged.remove(key),
+            };
+        }
+        Ok(merged.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_reads_its_own_writes_and_hides_deletes() {
+        let mut parent = Txn::new(&EmptyState);
+        parent.put(Table::Users, b"a1".to_vec(), b"x".to_vec());
+        parent.put(Table::Users, b"a2".to_vec(), b"y".to_vec());
+        parent.put(Table::Users, b"b1".to_vec(), b"z".to_vec());
+        let writes = {
+            let mut child = Txn::new(&parent);
+            child.delete(Table::Users, b"a1".to_vec());
+            child.put(Table::Users, b"a3".to_vec(), b"w".to_vec());
+            let rows = child.scan_prefix(Table::Users, b"a").unwrap();
+            assert_eq!(rows, vec![(b"a2".to_vec(), b"y".to_vec()), (b"a3".to_vec(), b"w".to_vec())]);
+            assert_eq!(child.get(Table::Users, b"a1").unwrap(), None);
+            child.into_writes()
+        };
+        parent.absorb(writes);
+        assert_eq!(parent.scan_prefix(Table::Users, b"").unwrap().len(), 3);
+        assert!(parent.scan_prefix(Table::Pipelines, b"").unwrap().is_empty());
+    }
+}
