@@ -184,3 +184,49 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use openraft::{CommittedLeaderId, EntryPayload, Membership};
+
+    use super::*;
+    use crate::raft::DavitNode;
+    use crate::state::{Command, Proposal};
+
+    fn sample_entries() -> Vec<Entry> {
+        let log_id = |index| openraft::LogId::new(CommittedLeaderId::new(2, 1), index);
+        let node = DavitNode { grpc_addr: "127.0.0.1:7701".into(), http_addr: "127.0.0.1:7700".into(), region: "a".into() };
+        let membership = Membership::new(vec![BTreeSet::from([1])], BTreeMap::from([(1, node)]));
+        vec![
+            Entry { log_id: log_id(7), payload: EntryPayload::Blank },
+            Entry {
+                log_id: log_id(8),
+                payload: EntryPayload::Normal(Proposal {
+                    time: 1_764_134_400_000,
+                    actor: Some(1),
+                    command: Command::DeleteRepository { repo_id: 4 },
+                }),
+            },
+            Entry { log_id: log_id(9), payload: EntryPayload::Membership(membership) },
+        ]
+    }
+
+    const FROZEN_BLANK: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":7},"payload":"Blank"}"#;
+    const FROZEN_NORMAL: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":8},"payload":{"Normal":{"time":1764134400000,"actor":1,"command":{"type":"delete_repository","repo_id":4}}}}"#;
+    const FROZEN_MEMBERSHIP: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":9},"payload":{"Membership":{"configs":[[1]],"nodes":{"1":{"grpc_addr":"127.0.0.1:7701","http_addr":"127.0.0.1:7700","region":"a"}}}}}"#;
+
+    /// Log entries as stored by this version; they must decode forever.
+    #[test]
+    fn frozen_v1_log_entries_still_decode() {
+        let frozen: [&[u8]; 3] = [FROZEN_BLANK, FROZEN_NORMAL, FROZEN_MEMBERSHIP];
+        for (entry, json) in sample_entries().iter().zip(frozen) {
+            // Format byte 1, then the JSON.
+            let bytes = &[&[1u8][..], json].concat();
+            let decoded: Entry = decode(Table::RaftLog, bytes).unwrap();
+            assert_eq!(&decoded, entry);
+            assert_eq!(&encode(entry), bytes, "the stored format of log entries changed; add a new version instead");
+        }
+    }
+}
