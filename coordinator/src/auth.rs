@@ -39,12 +39,20 @@ pub fn hash_password(password: &str) -> Result<String, AuthError> {
 
 pub fn verify_password(password: &str, stored_hash: &str) -> bool {
     match PasswordHash::new(stored_hash) {
-        Ok(hash) => argon2::Argon2::default().verify_password(password.as_bytes(), &hash).is_ok(),
+        Ok(hash) => argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &hash)
+            .is_ok(),
         Err(_) => false,
     }
 }
 
-pub fn issue_token(signing_key: &str, user_id: u64, username: &str, role: Role, now_seconds: i64) -> Result<String, AuthError> {
+pub fn issue_token(
+    signing_key: &str,
+    user_id: u64,
+    username: &str,
+    role: Role,
+    now_seconds: i64,
+) -> Result<String, AuthError> {
     let claims = Claims {
         sub: user_id.to_string(),
         role,
@@ -52,16 +60,24 @@ pub fn issue_token(signing_key: &str, user_id: u64, username: &str, role: Role, 
         exp: now_seconds + TOKEN_LIFETIME_SECONDS,
         iat: now_seconds,
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(signing_key.as_bytes()))
-        .map_err(|_| AuthError::BadToken)
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(signing_key.as_bytes()),
+    )
+    .map_err(|_| AuthError::BadToken)
 }
 
 pub fn check_token(signing_key: &str, token: &str) -> Result<Claims, AuthError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 5;
-    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(signing_key.as_bytes()), &validation)
-        .map(|data| data.claims)
-        .map_err(|_| AuthError::BadToken)
+    jsonwebtoken::decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(signing_key.as_bytes()),
+        &validation,
+    )
+    .map(|data| data.claims)
+    .map_err(|_| AuthError::BadToken)
 }
 
 /// A random string of `length` URL-safe characters, for generated passwords and keys.
@@ -69,7 +85,9 @@ pub fn random_secret(length: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
     let mut rng = rand::rng();
-    (0..length).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+    (0..length)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 #[cfg(test)]
@@ -87,7 +105,14 @@ mod tests {
         let claims = check_token("key", &token);
         // Expired long ago relative to the real clock: rejected.
         assert!(claims.is_err());
-        let fresh = issue_token("key", 7, "john_doe", Role::Developer, jsonwebtoken::get_current_timestamp() as i64).unwrap();
+        let fresh = issue_token(
+            "key",
+            7,
+            "john_doe",
+            Role::Developer,
+            jsonwebtoken::get_current_timestamp() as i64,
+        )
+        .unwrap();
         assert_eq!(check_token("key", &fresh).unwrap().sub, "7");
         assert!(check_token("other key", &fresh).is_err());
     }

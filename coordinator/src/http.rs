@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::api_error::ApiError;
 use crate::auth::{self, Claims};
-use crate::node::{AdminOp, Node};
+use crate::node::{AdminOp, Node, Requester};
 use crate::state::apply::{configuration_prefix, index, index_ids, load_id};
 use crate::state::codec::decode;
 use crate::state::records::{Configuration, Role, User};
@@ -35,26 +35,44 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_endpoint))
         .route("/api/v1/auth/login", post(login))
-        .route("/api/v1/configs/{environment}", get(get_configs).post(set_configs))
+        .route(
+            "/api/v1/configs/{environment}",
+            get(get_configs).post(set_configs),
+        )
         .route("/api/v1/cluster/status", get(cluster_status))
         .route("/api/v1/cluster/{operation}", post(cluster_operation))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see README.md for the API") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see README.md for the API",
+            )
+        })
         .with_state(state)
 }
 
-/// The authenticated caller, from `Authorization: Bearer <jwt>`.
-pub struct Caller(pub Claims);
+/// The authenticated caller, from `Authorization: Bearer <jwt>`, and where it called from.
+pub struct Caller(pub Claims, pub Option<String>);
 
 impl Caller {
     pub fn user_id(&self) -> Option<u64> {
         self.0.sub.parse().ok()
     }
 
+    pub fn requester(&self) -> Requester {
+        Requester {
+            user_id: self.user_id(),
+            source: self.1.clone(),
+        }
+    }
+
     pub fn require(&self, role: Role) -> Result<(), ApiError> {
         if self.0.role >= role {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!("this needs the {role:?} role; you are {:?}", self.0.role).to_lowercase()))
+            Err(ApiError::forbidden(
+                format!("this needs the {role:?} role; you are {:?}", self.0.role).to_lowercase(),
+            ))
         }
     }
 }
@@ -66,18 +84,32 @@ pub fn authenticate(node: &Node, authorization: Option<&str>) -> Result<Claims, 
     let token = header
         .strip_prefix("Bearer ")
         .ok_or_else(|| ApiError::unauthorized("Authorization header must be `Bearer <token>`"))?;
-    let key = node
-        .token_signing_key()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cluster is still initializing; retry shortly"))?;
+    let key = node.token_signing_key().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the cluster is still initializing; retry shortly",
+        )
+    })?;
     auth::check_token(&key, token).map_err(|error| ApiError::unauthorized(error.to_string()))
 }
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|value| value.to_str().ok());
-        authenticate(&state.node, header).map(Caller)
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        let source = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip().to_string());
+        authenticate(&state.node, header).map(|claims| Caller(claims, source))
     }
 }
 
@@ -92,10 +124,16 @@ pub struct JsonBody<T>(pub T);
 impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(JsonBody(value)),
-            Err(rejection) => Err(ApiError::bad_request(format!("request body: {}", rejection.body_text()))),
+            Err(rejection) => Err(ApiError::bad_request(format!(
+                "request body: {}",
+                rejection.body_text()
+            ))),
         }
     }
 }
@@ -107,14 +145,21 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let status = state.node.status();
     match status.leader_id {
-        Some(leader_id) if state.node.token_signing_key().is_some() => {
-            Ok(Json(serde_json::json!({ "status": "ready", "leader_id": leader_id, "node_id": status.node_id })))
-        }
-        Some(_) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cluster is initializing")),
+        Some(leader_id) if state.node.token_signing_key().is_some() => Ok(Json(
+            serde_json::json!({ "status": "ready", "leader_id": leader_id, "node_id": status.node_id }),
+        )),
+        Some(_) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the cluster is initializing",
+        )),
         None => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
-            format!("node {} knows no leader (term {}); it may be cut off from the majority", status.node_id, status.term),
+            format!(
+                "node {} knows no leader (term {}); it may be cut off from the majority",
+                status.node_id, status.term
+            ),
         )),
     }
 }
@@ -122,7 +167,10 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 async fn metrics_endpoint(State(state): State<AppState>) -> impl IntoResponse {
     crate::observability::record_raft_metrics(&state.node);
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         state.prometheus.render(),
     )
 }
@@ -133,35 +181,50 @@ struct LoginRequest {
     password: String,
 }
 
-async fn login(State(state): State<AppState>, JsonBody(request): JsonBody<LoginRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn login(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<LoginRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if request.username.is_empty() || request.password.is_empty() {
-        return Err(ApiError::bad_request("username and password must not be empty"));
+        return Err(ApiError::bad_request(
+            "username and password must not be empty",
+        ));
     }
     state.node.read_barrier().await?;
     let node = &state.node;
     let view = node.state();
-    let user: Option<User> = match index_ids(&view, index::USERS_BY_NAME, &request.username)?.first() {
-        Some(user_id) => load_id(&view, Table::Users, *user_id)?,
-        None => None,
-    };
+    let user: Option<User> =
+        match index_ids(&view, index::USERS_BY_NAME, &request.username)?.first() {
+            Some(user_id) => load_id(&view, Table::Users, *user_id)?,
+            None => None,
+        };
     let wrong = || ApiError::unauthorized("wrong username or password");
     let user = user.ok_or_else(wrong)?;
     let password_hash = user.password_hash.clone();
     let password = request.password.clone();
     // argon2 is deliberately slow; keep it off the async workers.
-    let verified = tokio::task::spawn_blocking(move || auth::verify_password(&password, &password_hash))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let verified =
+        tokio::task::spawn_blocking(move || auth::verify_password(&password, &password_hash))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?;
     if !verified {
         return Err(wrong());
     }
-    let key = node
-        .token_signing_key()
-        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cluster is still initializing"))?;
+    let key = node.token_signing_key().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the cluster is still initializing",
+        )
+    })?;
     let now = jsonwebtoken::get_current_timestamp() as i64;
     let token = auth::issue_token(&key, user.user_id, &user.username, user.role, now)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    Ok(Json(serde_json::json!({ "token": token, "expires_in": auth::TOKEN_LIFETIME_SECONDS })))
+    Ok(Json(
+        serde_json::json!({ "token": token, "expires_in": auth::TOKEN_LIFETIME_SECONDS }),
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -173,13 +236,25 @@ struct ConfigQuery {
 }
 
 /// The configuration of an environment as `{key: value}`, secrets masked.
-pub async fn read_configs(node: &Node, environment: &str, pipeline_id: Option<u64>, stale_ok: bool) -> Result<Vec<Configuration>, ApiError> {
+pub async fn read_configs(
+    node: &Node,
+    environment: &str,
+    pipeline_id: Option<u64>,
+    stale_ok: bool,
+) -> Result<Vec<Configuration>, ApiError> {
     if !stale_ok {
         node.read_barrier().await?;
     }
     let prefix = configuration_prefix(environment, pipeline_id);
-    let rows = node.state().0.scan(Table::Configurations, crate::store::prefix_range(&prefix), usize::MAX, false)?;
-    rows.into_iter().map(|(_, bytes)| decode(Table::Configurations, &bytes).map_err(ApiError::from)).collect()
+    let rows = node.state().0.scan(
+        Table::Configurations,
+        crate::store::prefix_range(&prefix),
+        usize::MAX,
+        false,
+    )?;
+    rows.into_iter()
+        .map(|(_, bytes)| decode(Table::Configurations, &bytes).map_err(ApiError::from))
+        .collect()
 }
 
 async fn get_configs(
@@ -189,9 +264,22 @@ async fn get_configs(
     Query(query): Query<ConfigQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let rows = read_configs(&state.node, &environment, query.pipeline_id, query.stale_ok).await?;
-    let variables: BTreeMap<String, String> =
-        rows.into_iter().map(|row| (row.key, if row.is_secret { "***".to_string() } else { row.value })).collect();
-    Ok(Json(serde_json::json!({ "environment": environment, "pipeline_id": query.pipeline_id, "variables": variables })))
+    let variables: BTreeMap<String, String> = rows
+        .into_iter()
+        .map(|row| {
+            (
+                row.key,
+                if row.is_secret {
+                    "***".to_string()
+                } else {
+                    row.value
+                },
+            )
+        })
+        .collect();
+    Ok(Json(
+        serde_json::json!({ "environment": environment, "pipeline_id": query.pipeline_id, "variables": variables }),
+    ))
 }
 
 /// `POST /api/v1/configs/{environment}` with the seed's flat body `{"db_password": "...", ...}`.
@@ -215,18 +303,31 @@ async fn set_configs(
                 )));
             }
         };
-        entries.push(ConfigEntry { key, value, is_secret: false });
+        entries.push(ConfigEntry {
+            key,
+            value,
+            is_secret: false,
+        });
     }
-    let command = Command::SetConfigurations { environment: environment.clone(), pipeline_id: query.pipeline_id, entries };
-    let (outcome, log_index) = state.node.propose(caller.user_id(), command).await?;
+    let command = Command::SetConfigurations {
+        environment: environment.clone(),
+        pipeline_id: query.pipeline_id,
+        entries,
+    };
+    let (outcome, log_index) = state.node.propose(&caller.requester(), command).await?;
     let applied = applied(outcome)?;
     Ok((
         StatusCode::OK,
-        Json(serde_json::json!({ "environment": environment, "written": applied.affected, "log_index": log_index })),
+        Json(
+            serde_json::json!({ "environment": environment, "written": applied.affected, "log_index": log_index }),
+        ),
     ))
 }
 
-async fn cluster_status(State(state): State<AppState>, _caller: Caller) -> Json<crate::node::ClusterStatus> {
+async fn cluster_status(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Json<crate::node::ClusterStatus> {
     Json(state.node.status())
 }
 
@@ -249,7 +350,8 @@ async fn cluster_operation(
     let body: ClusterOperationBody = if body.iter().all(u8::is_ascii_whitespace) {
         ClusterOperationBody::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?
     };
     let ids = || -> Result<Vec<u64>, ApiError> {
         match (&body.node_ids, body.node_id) {
@@ -260,20 +362,34 @@ async fn cluster_operation(
     };
     let op = match operation.as_str() {
         "add" => AdminOp::AddLearner {
-            node_id: body.node_id.ok_or_else(|| ApiError::bad_request("add needs node_id"))?,
-            grpc_addr: body.grpc_addr.clone().ok_or_else(|| ApiError::bad_request("add needs grpc_addr (host:port)"))?,
-            http_addr: body.http_addr.clone().ok_or_else(|| ApiError::bad_request("add needs http_addr (host:port)"))?,
+            node_id: body
+                .node_id
+                .ok_or_else(|| ApiError::bad_request("add needs node_id"))?,
+            grpc_addr: body
+                .grpc_addr
+                .clone()
+                .ok_or_else(|| ApiError::bad_request("add needs grpc_addr (host:port)"))?,
+            http_addr: body
+                .http_addr
+                .clone()
+                .ok_or_else(|| ApiError::bad_request("add needs http_addr (host:port)"))?,
             region: body.region.clone().unwrap_or_else(|| "default".into()),
         },
         "promote" => AdminOp::Promote { node_ids: ids()? },
         "remove" => AdminOp::Remove { node_ids: ids()? },
-        "transfer-leader" => AdminOp::TransferLeader { node_id: body.node_id.ok_or_else(|| ApiError::bad_request("transfer-leader needs node_id"))? },
+        "transfer-leader" => AdminOp::TransferLeader {
+            node_id: body
+                .node_id
+                .ok_or_else(|| ApiError::bad_request("transfer-leader needs node_id"))?,
+        },
         "snapshot" => AdminOp::Snapshot,
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("unknown cluster operation {other:?}; use add, promote, remove, transfer-leader or snapshot"),
+                format!(
+                    "unknown cluster operation {other:?}; use add, promote, remove, transfer-leader or snapshot"
+                ),
             ));
         }
     };

@@ -10,6 +10,7 @@ pub mod http;
 pub mod node;
 pub mod observability;
 pub mod raft;
+pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -19,7 +19,7 @@ use crate::cluster_service::ClusterGrpc;
 use crate::config::NodeConfig;
 use crate::grpc_api::ConfigGrpc;
 use crate::http::{AppState, router};
-use crate::node::Node;
+use crate::node::{Node, Requester};
 use crate::raft::service::RaftGrpc;
 use crate::state::Command;
 use crate::state::records::Role;
@@ -66,20 +66,32 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
         grpc = grpc.tls_config(tls.tonic_server())?;
     }
     let grpc = grpc
-        .add_service(RaftServiceServer::new(RaftGrpc::new(node.raft.clone())).max_decoding_message_size(256 * 1024 * 1024))
+        .add_service(
+            RaftServiceServer::new(RaftGrpc::new(node.raft.clone()))
+                .max_decoding_message_size(256 * 1024 * 1024),
+        )
         .add_service(ClusterServiceServer::new(ClusterGrpc::new(node.clone())))
         .add_service(ConfigServiceServer::new(ConfigGrpc::new(node.clone())));
     tokio::spawn(async move {
-        if let Err(error) = grpc.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener)).await {
+        if let Err(error) = grpc
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                grpc_listener,
+            ))
+            .await
+        {
             tracing::error!(%error, "gRPC server stopped");
         }
     });
 
-    let app = router(AppState { node: node.clone(), prometheus });
+    let app = router(AppState {
+        node: node.clone(),
+        prometheus,
+    });
     match &tls {
         None => {
             tokio::spawn(async move {
-                if let Err(error) = axum::serve(http_listener, app).await {
+                let service = app.into_make_service_with_connect_info::<SocketAddr>();
+                if let Err(error) = axum::serve(http_listener, service).await {
                     tracing::error!(%error, "HTTP server stopped");
                 }
             });
@@ -91,13 +103,28 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     }
 
     let (credentials_sender, admin_credentials) = watch::channel(None);
-    tokio::spawn(initialize_cluster(node.clone(), credentials_file.clone(), credentials_sender));
-    Ok(RunningServer { node, http_addr, grpc_addr, tls: tls.is_some(), admin_credentials, credentials_file })
+    tokio::spawn(initialize_cluster(
+        node.clone(),
+        credentials_file.clone(),
+        credentials_sender,
+    ));
+    Ok(RunningServer {
+        node,
+        http_addr,
+        grpc_addr,
+        tls: tls.is_some(),
+        admin_credentials,
+        credentials_file,
+    })
 }
 
-async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, app: axum::Router) {
+async fn serve_https(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, remote_addr) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!(%error, "HTTPS accept failed");
@@ -106,15 +133,18 @@ async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
             }
         };
         let acceptor = acceptor.clone();
-        let app = app.clone();
+        let app = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(remote_addr)));
         tokio::spawn(async move {
             let Ok(stream) = acceptor.accept(stream).await else {
                 return;
             };
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
         });
     }
 }
@@ -123,7 +153,11 @@ async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
 /// Proposals are deterministic in effect: if two leaders in a row both try, the second
 /// `InitializeCluster` / `CreateUser admin` is rejected by `apply`, and only the creator
 /// reports credentials.
-async fn initialize_cluster(node: Arc<Node>, credentials_file: PathBuf, credentials: watch::Sender<Option<AdminCredentials>>) {
+async fn initialize_cluster(
+    node: Arc<Node>,
+    credentials_file: PathBuf,
+    credentials: watch::Sender<Option<AdminCredentials>>,
+) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if !node.is_leader() {
@@ -133,8 +167,10 @@ async fn initialize_cluster(node: Arc<Node>, credentials_file: PathBuf, credenti
             continue;
         }
         if node.token_signing_key().is_none() {
-            let command = Command::InitializeCluster { token_signing_key: auth::random_secret(48) };
-            if let Err(error) = node.propose(None, command).await {
+            let command = Command::InitializeCluster {
+                token_signing_key: auth::random_secret(48),
+            };
+            if let Err(error) = node.propose(&Requester::system(), command).await {
                 tracing::warn!(%error, "could not initialize the cluster yet");
                 continue;
             }
@@ -155,11 +191,18 @@ async fn initialize_cluster(node: Arc<Node>, credentials_file: PathBuf, credenti
                 return;
             }
         };
-        let command =
-            Command::CreateUser { username: "admin".into(), email: "admin@localhost".into(), password_hash, role: Role::Admin };
-        match node.propose(None, command).await {
+        let command = Command::CreateUser {
+            username: "admin".into(),
+            email: "admin@localhost".into(),
+            password_hash,
+            role: Role::Admin,
+        };
+        match node.propose(&Requester::system(), command).await {
             Ok((outcome, _)) if outcome.result.is_ok() => {
-                let created = AdminCredentials { username: "admin".into(), password };
+                let created = AdminCredentials {
+                    username: "admin".into(),
+                    password,
+                };
                 if let Err(error) = write_credentials(&credentials_file, &created) {
                     tracing::warn!(%error, "cannot save the first admin's credentials file");
                 }
@@ -177,13 +220,24 @@ async fn initialize_cluster(node: Arc<Node>, credentials_file: PathBuf, credenti
 }
 
 fn has_users(node: &Node) -> bool {
-    node.backend.scan(Table::Users, crate::store::full_range(), 1, false).map(|rows| !rows.is_empty()).unwrap_or(false)
+    node.backend
+        .scan(Table::Users, crate::store::full_range(), 1, false)
+        .map(|rows| !rows.is_empty())
+        .unwrap_or(false)
 }
 
-fn write_credentials(path: &std::path::Path, credentials: &AdminCredentials) -> std::io::Result<()> {
+fn write_credentials(
+    path: &std::path::Path,
+    credentials: &AdminCredentials,
+) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(&serde_json::to_vec_pretty(credentials).expect("serializes"))?;
     file.sync_all()
 }

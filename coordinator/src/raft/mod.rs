@@ -54,5 +54,7 @@ pub(crate) fn storage_io_error(
     make: impl FnOnce(openraft::AnyError) -> openraft::StorageIOError<NodeId>,
     error: impl std::error::Error + 'static,
 ) -> StorageError {
-    StorageError::IO { source: make(openraft::AnyError::new(&error)) }
+    StorageError::IO {
+        source: make(openraft::AnyError::new(&error)),
+    }
 }

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{DeployStrategy, DeploymentStatus, NotificationType, Role, ScmType, Timestamp};
+use super::records::{
+    DeployStrategy, DeploymentStatus, NotificationType, Role, ScmType, Timestamp,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
@@ -16,6 +18,9 @@ pub struct Proposal {
     #[serde(default)]
     pub actor: Option<u64>,
     pub command: Command,
+    /// Where the request came from (client address), for the audit log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +29,17 @@ pub struct ConfigEntry {
     pub value: String,
     #[serde(default)]
     pub is_secret: bool,
+}
+
+/// Changes to a repository; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryPatch {
+    pub name: Option<String>,
+    pub repo_url: Option<String>,
+    pub branch: Option<String>,
+    pub scm_type: Option<ScmType>,
+    /// Sealed by the API layer; `Some("")` clears it.
+    pub webhook_secret: Option<String>,
 }
 
 /// Changes to a pipeline; `None` leaves a field as it is.
@@ -42,14 +58,55 @@ pub struct PipelinePatch {
 pub enum Command {
     /// The first command of a new cluster: the key every node signs and checks user tokens
     /// with, drawn by the leader. Applying it again changes nothing.
-    InitializeCluster { token_signing_key: String },
-    CreateUser { username: String, email: String, password_hash: String, role: Role },
-    UpdateUser { user_id: u64, email: Option<String>, password_hash: Option<String>, role: Option<Role> },
-    DeleteUser { user_id: u64 },
-    CreateApiToken { user_id: u64, name: String, token_hash: String, expires_at: Option<Timestamp> },
-    RevokeApiToken { token_id: u64 },
-    ConnectRepository { name: String, repo_url: String, branch: String, scm_type: ScmType, webhook_secret: Option<String> },
-    DeleteRepository { repo_id: u64 },
+    InitializeCluster {
+        token_signing_key: String,
+    },
+    CreateUser {
+        username: String,
+        email: String,
+        password_hash: String,
+        role: Role,
+    },
+    UpdateUser {
+        user_id: u64,
+        email: Option<String>,
+        password_hash: Option<String>,
+        role: Option<Role>,
+        #[serde(default)]
+        username: Option<String>,
+    },
+    /// A login attempt, successful or not: audited, and failures count towards the lockout.
+    RecordLogin {
+        username: String,
+        user_id: Option<u64>,
+        succeeded: bool,
+    },
+    DeleteUser {
+        user_id: u64,
+    },
+    CreateApiToken {
+        user_id: u64,
+        name: String,
+        token_hash: String,
+        expires_at: Option<Timestamp>,
+    },
+    RevokeApiToken {
+        token_id: u64,
+    },
+    ConnectRepository {
+        name: String,
+        repo_url: String,
+        branch: String,
+        scm_type: ScmType,
+        webhook_secret: Option<String>,
+    },
+    UpdateRepository {
+        repo_id: u64,
+        patch: RepositoryPatch,
+    },
+    DeleteRepository {
+        repo_id: u64,
+    },
     CreatePipeline {
         name: String,
         repo_id: u64,
@@ -58,8 +115,13 @@ pub enum Command {
         deploy_strategy: DeployStrategy,
         environment: String,
     },
-    UpdatePipeline { pipeline_id: u64, patch: PipelinePatch },
-    DeletePipeline { pipeline_id: u64 },
+    UpdatePipeline {
+        pipeline_id: u64,
+        patch: PipelinePatch,
+    },
+    DeletePipeline {
+        pipeline_id: u64,
+    },
     CreateDeployment {
         pipeline_id: u64,
         commit_hash: String,
@@ -67,11 +129,32 @@ pub enum Command {
         config_overrides: BTreeMap<String, String>,
         rollback_of: Option<u64>,
     },
-    SetDeploymentStatus { deployment_id: u64, status: DeploymentStatus },
-    RecordArtifact { pipeline_id: u64, version: String, artifact_path: String, digest: String, size_bytes: u64 },
-    DeleteArtifact { artifact_id: u64 },
-    SetConfigurations { environment: String, pipeline_id: Option<u64>, entries: Vec<ConfigEntry> },
-    DeleteConfiguration { environment: String, pipeline_id: Option<u64>, key: String },
+    SetDeploymentStatus {
+        deployment_id: u64,
+        status: DeploymentStatus,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    RecordArtifact {
+        pipeline_id: u64,
+        version: String,
+        artifact_path: String,
+        digest: String,
+        size_bytes: u64,
+    },
+    DeleteArtifact {
+        artifact_id: u64,
+    },
+    SetConfigurations {
+        environment: String,
+        pipeline_id: Option<u64>,
+        entries: Vec<ConfigEntry>,
+    },
+    DeleteConfiguration {
+        environment: String,
+        pipeline_id: Option<u64>,
+        key: String,
+    },
     RecordLogSegment {
         deployment_id: u64,
         job_id: u64,
@@ -83,10 +166,23 @@ pub enum Command {
         first_timestamp: Timestamp,
         last_timestamp: Timestamp,
     },
-    CreateNotification { user_id: u64, notification_type: NotificationType, target: String, events: Vec<String> },
-    DeleteNotification { notification_id: u64 },
-    RegisterAgent { name: String, labels: BTreeMap<String, String>, credential_hash: String },
-    DeregisterAgent { agent_id: u64 },
+    CreateNotification {
+        user_id: u64,
+        notification_type: NotificationType,
+        target: String,
+        events: Vec<String>,
+    },
+    DeleteNotification {
+        notification_id: u64,
+    },
+    RegisterAgent {
+        name: String,
+        labels: BTreeMap<String, String>,
+        credential_hash: String,
+    },
+    DeregisterAgent {
+        agent_id: u64,
+    },
     EnqueueJob {
         deployment_id: u64,
         name: String,
@@ -96,13 +192,34 @@ pub enum Command {
     },
     /// Lease a queued job to an agent. `attempt` must be the job's next attempt: the
     /// scheduler's view was current when it decided.
-    AssignJob { job_id: u64, agent_id: u64, attempt: u32, lease_expires_at: Timestamp },
-    RenewLease { job_id: u64, agent_id: u64, attempt: u32, lease_expires_at: Timestamp },
+    AssignJob {
+        job_id: u64,
+        agent_id: u64,
+        attempt: u32,
+        lease_expires_at: Timestamp,
+    },
+    RenewLease {
+        job_id: u64,
+        agent_id: u64,
+        attempt: u32,
+        lease_expires_at: Timestamp,
+    },
     /// The agent's final report. Refused unless `attempt` is the current lease's attempt.
-    CompleteJob { job_id: u64, attempt: u32, succeeded: bool, failure_reason: Option<String> },
+    CompleteJob {
+        job_id: u64,
+        attempt: u32,
+        succeeded: bool,
+        failure_reason: Option<String>,
+    },
     /// The leader saw the lease run out: retry the job or fail it.
-    ExpireLease { job_id: u64, attempt: u32 },
-    CancelJob { job_id: u64, reason: String },
+    ExpireLease {
+        job_id: u64,
+        attempt: u32,
+    },
+    CancelJob {
+        job_id: u64,
+        reason: String,
+    },
 }
 
 impl Command {
@@ -112,10 +229,17 @@ impl Command {
             Command::InitializeCluster { .. } => "cluster.initialize",
             Command::CreateUser { .. } => "user.create",
             Command::UpdateUser { .. } => "user.update",
+            Command::RecordLogin {
+                succeeded: true, ..
+            } => "auth.login",
+            Command::RecordLogin {
+                succeeded: false, ..
+            } => "auth.login_failed",
             Command::DeleteUser { .. } => "user.delete",
             Command::CreateApiToken { .. } => "api_token.create",
             Command::RevokeApiToken { .. } => "api_token.revoke",
             Command::ConnectRepository { .. } => "repository.connect",
+            Command::UpdateRepository { .. } => "repository.update",
             Command::DeleteRepository { .. } => "repository.delete",
             Command::CreatePipeline { .. } => "pipeline.create",
             Command::UpdatePipeline { .. } => "pipeline.update",
@@ -143,31 +267,77 @@ impl Command {
     /// Whether the action is recorded in the audit log. High-volume machine traffic (log
     /// segments, lease renewals) is not: it would drown out what people did.
     pub fn is_audited(&self) -> bool {
-        !matches!(self, Command::RecordLogSegment { .. } | Command::RenewLease { .. })
+        !matches!(
+            self,
+            Command::RecordLogSegment { .. } | Command::RenewLease { .. }
+        )
     }
 
     /// A summary for the audit log that never contains a secret value or a password hash.
     pub fn audit_details(&self) -> String {
         match self {
             Command::InitializeCluster { .. } => String::new(),
-            Command::CreateUser { username, role, .. } => format!("username={username} role={role:?}"),
-            Command::UpdateUser { user_id, role, password_hash, .. } => {
-                format!("user_id={user_id} role={role:?} password_changed={}", password_hash.is_some())
+            Command::CreateUser { username, role, .. } => {
+                format!("username={username} role={role:?}")
             }
-            Command::CreateApiToken { user_id, name, .. } => format!("user_id={user_id} name={name}"),
-            Command::ConnectRepository { repo_url, branch, scm_type, .. } => {
+            Command::RecordLogin { username, .. } => format!("username={username}"),
+            Command::UpdateRepository { repo_id, patch } => format!(
+                "repo_id={repo_id} name={:?} repo_url={:?} branch={:?} webhook_secret_changed={}",
+                patch.name,
+                patch.repo_url,
+                patch.branch,
+                patch.webhook_secret.is_some()
+            ),
+            Command::UpdateUser {
+                user_id,
+                role,
+                password_hash,
+                ..
+            } => {
+                format!(
+                    "user_id={user_id} role={role:?} password_changed={}",
+                    password_hash.is_some()
+                )
+            }
+            Command::CreateApiToken { user_id, name, .. } => {
+                format!("user_id={user_id} name={name}")
+            }
+            Command::ConnectRepository {
+                repo_url,
+                branch,
+                scm_type,
+                ..
+            } => {
                 format!("repo_url={repo_url} branch={branch} scm_type={scm_type:?}")
             }
-            Command::SetConfigurations { environment, pipeline_id, entries } => {
+            Command::SetConfigurations {
+                environment,
+                pipeline_id,
+                entries,
+            } => {
                 let keys: Vec<&str> = entries.iter().map(|entry| entry.key.as_str()).collect();
-                format!("environment={environment} pipeline_id={pipeline_id:?} keys={}", keys.join(","))
+                format!(
+                    "environment={environment} pipeline_id={pipeline_id:?} keys={}",
+                    keys.join(",")
+                )
             }
-            Command::CreatePipeline { name, repo_id, .. } => format!("name={name} repo_id={repo_id}"),
-            Command::CreateDeployment { pipeline_id, commit_hash, environment, .. } => {
+            Command::CreatePipeline { name, repo_id, .. } => {
+                format!("name={name} repo_id={repo_id}")
+            }
+            Command::CreateDeployment {
+                pipeline_id,
+                commit_hash,
+                environment,
+                ..
+            } => {
                 format!("pipeline_id={pipeline_id} commit={commit_hash} environment={environment}")
             }
             Command::RegisterAgent { name, .. } => format!("name={name}"),
-            Command::EnqueueJob { deployment_id, name, .. } => format!("deployment_id={deployment_id} name={name}"),
+            Command::EnqueueJob {
+                deployment_id,
+                name,
+                ..
+            } => format!("deployment_id={deployment_id} name={name}"),
             other => {
                 // Everything else carries ids and enums only.
                 let mut json = serde_json::to_value(other).unwrap_or_default();
@@ -212,9 +382,16 @@ pub struct Rejection {
 
 impl Outcome {
     pub fn applied(id: Option<u64>, affected: u64) -> Self {
-        Outcome { result: Ok(Applied { id, affected }) }
+        Outcome {
+            result: Ok(Applied { id, affected }),
+        }
     }
     pub fn rejected(code: RejectionCode, message: impl Into<String>) -> Self {
-        Outcome { result: Err(Rejection { code, message: message.into() }) }
+        Outcome {
+            result: Err(Rejection {
+                code,
+                message: message.into(),
+            }),
+        }
     }
 }

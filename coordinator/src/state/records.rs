@@ -102,7 +102,10 @@ pub enum DeploymentStatus {
 
 impl DeploymentStatus {
     pub fn is_final(self) -> bool {
-        matches!(self, DeploymentStatus::Success | DeploymentStatus::Failed | DeploymentStatus::RolledBack)
+        matches!(
+            self,
+            DeploymentStatus::Success | DeploymentStatus::Failed | DeploymentStatus::RolledBack
+        )
     }
 }
 
@@ -123,6 +126,9 @@ pub struct Deployment {
     pub rollback_of: Option<u64>,
     #[serde(default)]
     pub config_overrides: BTreeMap<String, String>,
+    /// Why the deployment ended as it did (failure, cancellation), when not plain success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -201,6 +207,9 @@ pub struct AuditLog {
     pub log_index: u64,
     pub previous_hash: String,
     pub hash: String,
+    /// Where the request came from (client address), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use redb_backend::RedbBackend;
-pub use sled_backend::SledBackend;
 use serde::{Deserialize, Serialize};
+pub use sled_backend::SledBackend;
 
 /// Every table the coordinator keeps. Adding a table is a compatible change; renaming one is not
 /// (the name is what is stored on disk).
@@ -105,12 +105,25 @@ impl Table {
 /// One change inside a [`WriteBatch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WriteOp {
-    Put { table: Table, key: Vec<u8>, value: Vec<u8> },
-    Delete { table: Table, key: Vec<u8> },
+    Put {
+        table: Table,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        table: Table,
+        key: Vec<u8>,
+    },
     /// Delete every key in `[start, end)`; `end = None` means to the end of the table.
-    DeleteRange { table: Table, start: Vec<u8>, end: Option<Vec<u8>> },
+    DeleteRange {
+        table: Table,
+        start: Vec<u8>,
+        end: Option<Vec<u8>>,
+    },
     /// Delete every key of the table.
-    Clear { table: Table },
+    Clear {
+        table: Table,
+    },
 }
 
 /// Changes applied all together or not at all.
@@ -124,13 +137,24 @@ impl WriteBatch {
         Self::default()
     }
     pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::Put { table, key: key.into(), value: value.into() });
+        self.ops.push(WriteOp::Put {
+            table,
+            key: key.into(),
+            value: value.into(),
+        });
     }
     pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::Delete { table, key: key.into() });
+        self.ops.push(WriteOp::Delete {
+            table,
+            key: key.into(),
+        });
     }
     pub fn delete_range(&mut self, table: Table, start: impl Into<Vec<u8>>, end: Option<Vec<u8>>) {
-        self.ops.push(WriteOp::DeleteRange { table, start: start.into(), end });
+        self.ops.push(WriteOp::DeleteRange {
+            table,
+            start: start.into(),
+            end,
+        });
     }
     pub fn clear(&mut self, table: Table) {
         self.ops.push(WriteOp::Clear { table });
@@ -161,7 +185,10 @@ pub enum StoreError {
     #[error("storage backend error: {0}")]
     Backend(String),
     #[error("corrupt stored value in table {table}: {message}")]
-    Corrupt { table: &'static str, message: String },
+    Corrupt {
+        table: &'static str,
+        message: String,
+    },
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -181,7 +208,13 @@ pub trait Backend: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
     fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
     /// Key/values in `range`, in key order (reverse order when `reverse`), at most `limit`.
-    fn scan(&self, table: Table, range: KeyRange, limit: usize, reverse: bool) -> StoreResult<Vec<KeyValue>>;
+    fn scan(
+        &self,
+        table: Table,
+        range: KeyRange,
+        limit: usize,
+        reverse: bool,
+    ) -> StoreResult<Vec<KeyValue>>;
     fn write(&self, batch: WriteBatch, durability: Durability) -> StoreResult<()>;
     /// Make every write so far durable (one fsync for all `Deferred` writes before it).
     fn sync(&self) -> StoreResult<()>;
@@ -215,7 +248,9 @@ impl std::str::FromStr for BackendKind {
         match s {
             "redb" => Ok(BackendKind::Redb),
             "sled" => Ok(BackendKind::Sled),
-            other => Err(format!("unknown storage backend {other:?}: use \"redb\" or \"sled\"")),
+            other => Err(format!(
+                "unknown storage backend {other:?}: use \"redb\" or \"sled\""
+            )),
         }
     }
 }
