@@ -30,29 +30,24 @@ pub enum AuthError {
     Hash(String),
 }
 
+/// argon2id with OWASP's minimum: 19 MiB of memory, 2 passes, 1 lane.
+fn argon2() -> argon2::Argon2<'static> {
+    let params = argon2::Params::new(19 * 1024, 2, 1, None).expect("valid argon2 parameters");
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+}
+
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes())
-        .map(|hash| hash.to_string())
-        .map_err(|e| AuthError::Hash(e.to_string()))
+    argon2().hash_password(password.as_bytes()).map(|hash| hash.to_string()).map_err(|e| AuthError::Hash(e.to_string()))
 }
 
 pub fn verify_password(password: &str, stored_hash: &str) -> bool {
     match PasswordHash::new(stored_hash) {
-        Ok(hash) => argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &hash)
-            .is_ok(),
+        Ok(hash) => argon2::Argon2::default().verify_password(password.as_bytes(), &hash).is_ok(),
         Err(_) => false,
     }
 }
 
-pub fn issue_token(
-    signing_key: &str,
-    user_id: u64,
-    username: &str,
-    role: Role,
-    now_seconds: i64,
-) -> Result<String, AuthError> {
+pub fn issue_token(signing_key: &str, user_id: u64, username: &str, role: Role, now_seconds: i64) -> Result<String, AuthError> {
     let claims = Claims {
         sub: user_id.to_string(),
         role,
@@ -60,24 +55,26 @@ pub fn issue_token(
         exp: now_seconds + TOKEN_LIFETIME_SECONDS,
         iat: now_seconds,
     };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(signing_key.as_bytes()),
-    )
-    .map_err(|_| AuthError::BadToken)
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(signing_key.as_bytes()))
+        .map_err(|_| AuthError::BadToken)
 }
 
 pub fn check_token(signing_key: &str, token: &str) -> Result<Claims, AuthError> {
     let mut validation = Validation::new(Algorithm::HS256);
     validation.leeway = 5;
-    jsonwebtoken::decode::<Claims>(
-        token,
-        &DecodingKey::from_secret(signing_key.as_bytes()),
-        &validation,
-    )
-    .map(|data| data.claims)
-    .map_err(|_| AuthError::BadToken)
+    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(signing_key.as_bytes()), &validation)
+        .map(|data| data.claims)
+        .map_err(|_| AuthError::BadToken)
+}
+
+/// The stored form of an API token: its SHA-256, hex.
+pub fn token_hash(secret: &str) -> String {
+    use sha2::Digest;
+    crate::state::apply::hex(&sha2::Sha256::digest(secret.as_bytes()))
+}
+
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// A random string of `length` URL-safe characters, for generated passwords and keys.
@@ -85,9 +82,7 @@ pub fn random_secret(length: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
     let mut rng = rand::rng();
-    (0..length)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+    (0..length).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
 #[cfg(test)]
@@ -105,15 +100,18 @@ mod tests {
         let claims = check_token("key", &token);
         // Expired long ago relative to the real clock: rejected.
         assert!(claims.is_err());
-        let fresh = issue_token(
-            "key",
-            7,
-            "john_doe",
-            Role::Developer,
-            jsonwebtoken::get_current_timestamp() as i64,
-        )
-        .unwrap();
+        let fresh = issue_token("key", 7, "john_doe", Role::Developer, jsonwebtoken::get_current_timestamp() as i64).unwrap();
         assert_eq!(check_token("key", &fresh).unwrap().sub, "7");
         assert!(check_token("other key", &fresh).is_err());
+        // The algorithm is pinned: an unsigned token with `alg: none` is refused.
+        let header = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"alg":"none","typ":"JWT"}"#);
+        let body = fresh.split('.').nth(1).unwrap();
+        assert!(check_token("key", &format!("{header}.{body}.")).is_err());
+        // So is the same claims signed with another HMAC variant.
+        let hs512 =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS512), &check_token("key", &fresh).unwrap(), &EncodingKey::from_secret(b"key"))
+                .unwrap();
+        assert!(check_token("key", &hs512).is_err());
+        assert!(hash.contains("m=19456,t=2,p=1"), "{hash}");
     }
 }

@@ -12,11 +12,7 @@ use crate::server::{RunningServer, serve};
 use crate::store::BackendKind;
 
 #[derive(Parser)]
-#[command(
-    name = "davit",
-    version,
-    about = "Davit: self-hosted builds and deployments on your own VM fleet"
-)]
+#[command(name = "davit", version, about = "Davit: self-hosted builds and deployments on your own VM fleet")]
 pub struct Cli {
     #[command(subcommand)]
     command: TopCommand,
@@ -119,9 +115,7 @@ enum ClusterCommand {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     crate::observability::init_logging();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(run(cli))
 }
 
@@ -131,12 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Serve { config } => {
             let config = NodeConfig::load(&config)?;
             let server = serve(config).await?;
-            eprintln!(
-                "davit node {} serving HTTP on {} and gRPC on {}",
-                server.node.id(),
-                server.http_addr,
-                server.grpc_addr
-            );
+            eprintln!("davit node {} serving HTTP on {} and gRPC on {}", server.node.id(), server.http_addr, server.grpc_addr);
             report_credentials(&server).await;
             wait_for_shutdown().await;
             Ok(())
@@ -146,8 +135,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let config = NodeConfig {
         node_id: 1,
@@ -159,22 +147,16 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         peers: Vec::new(),
         bootstrap: true,
         tls: None,
-        raft: RaftTuning {
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
-            heartbeat_interval_ms: 50,
-            ..Default::default()
-        },
+        master_key_file: None,
+        blob_store: None,
+        raft: RaftTuning { election_timeout_min_ms: 150, election_timeout_max_ms: 300, heartbeat_interval_ms: 50, ..Default::default() },
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;
     let mut ready = server.node.raft.metrics();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        ready.wait_for(|m| m.current_leader.is_some()),
-    )
-    .await
-    .context("the single node did not elect itself within 10 s")??;
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|m| m.current_leader.is_some()))
+        .await
+        .context("the single node did not elect itself within 10 s")??;
     println!("Davit is up.");
     println!("  dashboard and REST API: http://{}", server.http_addr);
     println!("  gRPC (agents, integrations): {}", server.grpc_addr);
@@ -187,36 +169,22 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 /// Print the first admin's credentials if this process created them, else where they are.
 async fn report_credentials(server: &RunningServer) {
     let mut credentials = server.admin_credentials.clone();
-    let created = tokio::time::timeout(
-        Duration::from_secs(5),
-        credentials.wait_for(|c| c.is_some()),
-    )
-    .await;
+    let created = tokio::time::timeout(Duration::from_secs(5), credentials.wait_for(|c| c.is_some())).await;
     match created {
         Ok(Ok(credentials)) => {
             let credentials = credentials.clone().expect("waited for Some");
-            println!(
-                "  first admin: username {}  password {}",
-                credentials.username, credentials.password
-            );
-            println!(
-                "  (shown once; also saved to {} with mode 0600)",
-                server.credentials_file.display()
-            );
+            println!("  first admin: username {}  password {}", credentials.username, credentials.password);
+            println!("  (shown once; also saved to {} with mode 0600)", server.credentials_file.display());
         }
         _ if server.credentials_file.exists() => {
-            println!(
-                "  admin credentials were created at first start: see {}",
-                server.credentials_file.display()
-            );
+            println!("  admin credentials were created at first start: see {}", server.credentials_file.display());
         }
         _ => {}
     }
 }
 
 async fn wait_for_shutdown() {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
@@ -233,17 +201,12 @@ impl ApiClient {
     async fn connect(connection: &Connection) -> anyhow::Result<Self> {
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(180));
         if let Some(ca_file) = &connection.ca_file {
-            let pem = std::fs::read(ca_file)
-                .with_context(|| format!("cannot read {}", ca_file.display()))?;
+            let pem = std::fs::read(ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?;
             builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
         }
         let http = builder.build()?;
         let base = connection.server.trim_end_matches('/').to_string();
-        let token = match (
-            &connection.token,
-            &connection.username,
-            &connection.password,
-        ) {
+        let token = match (&connection.token, &connection.username, &connection.password) {
             (Some(token), _, _) => token.clone(),
             (None, Some(username), Some(password)) => {
                 let response = http
@@ -253,36 +216,20 @@ impl ApiClient {
                     .await
                     .with_context(|| format!("cannot reach {base}"))?;
                 let body: serde_json::Value = check(response).await?;
-                body["token"]
-                    .as_str()
-                    .context("login response has no token")?
-                    .to_string()
+                body["token"].as_str().context("login response has no token")?.to_string()
             }
-            _ => bail!(
-                "give --token (or DAVIT_TOKEN), or --username and --password (or DAVIT_USERNAME / DAVIT_PASSWORD)"
-            ),
+            _ => bail!("give --token (or DAVIT_TOKEN), or --username and --password (or DAVIT_USERNAME / DAVIT_PASSWORD)"),
         };
         Ok(Self { http, base, token })
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await?;
+        let response = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
         check(response).await
     }
 
     async fn post(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await?;
+        let response = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
         check(response).await
     }
 }
@@ -291,9 +238,7 @@ async fn check(response: reqwest::Response) -> anyhow::Result<serde_json::Value>
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
-        let message = body["error"]["message"]
-            .as_str()
-            .unwrap_or("no error message");
+        let message = body["error"]["message"].as_str().unwrap_or("no error message");
         bail!("{status}: {message}");
     }
     Ok(body)
@@ -304,9 +249,7 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Certs { out, nodes } => {
             let mut parsed = Vec::new();
             for node in nodes {
-                let (id, names) = node
-                    .split_once('=')
-                    .context("--node must be ID=NAME[,NAME...]")?;
+                let (id, names) = node.split_once('=').context("--node must be ID=NAME[,NAME...]")?;
                 let id: u64 = id.parse().context("--node ID must be a number")?;
                 parsed.push((id, names.split(',').map(str::to_string).collect()));
             }
@@ -321,47 +264,18 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             return Ok(());
         }
-        ClusterCommand::Add {
-            node_id,
-            grpc_addr,
-            http_addr,
-            region,
-            connection,
-        } => (
-            connection,
-            "add",
-            serde_json::json!({ "node_id": node_id, "grpc_addr": grpc_addr, "http_addr": http_addr, "region": region }),
-        ),
-        ClusterCommand::Promote {
-            node_ids,
-            connection,
-        } => (
-            connection,
-            "promote",
-            serde_json::json!({ "node_ids": node_ids }),
-        ),
-        ClusterCommand::Remove {
-            node_ids,
-            connection,
-        } => (
-            connection,
-            "remove",
-            serde_json::json!({ "node_ids": node_ids }),
-        ),
-        ClusterCommand::TransferLeader {
-            node_id,
-            connection,
-        } => (
-            connection,
-            "transfer-leader",
-            serde_json::json!({ "node_id": node_id }),
-        ),
+        ClusterCommand::Add { node_id, grpc_addr, http_addr, region, connection } => {
+            (connection, "add", serde_json::json!({ "node_id": node_id, "grpc_addr": grpc_addr, "http_addr": http_addr, "region": region }))
+        }
+        ClusterCommand::Promote { node_ids, connection } => (connection, "promote", serde_json::json!({ "node_ids": node_ids })),
+        ClusterCommand::Remove { node_ids, connection } => (connection, "remove", serde_json::json!({ "node_ids": node_ids })),
+        ClusterCommand::TransferLeader { node_id, connection } => {
+            (connection, "transfer-leader", serde_json::json!({ "node_id": node_id }))
+        }
         ClusterCommand::Snapshot(connection) => (connection, "snapshot", serde_json::json!({})),
     };
     let client = ApiClient::connect(&connection).await?;
-    let result = client
-        .post(&format!("/api/v1/cluster/{path}"), body)
-        .await?;
+    let result = client.post(&format!("/api/v1/cluster/{path}"), body).await?;
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
 }

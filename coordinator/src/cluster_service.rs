@@ -5,10 +5,7 @@
 use std::sync::Arc;
 
 use davit_proto::cluster::cluster_service_server::ClusterService;
-use davit_proto::cluster::{
-    AdminRequest, AdminResponse, ProposeRequest, ProposeResponse, ReadIndexRequest,
-    ReadIndexResponse,
-};
+use davit_proto::cluster::{AdminRequest, AdminResponse, ProposeRequest, ProposeResponse, ReadIndexRequest, ReadIndexResponse};
 use tonic::{Request, Response, Status};
 
 use crate::node::{AdminOp, Node, NodeError, Requester};
@@ -39,60 +36,38 @@ impl ClusterGrpc {
 
 #[tonic::async_trait]
 impl ClusterService for ClusterGrpc {
-    async fn propose(
-        &self,
-        request: Request<ProposeRequest>,
-    ) -> Result<Response<ProposeResponse>, Status> {
+    async fn propose(&self, request: Request<ProposeRequest>) -> Result<Response<ProposeResponse>, Status> {
         self.require_leader()?;
         let request = request.into_inner();
-        let command: Command = serde_json::from_slice(&request.command_json).map_err(|e| {
-            Status::invalid_argument(format!(
-                "malformed command (is this node older than the caller?): {e}"
-            ))
-        })?;
+        let command: Command = serde_json::from_slice(&request.command_json)
+            .map_err(|e| Status::invalid_argument(format!("malformed command (is this node older than the caller?): {e}")))?;
         let requester = Requester {
             user_id: (request.actor_user_id != 0).then_some(request.actor_user_id),
             source: (!request.source.is_empty()).then_some(request.source),
         };
         let (outcome, log_index) = self.node.propose_as_leader(requester, command).await?;
-        let outcome_json =
-            serde_json::to_vec(&outcome).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(ProposeResponse {
-            outcome_json,
-            log_index,
-        }))
+        let outcome_json = serde_json::to_vec(&outcome).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ProposeResponse { outcome_json, log_index }))
     }
 
-    async fn read_index(
-        &self,
-        _request: Request<ReadIndexRequest>,
-    ) -> Result<Response<ReadIndexResponse>, Status> {
+    async fn read_index(&self, _request: Request<ReadIndexRequest>) -> Result<Response<ReadIndexResponse>, Status> {
         self.require_leader()?;
         let read_index = self.node.read_index_as_leader().await?;
-        Ok(Response::new(ReadIndexResponse {
-            read_index,
-            leader_id: self.node.id(),
-        }))
+        Ok(Response::new(ReadIndexResponse { read_index, leader_id: self.node.id() }))
     }
 
-    async fn admin(
-        &self,
-        request: Request<AdminRequest>,
-    ) -> Result<Response<AdminResponse>, Status> {
+    async fn admin(&self, request: Request<AdminRequest>) -> Result<Response<AdminResponse>, Status> {
         let op: AdminOp = serde_json::from_slice(&request.into_inner().op_json)
             .map_err(|e| Status::invalid_argument(format!("malformed admin operation: {e}")))?;
         let result = match op {
             // The leader asks the transfer target to campaign.
-            AdminOp::TransferLeader { node_id }
-                if node_id == self.node.id() && !self.node.is_leader() =>
-            {
+            AdminOp::TransferLeader { node_id } if node_id == self.node.id() && !self.node.is_leader() => {
                 self.node.campaign().await?;
                 serde_json::json!({ "campaigning": node_id })
             }
             op => self.node.admin(op).await?,
         };
-        let result_json =
-            serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
+        let result_json = serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(AdminResponse { result_json }))
     }
 }

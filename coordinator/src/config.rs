@@ -30,6 +30,14 @@ pub struct NodeConfig {
     pub bootstrap: bool,
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    /// The secrets master key file (`<key id> <base64 key>` per line; the last seals). Every
+    /// node of a cluster needs the same file. `DAVIT_MASTER_KEY` overrides it. A single node
+    /// without one generates `<data_dir>/master.key`.
+    #[serde(default)]
+    pub master_key_file: Option<PathBuf>,
+    /// Where artifact and log bytes go. Default: `<data_dir>/blobs`, for a single node only.
+    #[serde(default)]
+    pub blob_store: Option<crate::blob_store::BlobStoreConfig>,
     #[serde(default)]
     pub raft: RaftTuning,
 }
@@ -84,25 +92,16 @@ fn default_true() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path} is not valid: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
 impl NodeConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut config: NodeConfig =
-            toml::from_str(&text).map_err(|error| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                message: error.to_string(),
-            })?;
+            toml::from_str(&text).map_err(|error| ConfigError::Invalid { path: path.to_path_buf(), message: error.to_string() })?;
         // Relative paths in a config file are relative to the file, so shipped configs work from
         // any working directory.
         let base = path.parent().unwrap_or(Path::new("."));
@@ -112,10 +111,13 @@ impl NodeConfig {
             tls.cert_file = base.join(&tls.cert_file);
             tls.key_file = base.join(&tls.key_file);
         }
-        config.validate().map_err(|message| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        if let Some(master_key_file) = &mut config.master_key_file {
+            *master_key_file = base.join(&*master_key_file);
+        }
+        if let Some(crate::blob_store::BlobStoreConfig::Dir { path, .. }) = &mut config.blob_store {
+            *path = base.join(&*path);
+        }
+        config.validate().map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
         Ok(config)
     }
 
@@ -124,10 +126,7 @@ impl NodeConfig {
             return Err("node_id must be 1 or more".into());
         }
         for addr in [&self.http_addr, &self.grpc_addr] {
-            if addr
-                .rsplit_once(':')
-                .is_none_or(|(_, port)| port.parse::<u16>().is_err())
-            {
+            if addr.rsplit_once(':').is_none_or(|(_, port)| port.parse::<u16>().is_err()) {
                 return Err(format!("address {addr:?} must be host:port"));
             }
         }
@@ -140,22 +139,23 @@ impl NodeConfig {
         if ids.len() != self.peers.len() {
             return Err("peers lists a node_id twice".into());
         }
-        if self.bootstrap
-            && !self.peers.is_empty()
-            && !self.peers.iter().any(|peer| peer.node_id == self.node_id)
-        {
+        if self.bootstrap && !self.peers.is_empty() && !self.peers.iter().any(|peer| peer.node_id == self.node_id) {
             return Err(format!(
                 "node {} bootstraps but is not in its own peers list; add it, or set bootstrap = false for a node that will be added later",
                 self.node_id
             ));
         }
         let raft = &self.raft;
-        if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms
-            || raft.election_timeout_max_ms <= raft.election_timeout_min_ms
-        {
+        if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms || raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
             return Err("raft timeouts must satisfy heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into());
         }
         Ok(())
+    }
+
+    /// Whether this node is (or will be) one of several: then blobs and the master key must be
+    /// shared, not made up locally.
+    pub fn is_multi_node(&self) -> bool {
+        self.peers.len() > 1 || !self.bootstrap
     }
 
     /// The members the cluster starts with: the peers list, or just this node.
@@ -185,21 +185,14 @@ mod tests {
             for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
                 if entry.path().extension().is_some_and(|ext| ext == "toml") {
                     let config = NodeConfig::load(&entry.path()).unwrap();
-                    assert!(
-                        config.peers.is_empty()
-                            || config.peers.iter().any(|p| p.node_id == config.node_id)
-                    );
+                    assert!(config.peers.is_empty() || config.peers.iter().any(|p| p.node_id == config.node_id));
                     count += 1;
                 }
             }
         }
         assert_eq!(count, 1 + 3 + 5);
-        let regions: Vec<String> = NodeConfig::load(&root.join("regions-5/node-1.toml"))
-            .unwrap()
-            .peers
-            .into_iter()
-            .map(|p| p.region)
-            .collect();
+        let regions: Vec<String> =
+            NodeConfig::load(&root.join("regions-5/node-1.toml")).unwrap().peers.into_iter().map(|p| p.region).collect();
         assert_eq!(regions, ["a", "a", "b", "b", "c"]);
     }
 

@@ -1,41 +1,34 @@
-//! The gRPC API for integrations (proto/davit/api.proto). It shares authentication, commands
-//! and reads with the REST API; only the encoding differs.
+//! The gRPC API for integrations (proto/davit/api.proto). It shares authentication, roles,
+//! validation, sealing of secrets and reads with the REST API; only the encoding differs.
 
 use std::sync::Arc;
 
 use davit_proto::api::config_service_server::ConfigService;
-use davit_proto::api::{
-    ConfigEntry as ProtoEntry, GetConfigRequest, GetConfigResponse, SetConfigRequest,
-    SetConfigResponse,
-};
+use davit_proto::api::{ConfigEntry as ProtoEntry, GetConfigRequest, GetConfigResponse, SetConfigRequest, SetConfigResponse};
 use tonic::{Request, Response, Status};
 
+use crate::api::configs::{effective_configuration, key_names_a_secret, secret_context};
+use crate::api::extract::{Caller, authenticate};
+use crate::api::pipelines::validate_environment;
 use crate::api_error::ApiError;
-use crate::auth::Claims;
-use crate::http::{applied, authenticate, read_configs};
-use crate::node::{Node, Requester};
+use crate::node::Node;
+use crate::secrets::MasterKeys;
 use crate::state::records::Role;
 use crate::state::{Command, ConfigEntry};
 
 pub struct ConfigGrpc {
     node: Arc<Node>,
+    secrets: Arc<MasterKeys>,
 }
 
 impl ConfigGrpc {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<Node>, secrets: Arc<MasterKeys>) -> Self {
+        Self { node, secrets }
     }
 
-    fn caller<T>(&self, request: &Request<T>, role: Role) -> Result<Claims, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok());
-        let claims = authenticate(&self.node, header)?;
-        if claims.role < role {
-            return Err(ApiError::forbidden(format!("this needs the {role:?} role")).into());
-        }
-        Ok(claims)
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, ApiError> {
+        let header = request.metadata().get("authorization").and_then(|value| value.to_str().ok());
+        authenticate(&self.node, header, request.remote_addr().map(|addr| addr.ip().to_string()))
     }
 }
 
@@ -45,69 +38,42 @@ fn pipeline(id: u64) -> Option<u64> {
 
 #[tonic::async_trait]
 impl ConfigService for ConfigGrpc {
-    async fn set_config(
-        &self,
-        request: Request<SetConfigRequest>,
-    ) -> Result<Response<SetConfigResponse>, Status> {
-        let claims = self.caller(&request, Role::Developer)?;
-        let request_source = request.remote_addr().map(|addr| addr.ip().to_string());
+    async fn set_config(&self, request: Request<SetConfigRequest>) -> Result<Response<SetConfigResponse>, Status> {
+        let caller = self.caller(&request)?;
+        caller.require(Role::Developer, "changing configuration")?;
         let request = request.into_inner();
-        let entries = request
-            .entries
-            .into_iter()
-            .map(|entry| ConfigEntry {
-                key: entry.key,
-                value: entry.value,
-                is_secret: entry.is_secret,
-            })
-            .collect();
-        let command = Command::SetConfigurations {
-            environment: request.environment,
-            pipeline_id: pipeline(request.pipeline_id),
-            entries,
-        };
-        let (outcome, log_index) = self
-            .node
-            .propose(
-                &Requester {
-                    user_id: claims.sub.parse().ok(),
-                    source: request_source,
-                },
-                command,
-            )
-            .await
-            .map_err(ApiError::from)?;
-        let applied = applied(outcome)?;
-        Ok(Response::new(SetConfigResponse {
-            log_index,
-            written: applied.affected as u32,
-        }))
+        validate_environment("environment", &request.environment)?;
+        let pipeline_id = pipeline(request.pipeline_id);
+        let mut entries = Vec::with_capacity(request.entries.len());
+        for entry in request.entries {
+            if entry.key.is_empty() || entry.key.len() > 100 {
+                return Err(ApiError::invalid_field("key", format!("key {:?} must be 1 to 100 characters", entry.key)).into());
+            }
+            let is_secret = entry.is_secret || key_names_a_secret(&entry.key);
+            if is_secret {
+                caller.require(Role::Admin, "setting secrets")?;
+            }
+            let value = if is_secret {
+                self.secrets.seal(&entry.value, &secret_context(&request.environment, pipeline_id, &entry.key))
+            } else {
+                entry.value
+            };
+            entries.push(ConfigEntry { key: entry.key, value, is_secret });
+        }
+        let command = Command::SetConfigurations { environment: request.environment, pipeline_id, entries };
+        let (outcome, log_index) = self.node.propose(&caller.requester(), command).await.map_err(ApiError::from)?;
+        let applied = outcome.result.map_err(ApiError::from)?;
+        Ok(Response::new(SetConfigResponse { log_index, written: applied.affected as u32 }))
     }
 
-    async fn get_config(
-        &self,
-        request: Request<GetConfigRequest>,
-    ) -> Result<Response<GetConfigResponse>, Status> {
-        self.caller(&request, Role::Viewer)?;
+    async fn get_config(&self, request: Request<GetConfigRequest>) -> Result<Response<GetConfigResponse>, Status> {
+        self.caller(&request)?;
         let request = request.into_inner();
-        let rows = read_configs(
-            &self.node,
-            &request.environment,
-            pipeline(request.pipeline_id),
-            request.stale_ok,
-        )
-        .await?;
+        validate_environment("environment", &request.environment)?;
+        let rows = effective_configuration(&self.node, &request.environment, pipeline(request.pipeline_id), request.stale_ok).await?;
         let entries = rows
-            .into_iter()
-            .map(|row| ProtoEntry {
-                value: if row.is_secret {
-                    "***".into()
-                } else {
-                    row.value
-                },
-                key: row.key,
-                is_secret: row.is_secret,
-            })
+            .into_values()
+            .map(|row| ProtoEntry { value: if row.is_secret { "***".into() } else { row.value }, key: row.key, is_secret: row.is_secret })
             .collect();
         Ok(Response::new(GetConfigResponse { entries }))
     }

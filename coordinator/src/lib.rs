@@ -1,12 +1,14 @@
 //! Davit's coordinator: a Raft-replicated control plane. See ARCHITECTURE.md for the map.
 
+pub mod api;
 pub mod api_error;
 pub mod auth;
+pub mod blob_store;
 pub mod cli;
 pub mod cluster_service;
 pub mod config;
 pub mod grpc_api;
-pub mod http;
+pub mod log_segments;
 pub mod node;
 pub mod observability;
 pub mod raft;

@@ -56,12 +56,7 @@ impl Requester {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminOp {
     /// Add a node as a learner; it starts receiving the log.
-    AddLearner {
-        node_id: NodeId,
-        grpc_addr: String,
-        http_addr: String,
-        region: String,
-    },
+    AddLearner { node_id: NodeId, grpc_addr: String, http_addr: String, region: String },
     /// Make learners voters.
     Promote { node_ids: Vec<NodeId> },
     /// Remove nodes from the cluster (voters are demoted and removed).
@@ -102,10 +97,7 @@ pub struct Node {
 }
 
 fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Node {
@@ -131,23 +123,9 @@ impl Node {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate()?);
-        let raft = Raft::new(
-            config.node_id,
-            raft_config,
-            NetworkFactory::new(channels.clone()),
-            log_store,
-            state_machine,
-        )
-        .await?;
+        let raft = Raft::new(config.node_id, raft_config, NetworkFactory::new(channels.clone()), log_store, state_machine).await?;
         let quorum_timeout = Duration::from_millis(config.raft.quorum_timeout_ms);
-        let node = Arc::new(Node {
-            config,
-            raft,
-            backend,
-            channels,
-            applied_index,
-            quorum_timeout,
-        });
+        let node = Arc::new(Node { config, raft, backend, channels, applied_index, quorum_timeout });
         node.bootstrap_if_new().await?;
         Ok(node)
     }
@@ -160,16 +138,7 @@ impl Node {
             .config
             .initial_members()
             .into_iter()
-            .map(|peer| {
-                (
-                    peer.node_id,
-                    DavitNode {
-                        grpc_addr: peer.grpc_addr,
-                        http_addr: peer.http_addr,
-                        region: peer.region,
-                    },
-                )
-            })
+            .map(|peer| (peer.node_id, DavitNode { grpc_addr: peer.grpc_addr, http_addr: peer.http_addr, region: peer.region }))
             .collect();
         tracing::info!(members = ?members.keys().collect::<Vec<_>>(), "initializing a new cluster");
         match self.raft.initialize(members).await {
@@ -206,41 +175,24 @@ impl Node {
             .membership()
             .get_node(&leader_id)
             .cloned()
-            .ok_or_else(|| {
-                NodeError::Unavailable(format!(
-                    "leader {leader_id} is not in this node's membership view yet"
-                ))
-            })?;
+            .ok_or_else(|| NodeError::Unavailable(format!("leader {leader_id} is not in this node's membership view yet")))?;
         Ok((leader_id, node))
     }
 
-    fn cluster_client(
-        &self,
-        node: &DavitNode,
-    ) -> Result<ClusterServiceClient<tonic::transport::Channel>, NodeError> {
-        let channel = self
-            .channels
-            .get(&node.grpc_addr)
-            .map_err(|e| NodeError::Internal(e.to_string()))?;
+    fn cluster_client(&self, node: &DavitNode) -> Result<ClusterServiceClient<tonic::transport::Channel>, NodeError> {
+        let channel = self.channels.get(&node.grpc_addr).map_err(|e| NodeError::Internal(e.to_string()))?;
         Ok(ClusterServiceClient::new(channel))
     }
 
     /// Propose a command: on the leader, stamp it and write it through Raft; elsewhere forward
     /// it to the leader. Returns the outcome of applying it and its log index.
-    pub async fn propose(
-        &self,
-        requester: &Requester,
-        command: Command,
-    ) -> Result<(Outcome, u64), NodeError> {
+    pub async fn propose(&self, requester: &Requester, command: Command) -> Result<(Outcome, u64), NodeError> {
         let started = std::time::Instant::now();
         let result = match self.leader()? {
-            (leader_id, _) if leader_id == self.id() => {
-                self.propose_as_leader(requester.clone(), command).await
-            }
+            (leader_id, _) if leader_id == self.id() => self.propose_as_leader(requester.clone(), command).await,
             (leader_id, leader) => {
                 let request = ProposeRequest {
-                    command_json: serde_json::to_vec(&command)
-                        .map_err(|e| NodeError::Internal(e.to_string()))?,
+                    command_json: serde_json::to_vec(&command).map_err(|e| NodeError::Internal(e.to_string()))?,
                     actor_user_id: requester.user_id.unwrap_or(0),
                     source: requester.source.clone().unwrap_or_default(),
                 };
@@ -250,15 +202,9 @@ impl Node {
                     .cluster_client(&leader)?
                     .propose(request)
                     .await
-                    .map_err(|status| {
-                        status_to_node_error(
-                            status,
-                            &format!("forwarding the write to leader {leader_id} failed"),
-                        )
-                    })?;
+                    .map_err(|status| status_to_node_error(status, &format!("forwarding the write to leader {leader_id} failed")))?;
                 let response = response.into_inner();
-                let outcome: Outcome = serde_json::from_slice(&response.outcome_json)
-                    .map_err(|e| NodeError::Internal(e.to_string()))?;
+                let outcome: Outcome = serde_json::from_slice(&response.outcome_json).map_err(|e| NodeError::Internal(e.to_string()))?;
                 Ok((outcome, response.log_index))
             }
         };
@@ -267,17 +213,8 @@ impl Node {
     }
 
     /// Stamp and propose on this node, which must be the leader.
-    pub async fn propose_as_leader(
-        &self,
-        requester: Requester,
-        command: Command,
-    ) -> Result<(Outcome, u64), NodeError> {
-        let proposal = Proposal {
-            time: now_millis(),
-            actor: requester.user_id,
-            command,
-            source: requester.source,
-        };
+    pub async fn propose_as_leader(&self, requester: Requester, command: Command) -> Result<(Outcome, u64), NodeError> {
+        let proposal = Proposal { time: now_millis(), actor: requester.user_id, command, source: requester.source };
         let write = self.raft.client_write(proposal);
         match tokio::time::timeout(self.quorum_timeout, write).await {
             Err(_) => Err(NodeError::Unavailable(format!(
@@ -286,13 +223,11 @@ impl Node {
                 self.id()
             ))),
             Ok(Ok(response)) => Ok((response.data, response.log_id.index)),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                Err(NodeError::Unavailable(format!(
-                    "node {} stopped being the leader (new leader: {:?}); retry",
-                    self.id(),
-                    forward.leader_id
-                )))
-            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => Err(NodeError::Unavailable(format!(
+                "node {} stopped being the leader (new leader: {:?}); retry",
+                self.id(),
+                forward.leader_id
+            ))),
             Ok(Err(error)) => Err(NodeError::Internal(error.to_string())),
         }
     }
@@ -306,12 +241,8 @@ impl Node {
                 self.id(),
                 self.quorum_timeout.as_millis()
             ))),
-            Ok(Ok((read_log_id, applied))) => {
-                Ok(read_log_id.max(applied).map(|id| id.index).unwrap_or(0))
-            }
-            Ok(Err(error)) => Err(NodeError::Unavailable(format!(
-                "read index failed: {error}"
-            ))),
+            Ok(Ok((read_log_id, applied))) => Ok(read_log_id.max(applied).map(|id| id.index).unwrap_or(0)),
+            Ok(Err(error)) => Err(NodeError::Unavailable(format!("read index failed: {error}"))),
         }
     }
 
@@ -327,12 +258,7 @@ impl Node {
                     .cluster_client(&leader)?
                     .read_index(request)
                     .await
-                    .map_err(|status| {
-                        status_to_node_error(
-                            status,
-                            &format!("read index from leader {leader_id} failed"),
-                        )
-                    })?;
+                    .map_err(|status| status_to_node_error(status, &format!("read index from leader {leader_id} failed")))?;
                 response.into_inner().read_index
             }
         };
@@ -359,10 +285,7 @@ impl Node {
     }
 
     pub fn token_signing_key(&self) -> Option<String> {
-        let bytes = self
-            .backend
-            .get(Table::StateMeta, meta_keys::TOKEN_SIGNING_KEY)
-            .ok()??;
+        let bytes = self.backend.get(Table::StateMeta, meta_keys::TOKEN_SIGNING_KEY).ok()??;
         decode(Table::StateMeta, &bytes).ok()
     }
 
@@ -370,22 +293,15 @@ impl Node {
     pub async fn admin(&self, op: AdminOp) -> Result<serde_json::Value, NodeError> {
         let (leader_id, leader) = self.leader()?;
         if leader_id != self.id() {
-            let op_json =
-                serde_json::to_vec(&op).map_err(|e| NodeError::Internal(e.to_string()))?;
+            let op_json = serde_json::to_vec(&op).map_err(|e| NodeError::Internal(e.to_string()))?;
             let mut request = tonic::Request::new(AdminRequest { op_json });
             request.set_timeout(Duration::from_secs(120));
-            let response =
-                self.cluster_client(&leader)?
-                    .admin(request)
-                    .await
-                    .map_err(|status| {
-                        status_to_node_error(
-                            status,
-                            &format!("admin call on leader {leader_id} failed"),
-                        )
-                    })?;
-            return serde_json::from_slice(&response.into_inner().result_json)
-                .map_err(|e| NodeError::Internal(e.to_string()));
+            let response = self
+                .cluster_client(&leader)?
+                .admin(request)
+                .await
+                .map_err(|status| status_to_node_error(status, &format!("admin call on leader {leader_id} failed")))?;
+            return serde_json::from_slice(&response.into_inner().result_json).map_err(|e| NodeError::Internal(e.to_string()));
         }
         self.admin_as_leader(op).await
     }
@@ -395,88 +311,47 @@ impl Node {
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let internal = |error: &dyn std::fmt::Display| NodeError::Invalid(error.to_string());
         match op {
-            AdminOp::AddLearner {
-                node_id,
-                grpc_addr,
-                http_addr,
-                region,
-            } => {
+            AdminOp::AddLearner { node_id, grpc_addr, http_addr, region } => {
                 if voters.contains(&node_id) {
-                    return Err(NodeError::Invalid(format!(
-                        "node {node_id} is already a voter"
-                    )));
+                    return Err(NodeError::Invalid(format!("node {node_id} is already a voter")));
                 }
-                let node = DavitNode {
-                    grpc_addr,
-                    http_addr,
-                    region,
-                };
+                let node = DavitNode { grpc_addr, http_addr, region };
                 // Blocking: returns once the learner has caught up with the log.
-                let response = self
-                    .raft
-                    .add_learner(node_id, node, true)
-                    .await
-                    .map_err(|e| internal(&e))?;
-                Ok(
-                    serde_json::json!({ "added_learner": node_id, "log_index": response.log_id.index }),
-                )
+                let response = self.raft.add_learner(node_id, node, true).await.map_err(|e| internal(&e))?;
+                Ok(serde_json::json!({ "added_learner": node_id, "log_index": response.log_id.index }))
             }
             AdminOp::Promote { node_ids } => {
                 let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
-                if let Some(missing) = node_ids
-                    .iter()
-                    .find(|id| !learners.contains(id) && !voters.contains(id))
-                {
+                if let Some(missing) = node_ids.iter().find(|id| !learners.contains(id) && !voters.contains(id)) {
                     return Err(NodeError::Invalid(format!(
                         "node {missing} is not a learner of this cluster; run `davit cluster add {missing} ...` first"
                     )));
                 }
                 let mut new_voters = voters.clone();
                 new_voters.extend(node_ids.iter().copied());
-                let response = self
-                    .raft
-                    .change_membership(new_voters.clone(), false)
-                    .await
-                    .map_err(|e| internal(&e))?;
+                let response = self.raft.change_membership(new_voters.clone(), false).await.map_err(|e| internal(&e))?;
                 Ok(serde_json::json!({ "voters": new_voters, "log_index": response.log_id.index }))
             }
             AdminOp::Remove { node_ids } => {
-                let new_voters: BTreeSet<NodeId> = voters
-                    .iter()
-                    .copied()
-                    .filter(|id| !node_ids.contains(id))
-                    .collect();
+                let new_voters: BTreeSet<NodeId> = voters.iter().copied().filter(|id| !node_ids.contains(id)).collect();
                 if new_voters.is_empty() {
                     return Err(NodeError::Invalid("cannot remove every voter".into()));
                 }
                 // Removing voters turns them into learners first; a second change drops them.
-                self.raft
-                    .change_membership(new_voters.clone(), false)
-                    .await
-                    .map_err(|e| internal(&e))?;
+                self.raft.change_membership(new_voters.clone(), false).await.map_err(|e| internal(&e))?;
                 let remove: BTreeSet<NodeId> = node_ids.iter().copied().collect();
-                let response = self
-                    .raft
-                    .change_membership(openraft::ChangeMembers::RemoveNodes(remove), false)
-                    .await
-                    .map_err(|e| internal(&e))?;
-                Ok(
-                    serde_json::json!({ "voters": new_voters, "removed": node_ids, "log_index": response.log_id.index }),
-                )
+                let response =
+                    self.raft.change_membership(openraft::ChangeMembers::RemoveNodes(remove), false).await.map_err(|e| internal(&e))?;
+                Ok(serde_json::json!({ "voters": new_voters, "removed": node_ids, "log_index": response.log_id.index }))
             }
             AdminOp::TransferLeader { node_id } => {
                 if !voters.contains(&node_id) {
-                    return Err(NodeError::Invalid(format!(
-                        "node {node_id} is not a voter; only a voter can lead"
-                    )));
+                    return Err(NodeError::Invalid(format!("node {node_id} is not a voter; only a voter can lead")));
                 }
                 if node_id == self.id() {
                     return Ok(serde_json::json!({ "leader": node_id }));
                 }
-                let target = membership
-                    .get_node(&node_id)
-                    .cloned()
-                    .expect("voters are nodes");
+                let target = membership.get_node(&node_id).cloned().expect("voters are nodes");
                 // openraft 0.9 has no leadership transfer, and followers refuse votes while
                 // they hear from a leader (leader lease). So the leader goes quiet and asks the
                 // target to campaign until the target wins; the target's log is at least as
@@ -488,23 +363,15 @@ impl Node {
                 Ok(serde_json::json!({ "leader": node_id }))
             }
             AdminOp::Snapshot => {
-                self.raft
-                    .trigger()
-                    .snapshot()
-                    .await
-                    .map_err(|e| internal(&e))?;
+                self.raft.trigger().snapshot().await.map_err(|e| internal(&e))?;
                 let mut metrics = self.raft.metrics();
                 let applied = self.metrics().last_applied;
                 let wait = metrics.wait_for(|m| m.snapshot >= applied);
                 tokio::time::timeout(Duration::from_secs(60), wait)
                     .await
-                    .map_err(|_| {
-                        NodeError::Unavailable("snapshot did not finish within 60 s".into())
-                    })?
+                    .map_err(|_| NodeError::Unavailable("snapshot did not finish within 60 s".into()))?
                     .map_err(|_| NodeError::Internal("raft stopped".into()))?;
-                Ok(
-                    serde_json::json!({ "snapshot_index": self.metrics().snapshot.map(|id| id.index) }),
-                )
+                Ok(serde_json::json!({ "snapshot_index": self.metrics().snapshot.map(|id| id.index) }))
             }
         }
     }
@@ -513,13 +380,8 @@ impl Node {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         let mut metrics = self.raft.metrics();
         while tokio::time::Instant::now() < deadline {
-            let op_json =
-                serde_json::to_vec(&AdminOp::TransferLeader { node_id }).expect("serializes");
-            if let Err(status) = self
-                .cluster_client(target)?
-                .admin(AdminRequest { op_json })
-                .await
-            {
+            let op_json = serde_json::to_vec(&AdminOp::TransferLeader { node_id }).expect("serializes");
+            if let Err(status) = self.cluster_client(target)?.admin(AdminRequest { op_json }).await {
                 tracing::warn!(node_id, %status, "leadership transfer: target did not start an election");
             }
             let wait = metrics.wait_for(|m| m.current_leader == Some(node_id));
@@ -527,18 +389,12 @@ impl Node {
                 return Ok(());
             }
         }
-        Err(NodeError::Unavailable(format!(
-            "node {node_id} did not become leader within 15 s"
-        )))
+        Err(NodeError::Unavailable(format!("node {node_id} did not become leader within 15 s")))
     }
 
     /// A transfer-leader request reaching the target: start an election now.
     pub async fn campaign(&self) -> Result<(), NodeError> {
-        self.raft
-            .trigger()
-            .elect()
-            .await
-            .map_err(|e| NodeError::Internal(e.to_string()))
+        self.raft.trigger().elect().await.map_err(|e| NodeError::Internal(e.to_string()))
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -556,16 +412,11 @@ impl Node {
             purged_index: metrics.purged.map(|id| id.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
-            nodes: membership
-                .nodes()
-                .map(|(id, node)| (*id, node.clone()))
-                .collect(),
-            replication: metrics.replication.as_ref().map(|replication| {
-                replication
-                    .iter()
-                    .map(|(id, log_id)| (*id, log_id.map(|l| l.index)))
-                    .collect()
-            }),
+            nodes: membership.nodes().map(|(id, node)| (*id, node.clone())).collect(),
+            replication: metrics
+                .replication
+                .as_ref()
+                .map(|replication| replication.iter().map(|(id, log_id)| (*id, log_id.map(|l| l.index))).collect()),
             storage: self.backend.kind().to_string(),
         }
     }
@@ -573,9 +424,7 @@ impl Node {
 
 fn status_to_node_error(status: tonic::Status, context: &str) -> NodeError {
     match status.code() {
-        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
-            NodeError::Invalid(status.message().to_string())
-        }
+        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => NodeError::Invalid(status.message().to_string()),
         tonic::Code::Internal => NodeError::Internal(format!("{context}: {}", status.message())),
         _ => NodeError::Unavailable(format!("{context}: {}", status.message())),
     }

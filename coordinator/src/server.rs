@@ -14,13 +14,15 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::{AppState, router};
 use crate::auth;
+use crate::blob_store::{BlobStore, BlobStoreConfig, DirBlobStore};
 use crate::cluster_service::ClusterGrpc;
 use crate::config::NodeConfig;
 use crate::grpc_api::ConfigGrpc;
-use crate::http::{AppState, router};
 use crate::node::{Node, Requester};
 use crate::raft::service::RaftGrpc;
+use crate::secrets::MasterKeys;
 use crate::state::Command;
 use crate::state::records::Role;
 use crate::store::Table;
@@ -55,38 +57,28 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     let http_addr = http_listener.local_addr()?;
     let grpc_addr = grpc_listener.local_addr()?;
     let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
+    let secrets = Arc::new(load_master_keys(&config)?);
+    let blobs = open_blob_store(&config)?;
     let credentials_file = config.data_dir.join("initial-admin.json");
     let prometheus = crate::observability::prometheus();
     let node = Node::start(config).await?;
 
-    let mut grpc = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)));
+    let mut grpc = tonic::transport::Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(Duration::from_secs(10)));
     if let Some(tls) = &tls {
         grpc = grpc.tls_config(tls.tonic_server())?;
     }
     let grpc = grpc
-        .add_service(
-            RaftServiceServer::new(RaftGrpc::new(node.raft.clone()))
-                .max_decoding_message_size(256 * 1024 * 1024),
-        )
+        .add_service(RaftServiceServer::new(RaftGrpc::new(node.raft.clone())).max_decoding_message_size(256 * 1024 * 1024))
         .add_service(ClusterServiceServer::new(ClusterGrpc::new(node.clone())))
-        .add_service(ConfigServiceServer::new(ConfigGrpc::new(node.clone())));
+        .add_service(ConfigServiceServer::new(ConfigGrpc::new(node.clone(), secrets.clone())));
     tokio::spawn(async move {
-        if let Err(error) = grpc
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                grpc_listener,
-            ))
-            .await
-        {
+        if let Err(error) = grpc.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener)).await {
             tracing::error!(%error, "gRPC server stopped");
         }
     });
 
-    let app = router(AppState {
-        node: node.clone(),
-        prometheus,
-    });
+    tracing::info!(blob_store = %blobs.describe(), master_key = secrets.active_key_id(), "storage ready");
+    let app = router(AppState { node: node.clone(), prometheus, secrets, blobs });
     match &tls {
         None => {
             tokio::spawn(async move {
@@ -103,26 +95,57 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     }
 
     let (credentials_sender, admin_credentials) = watch::channel(None);
-    tokio::spawn(initialize_cluster(
-        node.clone(),
-        credentials_file.clone(),
-        credentials_sender,
-    ));
-    Ok(RunningServer {
-        node,
-        http_addr,
-        grpc_addr,
-        tls: tls.is_some(),
-        admin_credentials,
-        credentials_file,
-    })
+    tokio::spawn(initialize_cluster(node.clone(), credentials_file.clone(), credentials_sender));
+    Ok(RunningServer { node, http_addr, grpc_addr, tls: tls.is_some(), admin_credentials, credentials_file })
 }
 
-async fn serve_https(
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    app: axum::Router,
-) {
+/// The secrets master key: `DAVIT_MASTER_KEY`, else the configured file, else (single node
+/// only) `<data_dir>/master.key`, generated on first start with mode 0600.
+fn load_master_keys(config: &NodeConfig) -> anyhow::Result<MasterKeys> {
+    if let Ok(value) = std::env::var("DAVIT_MASTER_KEY") {
+        return Ok(MasterKeys::from_env_value(&value)?);
+    }
+    if let Some(path) = &config.master_key_file {
+        return Ok(MasterKeys::load_file(path)?);
+    }
+    if config.is_multi_node() {
+        anyhow::bail!(
+            "node {} is part of a multi-node cluster but has no master key: every node needs the same key to open secrets. \
+             Set master_key_file in the config (make one with `davit secrets new-key > master.key` and copy it to every node) or DAVIT_MASTER_KEY",
+            config.node_id
+        );
+    }
+    let path = config.data_dir.join("master.key");
+    if !path.exists() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(&config.data_dir)?;
+        let mut file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&path)?;
+        file.write_all(MasterKeys::generate_file_text("k1").as_bytes())?;
+        file.sync_all()?;
+        tracing::info!(path = %path.display(), "generated the secrets master key; back it up: secrets cannot be read without it");
+    }
+    Ok(MasterKeys::load_file(&path)?)
+}
+
+fn open_blob_store(config: &NodeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {
+    match &config.blob_store {
+        None if config.is_multi_node() => anyhow::bail!(
+            "node {} is part of a multi-node cluster but has no [blob_store]: artifacts and logs stored on one node must be readable on every other. \
+             Configure a directory every node mounts (kind = \"dir\", shared = true)",
+            config.node_id
+        ),
+        None => Ok(Arc::new(DirBlobStore::open(&config.data_dir.join("blobs"))?)),
+        Some(BlobStoreConfig::Dir { shared: false, path }) if config.is_multi_node() => anyhow::bail!(
+            "node {}: blob_store directory {} is not declared shared, but this is a multi-node cluster; mount one directory on every node and set shared = true",
+            config.node_id,
+            path.display()
+        ),
+        Some(BlobStoreConfig::Dir { path, .. }) => Ok(Arc::new(DirBlobStore::open(path)?)),
+    }
+}
+
+async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, app: axum::Router) {
     loop {
         let (stream, remote_addr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -133,18 +156,15 @@ async fn serve_https(
             }
         };
         let acceptor = acceptor.clone();
-        let app = app
-            .clone()
-            .layer(axum::Extension(axum::extract::ConnectInfo(remote_addr)));
+        let app = app.clone().layer(axum::Extension(axum::extract::ConnectInfo(remote_addr)));
         tokio::spawn(async move {
             let Ok(stream) = acceptor.accept(stream).await else {
                 return;
             };
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -153,11 +173,7 @@ async fn serve_https(
 /// Proposals are deterministic in effect: if two leaders in a row both try, the second
 /// `InitializeCluster` / `CreateUser admin` is rejected by `apply`, and only the creator
 /// reports credentials.
-async fn initialize_cluster(
-    node: Arc<Node>,
-    credentials_file: PathBuf,
-    credentials: watch::Sender<Option<AdminCredentials>>,
-) {
+async fn initialize_cluster(node: Arc<Node>, credentials_file: PathBuf, credentials: watch::Sender<Option<AdminCredentials>>) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if !node.is_leader() {
@@ -167,9 +183,7 @@ async fn initialize_cluster(
             continue;
         }
         if node.token_signing_key().is_none() {
-            let command = Command::InitializeCluster {
-                token_signing_key: auth::random_secret(48),
-            };
+            let command = Command::InitializeCluster { token_signing_key: auth::random_secret(48) };
             if let Err(error) = node.propose(&Requester::system(), command).await {
                 tracing::warn!(%error, "could not initialize the cluster yet");
                 continue;
@@ -178,7 +192,10 @@ async fn initialize_cluster(
         if has_users(&node) {
             return;
         }
-        let password = auth::random_secret(20);
+        let (username, password) = match (std::env::var("DAVIT_ADMIN_USER"), std::env::var("DAVIT_ADMIN_PASSWORD")) {
+            (Ok(username), Ok(password)) if !username.is_empty() && password.len() >= 8 => (username, password),
+            _ => ("admin".to_string(), auth::random_secret(20)),
+        };
         let password_hash = match tokio::task::spawn_blocking({
             let password = password.clone();
             move || auth::hash_password(&password)
@@ -191,18 +208,11 @@ async fn initialize_cluster(
                 return;
             }
         };
-        let command = Command::CreateUser {
-            username: "admin".into(),
-            email: "admin@localhost".into(),
-            password_hash,
-            role: Role::Admin,
-        };
+        let command =
+            Command::CreateUser { username: username.clone(), email: format!("{username}@localhost"), password_hash, role: Role::Admin };
         match node.propose(&Requester::system(), command).await {
             Ok((outcome, _)) if outcome.result.is_ok() => {
-                let created = AdminCredentials {
-                    username: "admin".into(),
-                    password,
-                };
+                let created = AdminCredentials { username, password };
                 if let Err(error) = write_credentials(&credentials_file, &created) {
                     tracing::warn!(%error, "cannot save the first admin's credentials file");
                 }
@@ -220,24 +230,13 @@ async fn initialize_cluster(
 }
 
 fn has_users(node: &Node) -> bool {
-    node.backend
-        .scan(Table::Users, crate::store::full_range(), 1, false)
-        .map(|rows| !rows.is_empty())
-        .unwrap_or(false)
+    node.backend.scan(Table::Users, crate::store::full_range(), 1, false).map(|rows| !rows.is_empty()).unwrap_or(false)
 }
 
-fn write_credentials(
-    path: &std::path::Path,
-    credentials: &AdminCredentials,
-) -> std::io::Result<()> {
+fn write_credentials(path: &std::path::Path, credentials: &AdminCredentials) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
     file.write_all(&serde_json::to_vec_pretty(credentials).expect("serializes"))?;
     file.sync_all()
 }

@@ -12,9 +12,7 @@ use crate::store::{BackendKind, open_backend};
 struct Builder(BackendKind);
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("temporary directory");
         let backend = open_backend(self.0, &dir.path().join("store")).expect("open backend");
         let snapshots = SnapshotDir::open(&dir.path().join("snapshots")).expect("snapshot dir");

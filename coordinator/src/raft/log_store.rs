@@ -39,18 +39,9 @@ impl LogStore {
         Self { backend, flusher }
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StorageError> {
-        let bytes = self
-            .backend
-            .get(Table::RaftMeta, key)
-            .map_err(|e| storage_io_error(StorageIOError::read, e))?;
-        bytes
-            .map(|bytes| decode(Table::RaftMeta, &bytes))
-            .transpose()
-            .map_err(|e| storage_io_error(StorageIOError::read, e))
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
+        let bytes = self.backend.get(Table::RaftMeta, key).map_err(|e| storage_io_error(StorageIOError::read, e))?;
+        bytes.map(|bytes| decode(Table::RaftMeta, &bytes)).transpose().map_err(|e| storage_io_error(StorageIOError::read, e))
     }
 }
 
@@ -58,9 +49,7 @@ fn flush_loop(backend: Arc<dyn Backend>, pending: mpsc::Receiver<LogFlushed<Type
     while let Ok(first) = pending.recv() {
         let mut callbacks = vec![first];
         callbacks.extend(pending.try_iter());
-        let result = backend
-            .sync()
-            .map_err(|error| std::io::Error::other(error.to_string()));
+        let result = backend.sync().map_err(|error| std::io::Error::other(error.to_string()));
         metrics::histogram!("davit_raft_log_flush_batch").record(callbacks.len() as f64);
         for callback in callbacks {
             callback.log_io_completed(match &result {
@@ -85,19 +74,13 @@ fn range_to_keys<RB: RangeBounds<u64>>(range: &RB) -> (Bound<Vec<u8>>, Bound<Vec
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(&mut self, range: RB) -> Result<Vec<Entry>, StorageError> {
         let rows = self
             .backend
             .scan(Table::RaftLog, range_to_keys(&range), usize::MAX, false)
             .map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
         rows.into_iter()
-            .map(|(_, bytes)| {
-                decode(Table::RaftLog, &bytes)
-                    .map_err(|e| storage_io_error(StorageIOError::read_logs, e))
-            })
+            .map(|(_, bytes)| decode(Table::RaftLog, &bytes).map_err(|e| storage_io_error(StorageIOError::read_logs, e)))
             .collect()
     }
 }
@@ -113,16 +96,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
         let last_log_id = match last.first() {
             Some((_, bytes)) => {
-                let entry: Entry = decode(Table::RaftLog, bytes)
-                    .map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
+                let entry: Entry = decode(Table::RaftLog, bytes).map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
                 Some(*entry.get_log_id())
             }
             None => last_purged_log_id,
         };
-        Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -148,31 +127,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // the leader instead of re-applying at start-up.
         let mut batch = WriteBatch::new();
         batch.put(Table::RaftMeta, COMMITTED.to_vec(), encode(&committed));
-        self.backend
-            .write(batch, Durability::Deferred)
-            .map_err(|e| storage_io_error(StorageIOError::write, e))
+        self.backend.write(batch, Durability::Deferred).map_err(|e| storage_io_error(StorageIOError::write, e))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
         Ok(self.read_meta::<Option<LogId>>(COMMITTED)?.flatten())
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
         let mut batch = WriteBatch::new();
         for entry in entries {
-            batch.put(
-                Table::RaftLog,
-                log_key(entry.get_log_id().index).to_vec(),
-                encode(&entry),
-            );
+            batch.put(Table::RaftLog, log_key(entry.get_log_id().index).to_vec(), encode(&entry));
         }
         let count = batch.ops.len();
         let backend = self.backend.clone();
@@ -181,12 +150,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .expect("log writer panicked")
             .map_err(|e| storage_io_error(StorageIOError::write_logs, e))?;
         metrics::histogram!("davit_raft_append_batch").record(count as f64);
-        self.flusher.send(callback).map_err(|_| {
-            storage_io_error(
-                StorageIOError::write_logs,
-                std::io::Error::other("log flusher stopped"),
-            )
-        })
+        self.flusher.send(callback).map_err(|_| storage_io_error(StorageIOError::write_logs, std::io::Error::other("log flusher stopped")))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
@@ -202,11 +166,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::new();
         batch.put(Table::RaftMeta, LAST_PURGED.to_vec(), encode(&Some(log_id)));
-        batch.delete_range(
-            Table::RaftLog,
-            log_key(0),
-            Some(log_key(log_id.index + 1).to_vec()),
-        );
+        batch.delete_range(Table::RaftLog, log_key(0), Some(log_key(log_id.index + 1).to_vec()));
         let backend = self.backend.clone();
         tokio::task::spawn_blocking(move || backend.write(batch, Durability::Deferred))
             .await
@@ -227,17 +187,10 @@ mod tests {
 
     fn sample_entries() -> Vec<Entry> {
         let log_id = |index| openraft::LogId::new(CommittedLeaderId::new(2, 1), index);
-        let node = DavitNode {
-            grpc_addr: "127.0.0.1:7701".into(),
-            http_addr: "127.0.0.1:7700".into(),
-            region: "a".into(),
-        };
+        let node = DavitNode { grpc_addr: "127.0.0.1:7701".into(), http_addr: "127.0.0.1:7700".into(), region: "a".into() };
         let membership = Membership::new(vec![BTreeSet::from([1])], BTreeMap::from([(1, node)]));
         vec![
-            Entry {
-                log_id: log_id(7),
-                payload: EntryPayload::Blank,
-            },
+            Entry { log_id: log_id(7), payload: EntryPayload::Blank },
             Entry {
                 log_id: log_id(8),
                 payload: EntryPayload::Normal(Proposal {
@@ -247,15 +200,11 @@ mod tests {
                     source: None,
                 }),
             },
-            Entry {
-                log_id: log_id(9),
-                payload: EntryPayload::Membership(membership),
-            },
+            Entry { log_id: log_id(9), payload: EntryPayload::Membership(membership) },
         ]
     }
 
-    const FROZEN_BLANK: &[u8] =
-        br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":7},"payload":"Blank"}"#;
+    const FROZEN_BLANK: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":7},"payload":"Blank"}"#;
     const FROZEN_NORMAL: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":8},"payload":{"Normal":{"time":1764134400000,"actor":1,"command":{"type":"delete_repository","repo_id":4}}}}"#;
     const FROZEN_MEMBERSHIP: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":9},"payload":{"Membership":{"configs":[[1]],"nodes":{"1":{"grpc_addr":"127.0.0.1:7701","http_addr":"127.0.0.1:7700","region":"a"}}}}}"#;
 
@@ -268,11 +217,7 @@ mod tests {
             let bytes = &[&[1u8][..], json].concat();
             let decoded: Entry = decode(Table::RaftLog, bytes).unwrap();
             assert_eq!(&decoded, entry);
-            assert_eq!(
-                &encode(entry),
-                bytes,
-                "the stored format of log entries changed; add a new version instead"
-            );
+            assert_eq!(&encode(entry), bytes, "the stored format of log entries changed; add a new version instead");
         }
     }
 }

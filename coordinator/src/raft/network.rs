@@ -11,13 +11,12 @@ use std::time::Duration;
 use davit_proto::raft::raft_service_client::RaftServiceClient;
 use davit_proto::raft::{RaftPayload, SnapshotChunk};
 use openraft::error::{
-    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
-    StreamingError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, SnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -38,10 +37,7 @@ pub struct Channels {
 
 impl Channels {
     pub fn new(tls: Option<Arc<ClientTls>>) -> Self {
-        Self {
-            tls,
-            channels: Arc::new(Mutex::new(HashMap::new())),
-        }
+        Self { tls, channels: Arc::new(Mutex::new(HashMap::new())) }
     }
 
     /// A lazily connecting channel to `grpc_addr` (host:port), reused across calls.
@@ -51,12 +47,11 @@ impl Channels {
             return Ok(channel.clone());
         }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint =
-            tonic::transport::Endpoint::from_shared(format!("{scheme}://{grpc_addr}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5));
+        let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{grpc_addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.tonic_config(grpc_addr))?;
         }
@@ -81,13 +76,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = NetworkConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &DavitNode) -> Self::Network {
-        NetworkConnection {
-            target,
-            channel: self
-                .channels
-                .get(&node.grpc_addr)
-                .map_err(|e| e.to_string()),
-        }
+        NetworkConnection { target, channel: self.channels.get(&node.grpc_addr).map_err(|e| e.to_string()) }
     }
 }
 
@@ -97,22 +86,16 @@ pub struct NetworkConnection {
 }
 
 fn to_payload<T: Serialize>(message: &T) -> RaftPayload {
-    RaftPayload {
-        json: serde_json::to_vec(message).expect("raft messages serialize"),
-    }
+    RaftPayload { json: serde_json::to_vec(message).expect("raft messages serialize") }
 }
 
-fn unreachable<E: std::error::Error>(
-    error: impl std::fmt::Display,
-) -> RPCError<NodeId, DavitNode, E> {
+fn unreachable<E: std::error::Error>(error: impl std::fmt::Display) -> RPCError<NodeId, DavitNode, E> {
     RPCError::Unreachable(Unreachable::new(&std::io::Error::other(error.to_string())))
 }
 
 impl NetworkConnection {
     fn client(&self) -> Result<RaftServiceClient<Channel>, String> {
-        self.channel.clone().map(|channel| {
-            RaftServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024)
-        })
+        self.channel.clone().map(|channel| RaftServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
     }
 
     /// Decode the remote's `Result<Response, RaftError<..>>`.
@@ -120,15 +103,13 @@ impl NetworkConnection {
         &self,
         payload: RaftPayload,
     ) -> Result<R, RPCError<NodeId, DavitNode, RaftError<NodeId, E>>> {
-        let result: Result<R, RaftError<NodeId, E>> = serde_json::from_slice(&payload.json)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<R, RaftError<NodeId, E>> =
+            serde_json::from_slice(&payload.json).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|error| RPCError::RemoteError(RemoteError::new(self.target, error)))
     }
 }
 
-fn status_to_rpc_error<E: std::error::Error>(
-    status: tonic::Status,
-) -> RPCError<NodeId, DavitNode, E> {
+fn status_to_rpc_error<E: std::error::Error>(status: tonic::Status) -> RPCError<NodeId, DavitNode, E> {
     // A node that is down, restarting or cut off is "unreachable": openraft backs off instead of
     // hammering it.
     unreachable(format!("{}: {}", status.code(), status.message()))
@@ -143,10 +124,7 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         let mut client = self.client().map_err(unreachable)?;
         let mut grpc_request = tonic::Request::new(to_payload(&request));
         grpc_request.set_timeout(option.hard_ttl());
-        let response = client
-            .append_entries(grpc_request)
-            .await
-            .map_err(status_to_rpc_error)?;
+        let response = client.append_entries(grpc_request).await.map_err(status_to_rpc_error)?;
         self.decode(response.into_inner())
     }
 
@@ -154,15 +132,10 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         &mut self,
         _request: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, DavitNode, RaftError<NodeId, InstallSnapshotError>>,
-    > {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, DavitNode, RaftError<NodeId, InstallSnapshotError>>> {
         // openraft only calls this from its default `full_snapshot`, which we replace with a
         // streaming call below.
-        Err(unreachable(
-            "davit sends snapshots with full_snapshot streaming; chunked install_snapshot is not used",
-        ))
+        Err(unreachable("davit sends snapshots with full_snapshot streaming; chunked install_snapshot is not used"))
     }
 
     async fn vote(
@@ -173,10 +146,7 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         let mut client = self.client().map_err(unreachable)?;
         let mut grpc_request = tonic::Request::new(to_payload(&request));
         grpc_request.set_timeout(option.hard_ttl());
-        let response = client
-            .vote(grpc_request)
-            .await
-            .map_err(status_to_rpc_error)?;
+        let response = client.vote(grpc_request).await.map_err(status_to_rpc_error)?;
         self.decode(response.into_inner())
     }
 
@@ -187,24 +157,14 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
-        let mut client = self.client().map_err(|e| {
-            StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(e)))
-        })?;
-        let header =
-            serde_json::to_vec(&(vote, &snapshot.meta)).expect("snapshot header serializes");
+        let mut client = self.client().map_err(|e| StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
+        let header = serde_json::to_vec(&(vote, &snapshot.meta)).expect("snapshot header serializes");
         let mut data = snapshot.snapshot;
-        data.seek(SeekFrom::Start(0))
-            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        data.seek(SeekFrom::Start(0)).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         let mut bytes = Vec::new();
-        data.read_to_end(&mut bytes)
-            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        let mut chunks: Vec<SnapshotChunk> = bytes
-            .chunks(SNAPSHOT_CHUNK_BYTES)
-            .map(|chunk| SnapshotChunk {
-                header_json: Vec::new(),
-                data: chunk.to_vec(),
-            })
-            .collect();
+        data.read_to_end(&mut bytes).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let mut chunks: Vec<SnapshotChunk> =
+            bytes.chunks(SNAPSHOT_CHUNK_BYTES).map(|chunk| SnapshotChunk { header_json: Vec::new(), data: chunk.to_vec() }).collect();
         if chunks.is_empty() {
             chunks.push(SnapshotChunk::default());
         }
@@ -215,14 +175,10 @@ impl RaftNetwork<TypeConfig> for NetworkConnection {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             response = call => response,
         };
-        let response = response.map_err(|status| {
-            StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(
-                status.message().to_string(),
-            )))
-        })?;
+        let response = response
+            .map_err(|status| StreamingError::Unreachable(Unreachable::new(&std::io::Error::other(status.message().to_string()))))?;
         let result: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> =
-            serde_json::from_slice(&response.into_inner().json)
-                .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+            serde_json::from_slice(&response.into_inner().json).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         result.map_err(|fatal| StreamingError::RemoteError(RemoteError::new(self.target, fatal)))
     }
 }

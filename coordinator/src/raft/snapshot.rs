@@ -72,18 +72,15 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, SnapshotError> {
     };
     let read_u32 = |bytes: &[u8]| u32::from_be_bytes(bytes.try_into().expect("4 bytes")) as usize;
     let meta_len = read_u32(take(4)?);
-    let meta: SnapshotMeta = serde_json::from_slice(take(meta_len)?)
-        .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+    let meta: SnapshotMeta = serde_json::from_slice(take(meta_len)?).map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
     let mut records = Vec::new();
     loop {
         let name_len = take(1)?[0] as usize;
         if name_len == 0 {
             break;
         }
-        let name =
-            std::str::from_utf8(take(name_len)?).map_err(|_| corrupt("table name is not UTF-8"))?;
-        let table = Table::from_name(name)
-            .ok_or_else(|| SnapshotError::Corrupt(format!("unknown table {name}")))?;
+        let name = std::str::from_utf8(take(name_len)?).map_err(|_| corrupt("table name is not UTF-8"))?;
+        let table = Table::from_name(name).ok_or_else(|| SnapshotError::Corrupt(format!("unknown table {name}")))?;
         let key_len = read_u32(take(4)?);
         let key = take(key_len)?.to_vec();
         let value_len = read_u32(take(4)?);
@@ -108,9 +105,7 @@ impl SnapshotDir {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { dir: dir.to_path_buf() })
     }
 
     fn file_name(meta: &SnapshotMeta) -> String {
@@ -130,8 +125,7 @@ impl SnapshotDir {
         std::fs::rename(&temporary, &path)?;
         std::fs::File::open(&self.dir)?.sync_all()?;
         for entry in std::fs::read_dir(&self.dir)?.flatten() {
-            if entry.path() != path && entry.file_name().to_string_lossy().starts_with("snapshot-")
-            {
+            if entry.path() != path && entry.file_name().to_string_lossy().starts_with("snapshot-") {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -143,10 +137,7 @@ impl SnapshotDir {
         let mut newest: Option<PathBuf> = None;
         for entry in std::fs::read_dir(&self.dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with("snapshot-")
-                && name.ends_with(".bin")
-                && newest.as_ref().is_none_or(|n| entry.path() > *n)
-            {
+            if name.starts_with("snapshot-") && name.ends_with(".bin") && newest.as_ref().is_none_or(|n| entry.path() > *n) {
                 newest = Some(entry.path());
             }
         }
@@ -167,22 +158,12 @@ mod tests {
 
     #[test]
     fn round_trip_and_corruption_is_detected() {
-        let meta = SnapshotMeta {
-            last_log_id: None,
-            last_membership: Default::default(),
-            snapshot_id: "s1".into(),
-        };
-        let tables = vec![
-            (Table::Users, vec![(b"k".to_vec(), b"v".to_vec())]),
-            (Table::Jobs, vec![]),
-        ];
+        let meta = SnapshotMeta { last_log_id: None, last_membership: Default::default(), snapshot_id: "s1".into() };
+        let tables = vec![(Table::Users, vec![(b"k".to_vec(), b"v".to_vec())]), (Table::Jobs, vec![])];
         let mut bytes = encode(&meta, &tables);
         let decoded = decode(&bytes).unwrap();
         assert_eq!(decoded.meta.snapshot_id, "s1");
-        assert_eq!(
-            decoded.records,
-            vec![(Table::Users, b"k".to_vec(), b"v".to_vec())]
-        );
+        assert_eq!(decoded.records, vec![(Table::Users, b"k".to_vec(), b"v".to_vec())]);
         let middle = bytes.len() / 2;
         bytes[middle] ^= 1;
         assert!(matches!(decode(&bytes), Err(SnapshotError::Corrupt(_))));
@@ -192,17 +173,10 @@ mod tests {
     fn only_the_newest_snapshot_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let snapshots = SnapshotDir::open(dir.path()).unwrap();
-        let mut meta = SnapshotMeta {
-            last_log_id: None,
-            last_membership: Default::default(),
-            snapshot_id: "a".into(),
-        };
+        let mut meta = SnapshotMeta { last_log_id: None, last_membership: Default::default(), snapshot_id: "a".into() };
         snapshots.save(&meta, b"first").unwrap();
         meta.snapshot_id = "b".into();
-        meta.last_log_id = Some(openraft::LogId::new(
-            openraft::CommittedLeaderId::new(1, 1),
-            5,
-        ));
+        meta.last_log_id = Some(openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 5));
         snapshots.save(&meta, b"second").unwrap();
         assert_eq!(snapshots.load_current().unwrap().unwrap(), b"second");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);

@@ -15,10 +15,7 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use tokio::sync::watch;
 
 use super::snapshot::{self, SnapshotDir};
-use super::{
-    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
-    storage_io_error,
-};
+use super::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, storage_io_error};
 use crate::state::codec::{decode, encode};
 use crate::state::txn::{BackendRead, Txn};
 use crate::state::{Outcome, apply};
@@ -38,17 +35,10 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     pub fn open(backend: Arc<dyn Backend>, snapshots: SnapshotDir) -> Result<Self, StorageError> {
         let (applied_index, _) = watch::channel(0);
-        let store = Self {
-            backend,
-            snapshots,
-            snapshot_counter: Arc::new(AtomicU64::new(0)),
-            applied_index,
-        };
+        let store = Self { backend, snapshots, snapshot_counter: Arc::new(AtomicU64::new(0)), applied_index };
         store.recover_from_snapshot()?;
         let (last_applied, _) = store.read_applied()?;
-        store
-            .applied_index
-            .send_replace(last_applied.map(|id| id.index).unwrap_or(0));
+        store.applied_index.send_replace(last_applied.map(|id| id.index).unwrap_or(0));
         Ok(store)
     }
 
@@ -59,33 +49,24 @@ impl StateMachineStore {
 
     fn read_applied(&self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
         let read = |key: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
-            self.backend
-                .get(Table::StateMeta, key)
-                .map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))
+            self.backend.get(Table::StateMeta, key).map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))
         };
         let last_applied = match read(LAST_APPLIED)? {
-            Some(bytes) => decode(Table::StateMeta, &bytes)
-                .map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
+            Some(bytes) => decode(Table::StateMeta, &bytes).map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
             None => None,
         };
         let membership = match read(MEMBERSHIP)? {
-            Some(bytes) => decode(Table::StateMeta, &bytes)
-                .map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
+            Some(bytes) => decode(Table::StateMeta, &bytes).map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
             None => StoredMembership::default(),
         };
         Ok((last_applied, membership))
     }
 
     fn recover_from_snapshot(&self) -> Result<(), StorageError> {
-        let Some(bytes) = self
-            .snapshots
-            .load_current()
-            .map_err(|e| storage_io_error(read_snapshot_none, e))?
-        else {
+        let Some(bytes) = self.snapshots.load_current().map_err(|e| storage_io_error(read_snapshot_none, e))? else {
             return Ok(());
         };
-        let decoded =
-            snapshot::decode(&bytes).map_err(|e| storage_io_error(read_snapshot_none, e))?;
+        let decoded = snapshot::decode(&bytes).map_err(|e| storage_io_error(read_snapshot_none, e))?;
         let (last_applied, _) = self.read_applied()?;
         if decoded.meta.last_log_id > last_applied {
             tracing::warn!(
@@ -106,21 +87,10 @@ impl StateMachineStore {
         for (table, key, value) in &decoded.records {
             batch.put(*table, key.clone(), value.clone());
         }
-        batch.put(
-            Table::StateMeta,
-            LAST_APPLIED.to_vec(),
-            encode(&decoded.meta.last_log_id),
-        );
-        batch.put(
-            Table::StateMeta,
-            MEMBERSHIP.to_vec(),
-            encode(&decoded.meta.last_membership),
-        );
-        self.backend
-            .write(batch, Durability::Immediate)
-            .map_err(|e| storage_io_error(StorageIOError::write_state_machine, e))?;
-        self.applied_index
-            .send_replace(decoded.meta.last_log_id.map(|id| id.index).unwrap_or(0));
+        batch.put(Table::StateMeta, LAST_APPLIED.to_vec(), encode(&decoded.meta.last_log_id));
+        batch.put(Table::StateMeta, MEMBERSHIP.to_vec(), encode(&decoded.meta.last_membership));
+        self.backend.write(batch, Durability::Immediate).map_err(|e| storage_io_error(StorageIOError::write_state_machine, e))?;
+        self.applied_index.send_replace(decoded.meta.last_log_id.map(|id| id.index).unwrap_or(0));
         Ok(())
     }
 }
@@ -143,50 +113,37 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let backend = self.backend.clone();
-        let (outcomes, last_index) = tokio::task::spawn_blocking(
-            move || -> Result<(Vec<Outcome>, Option<u64>), StorageError> {
-                let base = BackendRead(backend.as_ref());
-                let mut txn = Txn::new(&base);
-                let mut outcomes = Vec::with_capacity(entries.len());
-                let mut last_log_id = None;
-                let mut membership = None;
-                for entry in &entries {
-                    last_log_id = Some(entry.log_id);
-                    match &entry.payload {
-                        EntryPayload::Blank => outcomes.push(Outcome::applied(None, 0)),
-                        EntryPayload::Normal(proposal) => {
-                            let outcome =
-                                apply(&mut txn, proposal, entry.log_id.index).map_err(|e| {
-                                    storage_io_error(StorageIOError::write_state_machine, e)
-                                })?;
-                            outcomes.push(outcome);
-                        }
-                        EntryPayload::Membership(new_membership) => {
-                            membership = Some(StoredMembership::new(
-                                Some(entry.log_id),
-                                new_membership.clone(),
-                            ));
-                            outcomes.push(Outcome::applied(None, 0));
-                        }
+        let (outcomes, last_index) = tokio::task::spawn_blocking(move || -> Result<(Vec<Outcome>, Option<u64>), StorageError> {
+            let base = BackendRead(backend.as_ref());
+            let mut txn = Txn::new(&base);
+            let mut outcomes = Vec::with_capacity(entries.len());
+            let mut last_log_id = None;
+            let mut membership = None;
+            for entry in &entries {
+                last_log_id = Some(entry.log_id);
+                match &entry.payload {
+                    EntryPayload::Blank => outcomes.push(Outcome::applied(None, 0)),
+                    EntryPayload::Normal(proposal) => {
+                        let outcome = apply(&mut txn, proposal, entry.log_id.index)
+                            .map_err(|e| storage_io_error(StorageIOError::write_state_machine, e))?;
+                        outcomes.push(outcome);
+                    }
+                    EntryPayload::Membership(new_membership) => {
+                        membership = Some(StoredMembership::new(Some(entry.log_id), new_membership.clone()));
+                        outcomes.push(Outcome::applied(None, 0));
                     }
                 }
-                let mut batch = txn.into_batch();
-                if let Some(last_log_id) = last_log_id {
-                    batch.put(
-                        Table::StateMeta,
-                        LAST_APPLIED.to_vec(),
-                        encode(&Some(last_log_id)),
-                    );
-                }
-                if let Some(membership) = membership {
-                    batch.put(Table::StateMeta, MEMBERSHIP.to_vec(), encode(&membership));
-                }
-                backend
-                    .write(batch, Durability::Deferred)
-                    .map_err(|e| storage_io_error(StorageIOError::write_state_machine, e))?;
-                Ok((outcomes, last_log_id.map(|id| id.index)))
-            },
-        )
+            }
+            let mut batch = txn.into_batch();
+            if let Some(last_log_id) = last_log_id {
+                batch.put(Table::StateMeta, LAST_APPLIED.to_vec(), encode(&Some(last_log_id)));
+            }
+            if let Some(membership) = membership {
+                batch.put(Table::StateMeta, MEMBERSHIP.to_vec(), encode(&membership));
+            }
+            backend.write(batch, Durability::Deferred).map_err(|e| storage_io_error(StorageIOError::write_state_machine, e))?;
+            Ok((outcomes, last_log_id.map(|id| id.index)))
+        })
         .await
         .expect("state machine apply panicked")?;
         if let Some(index) = last_index {
@@ -210,49 +167,30 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        data: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
         let bytes = data.into_inner();
-        let decoded = snapshot::decode(&bytes).map_err(|e| {
-            storage_io_error(
-                |source| StorageIOError::read_snapshot(Some(meta.signature()), source),
-                e,
-            )
-        })?;
+        let decoded = snapshot::decode(&bytes)
+            .map_err(|e| storage_io_error(|source| StorageIOError::read_snapshot(Some(meta.signature()), source), e))?;
         if decoded.meta.last_log_id != meta.last_log_id {
             return Err(storage_io_error(
                 |source| StorageIOError::read_snapshot(Some(meta.signature()), source),
                 std::io::Error::other("snapshot contents do not match its meta"),
             ));
         }
-        self.snapshots.save(meta, &bytes).map_err(|e| {
-            storage_io_error(
-                |source| StorageIOError::write_snapshot(Some(meta.signature()), source),
-                e,
-            )
-        })?;
+        self.snapshots
+            .save(meta, &bytes)
+            .map_err(|e| storage_io_error(|source| StorageIOError::write_snapshot(Some(meta.signature()), source), e))?;
         self.write_snapshot_state(&decoded)?;
         tracing::info!(last_log_id = ?meta.last_log_id, records = decoded.records.len(), "installed snapshot");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let Some(bytes) = self
-            .snapshots
-            .load_current()
-            .map_err(|e| storage_io_error(read_snapshot_none, e))?
-        else {
+        let Some(bytes) = self.snapshots.load_current().map_err(|e| storage_io_error(read_snapshot_none, e))? else {
             return Ok(None);
         };
-        let decoded =
-            snapshot::decode(&bytes).map_err(|e| storage_io_error(read_snapshot_none, e))?;
-        Ok(Some(Snapshot {
-            meta: decoded.meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        }))
+        let decoded = snapshot::decode(&bytes).map_err(|e| storage_io_error(read_snapshot_none, e))?;
+        Ok(Some(Snapshot { meta: decoded.meta, snapshot: Box::new(Cursor::new(bytes)) }))
     }
 }
 
@@ -264,39 +202,20 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let view = self.view.as_ref().map_err(|e| {
-            storage_io_error(
-                StorageIOError::read_state_machine,
-                std::io::Error::other(e.clone()),
-            )
-        })?;
+        let view =
+            self.view.as_ref().map_err(|e| storage_io_error(StorageIOError::read_state_machine, std::io::Error::other(e.clone())))?;
         let mut tables = Vec::new();
         for table in Table::state_tables() {
-            tables.push((
-                table,
-                view.dump(table)
-                    .map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
-            ));
+            tables.push((table, view.dump(table).map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?));
         }
-        let state_meta = &tables
-            .iter()
-            .find(|(table, _)| *table == Table::StateMeta)
-            .expect("state meta is a state table")
-            .1;
-        let find = |key: &[u8]| {
-            state_meta
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, value)| value.clone())
-        };
+        let state_meta = &tables.iter().find(|(table, _)| *table == Table::StateMeta).expect("state meta is a state table").1;
+        let find = |key: &[u8]| state_meta.iter().find(|(k, _)| k == key).map(|(_, value)| value.clone());
         let last_log_id: Option<LogId> = match find(LAST_APPLIED) {
-            Some(bytes) => decode(Table::StateMeta, &bytes)
-                .map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
+            Some(bytes) => decode(Table::StateMeta, &bytes).map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
             None => None,
         };
         let last_membership: StoredMembership = match find(MEMBERSHIP) {
-            Some(bytes) => decode(Table::StateMeta, &bytes)
-                .map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
+            Some(bytes) => decode(Table::StateMeta, &bytes).map_err(|e| storage_io_error(StorageIOError::read_state_machine, e))?,
             None => StoredMembership::default(),
         };
         let sequence = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -304,11 +223,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Some(id) => format!("{}-{}-{sequence}", id.leader_id.term, id.index),
             None => format!("0-0-{sequence}"),
         };
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id,
-        };
+        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
         let bytes = snapshot::encode(&meta, &tables);
         let snapshots = self.snapshots.clone();
         let save_meta = meta.clone();
@@ -316,17 +231,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         tokio::task::spawn_blocking(move || snapshots.save(&save_meta, &save_bytes))
             .await
             .expect("snapshot writer panicked")
-            .map_err(|e| {
-                storage_io_error(
-                    |source| StorageIOError::write_snapshot(Some(meta.signature()), source),
-                    e,
-                )
-            })?;
+            .map_err(|e| storage_io_error(|source| StorageIOError::write_snapshot(Some(meta.signature()), source), e))?;
         metrics::counter!("davit_snapshots_built_total").increment(1);
         tracing::info!(?last_log_id, bytes = bytes.len(), "built snapshot");
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(bytes)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }

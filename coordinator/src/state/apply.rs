@@ -61,11 +61,7 @@ fn index_key(name: &str, value: &str, id: u64) -> Vec<u8> {
 
 /// The ids an index holds for `value`, in id order.
 pub fn index_ids(state: &dyn StateRead, name: &str, value: &str) -> StoreResult<Vec<u64>> {
-    Ok(state
-        .scan_prefix(Table::Indexes, &index_prefix(name, value))?
-        .into_iter()
-        .filter_map(|(key, _)| key_id(&key))
-        .collect())
+    Ok(state.scan_prefix(Table::Indexes, &index_prefix(name, value))?.into_iter().filter_map(|(key, _)| key_id(&key)).collect())
 }
 
 /// Key of a configuration row: environment, pipeline (0 = all pipelines), key.
@@ -92,22 +88,11 @@ pub fn log_segment_key(deployment_id: u64, job_id: u64, sequence: u64) -> Vec<u8
     key
 }
 
-pub fn load<T: DeserializeOwned>(
-    state: &dyn StateRead,
-    table: Table,
-    key: &[u8],
-) -> StoreResult<Option<T>> {
-    state
-        .get(table, key)?
-        .map(|bytes| decode(table, &bytes))
-        .transpose()
+pub fn load<T: DeserializeOwned>(state: &dyn StateRead, table: Table, key: &[u8]) -> StoreResult<Option<T>> {
+    state.get(table, key)?.map(|bytes| decode(table, &bytes)).transpose()
 }
 
-pub fn load_id<T: DeserializeOwned>(
-    state: &dyn StateRead,
-    table: Table,
-    id: u64,
-) -> StoreResult<Option<T>> {
+pub fn load_id<T: DeserializeOwned>(state: &dyn StateRead, table: Table, id: u64) -> StoreResult<Option<T>> {
     load(state, table, &id_key(id))
 }
 
@@ -126,21 +111,9 @@ fn next_id(txn: &mut Txn, table: Table) -> StoreResult<u64> {
 pub const LOGIN_LOCKOUT_WINDOW_MS: i64 = 15 * 60 * 1000;
 
 /// Failed logins of `username` still inside the lockout window at `now`, oldest first.
-pub fn recent_login_failures(
-    state: &dyn StateRead,
-    username: &str,
-    now: Timestamp,
-) -> StoreResult<Vec<Timestamp>> {
-    let failures: Vec<Timestamp> = load(
-        state,
-        Table::StateMeta,
-        &meta_keys::login_failures(username),
-    )?
-    .unwrap_or_default();
-    Ok(failures
-        .into_iter()
-        .filter(|at| now - at < LOGIN_LOCKOUT_WINDOW_MS)
-        .collect())
+pub fn recent_login_failures(state: &dyn StateRead, username: &str, now: Timestamp) -> StoreResult<Vec<Timestamp>> {
+    let failures: Vec<Timestamp> = load(state, Table::StateMeta, &meta_keys::login_failures(username))?.unwrap_or_default();
+    Ok(failures.into_iter().filter(|at| now - at < LOGIN_LOCKOUT_WINDOW_MS).collect())
 }
 
 fn not_found(what: &str, id: u64) -> Outcome {
@@ -167,10 +140,7 @@ pub fn apply(state: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResul
 pub fn audit_hash(previous_hash: &str, entry: &AuditLog) -> String {
     let mut hasher = Sha256::new();
     hasher.update(previous_hash.as_bytes());
-    let unhashed = AuditLog {
-        hash: String::new(),
-        ..entry.clone()
-    };
+    let unhashed = AuditLog { hash: String::new(), ..entry.clone() };
     hasher.update(serde_json::to_vec(&unhashed).expect("audit entries serialize"));
     hex(&hasher.finalize())
 }
@@ -180,8 +150,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 fn append_audit(txn: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResult<()> {
-    let previous_hash: String =
-        load(txn, Table::StateMeta, meta_keys::AUDIT_HEAD)?.unwrap_or_default();
+    let previous_hash: String = load(txn, Table::StateMeta, meta_keys::AUDIT_HEAD)?.unwrap_or_default();
     let audit_id = next_id(txn, Table::AuditLogs)?;
     let mut entry = AuditLog {
         audit_id,
@@ -195,12 +164,7 @@ fn append_audit(txn: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResu
         source: proposal.source.clone(),
     };
     entry.hash = audit_hash(&previous_hash, &entry);
-    store(
-        txn,
-        Table::StateMeta,
-        meta_keys::AUDIT_HEAD.to_vec(),
-        &entry.hash,
-    );
+    store(txn, Table::StateMeta, meta_keys::AUDIT_HEAD.to_vec(), &entry.hash);
     store(txn, Table::AuditLogs, id_key(audit_id), &entry);
     Ok(())
 }
@@ -209,46 +173,21 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
     let now = proposal.time;
     match &proposal.command {
         Command::InitializeCluster { token_signing_key } => {
-            if txn
-                .get(Table::StateMeta, meta_keys::TOKEN_SIGNING_KEY)?
-                .is_some()
-            {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Conflict,
-                    "the cluster is already initialized",
-                ));
+            if txn.get(Table::StateMeta, meta_keys::TOKEN_SIGNING_KEY)?.is_some() {
+                return Ok(Outcome::rejected(RejectionCode::Conflict, "the cluster is already initialized"));
             }
-            store(
-                txn,
-                Table::StateMeta,
-                meta_keys::TOKEN_SIGNING_KEY.to_vec(),
-                token_signing_key,
-            );
+            store(txn, Table::StateMeta, meta_keys::TOKEN_SIGNING_KEY.to_vec(), token_signing_key);
             Ok(Outcome::applied(None, 1))
         }
-        Command::CreateUser {
-            username,
-            email,
-            password_hash,
-            role,
-        } => {
+        Command::CreateUser { username, email, password_hash, role } => {
             if username.trim().is_empty() || username.len() > 50 {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Invalid,
-                    "username must be 1 to 50 characters",
-                ));
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "username must be 1 to 50 characters"));
             }
             if !index_ids(txn, index::USERS_BY_NAME, username)?.is_empty() {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Conflict,
-                    format!("username {username:?} is taken"),
-                ));
+                return Ok(Outcome::rejected(RejectionCode::Conflict, format!("username {username:?} is taken")));
             }
             if !index_ids(txn, index::USERS_BY_EMAIL, email)?.is_empty() {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Conflict,
-                    format!("email {email:?} is already used"),
-                ));
+                return Ok(Outcome::rejected(RejectionCode::Conflict, format!("email {email:?} is already used")));
             }
             let user_id = next_id(txn, Table::Users)?;
             let user = User {
@@ -261,68 +200,28 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 updated_at: now,
             };
             store(txn, Table::Users, id_key(user_id), &user);
-            txn.put(
-                Table::Indexes,
-                index_key(index::USERS_BY_NAME, username, user_id),
-                Vec::new(),
-            );
-            txn.put(
-                Table::Indexes,
-                index_key(index::USERS_BY_EMAIL, email, user_id),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, index_key(index::USERS_BY_NAME, username, user_id), Vec::new());
+            txn.put(Table::Indexes, index_key(index::USERS_BY_EMAIL, email, user_id), Vec::new());
             Ok(Outcome::applied(Some(user_id), 1))
         }
-        Command::UpdateUser {
-            user_id,
-            email,
-            password_hash,
-            role,
-            username,
-        } => {
+        Command::UpdateUser { user_id, email, password_hash, role, username } => {
             let Some(mut user) = load_id::<User>(txn, Table::Users, *user_id)? else {
                 return Ok(not_found("user", *user_id));
             };
             if let Some(username) = username {
-                if index_ids(txn, index::USERS_BY_NAME, username)?
-                    .iter()
-                    .any(|id| id != user_id)
-                {
-                    return Ok(Outcome::rejected(
-                        RejectionCode::Conflict,
-                        format!("username {username:?} is taken"),
-                    ));
+                if index_ids(txn, index::USERS_BY_NAME, username)?.iter().any(|id| id != user_id) {
+                    return Ok(Outcome::rejected(RejectionCode::Conflict, format!("username {username:?} is taken")));
                 }
-                txn.delete(
-                    Table::Indexes,
-                    index_key(index::USERS_BY_NAME, &user.username, *user_id),
-                );
-                txn.put(
-                    Table::Indexes,
-                    index_key(index::USERS_BY_NAME, username, *user_id),
-                    Vec::new(),
-                );
+                txn.delete(Table::Indexes, index_key(index::USERS_BY_NAME, &user.username, *user_id));
+                txn.put(Table::Indexes, index_key(index::USERS_BY_NAME, username, *user_id), Vec::new());
                 user.username = username.clone();
             }
             if let Some(email) = email {
-                if index_ids(txn, index::USERS_BY_EMAIL, email)?
-                    .iter()
-                    .any(|id| id != user_id)
-                {
-                    return Ok(Outcome::rejected(
-                        RejectionCode::Conflict,
-                        format!("email {email:?} is already used"),
-                    ));
+                if index_ids(txn, index::USERS_BY_EMAIL, email)?.iter().any(|id| id != user_id) {
+                    return Ok(Outcome::rejected(RejectionCode::Conflict, format!("email {email:?} is already used")));
                 }
-                txn.delete(
-                    Table::Indexes,
-                    index_key(index::USERS_BY_EMAIL, &user.email, *user_id),
-                );
-                txn.put(
-                    Table::Indexes,
-                    index_key(index::USERS_BY_EMAIL, email, *user_id),
-                    Vec::new(),
-                );
+                txn.delete(Table::Indexes, index_key(index::USERS_BY_EMAIL, &user.email, *user_id));
+                txn.put(Table::Indexes, index_key(index::USERS_BY_EMAIL, email, *user_id), Vec::new());
                 user.email = email.clone();
             }
             if let Some(password_hash) = password_hash {
@@ -335,15 +234,10 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             store(txn, Table::Users, id_key(*user_id), &user);
             Ok(Outcome::applied(Some(*user_id), 1))
         }
-        Command::RecordLogin {
-            username,
-            succeeded,
-            ..
-        } => {
+        Command::RecordLogin { username, succeeded, .. } => {
             // Failures inside the lockout window, oldest first; a success clears them.
             let key = meta_keys::login_failures(username);
-            let mut failures: Vec<Timestamp> =
-                load(txn, Table::StateMeta, &key)?.unwrap_or_default();
+            let mut failures: Vec<Timestamp> = load(txn, Table::StateMeta, &key)?.unwrap_or_default();
             failures.retain(|at| now - at < LOGIN_LOCKOUT_WINDOW_MS);
             if *succeeded {
                 txn.delete(Table::StateMeta, key);
@@ -359,29 +253,18 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             };
             let mut affected = 1;
             txn.delete(Table::Users, id_key(*user_id));
-            txn.delete(
-                Table::Indexes,
-                index_key(index::USERS_BY_NAME, &user.username, *user_id),
-            );
-            txn.delete(
-                Table::Indexes,
-                index_key(index::USERS_BY_EMAIL, &user.email, *user_id),
-            );
+            txn.delete(Table::Indexes, index_key(index::USERS_BY_NAME, &user.username, *user_id));
+            txn.delete(Table::Indexes, index_key(index::USERS_BY_EMAIL, &user.email, *user_id));
             // Repositories keep existing without an owner (ON DELETE SET NULL); tokens and
             // notification subscriptions go with the user (ON DELETE CASCADE).
             let owner = user_id.to_string();
             for repo_id in index_ids(txn, index::REPOSITORIES_BY_USER, &owner)? {
-                if let Some(mut repository) =
-                    load_id::<Repository>(txn, Table::Repositories, repo_id)?
-                {
+                if let Some(mut repository) = load_id::<Repository>(txn, Table::Repositories, repo_id)? {
                     repository.user_id = None;
                     repository.updated_at = now;
                     store(txn, Table::Repositories, id_key(repo_id), &repository);
                 }
-                txn.delete(
-                    Table::Indexes,
-                    index_key(index::REPOSITORIES_BY_USER, &owner, repo_id),
-                );
+                txn.delete(Table::Indexes, index_key(index::REPOSITORIES_BY_USER, &owner, repo_id));
                 affected += 1;
             }
             for token_id in index_ids(txn, index::TOKENS_BY_USER, &owner)? {
@@ -392,12 +275,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             }
             Ok(Outcome::applied(Some(*user_id), affected))
         }
-        Command::CreateApiToken {
-            user_id,
-            name,
-            token_hash,
-            expires_at,
-        } => {
+        Command::CreateApiToken { user_id, name, token_hash, expires_at } => {
             if load_id::<User>(txn, Table::Users, *user_id)?.is_none() {
                 return Ok(not_found("user", *user_id));
             }
@@ -411,34 +289,17 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 expires_at: *expires_at,
             };
             store(txn, Table::ApiTokens, id_key(token_id), &token);
-            txn.put(
-                Table::Indexes,
-                index_key(index::TOKENS_BY_HASH, token_hash, token_id),
-                Vec::new(),
-            );
-            txn.put(
-                Table::Indexes,
-                index_key(index::TOKENS_BY_USER, &user_id.to_string(), token_id),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, index_key(index::TOKENS_BY_HASH, token_hash, token_id), Vec::new());
+            txn.put(Table::Indexes, index_key(index::TOKENS_BY_USER, &user_id.to_string(), token_id), Vec::new());
             Ok(Outcome::applied(Some(token_id), 1))
         }
         Command::RevokeApiToken { token_id } => match delete_token(txn, *token_id)? {
             0 => Ok(not_found("API token", *token_id)),
             affected => Ok(Outcome::applied(Some(*token_id), affected)),
         },
-        Command::ConnectRepository {
-            name,
-            repo_url,
-            branch,
-            scm_type,
-            webhook_secret,
-        } => {
+        Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret } => {
             if repo_url.trim().is_empty() {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Invalid,
-                    "repo_url must not be empty",
-                ));
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "repo_url must not be empty"));
             }
             if let Some(existing) = index_ids(txn, index::REPOSITORIES_BY_URL, repo_url)?.first() {
                 return Ok(Outcome::rejected(
@@ -459,47 +320,27 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 updated_at: now,
             };
             store(txn, Table::Repositories, id_key(repo_id), &repository);
-            txn.put(
-                Table::Indexes,
-                index_key(index::REPOSITORIES_BY_URL, repo_url, repo_id),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, repo_url, repo_id), Vec::new());
             if let Some(user_id) = proposal.actor {
-                txn.put(
-                    Table::Indexes,
-                    index_key(index::REPOSITORIES_BY_USER, &user_id.to_string(), repo_id),
-                    Vec::new(),
-                );
+                txn.put(Table::Indexes, index_key(index::REPOSITORIES_BY_USER, &user_id.to_string(), repo_id), Vec::new());
             }
             Ok(Outcome::applied(Some(repo_id), 1))
         }
         Command::UpdateRepository { repo_id, patch } => {
-            let Some(mut repository) = load_id::<Repository>(txn, Table::Repositories, *repo_id)?
-            else {
+            let Some(mut repository) = load_id::<Repository>(txn, Table::Repositories, *repo_id)? else {
                 return Ok(not_found("repository", *repo_id));
             };
             if let Some(repo_url) = &patch.repo_url
                 && *repo_url != repository.repo_url
             {
-                if let Some(existing) =
-                    index_ids(txn, index::REPOSITORIES_BY_URL, repo_url)?.first()
-                {
+                if let Some(existing) = index_ids(txn, index::REPOSITORIES_BY_URL, repo_url)?.first() {
                     return Ok(Outcome::rejected(
                         RejectionCode::Conflict,
-                        format!(
-                            "repository {repo_url} is already connected as repository {existing}"
-                        ),
+                        format!("repository {repo_url} is already connected as repository {existing}"),
                     ));
                 }
-                txn.delete(
-                    Table::Indexes,
-                    index_key(index::REPOSITORIES_BY_URL, &repository.repo_url, *repo_id),
-                );
-                txn.put(
-                    Table::Indexes,
-                    index_key(index::REPOSITORIES_BY_URL, repo_url, *repo_id),
-                    Vec::new(),
-                );
+                txn.delete(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, &repository.repo_url, *repo_id));
+                txn.put(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, repo_url, *repo_id), Vec::new());
                 repository.repo_url = repo_url.clone();
             }
             if let Some(name) = &patch.name {
@@ -519,43 +360,32 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             Ok(Outcome::applied(Some(*repo_id), 1))
         }
         Command::DeleteRepository { repo_id } => {
-            let Some(repository) = load_id::<Repository>(txn, Table::Repositories, *repo_id)?
-            else {
+            let Some(repository) = load_id::<Repository>(txn, Table::Repositories, *repo_id)? else {
                 return Ok(not_found("repository", *repo_id));
             };
             let mut affected = 1;
             txn.delete(Table::Repositories, id_key(*repo_id));
-            txn.delete(
-                Table::Indexes,
-                index_key(index::REPOSITORIES_BY_URL, &repository.repo_url, *repo_id),
-            );
+            txn.delete(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, &repository.repo_url, *repo_id));
             if let Some(user_id) = repository.user_id {
-                txn.delete(
-                    Table::Indexes,
-                    index_key(index::REPOSITORIES_BY_USER, &user_id.to_string(), *repo_id),
-                );
+                txn.delete(Table::Indexes, index_key(index::REPOSITORIES_BY_USER, &user_id.to_string(), *repo_id));
             }
             for pipeline_id in index_ids(txn, index::PIPELINES_BY_REPO, &repo_id.to_string())? {
                 affected += delete_pipeline(txn, pipeline_id)?;
             }
             Ok(Outcome::applied(Some(*repo_id), affected))
         }
-        Command::CreatePipeline {
-            name,
-            repo_id,
-            branch,
-            build_command,
-            deploy_strategy,
-            environment,
-        } => {
+        Command::CreatePipeline { name, repo_id, branch, build_command, deploy_strategy, environment } => {
             if name.trim().is_empty() {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Invalid,
-                    "pipeline name must not be empty",
-                ));
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "pipeline name must not be empty"));
             }
             if load_id::<Repository>(txn, Table::Repositories, *repo_id)?.is_none() {
                 return Ok(not_found("repository", *repo_id));
+            }
+            if let Some(existing) = pipeline_named(txn, *repo_id, name)? {
+                return Ok(Outcome::rejected(
+                    RejectionCode::Conflict,
+                    format!("repository {repo_id} already has a pipeline named {name:?} (pipeline {existing})"),
+                ));
             }
             let pipeline_id = next_id(txn, Table::Pipelines)?;
             let pipeline = Pipeline {
@@ -571,23 +401,21 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 updated_at: now,
             };
             store(txn, Table::Pipelines, id_key(pipeline_id), &pipeline);
-            txn.put(
-                Table::Indexes,
-                index_key(index::PIPELINES_BY_REPO, &repo_id.to_string(), pipeline_id),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, index_key(index::PIPELINES_BY_REPO, &repo_id.to_string(), pipeline_id), Vec::new());
             Ok(Outcome::applied(Some(pipeline_id), 1))
         }
         Command::UpdatePipeline { pipeline_id, patch } => {
-            let Some(mut pipeline) = load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)?
-            else {
+            let Some(mut pipeline) = load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)? else {
                 return Ok(not_found("pipeline", *pipeline_id));
             };
             if let Some(name) = &patch.name {
                 if name.trim().is_empty() {
+                    return Ok(Outcome::rejected(RejectionCode::Invalid, "pipeline name must not be empty"));
+                }
+                if let Some(existing) = pipeline_named(txn, pipeline.repo_id, name)?.filter(|id| id != pipeline_id) {
                     return Ok(Outcome::rejected(
-                        RejectionCode::Invalid,
-                        "pipeline name must not be empty",
+                        RejectionCode::Conflict,
+                        format!("repository {} already has a pipeline named {name:?} (pipeline {existing})", pipeline.repo_id),
                     ));
                 }
                 pipeline.name = name.clone();
@@ -615,13 +443,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             0 => Ok(not_found("pipeline", *pipeline_id)),
             affected => Ok(Outcome::applied(Some(*pipeline_id), affected)),
         },
-        Command::CreateDeployment {
-            pipeline_id,
-            commit_hash,
-            environment,
-            config_overrides,
-            rollback_of,
-        } => {
+        Command::CreateDeployment { pipeline_id, commit_hash, environment, config_overrides, rollback_of } => {
             if load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)?.is_none() {
                 return Ok(not_found("pipeline", *pipeline_id));
             }
@@ -647,58 +469,22 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 updated_at: now,
             };
             store(txn, Table::Deployments, id_key(deployment_id), &deployment);
-            txn.put(
-                Table::Indexes,
-                index_key(
-                    index::DEPLOYMENTS_BY_PIPELINE,
-                    &pipeline_id.to_string(),
-                    deployment_id,
-                ),
-                Vec::new(),
-            );
-            txn.put(
-                Table::Indexes,
-                index_key(index::DEPLOYMENTS_BY_STATUS, "pending", deployment_id),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string(), deployment_id), Vec::new());
+            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, "pending", deployment_id), Vec::new());
             Ok(Outcome::applied(Some(deployment_id), 1))
         }
-        Command::SetDeploymentStatus {
-            deployment_id,
-            status,
-            reason,
-        } => {
-            let Some(mut deployment) =
-                load_id::<Deployment>(txn, Table::Deployments, *deployment_id)?
-            else {
+        Command::SetDeploymentStatus { deployment_id, status, reason } => {
+            let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, *deployment_id)? else {
                 return Ok(not_found("deployment", *deployment_id));
             };
             if deployment.status.is_final() && deployment.status != *status {
                 return Ok(Outcome::rejected(
                     RejectionCode::Conflict,
-                    format!(
-                        "deployment {deployment_id} already ended as {:?}",
-                        deployment.status
-                    ),
+                    format!("deployment {deployment_id} already ended as {:?}", deployment.status),
                 ));
             }
-            txn.delete(
-                Table::Indexes,
-                index_key(
-                    index::DEPLOYMENTS_BY_STATUS,
-                    status_name(deployment.status),
-                    *deployment_id,
-                ),
-            );
-            txn.put(
-                Table::Indexes,
-                index_key(
-                    index::DEPLOYMENTS_BY_STATUS,
-                    status_name(*status),
-                    *deployment_id,
-                ),
-                Vec::new(),
-            );
+            txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(deployment.status), *deployment_id));
+            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(*status), *deployment_id), Vec::new());
             if *status == DeploymentStatus::InProgress && deployment.start_time.is_none() {
                 deployment.start_time = Some(now);
             }
@@ -713,13 +499,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             store(txn, Table::Deployments, id_key(*deployment_id), &deployment);
             Ok(Outcome::applied(Some(*deployment_id), 1))
         }
-        Command::RecordArtifact {
-            pipeline_id,
-            version,
-            artifact_path,
-            digest,
-            size_bytes,
-        } => {
+        Command::RecordArtifact { pipeline_id, version, artifact_path, digest, size_bytes } => {
             if load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)?.is_none() {
                 return Ok(not_found("pipeline", *pipeline_id));
             }
@@ -735,31 +515,17 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 updated_at: now,
             };
             store(txn, Table::Artifacts, id_key(artifact_id), &artifact);
-            txn.put(
-                Table::Indexes,
-                index_key(
-                    index::ARTIFACTS_BY_PIPELINE,
-                    &pipeline_id.to_string(),
-                    artifact_id,
-                ),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, index_key(index::ARTIFACTS_BY_PIPELINE, &pipeline_id.to_string(), artifact_id), Vec::new());
             Ok(Outcome::applied(Some(artifact_id), 1))
         }
         Command::DeleteArtifact { artifact_id } => match delete_artifact(txn, *artifact_id)? {
             0 => Ok(not_found("artifact", *artifact_id)),
             affected => Ok(Outcome::applied(Some(*artifact_id), affected)),
         },
-        Command::SetConfigurations {
-            environment,
-            pipeline_id,
-            entries,
-        } => set_configurations(txn, now, environment, *pipeline_id, entries),
-        Command::DeleteConfiguration {
-            environment,
-            pipeline_id,
-            key,
-        } => {
+        Command::SetConfigurations { environment, pipeline_id, entries } => {
+            set_configurations(txn, now, environment, *pipeline_id, entries)
+        }
+        Command::DeleteConfiguration { environment, pipeline_id, key } => {
             let row_key = configuration_key(environment, *pipeline_id, key);
             let Some(row) = load::<Configuration>(txn, Table::Configurations, &row_key)? else {
                 return Ok(Outcome::rejected(
@@ -769,10 +535,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             };
             txn.delete(Table::Configurations, row_key.clone());
             if let Some(pipeline_id) = pipeline_id {
-                txn.delete(
-                    Table::Indexes,
-                    configuration_index_key(*pipeline_id, &row_key),
-                );
+                txn.delete(Table::Indexes, configuration_index_key(*pipeline_id, &row_key));
             }
             Ok(Outcome::applied(Some(row.config_id), 1))
         }
@@ -806,28 +569,18 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 }
                 return Ok(Outcome::rejected(
                     RejectionCode::Conflict,
-                    format!(
-                        "log segment {sequence} of job {job_id} was already recorded with other contents"
-                    ),
+                    format!("log segment {sequence} of job {job_id} was already recorded with other contents"),
                 ));
             }
             store(txn, Table::Logs, key, &segment);
             Ok(Outcome::applied(None, 1))
         }
-        Command::CreateNotification {
-            user_id,
-            notification_type,
-            target,
-            events,
-        } => {
+        Command::CreateNotification { user_id, notification_type, target, events } => {
             if load_id::<User>(txn, Table::Users, *user_id)?.is_none() {
                 return Ok(not_found("user", *user_id));
             }
             if target.trim().is_empty() {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Invalid,
-                    "notification target must not be empty",
-                ));
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "notification target must not be empty"));
             }
             let notification_id = next_id(txn, Table::Notifications)?;
             let notification = Notification {
@@ -840,39 +593,17 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 created_at: now,
                 updated_at: now,
             };
-            store(
-                txn,
-                Table::Notifications,
-                id_key(notification_id),
-                &notification,
-            );
-            txn.put(
-                Table::Indexes,
-                index_key(
-                    index::NOTIFICATIONS_BY_USER,
-                    &user_id.to_string(),
-                    notification_id,
-                ),
-                Vec::new(),
-            );
+            store(txn, Table::Notifications, id_key(notification_id), &notification);
+            txn.put(Table::Indexes, index_key(index::NOTIFICATIONS_BY_USER, &user_id.to_string(), notification_id), Vec::new());
             Ok(Outcome::applied(Some(notification_id), 1))
         }
-        Command::DeleteNotification { notification_id } => {
-            match delete_notification(txn, *notification_id)? {
-                0 => Ok(not_found("notification", *notification_id)),
-                affected => Ok(Outcome::applied(Some(*notification_id), affected)),
-            }
-        }
-        Command::RegisterAgent {
-            name,
-            labels,
-            credential_hash,
-        } => {
+        Command::DeleteNotification { notification_id } => match delete_notification(txn, *notification_id)? {
+            0 => Ok(not_found("notification", *notification_id)),
+            affected => Ok(Outcome::applied(Some(*notification_id), affected)),
+        },
+        Command::RegisterAgent { name, labels, credential_hash } => {
             if name.trim().is_empty() {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Invalid,
-                    "agent name must not be empty",
-                ));
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "agent name must not be empty"));
             }
             for agent_id in index_ids(txn, index::AGENTS_BY_NAME, name)? {
                 if let Some(agent) = load_id::<Agent>(txn, Table::Agents, agent_id)?
@@ -880,9 +611,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 {
                     return Ok(Outcome::rejected(
                         RejectionCode::Conflict,
-                        format!(
-                            "an agent named {name:?} is already registered (agent {agent_id}); deregister it first"
-                        ),
+                        format!("an agent named {name:?} is already registered (agent {agent_id}); deregister it first"),
                     ));
                 }
             }
@@ -896,11 +625,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 deregistered_at: None,
             };
             store(txn, Table::Agents, id_key(agent_id), &agent);
-            txn.put(
-                Table::Indexes,
-                index_key(index::AGENTS_BY_NAME, name, agent_id),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, index_key(index::AGENTS_BY_NAME, name, agent_id), Vec::new());
             Ok(Outcome::applied(Some(agent_id), 1))
         }
         Command::DeregisterAgent { agent_id } => {
@@ -911,13 +636,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             store(txn, Table::Agents, id_key(*agent_id), &agent);
             Ok(Outcome::applied(Some(*agent_id), 1))
         }
-        Command::EnqueueJob {
-            deployment_id,
-            name,
-            labels,
-            spec,
-            max_attempts,
-        } => {
+        Command::EnqueueJob { deployment_id, name, labels, spec, max_attempts } => {
             if load_id::<Deployment>(txn, Table::Deployments, *deployment_id)?.is_none() {
                 return Ok(not_found("deployment", *deployment_id));
             }
@@ -937,34 +656,18 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 updated_at: now,
             };
             store(txn, Table::Jobs, id_key(job_id), &job);
-            txn.put(
-                Table::Indexes,
-                index_key(
-                    index::JOBS_BY_DEPLOYMENT,
-                    &deployment_id.to_string(),
-                    job_id,
-                ),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, index_key(index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string(), job_id), Vec::new());
             set_job_status_index(txn, job_id, None, JobStatus::Queued);
             Ok(Outcome::applied(Some(job_id), 1))
         }
-        Command::AssignJob {
-            job_id,
-            agent_id,
-            attempt,
-            lease_expires_at,
-        } => {
+        Command::AssignJob { job_id, agent_id, attempt, lease_expires_at } => {
             let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
             };
             if job.status != JobStatus::Queued || *attempt != job.attempt + 1 {
                 return Ok(Outcome::rejected(
                     RejectionCode::StaleAttempt,
-                    format!(
-                        "job {job_id} is {:?} at attempt {}; cannot assign attempt {attempt}",
-                        job.status, job.attempt
-                    ),
+                    format!("job {job_id} is {:?} at attempt {}; cannot assign attempt {attempt}", job.status, job.attempt),
                 ));
             }
             match load_id::<Agent>(txn, Table::Agents, *agent_id)? {
@@ -974,30 +677,17 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             set_job_status_index(txn, *job_id, Some(job.status), JobStatus::Running);
             job.status = JobStatus::Running;
             job.attempt = *attempt;
-            job.lease = Some(Lease {
-                agent_id: *agent_id,
-                attempt: *attempt,
-                expires_at: *lease_expires_at,
-            });
+            job.lease = Some(Lease { agent_id: *agent_id, attempt: *attempt, expires_at: *lease_expires_at });
             job.updated_at = now;
             store(txn, Table::Jobs, id_key(*job_id), &job);
             Ok(Outcome::applied(Some(*job_id), 1))
         }
-        Command::RenewLease {
-            job_id,
-            agent_id,
-            attempt,
-            lease_expires_at,
-        } => {
+        Command::RenewLease { job_id, agent_id, attempt, lease_expires_at } => {
             let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
             };
             match &mut job.lease {
-                Some(lease)
-                    if lease.attempt == *attempt
-                        && lease.agent_id == *agent_id
-                        && job.status == JobStatus::Running =>
-                {
+                Some(lease) if lease.attempt == *attempt && lease.agent_id == *agent_id && job.status == JobStatus::Running => {
                     lease.expires_at = (*lease_expires_at).max(lease.expires_at);
                 }
                 _ => return Ok(stale_attempt(*job_id, *attempt)),
@@ -1006,25 +696,14 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             store(txn, Table::Jobs, id_key(*job_id), &job);
             Ok(Outcome::applied(Some(*job_id), 1))
         }
-        Command::CompleteJob {
-            job_id,
-            attempt,
-            succeeded,
-            failure_reason,
-        } => {
+        Command::CompleteJob { job_id, attempt, succeeded, failure_reason } => {
             let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
             };
-            if job.status != JobStatus::Running
-                || job.lease.as_ref().map(|lease| lease.attempt) != Some(*attempt)
-            {
+            if job.status != JobStatus::Running || job.lease.as_ref().map(|lease| lease.attempt) != Some(*attempt) {
                 return Ok(stale_attempt(*job_id, *attempt));
             }
-            let status = if *succeeded {
-                JobStatus::Succeeded
-            } else {
-                JobStatus::Failed
-            };
+            let status = if *succeeded { JobStatus::Succeeded } else { JobStatus::Failed };
             set_job_status_index(txn, *job_id, Some(job.status), status);
             job.status = status;
             job.lease = None;
@@ -1060,14 +739,8 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
             };
-            if matches!(
-                job.status,
-                JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
-            ) {
-                return Ok(Outcome::rejected(
-                    RejectionCode::Conflict,
-                    format!("job {job_id} already ended as {:?}", job.status),
-                ));
+            if matches!(job.status, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled) {
+                return Ok(Outcome::rejected(RejectionCode::Conflict, format!("job {job_id} already ended as {:?}", job.status)));
             }
             set_job_status_index(txn, *job_id, Some(job.status), JobStatus::Cancelled);
             job.status = JobStatus::Cancelled;
@@ -1080,12 +753,22 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
     }
 }
 
+/// The pipeline of repository `repo_id` named `name`, if any (names are unique per repository).
+fn pipeline_named(txn: &Txn, repo_id: u64, name: &str) -> StoreResult<Option<u64>> {
+    for pipeline_id in index_ids(txn, index::PIPELINES_BY_REPO, &repo_id.to_string())? {
+        if let Some(pipeline) = load_id::<Pipeline>(txn, Table::Pipelines, pipeline_id)?
+            && pipeline.name == name
+        {
+            return Ok(Some(pipeline_id));
+        }
+    }
+    Ok(None)
+}
+
 fn stale_attempt(job_id: u64, attempt: u32) -> Outcome {
     Outcome::rejected(
         RejectionCode::StaleAttempt,
-        format!(
-            "attempt {attempt} of job {job_id} no longer holds the lease; its report is refused"
-        ),
+        format!("attempt {attempt} of job {job_id} no longer holds the lease; its report is refused"),
     )
 }
 
@@ -1111,16 +794,9 @@ pub fn job_status_name(status: JobStatus) -> &'static str {
 
 fn set_job_status_index(txn: &mut Txn, job_id: u64, old: Option<JobStatus>, new: JobStatus) {
     if let Some(old) = old {
-        txn.delete(
-            Table::Indexes,
-            index_key(index::JOBS_BY_STATUS, job_status_name(old), job_id),
-        );
+        txn.delete(Table::Indexes, index_key(index::JOBS_BY_STATUS, job_status_name(old), job_id));
     }
-    txn.put(
-        Table::Indexes,
-        index_key(index::JOBS_BY_STATUS, job_status_name(new), job_id),
-        Vec::new(),
-    );
+    txn.put(Table::Indexes, index_key(index::JOBS_BY_STATUS, job_status_name(new), job_id), Vec::new());
 }
 
 fn configuration_index_key(pipeline_id: u64, row_key: &[u8]) -> Vec<u8> {
@@ -1137,16 +813,10 @@ fn set_configurations(
     entries: &[ConfigEntry],
 ) -> StoreResult<Outcome> {
     if environment.trim().is_empty() || environment.len() > 20 {
-        return Ok(Outcome::rejected(
-            RejectionCode::Invalid,
-            "environment must be 1 to 20 characters",
-        ));
+        return Ok(Outcome::rejected(RejectionCode::Invalid, "environment must be 1 to 20 characters"));
     }
     if entries.is_empty() {
-        return Ok(Outcome::rejected(
-            RejectionCode::Invalid,
-            "give at least one configuration variable",
-        ));
+        return Ok(Outcome::rejected(RejectionCode::Invalid, "give at least one configuration variable"));
     }
     if let Some(pipeline_id) = pipeline_id
         && load_id::<Pipeline>(txn, Table::Pipelines, pipeline_id)?.is_none()
@@ -1155,13 +825,7 @@ fn set_configurations(
     }
     for entry in entries {
         if entry.key.is_empty() || entry.key.len() > 100 {
-            return Ok(Outcome::rejected(
-                RejectionCode::Invalid,
-                format!(
-                    "configuration key {:?} must be 1 to 100 characters",
-                    entry.key
-                ),
-            ));
+            return Ok(Outcome::rejected(RejectionCode::Invalid, format!("configuration key {:?} must be 1 to 100 characters", entry.key)));
         }
     }
     let mut last_id = None;
@@ -1187,11 +851,7 @@ fn set_configurations(
         };
         last_id = Some(row.config_id);
         if let Some(pipeline_id) = pipeline_id {
-            txn.put(
-                Table::Indexes,
-                configuration_index_key(pipeline_id, &row_key),
-                Vec::new(),
-            );
+            txn.put(Table::Indexes, configuration_index_key(pipeline_id, &row_key), Vec::new());
         }
         store(txn, Table::Configurations, row_key, &row);
     }
@@ -1203,31 +863,17 @@ fn delete_token(txn: &mut Txn, token_id: u64) -> StoreResult<u64> {
         return Ok(0);
     };
     txn.delete(Table::ApiTokens, id_key(token_id));
-    txn.delete(
-        Table::Indexes,
-        index_key(index::TOKENS_BY_HASH, &token.token_hash, token_id),
-    );
-    txn.delete(
-        Table::Indexes,
-        index_key(index::TOKENS_BY_USER, &token.user_id.to_string(), token_id),
-    );
+    txn.delete(Table::Indexes, index_key(index::TOKENS_BY_HASH, &token.token_hash, token_id));
+    txn.delete(Table::Indexes, index_key(index::TOKENS_BY_USER, &token.user_id.to_string(), token_id));
     Ok(1)
 }
 
 fn delete_notification(txn: &mut Txn, notification_id: u64) -> StoreResult<u64> {
-    let Some(notification) = load_id::<Notification>(txn, Table::Notifications, notification_id)?
-    else {
+    let Some(notification) = load_id::<Notification>(txn, Table::Notifications, notification_id)? else {
         return Ok(0);
     };
     txn.delete(Table::Notifications, id_key(notification_id));
-    txn.delete(
-        Table::Indexes,
-        index_key(
-            index::NOTIFICATIONS_BY_USER,
-            &notification.user_id.to_string(),
-            notification_id,
-        ),
-    );
+    txn.delete(Table::Indexes, index_key(index::NOTIFICATIONS_BY_USER, &notification.user_id.to_string(), notification_id));
     Ok(1)
 }
 
@@ -1236,14 +882,7 @@ fn delete_artifact(txn: &mut Txn, artifact_id: u64) -> StoreResult<u64> {
         return Ok(0);
     };
     txn.delete(Table::Artifacts, id_key(artifact_id));
-    txn.delete(
-        Table::Indexes,
-        index_key(
-            index::ARTIFACTS_BY_PIPELINE,
-            &artifact.pipeline_id.to_string(),
-            artifact_id,
-        ),
-    );
+    txn.delete(Table::Indexes, index_key(index::ARTIFACTS_BY_PIPELINE, &artifact.pipeline_id.to_string(), artifact_id));
     Ok(1)
 }
 
@@ -1253,42 +892,18 @@ fn delete_deployment(txn: &mut Txn, deployment_id: u64) -> StoreResult<u64> {
     };
     let mut affected = 1;
     txn.delete(Table::Deployments, id_key(deployment_id));
-    txn.delete(
-        Table::Indexes,
-        index_key(
-            index::DEPLOYMENTS_BY_PIPELINE,
-            &deployment.pipeline_id.to_string(),
-            deployment_id,
-        ),
-    );
-    txn.delete(
-        Table::Indexes,
-        index_key(
-            index::DEPLOYMENTS_BY_STATUS,
-            status_name(deployment.status),
-            deployment_id,
-        ),
-    );
+    txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &deployment.pipeline_id.to_string(), deployment_id));
+    txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(deployment.status), deployment_id));
     for (key, _) in txn.scan_prefix(Table::Logs, &id_key(deployment_id))? {
         txn.delete(Table::Logs, key);
         affected += 1;
     }
     for job_id in index_ids(txn, index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string())? {
         if let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? {
-            txn.delete(
-                Table::Indexes,
-                index_key(index::JOBS_BY_STATUS, job_status_name(job.status), job_id),
-            );
+            txn.delete(Table::Indexes, index_key(index::JOBS_BY_STATUS, job_status_name(job.status), job_id));
         }
         txn.delete(Table::Jobs, id_key(job_id));
-        txn.delete(
-            Table::Indexes,
-            index_key(
-                index::JOBS_BY_DEPLOYMENT,
-                &deployment_id.to_string(),
-                job_id,
-            ),
-        );
+        txn.delete(Table::Indexes, index_key(index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string(), job_id));
         affected += 1;
     }
     Ok(affected)
@@ -1301,14 +916,7 @@ fn delete_pipeline(txn: &mut Txn, pipeline_id: u64) -> StoreResult<u64> {
     };
     let mut affected = 1;
     txn.delete(Table::Pipelines, id_key(pipeline_id));
-    txn.delete(
-        Table::Indexes,
-        index_key(
-            index::PIPELINES_BY_REPO,
-            &pipeline.repo_id.to_string(),
-            pipeline_id,
-        ),
-    );
+    txn.delete(Table::Indexes, index_key(index::PIPELINES_BY_REPO, &pipeline.repo_id.to_string(), pipeline_id));
     let owner = pipeline_id.to_string();
     for deployment_id in index_ids(txn, index::DEPLOYMENTS_BY_PIPELINE, &owner)? {
         affected += delete_deployment(txn, deployment_id)?;

@@ -20,21 +20,13 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn decode<T: DeserializeOwned>(table: Table, bytes: &[u8]) -> Result<T, StoreError> {
     match bytes.split_first() {
         Some((&FORMAT_V1, json)) => {
-            serde_json::from_slice(json).map_err(|error| StoreError::Corrupt {
-                table: table.name(),
-                message: error.to_string(),
-            })
+            serde_json::from_slice(json).map_err(|error| StoreError::Corrupt { table: table.name(), message: error.to_string() })
         }
         Some((format, _)) => Err(StoreError::Corrupt {
             table: table.name(),
-            message: format!(
-                "unknown record format {format}; was this data written by a newer davit?"
-            ),
+            message: format!("unknown record format {format}; was this data written by a newer davit?"),
         }),
-        None => Err(StoreError::Corrupt {
-            table: table.name(),
-            message: "empty record".into(),
-        }),
+        None => Err(StoreError::Corrupt { table: table.name(), message: "empty record".into() }),
     }
 }
 
@@ -44,7 +36,5 @@ pub fn id_key(id: u64) -> [u8; 8] {
 }
 
 pub fn key_id(key: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(
-        key.get(key.len().checked_sub(8)?..)?.try_into().ok()?,
-    ))
+    Some(u64::from_be_bytes(key.get(key.len().checked_sub(8)?..)?.try_into().ok()?))
 }

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{
-    DeployStrategy, DeploymentStatus, NotificationType, Role, ScmType, Timestamp,
-};
+use super::records::{DeployStrategy, DeploymentStatus, NotificationType, Role, ScmType, Timestamp};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
@@ -229,12 +227,8 @@ impl Command {
             Command::InitializeCluster { .. } => "cluster.initialize",
             Command::CreateUser { .. } => "user.create",
             Command::UpdateUser { .. } => "user.update",
-            Command::RecordLogin {
-                succeeded: true, ..
-            } => "auth.login",
-            Command::RecordLogin {
-                succeeded: false, ..
-            } => "auth.login_failed",
+            Command::RecordLogin { succeeded: true, .. } => "auth.login",
+            Command::RecordLogin { succeeded: false, .. } => "auth.login_failed",
             Command::DeleteUser { .. } => "user.delete",
             Command::CreateApiToken { .. } => "api_token.create",
             Command::RevokeApiToken { .. } => "api_token.revoke",
@@ -267,10 +261,7 @@ impl Command {
     /// Whether the action is recorded in the audit log. High-volume machine traffic (log
     /// segments, lease renewals) is not: it would drown out what people did.
     pub fn is_audited(&self) -> bool {
-        !matches!(
-            self,
-            Command::RecordLogSegment { .. } | Command::RenewLease { .. }
-        )
+        !matches!(self, Command::RecordLogSegment { .. } | Command::RenewLease { .. })
     }
 
     /// A summary for the audit log that never contains a secret value or a password hash.
@@ -288,56 +279,27 @@ impl Command {
                 patch.branch,
                 patch.webhook_secret.is_some()
             ),
-            Command::UpdateUser {
-                user_id,
-                role,
-                password_hash,
-                ..
-            } => {
-                format!(
-                    "user_id={user_id} role={role:?} password_changed={}",
-                    password_hash.is_some()
-                )
+            Command::UpdateUser { user_id, role, password_hash, .. } => {
+                format!("user_id={user_id} role={role:?} password_changed={}", password_hash.is_some())
             }
             Command::CreateApiToken { user_id, name, .. } => {
                 format!("user_id={user_id} name={name}")
             }
-            Command::ConnectRepository {
-                repo_url,
-                branch,
-                scm_type,
-                ..
-            } => {
+            Command::ConnectRepository { repo_url, branch, scm_type, .. } => {
                 format!("repo_url={repo_url} branch={branch} scm_type={scm_type:?}")
             }
-            Command::SetConfigurations {
-                environment,
-                pipeline_id,
-                entries,
-            } => {
+            Command::SetConfigurations { environment, pipeline_id, entries } => {
                 let keys: Vec<&str> = entries.iter().map(|entry| entry.key.as_str()).collect();
-                format!(
-                    "environment={environment} pipeline_id={pipeline_id:?} keys={}",
-                    keys.join(",")
-                )
+                format!("environment={environment} pipeline_id={pipeline_id:?} keys={}", keys.join(","))
             }
             Command::CreatePipeline { name, repo_id, .. } => {
                 format!("name={name} repo_id={repo_id}")
             }
-            Command::CreateDeployment {
-                pipeline_id,
-                commit_hash,
-                environment,
-                ..
-            } => {
+            Command::CreateDeployment { pipeline_id, commit_hash, environment, .. } => {
                 format!("pipeline_id={pipeline_id} commit={commit_hash} environment={environment}")
             }
             Command::RegisterAgent { name, .. } => format!("name={name}"),
-            Command::EnqueueJob {
-                deployment_id,
-                name,
-                ..
-            } => format!("deployment_id={deployment_id} name={name}"),
+            Command::EnqueueJob { deployment_id, name, .. } => format!("deployment_id={deployment_id} name={name}"),
             other => {
                 // Everything else carries ids and enums only.
                 let mut json = serde_json::to_value(other).unwrap_or_default();
@@ -382,16 +344,9 @@ pub struct Rejection {
 
 impl Outcome {
     pub fn applied(id: Option<u64>, affected: u64) -> Self {
-        Outcome {
-            result: Ok(Applied { id, affected }),
-        }
+        Outcome { result: Ok(Applied { id, affected }) }
     }
     pub fn rejected(code: RejectionCode, message: impl Into<String>) -> Self {
-        Outcome {
-            result: Err(Rejection {
-                code,
-                message: message.into(),
-            }),
-        }
+        Outcome { result: Err(Rejection { code, message: message.into() }) }
     }
 }

@@ -102,10 +102,7 @@ pub enum DeploymentStatus {
 
 impl DeploymentStatus {
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            DeploymentStatus::Success | DeploymentStatus::Failed | DeploymentStatus::RolledBack
-        )
+        matches!(self, DeploymentStatus::Success | DeploymentStatus::Failed | DeploymentStatus::RolledBack)
     }
 }
 

@@ -9,12 +9,7 @@ use super::txn::{EmptyState, StateRead, Txn};
 use crate::store::Table;
 
 fn propose(txn: &mut Txn, time: i64, command: Command) -> Outcome {
-    let proposal = Proposal {
-        time,
-        actor: Some(1),
-        command,
-        source: None,
-    };
+    let proposal = Proposal { time, actor: Some(1), command, source: None };
     apply(txn, &proposal, time as u64).unwrap()
 }
 
@@ -61,10 +56,7 @@ fn users_are_unique_by_name_and_email() {
     let duplicate = propose(&mut txn, 2, create("john_doe", "other@x"));
     assert_eq!(duplicate.result.unwrap_err().code, RejectionCode::Conflict);
     let duplicate_email = propose(&mut txn, 3, create("jane", "j@x"));
-    assert_eq!(
-        duplicate_email.result.unwrap_err().code,
-        RejectionCode::Conflict
-    );
+    assert_eq!(duplicate_email.result.unwrap_err().code, RejectionCode::Conflict);
     assert_eq!(id(propose(&mut txn, 4, create("jane", "jane@x"))), 2);
 }
 
@@ -82,58 +74,18 @@ fn configurations_upsert_per_environment_and_pipeline() {
     let mut txn = Txn::new(&EmptyState);
     let pipeline_id = seed_pipeline(&mut txn);
     let entries = vec![
-        ConfigEntry {
-            key: "db_password".into(),
-            value: "new_password".into(),
-            is_secret: true,
-        },
-        ConfigEntry {
-            key: "api_key".into(),
-            value: "12345".into(),
-            is_secret: false,
-        },
+        ConfigEntry { key: "db_password".into(), value: "new_password".into(), is_secret: true },
+        ConfigEntry { key: "api_key".into(), value: "12345".into(), is_secret: false },
     ];
-    let set = |entries: Vec<ConfigEntry>, pipeline_id| Command::SetConfigurations {
-        environment: "staging".into(),
-        pipeline_id,
-        entries,
-    };
-    assert_eq!(
-        propose(&mut txn, 3, set(entries.clone(), None))
-            .result
-            .unwrap()
-            .affected,
-        2
-    );
-    propose(
-        &mut txn,
-        4,
-        set(
-            vec![ConfigEntry {
-                key: "api_key".into(),
-                value: "67890".into(),
-                is_secret: false,
-            }],
-            None,
-        ),
-    );
+    let set = |entries: Vec<ConfigEntry>, pipeline_id| Command::SetConfigurations { environment: "staging".into(), pipeline_id, entries };
+    assert_eq!(propose(&mut txn, 3, set(entries.clone(), None)).result.unwrap().affected, 2);
+    propose(&mut txn, 4, set(vec![ConfigEntry { key: "api_key".into(), value: "67890".into(), is_secret: false }], None));
     propose(&mut txn, 5, set(entries, Some(pipeline_id)));
-    let row: Configuration = load(
-        &txn,
-        Table::Configurations,
-        &configuration_key("staging", None, "api_key"),
-    )
-    .unwrap()
-    .unwrap();
+    let row: Configuration = load(&txn, Table::Configurations, &configuration_key("staging", None, "api_key")).unwrap().unwrap();
     assert_eq!(row.value, "67890");
     assert_eq!(row.created_at, 3);
     assert_eq!(row.updated_at, 4);
-    assert_eq!(
-        txn.scan_prefix(Table::Configurations, b"staging\0")
-            .unwrap()
-            .len(),
-        4
-    );
+    assert_eq!(txn.scan_prefix(Table::Configurations, b"staging\0").unwrap().len(), 4);
 }
 
 #[test]
@@ -168,38 +120,19 @@ fn deleting_a_repository_cascades_to_pipelines_deployments_artifacts_and_configu
         Command::SetConfigurations {
             environment: "staging".into(),
             pipeline_id: Some(pipeline_id),
-            entries: vec![ConfigEntry {
-                key: "k".into(),
-                value: "v".into(),
-                is_secret: false,
-            }],
+            entries: vec![ConfigEntry { key: "k".into(), value: "v".into(), is_secret: false }],
         },
     );
-    let deployment: Deployment = load_id(&txn, Table::Deployments, deployment_id)
-        .unwrap()
-        .unwrap();
+    let deployment: Deployment = load_id(&txn, Table::Deployments, deployment_id).unwrap().unwrap();
     assert_eq!(deployment.triggered_by, Some(1));
     assert_eq!(deployment.status, DeploymentStatus::Pending);
 
     let outcome = propose(&mut txn, 6, Command::DeleteRepository { repo_id: 1 });
     assert_eq!(outcome.result.unwrap().affected, 5);
-    for table in [
-        Table::Repositories,
-        Table::Pipelines,
-        Table::Deployments,
-        Table::Artifacts,
-        Table::Configurations,
-    ] {
-        assert!(
-            txn.scan_prefix(table, b"").unwrap().is_empty(),
-            "{table:?} still has rows"
-        );
+    for table in [Table::Repositories, Table::Pipelines, Table::Deployments, Table::Artifacts, Table::Configurations] {
+        assert!(txn.scan_prefix(table, b"").unwrap().is_empty(), "{table:?} still has rows");
     }
-    assert!(
-        index_ids(&txn, index::DEPLOYMENTS_BY_STATUS, "pending")
-            .unwrap()
-            .is_empty()
-    );
+    assert!(index_ids(&txn, index::DEPLOYMENTS_BY_STATUS, "pending").unwrap().is_empty());
 }
 
 #[test]
@@ -217,66 +150,21 @@ fn a_lease_fences_out_stale_attempts_and_retries_until_the_limit() {
             rollback_of: None,
         },
     ));
-    let agent = |name: &str| Command::RegisterAgent {
-        name: name.into(),
-        labels: BTreeMap::new(),
-        credential_hash: "h".into(),
-    };
+    let agent = |name: &str| Command::RegisterAgent { name: name.into(), labels: BTreeMap::new(), credential_hash: "h".into() };
     let agent_a = id(propose(&mut txn, 4, agent("a")));
     let agent_b = id(propose(&mut txn, 5, agent("b")));
     let job_id = id(propose(
         &mut txn,
         6,
-        Command::EnqueueJob {
-            deployment_id,
-            name: "build".into(),
-            labels: BTreeMap::new(),
-            spec: serde_json::json!({}),
-            max_attempts: 2,
-        },
+        Command::EnqueueJob { deployment_id, name: "build".into(), labels: BTreeMap::new(), spec: serde_json::json!({}), max_attempts: 2 },
     ));
-    propose(
-        &mut txn,
-        7,
-        Command::AssignJob {
-            job_id,
-            agent_id: agent_a,
-            attempt: 1,
-            lease_expires_at: 100,
-        },
-    )
-    .result
-    .unwrap();
-    propose(&mut txn, 8, Command::ExpireLease { job_id, attempt: 1 })
-        .result
-        .unwrap();
-    propose(
-        &mut txn,
-        9,
-        Command::AssignJob {
-            job_id,
-            agent_id: agent_b,
-            attempt: 2,
-            lease_expires_at: 200,
-        },
-    )
-    .result
-    .unwrap();
+    propose(&mut txn, 7, Command::AssignJob { job_id, agent_id: agent_a, attempt: 1, lease_expires_at: 100 }).result.unwrap();
+    propose(&mut txn, 8, Command::ExpireLease { job_id, attempt: 1 }).result.unwrap();
+    propose(&mut txn, 9, Command::AssignJob { job_id, agent_id: agent_b, attempt: 2, lease_expires_at: 200 }).result.unwrap();
     // The first agent comes back late: its report is refused.
-    let late = propose(
-        &mut txn,
-        10,
-        Command::CompleteJob {
-            job_id,
-            attempt: 1,
-            succeeded: true,
-            failure_reason: None,
-        },
-    );
+    let late = propose(&mut txn, 10, Command::CompleteJob { job_id, attempt: 1, succeeded: true, failure_reason: None });
     assert_eq!(late.result.unwrap_err().code, RejectionCode::StaleAttempt);
-    propose(&mut txn, 11, Command::ExpireLease { job_id, attempt: 2 })
-        .result
-        .unwrap();
+    propose(&mut txn, 11, Command::ExpireLease { job_id, attempt: 2 }).result.unwrap();
     let job: Job = load_id(&txn, Table::Jobs, job_id).unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Failed);
     assert!(job.failure_reason.unwrap().contains("no attempts left"));
@@ -286,22 +174,15 @@ fn a_lease_fences_out_stale_attempts_and_retries_until_the_limit() {
 fn the_audit_log_is_hash_chained() {
     let mut txn = Txn::new(&EmptyState);
     seed_pipeline(&mut txn);
-    let entries: Vec<AuditLog> = txn
-        .scan_prefix(Table::AuditLogs, b"")
-        .unwrap()
-        .into_iter()
-        .map(|(_, bytes)| decode(Table::AuditLogs, &bytes).unwrap())
-        .collect();
+    let entries: Vec<AuditLog> =
+        txn.scan_prefix(Table::AuditLogs, b"").unwrap().into_iter().map(|(_, bytes)| decode(Table::AuditLogs, &bytes).unwrap()).collect();
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0].previous_hash, "");
     assert_eq!(entries[1].previous_hash, entries[0].hash);
     for entry in &entries {
         assert_eq!(audit_hash(&entry.previous_hash, entry), entry.hash);
     }
-    assert!(
-        !entries[0].details.contains("sealed"),
-        "webhook secret leaked into the audit log"
-    );
+    assert!(!entries[0].details.contains("sealed"), "webhook secret leaked into the audit log");
 }
 
 #[test]
@@ -325,9 +206,7 @@ fn frozen_v1_records_still_decode() {
 
     let proposal = b"{\"time\":1764134400000,\"actor\":1,\"command\":{\"type\":\"set_configurations\",\"environment\":\"staging\",\"pipeline_id\":null,\"entries\":[{\"key\":\"api_key\",\"value\":\"12345\",\"is_secret\":false}]}}";
     let proposal: Proposal = serde_json::from_slice(proposal).unwrap();
-    assert!(
-        matches!(proposal.command, Command::SetConfigurations { ref entries, .. } if entries[0].value == "12345")
-    );
+    assert!(matches!(proposal.command, Command::SetConfigurations { ref entries, .. } if entries[0].value == "12345"));
 
     let pipeline = b"\x01{\"pipeline_id\":3,\"name\":\"p\",\"repo_id\":1,\"branch\":\"main\",\"build_command\":null,\"deploy_strategy\":\"blue-green\",\"environment\":\"development\",\"is_active\":true,\"created_at\":1,\"updated_at\":2}";
     let pipeline: Pipeline = decode(Table::Pipelines, pipeline).unwrap();
@@ -335,10 +214,5 @@ fn frozen_v1_records_still_decode() {
 
     // And what we write today is still version 1.
     assert_eq!(encode(&user)[0], 1);
-    assert!(
-        decode::<User>(Table::Users, b"\x02{}")
-            .unwrap_err()
-            .to_string()
-            .contains("newer davit")
-    );
+    assert!(decode::<User>(Table::Users, b"\x02{}").unwrap_err().to_string().contains("newer davit"));
 }

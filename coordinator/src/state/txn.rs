@@ -45,10 +45,7 @@ pub struct Txn<'a> {
 
 impl<'a> Txn<'a> {
     pub fn new(base: &'a dyn StateRead) -> Self {
-        Self {
-            base,
-            writes: BTreeMap::new(),
-        }
+        Self { base, writes: BTreeMap::new() }
     }
 
     pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: Vec<u8>) {
@@ -89,8 +86,7 @@ impl StateRead for Txn<'_> {
     }
 
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> StoreResult<Vec<KeyValue>> {
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
-            self.base.scan_prefix(table, prefix)?.into_iter().collect();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.base.scan_prefix(table, prefix)?.into_iter().collect();
         let start = (table, prefix.to_vec());
         for ((write_table, key), value) in self.writes.range(start..) {
             if *write_table != table || !key.starts_with(prefix) {
@@ -120,23 +116,12 @@ mod tests {
             child.delete(Table::Users, b"a1".to_vec());
             child.put(Table::Users, b"a3".to_vec(), b"w".to_vec());
             let rows = child.scan_prefix(Table::Users, b"a").unwrap();
-            assert_eq!(
-                rows,
-                vec![
-                    (b"a2".to_vec(), b"y".to_vec()),
-                    (b"a3".to_vec(), b"w".to_vec())
-                ]
-            );
+            assert_eq!(rows, vec![(b"a2".to_vec(), b"y".to_vec()), (b"a3".to_vec(), b"w".to_vec())]);
             assert_eq!(child.get(Table::Users, b"a1").unwrap(), None);
             child.into_writes()
         };
         parent.absorb(writes);
         assert_eq!(parent.scan_prefix(Table::Users, b"").unwrap().len(), 3);
-        assert!(
-            parent
-                .scan_prefix(Table::Pipelines, b"")
-                .unwrap()
-                .is_empty()
-        );
+        assert!(parent.scan_prefix(Table::Pipelines, b"").unwrap().is_empty());
     }
 }

@@ -137,24 +137,13 @@ impl WriteBatch {
         Self::default()
     }
     pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::Put {
-            table,
-            key: key.into(),
-            value: value.into(),
-        });
+        self.ops.push(WriteOp::Put { table, key: key.into(), value: value.into() });
     }
     pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) {
-        self.ops.push(WriteOp::Delete {
-            table,
-            key: key.into(),
-        });
+        self.ops.push(WriteOp::Delete { table, key: key.into() });
     }
     pub fn delete_range(&mut self, table: Table, start: impl Into<Vec<u8>>, end: Option<Vec<u8>>) {
-        self.ops.push(WriteOp::DeleteRange {
-            table,
-            start: start.into(),
-            end,
-        });
+        self.ops.push(WriteOp::DeleteRange { table, start: start.into(), end });
     }
     pub fn clear(&mut self, table: Table) {
         self.ops.push(WriteOp::Clear { table });
@@ -185,10 +174,7 @@ pub enum StoreError {
     #[error("storage backend error: {0}")]
     Backend(String),
     #[error("corrupt stored value in table {table}: {message}")]
-    Corrupt {
-        table: &'static str,
-        message: String,
-    },
+    Corrupt { table: &'static str, message: String },
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -208,13 +194,7 @@ pub trait Backend: Send + Sync + 'static {
     fn kind(&self) -> BackendKind;
     fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
     /// Key/values in `range`, in key order (reverse order when `reverse`), at most `limit`.
-    fn scan(
-        &self,
-        table: Table,
-        range: KeyRange,
-        limit: usize,
-        reverse: bool,
-    ) -> StoreResult<Vec<KeyValue>>;
+    fn scan(&self, table: Table, range: KeyRange, limit: usize, reverse: bool) -> StoreResult<Vec<KeyValue>>;
     fn write(&self, batch: WriteBatch, durability: Durability) -> StoreResult<()>;
     /// Make every write so far durable (one fsync for all `Deferred` writes before it).
     fn sync(&self) -> StoreResult<()>;
@@ -248,9 +228,7 @@ impl std::str::FromStr for BackendKind {
         match s {
             "redb" => Ok(BackendKind::Redb),
             "sled" => Ok(BackendKind::Sled),
-            other => Err(format!(
-                "unknown storage backend {other:?}: use \"redb\" or \"sled\""
-            )),
+            other => Err(format!("unknown storage backend {other:?}: use \"redb\" or \"sled\"")),
         }
     }
 }

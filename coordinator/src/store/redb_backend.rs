@@ -7,10 +7,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{
-    Backend, BackendKind, Durability, KeyRange, KeyValue, StateView, StoreError, StoreResult,
-    Table, WriteBatch, WriteOp,
-};
+use super::{Backend, BackendKind, Durability, KeyRange, KeyValue, StateView, StoreError, StoreResult, Table, WriteBatch, WriteOp};
 
 fn definition(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(table.name())
@@ -31,15 +28,10 @@ impl RedbBackend {
         // Create every table up front so that readers never see "table does not exist".
         let transaction = database.begin_write().map_err(backend_error)?;
         for table in Table::ALL {
-            transaction
-                .open_table(definition(table))
-                .map_err(backend_error)?;
+            transaction.open_table(definition(table)).map_err(backend_error)?;
         }
         transaction.commit().map_err(backend_error)?;
-        Ok(Self {
-            database,
-            path: path.to_path_buf(),
-        })
+        Ok(Self { database, path: path.to_path_buf() })
     }
 }
 
@@ -61,33 +53,15 @@ fn scan_table<T: ReadableTable<&'static [u8], &'static [u8]>>(
     limit: usize,
     reverse: bool,
 ) -> StoreResult<Vec<KeyValue>> {
-    let mut out = Vec::new();
-    let iter = table
-        .range::<&[u8]>(to_redb_bounds(range))
-        .map_err(backend_error)?;
-    let mut push = |item: Result<
-        (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>),
-        redb::StorageError,
-    >|
-     -> StoreResult<bool> {
-        let (key, value) = item.map_err(backend_error)?;
-        out.push((key.value().to_vec(), value.value().to_vec()));
-        Ok(out.len() < limit)
-    };
-    if reverse {
-        for item in iter.rev() {
-            if !push(item)? {
-                break;
-            }
-        }
-    } else {
-        for item in iter {
-            if !push(item)? {
-                break;
-            }
-        }
-    }
-    Ok(out)
+    let iter = table.range::<&[u8]>(to_redb_bounds(range)).map_err(backend_error)?;
+    if reverse { iter.rev().take(limit).map(to_pair).collect() } else { iter.take(limit).map(to_pair).collect() }
+}
+
+type RangeItem<'a> = Result<(redb::AccessGuard<'a, &'static [u8]>, redb::AccessGuard<'a, &'static [u8]>), redb::StorageError>;
+
+fn to_pair(item: RangeItem<'_>) -> StoreResult<KeyValue> {
+    let (key, value) = item.map_err(backend_error)?;
+    Ok((key.value().to_vec(), value.value().to_vec()))
 }
 
 impl Backend for RedbBackend {
@@ -97,29 +71,16 @@ impl Backend for RedbBackend {
 
     fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
         let transaction = self.database.begin_read().map_err(backend_error)?;
-        let table = transaction
-            .open_table(definition(table))
-            .map_err(backend_error)?;
-        Ok(table
-            .get(key)
-            .map_err(backend_error)?
-            .map(|value| value.value().to_vec()))
+        let table = transaction.open_table(definition(table)).map_err(backend_error)?;
+        Ok(table.get(key).map_err(backend_error)?.map(|value| value.value().to_vec()))
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        range: KeyRange,
-        limit: usize,
-        reverse: bool,
-    ) -> StoreResult<Vec<KeyValue>> {
+    fn scan(&self, table: Table, range: KeyRange, limit: usize, reverse: bool) -> StoreResult<Vec<KeyValue>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let transaction = self.database.begin_read().map_err(backend_error)?;
-        let table = transaction
-            .open_table(definition(table))
-            .map_err(backend_error)?;
+        let table = transaction.open_table(definition(table)).map_err(backend_error)?;
         scan_table(&table, &range, limit, reverse)
     }
 
@@ -134,35 +95,20 @@ impl Backend for RedbBackend {
         for op in &batch.ops {
             match op {
                 WriteOp::Put { table, key, value } => {
-                    let mut table = transaction
-                        .open_table(definition(*table))
-                        .map_err(backend_error)?;
-                    table
-                        .insert(key.as_slice(), value.as_slice())
-                        .map_err(backend_error)?;
+                    let mut table = transaction.open_table(definition(*table)).map_err(backend_error)?;
+                    table.insert(key.as_slice(), value.as_slice()).map_err(backend_error)?;
                 }
                 WriteOp::Delete { table, key } => {
-                    let mut table = transaction
-                        .open_table(definition(*table))
-                        .map_err(backend_error)?;
+                    let mut table = transaction.open_table(definition(*table)).map_err(backend_error)?;
                     table.remove(key.as_slice()).map_err(backend_error)?;
                 }
                 WriteOp::DeleteRange { table, start, end } => {
-                    let mut table = transaction
-                        .open_table(definition(*table))
-                        .map_err(backend_error)?;
-                    let range: KeyRange = (
-                        Bound::Included(start.clone()),
-                        end.clone().map_or(Bound::Unbounded, Bound::Excluded),
-                    );
-                    table
-                        .retain_in::<&[u8], _>(to_redb_bounds(&range), |_, _| false)
-                        .map_err(backend_error)?;
+                    let mut table = transaction.open_table(definition(*table)).map_err(backend_error)?;
+                    let range: KeyRange = (Bound::Included(start.clone()), end.clone().map_or(Bound::Unbounded, Bound::Excluded));
+                    table.retain_in::<&[u8], _>(to_redb_bounds(&range), |_, _| false).map_err(backend_error)?;
                 }
                 WriteOp::Clear { table } => {
-                    let mut table = transaction
-                        .open_table(definition(*table))
-                        .map_err(backend_error)?;
+                    let mut table = transaction.open_table(definition(*table)).map_err(backend_error)?;
                     table.retain(|_, _| false).map_err(backend_error)?;
                 }
             }
@@ -175,9 +121,7 @@ impl Backend for RedbBackend {
         // An empty transaction committed with `Immediate` durability persists every
         // `Durability::None` commit before it.
         let mut transaction = self.database.begin_write().map_err(backend_error)?;
-        transaction
-            .set_durability(redb::Durability::Immediate)
-            .map_err(backend_error)?;
+        transaction.set_durability(redb::Durability::Immediate).map_err(backend_error)?;
         transaction.commit().map_err(backend_error)
     }
 
@@ -187,9 +131,7 @@ impl Backend for RedbBackend {
     }
 
     fn disk_bytes(&self) -> u64 {
-        std::fs::metadata(&self.path)
-            .map(|meta| meta.len())
-            .unwrap_or(0)
+        std::fs::metadata(&self.path).map(|meta| meta.len()).unwrap_or(0)
     }
 }
 
@@ -200,10 +142,7 @@ struct RedbStateView {
 
 impl StateView for RedbStateView {
     fn dump(&self, table: Table) -> StoreResult<Vec<KeyValue>> {
-        let table = self
-            .transaction
-            .open_table(definition(table))
-            .map_err(backend_error)?;
+        let table = self.transaction.open_table(definition(table)).map_err(backend_error)?;
         scan_table(&table, &super::full_range(), usize::MAX, false)
     }
 }

@@ -9,10 +9,7 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Db, Transactional, Tree};
 
-use super::{
-    Backend, BackendKind, Durability, KeyRange, KeyValue, StateView, StoreError, StoreResult,
-    Table, WriteBatch, WriteOp,
-};
+use super::{Backend, BackendKind, Durability, KeyRange, KeyValue, StateView, StoreError, StoreResult, Table, WriteBatch, WriteOp};
 
 fn backend_error(error: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("sled: {error}"))
@@ -26,20 +23,12 @@ pub struct SledBackend {
 
 impl SledBackend {
     pub fn open(path: &Path) -> StoreResult<Self> {
-        let db = sled::Config::new()
-            .path(path)
-            .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(backend_error)?;
+        let db = sled::Config::new().path(path).mode(sled::Mode::LowSpace).open().map_err(backend_error)?;
         let mut trees = HashMap::new();
         for table in Table::ALL {
             trees.insert(table, db.open_tree(table.name()).map_err(backend_error)?);
         }
-        Ok(Self {
-            db,
-            trees,
-            path: path.to_path_buf(),
-        })
+        Ok(Self { db, trees, path: path.to_path_buf() })
     }
 
     fn tree(&self, table: Table) -> &Tree {
@@ -47,11 +36,7 @@ impl SledBackend {
     }
 
     fn keys_in(&self, table: Table, range: &KeyRange) -> StoreResult<Vec<sled::IVec>> {
-        self.tree(table)
-            .range::<Vec<u8>, _>(range.clone())
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(backend_error)
+        self.tree(table).range::<Vec<u8>, _>(range.clone()).keys().collect::<Result<Vec<_>, _>>().map_err(backend_error)
     }
 }
 
@@ -68,22 +53,11 @@ fn slot(per_table: &mut TableChanges, table: Table) -> usize {
     }
 }
 
-fn scan_tree(
-    tree: &Tree,
-    range: &KeyRange,
-    limit: usize,
-    reverse: bool,
-) -> StoreResult<Vec<KeyValue>> {
+fn scan_tree(tree: &Tree, range: &KeyRange, limit: usize, reverse: bool) -> StoreResult<Vec<KeyValue>> {
     let iter = tree.range::<Vec<u8>, _>(range.clone());
-    let convert = |item: sled::Result<(sled::IVec, sled::IVec)>| {
-        item.map(|(key, value)| (key.to_vec(), value.to_vec()))
-            .map_err(backend_error)
-    };
-    if reverse {
-        iter.rev().take(limit).map(convert).collect()
-    } else {
-        iter.take(limit).map(convert).collect()
-    }
+    let convert =
+        |item: sled::Result<(sled::IVec, sled::IVec)>| item.map(|(key, value)| (key.to_vec(), value.to_vec())).map_err(backend_error);
+    if reverse { iter.rev().take(limit).map(convert).collect() } else { iter.take(limit).map(convert).collect() }
 }
 
 impl Backend for SledBackend {
@@ -92,20 +66,10 @@ impl Backend for SledBackend {
     }
 
     fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-        Ok(self
-            .tree(table)
-            .get(key)
-            .map_err(backend_error)?
-            .map(|value| value.to_vec()))
+        Ok(self.tree(table).get(key).map_err(backend_error)?.map(|value| value.to_vec()))
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        range: KeyRange,
-        limit: usize,
-        reverse: bool,
-    ) -> StoreResult<Vec<KeyValue>> {
+    fn scan(&self, table: Table, range: KeyRange, limit: usize, reverse: bool) -> StoreResult<Vec<KeyValue>> {
         scan_tree(self.tree(table), &range, limit, reverse)
     }
 
@@ -125,22 +89,15 @@ impl Backend for SledBackend {
                     per_table[index].1.push((key, None));
                 }
                 WriteOp::DeleteRange { table, start, end } => {
-                    let range = (
-                        Bound::Included(start),
-                        end.map_or(Bound::Unbounded, Bound::Excluded),
-                    );
+                    let range = (Bound::Included(start), end.map_or(Bound::Unbounded, Bound::Excluded));
                     let keys = self.keys_in(table, &range)?;
                     let index = slot(&mut per_table, table);
-                    per_table[index]
-                        .1
-                        .extend(keys.into_iter().map(|key| (key.to_vec(), None)));
+                    per_table[index].1.extend(keys.into_iter().map(|key| (key.to_vec(), None)));
                 }
                 WriteOp::Clear { table } => {
                     let keys = self.keys_in(table, &super::full_range())?;
                     let index = slot(&mut per_table, table);
-                    per_table[index]
-                        .1
-                        .extend(keys.into_iter().map(|key| (key.to_vec(), None)));
+                    per_table[index].1.extend(keys.into_iter().map(|key| (key.to_vec(), None)));
                 }
             }
         }
@@ -154,14 +111,9 @@ impl Backend for SledBackend {
                     None => sled_batch.remove(key),
                 }
             }
-            self.tree(table)
-                .apply_batch(sled_batch)
-                .map_err(backend_error)?;
+            self.tree(table).apply_batch(sled_batch).map_err(backend_error)?;
         } else if !per_table.is_empty() {
-            let trees: Vec<&Tree> = per_table
-                .iter()
-                .map(|(table, _)| self.tree(*table))
-                .collect();
+            let trees: Vec<&Tree> = per_table.iter().map(|(table, _)| self.tree(*table)).collect();
             trees
                 .as_slice()
                 .transaction(|transactional_trees| {
@@ -196,10 +148,7 @@ impl Backend for SledBackend {
         // the state machine (nothing is applied meanwhile).
         let mut tables = HashMap::new();
         for table in Table::state_tables() {
-            tables.insert(
-                table,
-                scan_tree(self.tree(table), &super::full_range(), usize::MAX, false)?,
-            );
+            tables.insert(table, scan_tree(self.tree(table), &super::full_range(), usize::MAX, false)?);
         }
         Ok(Box::new(CopiedStateView { tables }))
     }

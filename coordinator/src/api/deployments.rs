@@ -1,0 +1,318 @@
+//! Deployments: one run of a pipeline for a commit and an environment (its build, test and
+//! deploy steps), however it was started. Deploying to `production` needs an admin.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::extract::{Caller, FlexibleId, JsonBody, Page, Paged, page_of, parse_id};
+use super::pipelines::{load_pipeline, validate_environment};
+use super::users::{applied_id, timestamp};
+use crate::api_error::ApiError;
+use crate::log_segments::{self, LogLevel};
+use crate::state::Command;
+use crate::state::apply::{index, index_ids, load_id};
+use crate::state::records::{Deployment, DeploymentStatus, Role};
+use crate::store::Table;
+
+/// The environment whose deployments need an admin.
+pub const PRODUCTION: &str = "production";
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_deployments, create_deployment))
+        .routes(routes!(get_deployment))
+        .routes(routes!(cancel_deployment))
+        .routes(routes!(rollback_deployment))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentView {
+    pub deployment_id: u64,
+    pub pipeline_id: u64,
+    pub commit_hash: String,
+    #[schema(value_type = String, example = "pending")]
+    pub status: DeploymentStatus,
+    pub status_reason: Option<String>,
+    pub environment: String,
+    pub start_time: Option<String>,
+    pub end_time: Option<String>,
+    pub triggered_by: Option<u64>,
+    pub rollback_of: Option<u64>,
+    pub config_overrides: BTreeMap<String, String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Deployment> for DeploymentView {
+    fn from(deployment: Deployment) -> Self {
+        Self {
+            deployment_id: deployment.deployment_id,
+            pipeline_id: deployment.pipeline_id,
+            commit_hash: deployment.commit_hash,
+            status: deployment.status,
+            status_reason: deployment.status_reason,
+            environment: deployment.environment,
+            start_time: deployment.start_time.map(timestamp),
+            end_time: deployment.end_time.map(timestamp),
+            triggered_by: deployment.triggered_by,
+            rollback_of: deployment.rollback_of,
+            config_overrides: deployment.config_overrides,
+            created_at: timestamp(deployment.created_at),
+            updated_at: timestamp(deployment.updated_at),
+        }
+    }
+}
+
+fn load_deployment(state: &AppState, deployment_id: u64) -> Result<Deployment, ApiError> {
+    load_id(&state.node.state(), Table::Deployments, deployment_id)?
+        .ok_or_else(|| ApiError::not_found(format!("deployment {deployment_id} not found")))
+}
+
+fn validate_commit(commit_hash: &str) -> Result<(), ApiError> {
+    let valid = (4..=40).contains(&commit_hash.len()) && commit_hash.chars().all(|c| c.is_ascii_hexdigit());
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field("commit_hash", "commit_hash must be 4 to 40 hexadecimal characters (a git commit id)"))
+    }
+}
+
+/// Scalar JSON values as configuration strings; anything nested is refused.
+pub fn scalar_to_string(field: &str, value: serde_json::Value) -> Result<String, ApiError> {
+    match value {
+        serde_json::Value::String(text) => Ok(text),
+        serde_json::Value::Number(number) => Ok(number.to_string()),
+        serde_json::Value::Bool(flag) => Ok(flag.to_string()),
+        other => Err(ApiError::invalid_field(field, format!("{field} must be a string, number or boolean, not {other}"))),
+    }
+}
+
+fn require_environment_role(caller: &Caller, environment: &str, action: &str) -> Result<(), ApiError> {
+    let role = if environment == PRODUCTION { Role::Admin } else { Role::Developer };
+    caller.require(role, &format!("{action} in {environment}"))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeploymentFilter {
+    pub pipeline_id: Option<String>,
+    /// pending, in_progress, success, failed or rolled_back.
+    pub status: Option<String>,
+    pub environment: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+/// List deployments, newest last, filtered by pipeline, status or environment.
+#[utoipa::path(get, path = "/api/v1/deployments", tag = "deployments", params(DeploymentFilter), security(("bearer" = [])),
+    responses((status = 200, body = Paged<DeploymentView>), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody)))]
+async fn list_deployments(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(filter): Query<DeploymentFilter>,
+) -> Result<Json<Paged<DeploymentView>>, ApiError> {
+    let pipeline_id = filter.pipeline_id.as_deref().map(|id| parse_id("pipeline_id", id)).transpose()?;
+    let status: Option<DeploymentStatus> = filter
+        .status
+        .as_deref()
+        .map(|status| {
+            serde_json::from_value(serde_json::Value::String(status.to_string()))
+                .map_err(|_| ApiError::invalid_field("status", "status must be pending, in_progress, success, failed or rolled_back"))
+        })
+        .transpose()?;
+    state.node.read_barrier().await?;
+    let page = Page { limit: filter.limit, cursor: filter.cursor };
+    let page = page_of::<Deployment>(&state.node, Table::Deployments, &page, |deployment| {
+        pipeline_id.is_none_or(|id| deployment.pipeline_id == id)
+            && status.is_none_or(|status| deployment.status == status)
+            && filter.environment.as_ref().is_none_or(|environment| &deployment.environment == environment)
+    })?;
+    Ok(Json(Paged { items: page.items.into_iter().map(DeploymentView::from).collect(), next_cursor: page.next_cursor }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeploymentRequest {
+    #[schema(example = "pipeline123")]
+    pub pipeline_id: FlexibleId,
+    #[schema(example = "abc123def")]
+    pub commit_hash: String,
+    /// Defaults to the pipeline's environment.
+    #[schema(example = "staging")]
+    pub environment: Option<String>,
+    /// Configuration values for this deployment only, over the environment's.
+    #[serde(default)]
+    #[schema(value_type = Object, example = json!({"env": "staging", "db_host": "staging-db.example.com"}))]
+    pub config_overrides: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Trigger a deployment manually (developer; admin for production).
+#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateDeploymentRequest, security(("bearer" = [])),
+    responses((status = 201, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+async fn create_deployment(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<CreateDeploymentRequest>,
+) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
+    caller.require(Role::Developer, "triggering a deployment")?;
+    let pipeline_id = request.pipeline_id.id("pipeline_id")?;
+    validate_commit(&request.commit_hash)?;
+    if let Some(environment) = &request.environment {
+        validate_environment("environment", environment)?;
+    }
+    if request.config_overrides.len() > 200 {
+        return Err(ApiError::invalid_field("config_overrides", "at most 200 config_overrides"));
+    }
+    let mut config_overrides = BTreeMap::new();
+    for (key, value) in request.config_overrides {
+        if key.is_empty() || key.len() > 100 {
+            return Err(ApiError::invalid_field("config_overrides", format!("override key {key:?} must be 1 to 100 characters")));
+        }
+        let value = scalar_to_string(&format!("config_overrides.{key}"), value)?;
+        config_overrides.insert(key, value);
+    }
+    state.node.read_barrier().await?;
+    let pipeline = load_pipeline(&state, pipeline_id)?;
+    let environment = request.environment.unwrap_or(pipeline.environment);
+    require_environment_role(&caller, &environment, "deploying")?;
+    if !pipeline.is_active {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "pipeline_inactive",
+            format!("pipeline {pipeline_id} is not active; activate it first"),
+        ));
+    }
+    let command = Command::CreateDeployment {
+        pipeline_id,
+        commit_hash: request.commit_hash.to_ascii_lowercase(),
+        environment: environment.clone(),
+        config_overrides,
+        rollback_of: None,
+    };
+    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let deployment_id = applied_id(outcome)?.expect("create returns the id");
+    let deployment = load_deployment(&state, deployment_id)?;
+    log_segments::system_line(
+        &state.node,
+        state.blobs.as_ref(),
+        deployment_id,
+        LogLevel::Info,
+        format!("deployment {deployment_id} of commit {} to {environment} created by {}", deployment.commit_hash, caller.username),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(deployment.into())))
+}
+
+/// One deployment.
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments", params(("id" = String, Path, description = "deployment id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+async fn get_deployment(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> Result<Json<DeploymentView>, ApiError> {
+    let deployment_id = parse_id("id", &id)?;
+    state.node.read_barrier().await?;
+    Ok(Json(load_deployment(&state, deployment_id)?.into()))
+}
+
+/// Cancel a deployment that has not ended: it ends as failed, with the reason.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", tag = "deployments", params(("id" = String, Path, description = "deployment id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+async fn cancel_deployment(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    let deployment_id = parse_id("id", &id)?;
+    state.node.read_barrier().await?;
+    let deployment = load_deployment(&state, deployment_id)?;
+    require_environment_role(&caller, &deployment.environment, "cancelling a deployment")?;
+    if deployment.status.is_final() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_ended",
+            format!("deployment {deployment_id} already ended as {}", crate::state::apply::status_name(deployment.status)),
+        ));
+    }
+    let reason = format!("cancelled by {}", caller.username);
+    let command = Command::SetDeploymentStatus { deployment_id, status: DeploymentStatus::Failed, reason: Some(reason.clone()) };
+    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    applied_id(outcome)?;
+    log_segments::system_line(
+        &state.node,
+        state.blobs.as_ref(),
+        deployment_id,
+        LogLevel::Warning,
+        format!("deployment {deployment_id} {reason}"),
+    )
+    .await;
+    Ok(Json(load_deployment(&state, deployment_id)?.into()))
+}
+
+/// Roll back: deploy again the commit of the last successful deployment before this one, of the
+/// same pipeline and environment. The new deployment records `rollback_of`.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/rollback", tag = "deployments", params(("id" = String, Path, description = "deployment id")),
+    security(("bearer" = [])),
+    responses((status = 201, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+async fn rollback_deployment(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
+    let deployment_id = parse_id("id", &id)?;
+    state.node.read_barrier().await?;
+    let deployment = load_deployment(&state, deployment_id)?;
+    require_environment_role(&caller, &deployment.environment, "rolling back")?;
+    let view = state.node.state();
+    let mut target: Option<Deployment> = None;
+    for earlier_id in index_ids(&view, index::DEPLOYMENTS_BY_PIPELINE, &deployment.pipeline_id.to_string())? {
+        if earlier_id >= deployment_id {
+            break;
+        }
+        if let Some(earlier) = load_id::<Deployment>(&view, Table::Deployments, earlier_id)?
+            && earlier.environment == deployment.environment
+            && earlier.status == DeploymentStatus::Success
+            && earlier.commit_hash != deployment.commit_hash
+        {
+            target = Some(earlier);
+        }
+    }
+    let target = target.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "nothing_to_roll_back_to",
+            format!("no successful deployment of another commit precedes deployment {deployment_id} in {}", deployment.environment),
+        )
+    })?;
+    let command = Command::CreateDeployment {
+        pipeline_id: deployment.pipeline_id,
+        commit_hash: target.commit_hash.clone(),
+        environment: deployment.environment.clone(),
+        config_overrides: target.config_overrides.clone(),
+        rollback_of: Some(deployment_id),
+    };
+    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let rollback_id = applied_id(outcome)?.expect("create returns the id");
+    log_segments::system_line(
+        &state.node,
+        state.blobs.as_ref(),
+        rollback_id,
+        LogLevel::Info,
+        format!(
+            "rollback of deployment {deployment_id} to commit {} (deployment {}) by {}",
+            target.commit_hash, target.deployment_id, caller.username
+        ),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(load_deployment(&state, rollback_id)?.into())))
+}

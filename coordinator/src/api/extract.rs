@@ -1,0 +1,287 @@
+//! What every handler needs from a request: the authenticated caller, a JSON body with a
+//! readable 400, paging parameters, and ids in the seed's forms.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use super::AppState;
+use crate::api_error::ApiError;
+use crate::auth::{self, Claims};
+use crate::node::{Node, Requester};
+use crate::state::apply::{index, index_ids, load_id};
+use crate::state::codec::key_id;
+use crate::state::records::{ApiToken, Role, User};
+use crate::store::Table;
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user_id: u64,
+    pub username: String,
+    pub role: Role,
+    /// The client address, for the audit log.
+    pub source: Option<String>,
+}
+
+impl Caller {
+    pub fn requester(&self) -> Requester {
+        Requester { user_id: Some(self.user_id), source: self.source.clone() }
+    }
+
+    /// 403 unless the caller has at least `role` (viewer < developer < admin).
+    pub fn require(&self, role: Role, action: &str) -> Result<(), ApiError> {
+        if self.role >= role {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "{action} needs the {} role; user {} is a {}",
+                role_name(role),
+                self.username,
+                role_name(self.role)
+            )))
+        }
+    }
+}
+
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Viewer => "viewer",
+        Role::Developer => "developer",
+        Role::Admin => "admin",
+    }
+}
+
+/// API tokens are recognizable by their prefix; anything else is taken for a JWT.
+pub const API_TOKEN_PREFIX: &str = "davit_";
+
+/// Check a bearer credential (a login JWT or an API token) against the replicated state.
+pub fn authenticate(node: &Node, authorization: Option<&str>, source: Option<String>) -> Result<Caller, ApiError> {
+    let header = authorization.ok_or_else(|| {
+        ApiError::unauthorized("missing Authorization header; send `Authorization: Bearer <token>` (POST /api/v1/auth/login gives one)")
+    })?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
+    let state = node.state();
+    if let Some(secret) = token.strip_prefix(API_TOKEN_PREFIX) {
+        let token_hash = auth::token_hash(secret);
+        let token_id = index_ids(&state, index::TOKENS_BY_HASH, &token_hash)?
+            .first()
+            .copied()
+            .ok_or_else(|| ApiError::unauthorized("unknown or revoked API token"))?;
+        let token: ApiToken =
+            load_id(&state, Table::ApiTokens, token_id)?.ok_or_else(|| ApiError::unauthorized("unknown or revoked API token"))?;
+        if token.expires_at.is_some_and(|expires_at| expires_at <= auth::now_millis()) {
+            return Err(ApiError::unauthorized("this API token has expired; create a new one"));
+        }
+        let user: User =
+            load_id(&state, Table::Users, token.user_id)?.ok_or_else(|| ApiError::unauthorized("the API token's user no longer exists"))?;
+        return Ok(Caller { user_id: user.user_id, username: user.username, role: user.role, source });
+    }
+    let key = node.token_signing_key().ok_or_else(|| {
+        ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cluster is still initializing; retry shortly")
+    })?;
+    let claims: Claims = auth::check_token(&key, token).map_err(|error| ApiError::unauthorized(error.to_string()))?;
+    let user_id: u64 = claims.sub.parse().map_err(|_| ApiError::unauthorized("malformed token subject"))?;
+    // The role comes from the current user record, so a demoted or deleted user loses access
+    // at once rather than when the token expires.
+    let user: User = load_id(&state, Table::Users, user_id)?.ok_or_else(|| ApiError::unauthorized("this token's user no longer exists"))?;
+    Ok(Caller { user_id, username: user.username, role: user.role, source })
+}
+
+pub fn client_address(parts: &Parts) -> Option<String> {
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip().to_string())
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        authenticate(&state.node, header, client_address(parts))
+    }
+}
+
+/// A JSON body; anything else (not JSON, wrong shape, wrong content type) is a 400 with the
+/// parser's explanation, never a 500.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| ApiError::new(rejection.status(), "invalid_body", rejection.body_text()))?;
+        if bytes.is_empty() {
+            return Err(ApiError::bad_request("the request needs a JSON body"));
+        }
+        let deserializer = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(deserializer).map(JsonBody).map_err(|error| {
+            let path = error.path().to_string();
+            let message = format!("request body: {}", error.inner());
+            if path == "." { ApiError::bad_request(message) } else { ApiError::invalid_field(&path, message) }
+        })
+    }
+}
+
+/// `?limit=&cursor=` of list endpoints. The cursor is the last id of the previous page.
+#[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct Page {
+    /// Items per page, 1 to 500 (default 50).
+    pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+impl Page {
+    pub fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(50),
+            Some(limit) if (1..=500).contains(&limit) => Ok(limit),
+            Some(_) => Err(ApiError::invalid_field("limit", "limit must be between 1 and 500")),
+        }
+    }
+
+    pub fn after(&self) -> Result<Option<u64>, ApiError> {
+        self.cursor
+            .as_deref()
+            .filter(|cursor| !cursor.is_empty())
+            .map(|cursor| {
+                cursor.parse().map_err(|_| ApiError::invalid_field("cursor", "cursor must be a next_cursor value from a previous page"))
+            })
+            .transpose()
+    }
+}
+
+/// One page of a list.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Paged<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Read one page of rows keyed by id from `table`, keeping those `keep` accepts.
+pub fn page_of<T: DeserializeOwned>(
+    node: &Node,
+    table: Table,
+    page: &Page,
+    mut keep: impl FnMut(&T) -> bool,
+) -> Result<Paged<T>, ApiError> {
+    let limit = page.limit()?;
+    let start = match page.after()? {
+        Some(after) => std::ops::Bound::Excluded(after.to_be_bytes().to_vec()),
+        None => std::ops::Bound::Unbounded,
+    };
+    let mut items = Vec::new();
+    let mut next_start = start;
+    let mut last_id = None;
+    // Scan in chunks so filters do not force reading the whole table at once.
+    'scan: loop {
+        let rows = node.backend.scan(table, (next_start.clone(), std::ops::Bound::Unbounded), 256, false)?;
+        if rows.is_empty() {
+            break;
+        }
+        for (key, bytes) in &rows {
+            let row: T = crate::state::codec::decode(table, bytes)?;
+            next_start = std::ops::Bound::Excluded(key.clone());
+            if keep(&row) {
+                if items.len() == limit {
+                    // There is at least one more item: the page ends at the previous one.
+                    break 'scan;
+                }
+                last_id = key_id(key);
+                items.push(row);
+            }
+        }
+        if rows.len() < 256 {
+            last_id = None;
+            break;
+        }
+    }
+    let next_cursor = if items.len() == limit { last_id.map(|id| id.to_string()) } else { None };
+    Ok(Paged { items, next_cursor })
+}
+
+/// An id as the seed writes it: a number, a numeric string, or a string such as `"repo123"`.
+pub fn parse_id(field: &str, text: &str) -> Result<u64, ApiError> {
+    let digits = text.trim().trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == '_');
+    match digits.parse::<u64>() {
+        Ok(id) if id > 0 && !digits.is_empty() => Ok(id),
+        _ => Err(ApiError::invalid_field(field, format!("{field} must be a positive integer id (like 12 or \"12\"), not {text:?}"))),
+    }
+}
+
+/// Serde helper for id fields that accept a number or a string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlexibleId(pub String);
+
+impl<'de> Deserialize<'de> for FlexibleId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        Ok(FlexibleId(
+            match Raw::deserialize(deserializer)
+                .map_err(|_| serde::de::Error::custom("expected an id: a positive integer or a string such as \"12\""))?
+            {
+                Raw::Number(number) => number.to_string(),
+                Raw::Text(text) => text,
+            },
+        ))
+    }
+}
+
+impl utoipa::PartialSchema for FlexibleId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::OneOfBuilder::new()
+            .item(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::Integer).minimum(Some(1)))
+            .item(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for FlexibleId {}
+
+impl FlexibleId {
+    pub fn id(&self, field: &str) -> Result<u64, ApiError> {
+        parse_id(field, &self.0)
+    }
+}
+
+/// The client address alone, for endpoints without authentication (login).
+pub struct ClientAddress(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ClientAddress(client_address(parts)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_in_the_seeds_forms() {
+        assert_eq!(parse_id("repo_id", "repo123").unwrap(), 123);
+        assert_eq!(parse_id("repo_id", "7").unwrap(), 7);
+        assert_eq!(parse_id("pipeline_id", "pipeline_9").unwrap(), 9);
+        for bad in ["", "repo", "0", "-3", "1.5", "12abc"] {
+            let error = parse_id("repo_id", bad).unwrap_err();
+            assert_eq!(error.field.as_deref(), Some("repo_id"), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The REST API (`/api/v1`), one module per resource of the seed. Handlers turn requests into
+//! `Command`s (writes go through `Node::propose`, from any node) or read the replicated state
+//! after a read barrier. Flow: `HTTP -> api::<resource> handler -> Command -> Node::propose ->
+//! Raft -> apply -> state`. The OpenAPI document is generated from the handlers themselves.
+
+pub mod artifacts;
+pub mod audit;
+pub mod cluster;
+pub mod configs;
+pub mod deployments;
+pub mod extract;
+pub mod health;
+pub mod logs;
+pub mod monitoring;
+pub mod pipelines;
+pub mod repos;
+pub mod users;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::get;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::api_error::ApiError;
+use crate::blob_store::BlobStore;
+use crate::node::Node;
+use crate::secrets::MasterKeys;
+
+/// Largest JSON request body accepted (artifact uploads have their own, larger limit).
+pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    pub secrets: Arc<MasterKeys>,
+    pub blobs: Arc<dyn BlobStore>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Davit API", description = "Builds and deployments on your own VM fleet. Authenticate with `Authorization: Bearer <token>` from POST /api/v1/auth/login or an API token."),
+    modifiers(&BearerAuth),
+    components(schemas(crate::api_error::ErrorBody))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or API token").build()),
+        );
+    }
+}
+
+/// The whole HTTP surface: REST, OpenAPI document, health and metrics.
+pub fn router(state: AppState) -> Router {
+    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(users::routes())
+        .merge(repos::routes())
+        .merge(pipelines::routes())
+        .merge(deployments::routes())
+        .merge(configs::routes())
+        .merge(logs::routes())
+        .merge(monitoring::routes())
+        .merge(audit::routes())
+        .merge(cluster::routes())
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .merge(artifacts::routes())
+        .split_for_parts();
+    let document = Arc::new(openapi.to_pretty_json().expect("the OpenAPI document serializes"));
+    router
+        .route("/api/v1/openapi.json", get(move || openapi_json(document.clone())))
+        .merge(health::routes())
+        .fallback(|| async { ApiError::not_found("no such endpoint; GET /api/v1/openapi.json lists them all") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method; see GET /api/v1/openapi.json",
+            )
+        })
+        .with_state(state)
+}
+
+async fn openapi_json(document: Arc<String>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], document.as_ref().clone())
+}
+
+/// The OpenAPI document, for tests and tools.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    let (_, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+        .merge(users::routes())
+        .merge(repos::routes())
+        .merge(pipelines::routes())
+        .merge(deployments::routes())
+        .merge(configs::routes())
+        .merge(logs::routes())
+        .merge(monitoring::routes())
+        .merge(audit::routes())
+        .merge(cluster::routes())
+        .merge(artifacts::routes())
+        .split_for_parts();
+    openapi
+}

@@ -1,0 +1,239 @@
+//! Deployment pipelines: which repository and branch, how to build, how to deploy, and to
+//! which environment by default.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::extract::{Caller, FlexibleId, JsonBody, Page, Paged, page_of, parse_id};
+use super::repos::validate_branch;
+use super::users::{applied_id, timestamp};
+use crate::api_error::ApiError;
+use crate::state::Command;
+use crate::state::apply::load_id;
+use crate::state::command::PipelinePatch;
+use crate::state::records::{DeployStrategy, Pipeline, Role};
+use crate::store::Table;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_pipelines, create_pipeline)).routes(routes!(get_pipeline, update_pipeline, delete_pipeline))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PipelineView {
+    pub pipeline_id: u64,
+    pub name: String,
+    pub repo_id: u64,
+    pub branch: Option<String>,
+    pub build_command: Option<String>,
+    #[schema(value_type = String, example = "blue-green")]
+    pub deploy_strategy: DeployStrategy,
+    pub environment: String,
+    pub is_active: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Pipeline> for PipelineView {
+    fn from(pipeline: Pipeline) -> Self {
+        Self {
+            pipeline_id: pipeline.pipeline_id,
+            name: pipeline.name,
+            repo_id: pipeline.repo_id,
+            branch: pipeline.branch,
+            build_command: pipeline.build_command,
+            deploy_strategy: pipeline.deploy_strategy,
+            environment: pipeline.environment,
+            is_active: pipeline.is_active,
+            created_at: timestamp(pipeline.created_at),
+            updated_at: timestamp(pipeline.updated_at),
+        }
+    }
+}
+
+/// Environment names: 1 to 20 lower-case letters, digits, '-' or '_' (the seed's VARCHAR(20)).
+pub fn validate_environment(field: &str, environment: &str) -> Result<(), ApiError> {
+    let valid = !environment.is_empty()
+        && environment.len() <= 20
+        && environment.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(field, format!("{field} must be 1 to 20 lower-case letters, digits, '-' or '_' (like staging)")))
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() || name.len() > 100 {
+        return Err(ApiError::invalid_field("name", "name must be 1 to 100 characters"));
+    }
+    Ok(())
+}
+
+fn validate_build_command(command: &str) -> Result<(), ApiError> {
+    if command.len() > 10_000 {
+        return Err(ApiError::invalid_field("build_command", "build_command must be at most 10000 characters"));
+    }
+    Ok(())
+}
+
+pub fn load_pipeline(state: &AppState, pipeline_id: u64) -> Result<Pipeline, ApiError> {
+    load_id(&state.node.state(), Table::Pipelines, pipeline_id)?
+        .ok_or_else(|| ApiError::not_found(format!("pipeline {pipeline_id} not found")))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PipelineFilter {
+    /// Only the pipelines of this repository.
+    pub repo_id: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+/// List all deployment pipelines.
+#[utoipa::path(get, path = "/api/v1/pipelines", tag = "pipelines", params(PipelineFilter), security(("bearer" = [])),
+    responses((status = 200, body = Paged<PipelineView>), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody)))]
+async fn list_pipelines(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(filter): Query<PipelineFilter>,
+) -> Result<Json<Paged<PipelineView>>, ApiError> {
+    let repo_id = filter.repo_id.as_deref().map(|id| parse_id("repo_id", id)).transpose()?;
+    state.node.read_barrier().await?;
+    let page = Page { limit: filter.limit, cursor: filter.cursor };
+    let page = page_of::<Pipeline>(&state.node, Table::Pipelines, &page, |pipeline| repo_id.is_none_or(|id| pipeline.repo_id == id))?;
+    Ok(Json(Paged { items: page.items.into_iter().map(PipelineView::from).collect(), next_cursor: page.next_cursor }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePipelineRequest {
+    #[schema(example = "production-pipeline")]
+    pub name: String,
+    #[schema(example = "repo123")]
+    pub repo_id: FlexibleId,
+    #[schema(example = "main")]
+    pub branch: Option<String>,
+    #[schema(example = "mvn clean package")]
+    pub build_command: Option<String>,
+    #[schema(value_type = String, example = "blue-green")]
+    pub deploy_strategy: DeployStrategy,
+    /// Defaults to `development`.
+    pub environment: Option<String>,
+}
+
+/// Create a new deployment pipeline (developer).
+#[utoipa::path(post, path = "/api/v1/pipelines", tag = "pipelines", request_body = CreatePipelineRequest, security(("bearer" = [])),
+    responses((status = 201, body = PipelineView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+async fn create_pipeline(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<CreatePipelineRequest>,
+) -> Result<(StatusCode, Json<PipelineView>), ApiError> {
+    caller.require(Role::Developer, "creating a pipeline")?;
+    validate_name(&request.name)?;
+    let repo_id = request.repo_id.id("repo_id")?;
+    if let Some(branch) = &request.branch {
+        validate_branch("branch", branch)?;
+    }
+    if let Some(command) = &request.build_command {
+        validate_build_command(command)?;
+    }
+    let environment = request.environment.unwrap_or_else(|| "development".into());
+    validate_environment("environment", &environment)?;
+    let command = Command::CreatePipeline {
+        name: request.name,
+        repo_id,
+        branch: request.branch,
+        build_command: request.build_command,
+        deploy_strategy: request.deploy_strategy,
+        environment,
+    };
+    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let pipeline_id = applied_id(outcome)?.expect("create returns the id");
+    Ok((StatusCode::CREATED, Json(load_pipeline(&state, pipeline_id)?.into())))
+}
+
+/// One pipeline.
+#[utoipa::path(get, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = String, Path, description = "pipeline id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = PipelineView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+async fn get_pipeline(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(pipeline_id): Path<String>,
+) -> Result<Json<PipelineView>, ApiError> {
+    let pipeline_id = parse_id("pipelineId", &pipeline_id)?;
+    state.node.read_barrier().await?;
+    Ok(Json(load_pipeline(&state, pipeline_id)?.into()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePipelineRequest {
+    pub name: Option<String>,
+    pub branch: Option<String>,
+    pub build_command: Option<String>,
+    #[schema(value_type = Option<String>, example = "canary")]
+    pub deploy_strategy: Option<DeployStrategy>,
+    pub environment: Option<String>,
+    pub is_active: Option<bool>,
+}
+
+/// Update pipeline settings (developer).
+#[utoipa::path(put, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = String, Path, description = "pipeline id")),
+    request_body = UpdatePipelineRequest, security(("bearer" = [])),
+    responses((status = 200, body = PipelineView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+async fn update_pipeline(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(pipeline_id): Path<String>,
+    JsonBody(request): JsonBody<UpdatePipelineRequest>,
+) -> Result<Json<PipelineView>, ApiError> {
+    caller.require(Role::Developer, "changing a pipeline")?;
+    let pipeline_id = parse_id("pipelineId", &pipeline_id)?;
+    if let Some(name) = &request.name {
+        validate_name(name)?;
+    }
+    if let Some(branch) = &request.branch {
+        validate_branch("branch", branch)?;
+    }
+    if let Some(command) = &request.build_command {
+        validate_build_command(command)?;
+    }
+    if let Some(environment) = &request.environment {
+        validate_environment("environment", environment)?;
+    }
+    let patch = PipelinePatch {
+        name: request.name,
+        branch: request.branch,
+        build_command: request.build_command,
+        deploy_strategy: request.deploy_strategy,
+        environment: request.environment,
+        is_active: request.is_active,
+    };
+    let (outcome, _) = state.node.propose(&caller.requester(), Command::UpdatePipeline { pipeline_id, patch }).await?;
+    applied_id(outcome)?;
+    Ok(Json(load_pipeline(&state, pipeline_id)?.into()))
+}
+
+/// Delete a pipeline with its deployments, artifacts and configuration (developer).
+#[utoipa::path(delete, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = String, Path, description = "pipeline id")),
+    security(("bearer" = [])),
+    responses((status = 204), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+async fn delete_pipeline(State(state): State<AppState>, caller: Caller, Path(pipeline_id): Path<String>) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Developer, "deleting a pipeline")?;
+    let pipeline_id = parse_id("pipelineId", &pipeline_id)?;
+    let (outcome, _) = state.node.propose(&caller.requester(), Command::DeletePipeline { pipeline_id }).await?;
+    applied_id(outcome)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,404 @@
+//! Connected repositories and the webhook endpoint. Webhook secrets are sealed with the master
+//! key before they are proposed and never returned; the webhook endpoint checks each
+//! provider's signature in constant time.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::extract::{Caller, JsonBody, Page, Paged, page_of, parse_id};
+use super::users::{applied_id, timestamp};
+use crate::api_error::ApiError;
+use crate::state::Command;
+use crate::state::apply::{index, load_id};
+use crate::state::command::RepositoryPatch;
+use crate::state::records::{Repository, Role, ScmType};
+use crate::store::Table;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(connect_repository))
+        .routes(routes!(list_repositories))
+        .routes(routes!(get_repository, update_repository, delete_repository))
+        .routes(routes!(webhook))
+}
+
+/// The sealing context of a repository's webhook secret.
+fn secret_context(repo_url: &str) -> String {
+    format!("repository-webhook-secret:{repo_url}")
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RepositoryView {
+    pub repo_id: u64,
+    pub name: String,
+    pub repo_url: String,
+    pub branch: String,
+    #[schema(value_type = String, example = "github")]
+    pub scm_type: ScmType,
+    /// `"***"` when a secret is set; the value itself is never returned.
+    pub webhook_secret: Option<String>,
+    pub user_id: Option<u64>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<Repository> for RepositoryView {
+    fn from(repository: Repository) -> Self {
+        Self {
+            repo_id: repository.repo_id,
+            name: repository.name,
+            repo_url: repository.repo_url,
+            branch: repository.branch,
+            scm_type: repository.scm_type,
+            webhook_secret: repository.webhook_secret.map(|_| "***".to_string()),
+            user_id: repository.user_id,
+            created_at: timestamp(repository.created_at),
+            updated_at: timestamp(repository.updated_at),
+        }
+    }
+}
+
+/// Check a repository URL: `https://`, `http://`, `ssh://`, `git://` or `file://` with a path,
+/// or scp-like `git@host:org/repo.git`.
+pub fn validate_repo_url(url: &str) -> Result<(), ApiError> {
+    let error = || {
+        ApiError::invalid_field(
+            "repo_url",
+            format!("repo_url {url:?} must be a repository URL such as https://github.com/org/repo or git@github.com:org/repo.git"),
+        )
+    };
+    if url.len() > 255 || url.contains(char::is_whitespace) {
+        return Err(error());
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if !["https", "http", "ssh", "git", "file"].contains(&scheme) {
+            return Err(error());
+        }
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if (scheme != "file" && host.is_empty()) || path.trim_matches('/').is_empty() {
+            return Err(error());
+        }
+        return Ok(());
+    }
+    match url.split_once(':') {
+        Some((user_host, path)) if user_host.contains('@') && !path.is_empty() && !path.starts_with('/') => Ok(()),
+        _ => Err(error()),
+    }
+}
+
+/// The repository's name: the last path segment of its URL without `.git`.
+pub fn name_from_url(url: &str) -> String {
+    url.trim_end_matches('/').rsplit(['/', ':']).next().unwrap_or(url).trim_end_matches(".git").to_string()
+}
+
+pub fn validate_branch(field: &str, branch: &str) -> Result<(), ApiError> {
+    let valid = !branch.is_empty()
+        && branch.len() <= 50
+        && !branch.starts_with(['-', '/'])
+        && !branch.contains("..")
+        && !branch.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(field, format!("{field} must be a valid git branch name of at most 50 characters")))
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    #[schema(example = "https://github.com/org/repo")]
+    pub repo_url: String,
+    #[schema(example = "main")]
+    pub branch: Option<String>,
+    #[schema(value_type = String, example = "github")]
+    pub scm_type: ScmType,
+    #[schema(example = "secret_key")]
+    pub webhook_secret: Option<String>,
+    /// Defaults to the last part of the URL.
+    pub name: Option<String>,
+}
+
+fn validate_name(name: &str) -> Result<(), ApiError> {
+    if name.trim().is_empty() || name.len() > 100 {
+        return Err(ApiError::invalid_field("name", "name must be 1 to 100 characters"));
+    }
+    Ok(())
+}
+
+fn load_repository(state: &AppState, repo_id: u64) -> Result<Repository, ApiError> {
+    load_id(&state.node.state(), Table::Repositories, repo_id)?
+        .ok_or_else(|| ApiError::not_found(format!("repository {repo_id} not found")))
+}
+
+/// Connect a code repository (developer).
+#[utoipa::path(post, path = "/api/v1/repos/connect", tag = "repositories", request_body = ConnectRequest, security(("bearer" = [])),
+    responses((status = 201, body = RepositoryView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+async fn connect_repository(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(request): JsonBody<ConnectRequest>,
+) -> Result<(StatusCode, Json<RepositoryView>), ApiError> {
+    caller.require(Role::Developer, "connecting a repository")?;
+    validate_repo_url(&request.repo_url)?;
+    let branch = request.branch.unwrap_or_else(|| "main".into());
+    validate_branch("branch", &branch)?;
+    let name = request.name.unwrap_or_else(|| name_from_url(&request.repo_url));
+    validate_name(&name)?;
+    if request.webhook_secret.as_ref().is_some_and(|secret| secret.len() > 100) {
+        return Err(ApiError::invalid_field("webhook_secret", "webhook_secret must be at most 100 characters"));
+    }
+    let webhook_secret = request
+        .webhook_secret
+        .filter(|secret| !secret.is_empty())
+        .map(|secret| state.secrets.seal(&secret, &secret_context(&request.repo_url)));
+    let command = Command::ConnectRepository { name, repo_url: request.repo_url, branch, scm_type: request.scm_type, webhook_secret };
+    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let repo_id = applied_id(outcome)?.expect("connect returns the id");
+    Ok((StatusCode::CREATED, Json(load_repository(&state, repo_id)?.into())))
+}
+
+/// List connected repositories.
+#[utoipa::path(get, path = "/api/v1/repos", tag = "repositories", params(Page), security(("bearer" = [])),
+    responses((status = 200, body = Paged<RepositoryView>), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody)))]
+async fn list_repositories(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Query(page): Query<Page>,
+) -> Result<Json<Paged<RepositoryView>>, ApiError> {
+    state.node.read_barrier().await?;
+    let page = page_of::<Repository>(&state.node, Table::Repositories, &page, |_| true)?;
+    Ok(Json(Paged { items: page.items.into_iter().map(RepositoryView::from).collect(), next_cursor: page.next_cursor }))
+}
+
+/// One repository.
+#[utoipa::path(get, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = String, Path, description = "repository id")), security(("bearer" = [])),
+    responses((status = 200, body = RepositoryView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+async fn get_repository(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> Result<Json<RepositoryView>, ApiError> {
+    let repo_id = parse_id("id", &id)?;
+    state.node.read_barrier().await?;
+    Ok(Json(load_repository(&state, repo_id)?.into()))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRepositoryRequest {
+    pub name: Option<String>,
+    pub repo_url: Option<String>,
+    pub branch: Option<String>,
+    #[schema(value_type = Option<String>, example = "gitlab")]
+    pub scm_type: Option<ScmType>,
+    /// A new secret; `""` removes it.
+    pub webhook_secret: Option<String>,
+}
+
+/// Update a repository (developer).
+#[utoipa::path(put, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = String, Path, description = "repository id")),
+    request_body = UpdateRepositoryRequest, security(("bearer" = [])),
+    responses((status = 200, body = RepositoryView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+async fn update_repository(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<UpdateRepositoryRequest>,
+) -> Result<Json<RepositoryView>, ApiError> {
+    caller.require(Role::Developer, "changing a repository")?;
+    let repo_id = parse_id("id", &id)?;
+    if let Some(url) = &request.repo_url {
+        validate_repo_url(url)?;
+    }
+    if let Some(branch) = &request.branch {
+        validate_branch("branch", branch)?;
+    }
+    if let Some(name) = &request.name {
+        validate_name(name)?;
+    }
+    state.node.read_barrier().await?;
+    let current = load_repository(&state, repo_id)?;
+    let url = request.repo_url.clone().unwrap_or_else(|| current.repo_url.clone());
+    // The sealed secret is bound to the URL, so a URL change re-seals the kept secret.
+    let webhook_secret = match (&request.webhook_secret, &current.webhook_secret) {
+        (Some(secret), _) if secret.is_empty() => Some(String::new()),
+        (Some(secret), _) => Some(state.secrets.seal(secret, &secret_context(&url))),
+        (None, Some(sealed)) if url != current.repo_url => {
+            let clear = state.secrets.open(sealed, &secret_context(&current.repo_url)).map_err(|e| ApiError::internal(e.to_string()))?;
+            Some(state.secrets.seal(&clear, &secret_context(&url)))
+        }
+        (None, _) => None,
+    };
+    let patch = RepositoryPatch {
+        name: request.name,
+        repo_url: request.repo_url,
+        branch: request.branch,
+        scm_type: request.scm_type,
+        webhook_secret,
+    };
+    let (outcome, _) = state.node.propose(&caller.requester(), Command::UpdateRepository { repo_id, patch }).await?;
+    applied_id(outcome)?;
+    Ok(Json(load_repository(&state, repo_id)?.into()))
+}
+
+/// Disconnect a repository and delete its pipelines (developer).
+#[utoipa::path(delete, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = String, Path, description = "repository id")), security(("bearer" = [])),
+    responses((status = 204), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+async fn delete_repository(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Developer, "deleting a repository")?;
+    let repo_id = parse_id("id", &id)?;
+    let (outcome, _) = state.node.propose(&caller.requester(), Command::DeleteRepository { repo_id }).await?;
+    applied_id(outcome)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The URLs a provider's payload names its repository by.
+fn payload_urls(payload: &serde_json::Value) -> Vec<String> {
+    let pointers = [
+        "/repository/html_url",
+        "/repository/clone_url",
+        "/repository/ssh_url",
+        "/repository/git_http_url",
+        "/repository/git_ssh_url",
+        "/repository/homepage",
+        "/project/web_url",
+        "/project/git_http_url",
+        "/project/git_ssh_url",
+        "/repository/links/html/href",
+    ];
+    pointers.iter().filter_map(|pointer| payload.pointer(pointer)?.as_str().map(str::to_string)).collect()
+}
+
+fn normalize_url(url: &str) -> String {
+    url.trim_end_matches('/').trim_end_matches(".git").to_ascii_lowercase()
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// The connected repository whose URL matches one of `urls` (normalized), via the URL index.
+fn find_repository_by_urls(state: &AppState, urls: &[String]) -> Result<Option<Repository>, ApiError> {
+    let prefix = format!("{}\0", index::REPOSITORIES_BY_URL);
+    let entries = state.node.backend.scan(Table::Indexes, crate::store::prefix_range(prefix.as_bytes()), usize::MAX, false)?;
+    for (key, _) in entries {
+        // key = index name, 0, URL, 0, id (8 bytes)
+        let Some(url_bytes) = key.get(prefix.len()..key.len().saturating_sub(9)) else { continue };
+        let url = String::from_utf8_lossy(url_bytes);
+        if urls.contains(&normalize_url(&url)) {
+            let Some(repo_id) = crate::state::codec::key_id(&key) else { continue };
+            return Ok(load_id(&state.node.state(), Table::Repositories, repo_id)?);
+        }
+    }
+    Ok(None)
+}
+
+/// Verify a webhook delivery's signature for `scm_type`, in constant time.
+pub fn verify_signature(scm_type: ScmType, secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    match scm_type {
+        ScmType::Gitlab => header("x-gitlab-token").is_some_and(|token| bool::from(token.as_bytes().ct_eq(secret.as_bytes()))),
+        ScmType::Github | ScmType::Bitbucket => {
+            let signature = match scm_type {
+                ScmType::Github => header("x-hub-signature-256"),
+                _ => header("x-hub-signature").or_else(|| header("x-hub-signature-256")),
+            };
+            let Some(hex_digest) = signature.and_then(|value| value.strip_prefix("sha256=")) else {
+                return false;
+            };
+            let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+            mac.update(body);
+            let expected = crate::state::apply::hex(&mac.finalize().into_bytes());
+            bool::from(expected.as_bytes().ct_eq(hex_digest.to_ascii_lowercase().as_bytes()))
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAccepted {
+    pub repo_id: u64,
+    pub event: Option<String>,
+    pub delivery: Option<String>,
+}
+
+/// Receive a webhook from GitHub, GitLab or Bitbucket. The delivery is authenticated with the
+/// repository's webhook secret (`X-Hub-Signature-256`, `X-Gitlab-Token`, `X-Hub-Signature`).
+#[utoipa::path(post, path = "/api/v1/repos/webhook", tag = "repositories", request_body(content = String, content_type = "application/json"),
+    responses((status = 202, body = WebhookAccepted), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 404, body = crate::api_error::ErrorBody)))]
+async fn webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::to_string);
+    let (event, delivery) = if let Some(event) = header("x-github-event") {
+        (Some(event), header("x-github-delivery"))
+    } else if let Some(event) = header("x-gitlab-event") {
+        (Some(event), header("x-gitlab-event-uuid").or_else(|| header("x-gitlab-webhook-uuid")))
+    } else if let Some(event) = header("x-event-key") {
+        (Some(event), header("x-request-uuid").or_else(|| header("x-hook-uuid")))
+    } else {
+        return Err(ApiError::bad_request("not a recognized webhook: expected an X-GitHub-Event, X-Gitlab-Event or X-Event-Key header"));
+    };
+    let payload: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("webhook body is not JSON: {e}")))?;
+    let urls: Vec<String> = payload_urls(&payload).iter().map(|url| normalize_url(url)).collect();
+    if urls.is_empty() {
+        return Err(ApiError::bad_request("the webhook payload names no repository URL"));
+    }
+    state.node.read_barrier().await?;
+    let repository = find_repository_by_urls(&state, &urls)?;
+    let repository = repository.ok_or_else(|| ApiError::not_found("no connected repository matches this webhook's repository URL"))?;
+    let sealed = repository.webhook_secret.as_ref().ok_or_else(|| {
+        ApiError::unauthorized(format!("repository {} has no webhook secret; set one to accept webhooks", repository.repo_id))
+    })?;
+    let secret = state.secrets.open(sealed, &secret_context(&repository.repo_url)).map_err(|e| ApiError::internal(e.to_string()))?;
+    if !verify_signature(repository.scm_type, &secret, &headers, &body) {
+        return Err(ApiError::unauthorized("webhook signature does not match the repository's webhook secret"));
+    }
+    Ok((StatusCode::ACCEPTED, Json(WebhookAccepted { repo_id: repository.repo_id, event, delivery })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_urls_are_checked() {
+        for good in ["https://github.com/org/repo", "git@github.com:org/repo.git", "git://127.0.0.1/repo.git", "file:///srv/git/repo.git"] {
+            validate_repo_url(good).unwrap();
+        }
+        for bad in ["github.com/org/repo", "ftp://x/y", "https://github.com", "not a url", "https:///repo"] {
+            assert_eq!(validate_repo_url(bad).unwrap_err().field.as_deref(), Some("repo_url"), "{bad}");
+        }
+        assert_eq!(name_from_url("https://github.com/org/repo.git"), "repo");
+        assert_eq!(name_from_url("git@github.com:org/api"), "api");
+    }
+
+    #[test]
+    fn github_signature_is_verified_over_the_exact_bytes() {
+        // The shared fixtures sit beside the clone; their exact bytes are what is signed.
+        let body = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/webhooks/github-push.json"))
+            .expect("the github-push.json fixture in shared/fixtures/webhooks");
+        let mut mac = HmacSha256::new_from_slice(b"secret_key").unwrap();
+        mac.update(&body);
+        let signature = format!("sha256={}", crate::state::apply::hex(&mac.finalize().into_bytes()));
+        let mut headers = HeaderMap::new();
+        headers.insert("x-hub-signature-256", signature.parse().unwrap());
+        assert!(verify_signature(ScmType::Github, "secret_key", &headers, &body));
+        assert!(!verify_signature(ScmType::Github, "other", &headers, &body));
+        let mut altered = body.clone();
+        altered.push(b' ');
+        assert!(!verify_signature(ScmType::Github, "secret_key", &headers, &altered));
+        let mut gitlab = HeaderMap::new();
+        gitlab.insert("x-gitlab-token", "secret_key".parse().unwrap());
+        assert!(verify_signature(ScmType::Gitlab, "secret_key", &gitlab, b"{}"));
+    }
+}
