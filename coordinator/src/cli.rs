@@ -32,6 +32,38 @@ enum TopCommand {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Check the audit log's hash chain.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Master keys for secrets.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify that no audit entry was edited or removed: on a stopped node's data directory
+    /// (`--data-dir`), or through a running node (`--server`).
+    Verify {
+        /// A node's data directory (the node must be stopped).
+        #[arg(long, conflicts_with = "server")]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Print a new master key file (one fresh 256-bit key) to standard output.
+    NewKey {
+        #[arg(long, default_value = "k1")]
+        key_id: String,
+    },
 }
 
 #[derive(Args)]
@@ -131,6 +163,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         TopCommand::Cluster { command } => cluster(command).await,
+        TopCommand::Audit { command: AuditCommand::Verify { data_dir, connection } } => audit_verify(data_dir, connection).await,
+        TopCommand::Secrets { command: SecretsCommand::NewKey { key_id } } => {
+            if key_id.is_empty() || key_id.contains([':', ' ']) {
+                bail!("--key-id must be non-empty and contain no ':' or spaces");
+            }
+            print!("{}", crate::secrets::MasterKeys::generate_file_text(&key_id));
+            Ok(())
+        }
     }
 }
 
@@ -148,6 +188,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         bootstrap: true,
         tls: None,
         master_key_file: None,
+        generate_master_key: false,
         blob_store: None,
         raft: RaftTuning { election_timeout_min_ms: 150, election_timeout_max_ms: 300, heartbeat_interval_ms: 50, ..Default::default() },
     };
@@ -278,4 +319,31 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
     let result = client.post(&format!("/api/v1/cluster/{path}"), body).await?;
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
+}
+
+async fn audit_verify(data_dir: Option<PathBuf>, connection: Connection) -> anyhow::Result<()> {
+    let verification: crate::api::audit::AuditVerification = match data_dir {
+        Some(data_dir) => {
+            let store = data_dir.join("store");
+            let kind = if store.join("state.sled").exists() { BackendKind::Sled } else { BackendKind::Redb };
+            if !store.exists() {
+                bail!("{} holds no davit store (expected {}/store)", data_dir.display(), data_dir.display());
+            }
+            let backend = crate::store::open_backend(kind, &store)
+                .with_context(|| format!("cannot open the store in {}; stop the node first, or use --server", store.display()))?;
+            crate::api::audit::verify_chain(backend.as_ref())?
+        }
+        None => serde_json::from_value(ApiClient::connect(&connection).await?.get("/api/v1/audit-logs/verify").await?)?,
+    };
+    if verification.ok {
+        println!("audit log intact: {} entries checked", verification.entries_checked);
+        Ok(())
+    } else {
+        println!(
+            "audit log TAMPERED: entry {} — {}",
+            verification.first_bad_entry.unwrap_or(0),
+            verification.problem.clone().unwrap_or_default()
+        );
+        std::process::exit(1);
+    }
 }

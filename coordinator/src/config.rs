@@ -35,6 +35,10 @@ pub struct NodeConfig {
     /// without one generates `<data_dir>/master.key`.
     #[serde(default)]
     pub master_key_file: Option<PathBuf>,
+    /// Create `master_key_file` if it does not exist. Only for clusters whose nodes share one
+    /// file system (test clusters on one machine): elsewhere each node would make its own key.
+    #[serde(default)]
+    pub generate_master_key: bool,
     /// Where artifact and log bytes go. Default: `<data_dir>/blobs`, for a single node only.
     #[serde(default)]
     pub blob_store: Option<crate::blob_store::BlobStoreConfig>,

@@ -106,8 +106,8 @@ impl Node {
         let channels = Channels::new(tls.as_ref().map(|tls| Arc::new(tls.client())));
         let backend = open_backend(config.storage, &config.data_dir.join("store"))?;
         let snapshots = SnapshotDir::open(&config.data_dir.join("snapshots"))?;
-        let log_store = LogStore::new(backend.clone());
-        let state_machine = StateMachineStore::open(backend.clone(), snapshots)?;
+        let log_store = LogStore::new(backend.clone())?;
+        let state_machine = StateMachineStore::open(backend.clone(), snapshots)?.apply_after_durable_log(log_store.durable_log_end());
         let applied_index = state_machine.applied_index();
         let tuning = &config.raft;
         let raft_config = openraft::Config {
@@ -159,6 +159,31 @@ impl Node {
 
     pub fn is_leader(&self) -> bool {
         self.metrics().current_leader == Some(self.id())
+    }
+
+    /// On a leader: fail unless a majority of voters acknowledged it within the last election
+    /// timeout. openraft 0.9 keeps a leader that lost its quorum in the Leader state (only
+    /// followers run an election timer), so without this an isolated leader would call itself
+    /// ready while every write sent to it times out. Other nodes always pass.
+    pub fn check_leader_quorum(&self) -> Result<(), NodeError> {
+        let metrics = self.metrics();
+        if metrics.current_leader != Some(self.id()) {
+            return Ok(());
+        }
+        let limit = self.config.raft.election_timeout_max_ms;
+        match metrics.millis_since_quorum_ack {
+            Some(millis) if millis <= limit => Ok(()),
+            Some(millis) => Err(NodeError::Unavailable(format!(
+                "node {} is the leader of term {} but no majority of voters has acknowledged it for {millis} ms; it may be cut off from the majority",
+                self.id(),
+                metrics.current_term
+            ))),
+            None => Err(NodeError::Unavailable(format!(
+                "node {} was just elected leader of term {} and no majority has acknowledged it yet; retry shortly",
+                self.id(),
+                metrics.current_term
+            ))),
+        }
     }
 
     fn leader(&self) -> Result<(NodeId, DavitNode), NodeError> {

@@ -106,6 +106,9 @@ fn load_master_keys(config: &NodeConfig) -> anyhow::Result<MasterKeys> {
         return Ok(MasterKeys::from_env_value(&value)?);
     }
     if let Some(path) = &config.master_key_file {
+        if config.generate_master_key {
+            create_master_key_file(path)?;
+        }
         return Ok(MasterKeys::load_file(path)?);
     }
     if config.is_multi_node() {
@@ -116,16 +119,36 @@ fn load_master_keys(config: &NodeConfig) -> anyhow::Result<MasterKeys> {
         );
     }
     let path = config.data_dir.join("master.key");
-    if !path.exists() {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::create_dir_all(&config.data_dir)?;
-        let mut file = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(&path)?;
-        file.write_all(MasterKeys::generate_file_text("k1").as_bytes())?;
-        file.sync_all()?;
-        tracing::info!(path = %path.display(), "generated the secrets master key; back it up: secrets cannot be read without it");
-    }
+    create_master_key_file(&path)?;
     Ok(MasterKeys::load_file(&path)?)
+}
+
+/// Create a master key file with one fresh key (mode 0600) unless it exists. Several nodes on one
+/// machine may race here: exactly one creates it and the others read it.
+fn create_master_key_file(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // Write to a temporary name and link it into place, so no node ever reads a half-written key.
+    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&temporary)?;
+    file.write_all(MasterKeys::generate_file_text("k1").as_bytes())?;
+    file.sync_all()?;
+    let linked = std::fs::hard_link(&temporary, path);
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "generated the secrets master key; back it up: secrets cannot be read without it");
+            Ok(())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error.into()),
+    }
 }
 
 fn open_blob_store(config: &NodeConfig) -> anyhow::Result<Arc<dyn BlobStore>> {

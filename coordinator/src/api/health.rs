@@ -26,6 +26,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     };
     match status.leader_id {
         Some(leader_id) if state.node.token_signing_key().is_some() => {
+            state.node.check_leader_quorum().map_err(|error| unavailable(error.to_string()))?;
             Ok(Json(serde_json::json!({ "status": "ready", "leader_id": leader_id, "node_id": status.node_id })))
         }
         Some(_) => Err(unavailable("the cluster is initializing".into())),

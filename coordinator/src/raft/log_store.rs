@@ -1,61 +1,237 @@
 //! The Raft log, vote and committed index over the storage trait.
 //!
-//! Group commit: `append` writes the entries at once (visible to readers, not yet durable) and
-//! hands openraft's `LogFlushed` callback to a flusher thread. The flusher makes everything
-//! written so far durable with one sync and only then completes every callback it holds. So an
-//! entry is acknowledged to openraft (and from there to followers' leaders and to clients) only
-//! once it is on disk, and many concurrent appends share one fsync.
+//! One writer thread makes every change to the log tables, in the order openraft asks for them.
+//! `append` puts the entries in an in-memory cache (readable at once, as openraft requires) and
+//! queues them; it never waits for the disk, so the Raft core goes on accepting proposals and
+//! replicating while a sync is in flight. The writer takes everything queued since its last
+//! commit and writes it as one durable (fsynced) transaction, and only then completes the
+//! `LogFlushed` callbacks. So an entry is acknowledged to openraft (and from there to leaders and
+//! clients) only once it is on disk, and all the appends that arrive during one sync share the
+//! next one (group commit).
+//!
+//! **Invariant:** a `LogFlushed` callback, a truncation and a vote complete only after the
+//! transaction holding them is durable. The writer publishes the end of the durable log
+//! ([`LogStore::durable_log_end`]); the state machine applies an entry only once it is durable
+//! here, so applied state never becomes durable ahead of the log it came from.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogId, RaftLogReader, StorageIOError};
+use tokio::sync::{oneshot, watch};
 
 use super::{Entry, LogId, StorageError, TypeConfig, Vote, storage_io_error};
-use crate::state::codec::{decode, encode};
-use crate::store::{Backend, Durability, Table, WriteBatch};
+use crate::state::codec::{decode, encode, key_id};
+use crate::store::{Backend, Durability, StoreError, Table, WriteBatch, WriteOp};
 
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
 
+/// Durable entries kept in memory after they are written, so that replication to a follower a
+/// little behind reads memory rather than decoding them from the database again. Entries not yet
+/// durable are always kept, whatever their number.
+const CACHED_DURABLE_ENTRIES: usize = 4096;
+
 #[derive(Clone)]
 pub struct LogStore {
     backend: Arc<dyn Backend>,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    memory: Arc<Mutex<InMemory>>,
+    writer: mpsc::Sender<WriterOp>,
+    durable_log_end: watch::Receiver<u64>,
+}
+
+/// What readers must see before the writer has stored it.
+#[derive(Default)]
+struct InMemory {
+    /// The tail of the log: every entry not yet durable, and the most recent durable ones.
+    cache: BTreeMap<u64, CachedEntry>,
+    /// Set once the vote, the committed id or the purge point changes after start-up; until
+    /// then the database holds the current value.
+    vote: Option<Vote>,
+    committed: Option<Option<LogId>>,
+    last_purged: Option<LogId>,
+}
+
+struct CachedEntry {
+    entry: Entry,
+    durable: bool,
+}
+
+/// One change for the writer thread, in openraft's order.
+enum WriterOp {
+    Append { entries: Vec<Entry>, callback: LogFlushed<TypeConfig> },
+    Truncate { since: u64, done: oneshot::Sender<Result<(), String>> },
+    Purge { upto: LogId },
+    SaveVote { vote: Vote, done: oneshot::Sender<Result<(), String>> },
+    SaveCommitted { committed: Option<LogId> },
+}
+
+fn lock(memory: &Mutex<InMemory>) -> MutexGuard<'_, InMemory> {
+    // The cache holds no invariant a panicking holder could half-update in a harmful way (every
+    // change is one insert or one split), so a poisoned lock is still usable.
+    memory.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl LogStore {
-    pub fn new(backend: Arc<dyn Backend>) -> Self {
-        let (flusher, pending) = mpsc::channel::<LogFlushed<TypeConfig>>();
-        let flusher_backend = backend.clone();
+    pub fn new(backend: Arc<dyn Backend>) -> Result<Self, StorageError> {
+        // The durable log ends after the last stored entry, or after the purge point when the
+        // log is empty; the state machine may apply anything before that at once.
+        let last_stored = backend
+            .scan(Table::RaftLog, crate::store::full_range(), 1, true)
+            .map_err(|e| storage_io_error(StorageIOError::read_logs, e))?
+            .first()
+            .and_then(|(key, _)| key_id(key));
+        let last_purged: Option<LogId> = read_meta(backend.as_ref(), LAST_PURGED)?.flatten();
+        let durable_log_end = last_stored.max(last_purged.map(|id| id.index)).map_or(0, |index| index + 1);
+
+        let (durable_sender, durable_log_end) = watch::channel(durable_log_end);
+        let (writer, ops) = mpsc::channel::<WriterOp>();
+        let memory = Arc::new(Mutex::new(InMemory::default()));
+        let writer_backend = backend.clone();
+        let writer_memory = memory.clone();
+        let start_end = *durable_log_end.borrow();
         std::thread::Builder::new()
-            .name("raft-log-flusher".into())
-            .spawn(move || flush_loop(flusher_backend, pending))
-            .expect("spawn the log flusher thread");
-        Self { backend, flusher }
+            .name("raft-log-writer".into())
+            .spawn(move || write_loop(writer_backend, ops, writer_memory, durable_sender, start_end))
+            .map_err(|e| storage_io_error(StorageIOError::write_logs, e))?;
+        Ok(Self { backend, memory, writer, durable_log_end })
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StorageError> {
-        let bytes = self.backend.get(Table::RaftMeta, key).map_err(|e| storage_io_error(StorageIOError::read, e))?;
-        bytes.map(|bytes| decode(Table::RaftMeta, &bytes)).transpose().map_err(|e| storage_io_error(StorageIOError::read, e))
+    /// One past the last durable log index (0 when the log is empty). The state machine waits on
+    /// it before applying.
+    pub fn durable_log_end(&self) -> watch::Receiver<u64> {
+        self.durable_log_end.clone()
+    }
+
+    fn send(&self, op: WriterOp) -> Result<(), StorageError> {
+        self.writer
+            .send(op)
+            .map_err(|_| storage_io_error(StorageIOError::write_logs, std::io::Error::other("the raft log writer stopped after an error")))
     }
 }
 
-fn flush_loop(backend: Arc<dyn Backend>, pending: mpsc::Receiver<LogFlushed<TypeConfig>>) {
-    while let Ok(first) = pending.recv() {
-        let mut callbacks = vec![first];
-        callbacks.extend(pending.try_iter());
-        let result = backend.sync().map_err(|error| std::io::Error::other(error.to_string()));
-        metrics::histogram!("davit_raft_log_flush_batch").record(callbacks.len() as f64);
+fn read_meta<T: serde::de::DeserializeOwned>(backend: &dyn Backend, key: &[u8]) -> Result<Option<T>, StorageError> {
+    let bytes = backend.get(Table::RaftMeta, key).map_err(|e| storage_io_error(StorageIOError::read, e))?;
+    bytes.map(|bytes| decode(Table::RaftMeta, &bytes)).transpose().map_err(|e| storage_io_error(StorageIOError::read, e))
+}
+
+async fn wait_done(done: oneshot::Receiver<Result<(), String>>) -> Result<(), std::io::Error> {
+    match done.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(message)) => Err(std::io::Error::other(message)),
+        Err(_) => Err(std::io::Error::other("the raft log writer stopped after an error")),
+    }
+}
+
+/// The writer thread: drain the queue, write it as one transaction, then complete what waited.
+fn write_loop(
+    backend: Arc<dyn Backend>,
+    ops: mpsc::Receiver<WriterOp>,
+    memory: Arc<Mutex<InMemory>>,
+    durable_sender: watch::Sender<u64>,
+    mut log_end: u64,
+) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = WriteBatch::new();
+        let mut callbacks = Vec::new();
+        let mut done = Vec::new();
+        let mut written: Vec<LogId> = Vec::new();
+        for op in std::iter::once(first).chain(ops.try_iter()) {
+            match op {
+                WriterOp::Append { entries, callback } => {
+                    for entry in &entries {
+                        batch.put(Table::RaftLog, log_key(entry.log_id.index).to_vec(), encode(entry));
+                        written.push(entry.log_id);
+                    }
+                    if let Some(last) = entries.last() {
+                        log_end = last.log_id.index + 1;
+                    }
+                    callbacks.push(callback);
+                }
+                WriterOp::Truncate { since, done: sender } => {
+                    // Drop the puts this batch would delete again, so that no backend has to
+                    // see its own batch's puts when it resolves the range (sled does not).
+                    drop_log_puts(&mut batch, |index| index >= since);
+                    written.retain(|id| id.index < since);
+                    batch.delete_range(Table::RaftLog, log_key(since).to_vec(), None);
+                    log_end = log_end.min(since);
+                    done.push(sender);
+                }
+                WriterOp::Purge { upto } => {
+                    drop_log_puts(&mut batch, |index| index <= upto.index);
+                    written.retain(|id| id.index > upto.index);
+                    batch.put(Table::RaftMeta, LAST_PURGED.to_vec(), encode(&Some(upto)));
+                    batch.delete_range(Table::RaftLog, log_key(0).to_vec(), Some(log_key(upto.index + 1).to_vec()));
+                    log_end = log_end.max(upto.index + 1);
+                }
+                WriterOp::SaveVote { vote, done: sender } => {
+                    batch.put(Table::RaftMeta, VOTE.to_vec(), encode(&vote));
+                    done.push(sender);
+                }
+                WriterOp::SaveCommitted { committed } => {
+                    batch.put(Table::RaftMeta, COMMITTED.to_vec(), encode(&committed));
+                }
+            }
+        }
+
+        // The committed id and the purge point may be lost in a crash (openraft re-learns the
+        // one, and a purge is redone after the next snapshot), so a batch of only those does
+        // not pay for a sync; it becomes durable with the next one.
+        let must_sync = !callbacks.is_empty() || !done.is_empty();
+        let durability = if must_sync { Durability::Immediate } else { Durability::Deferred };
+        let result = backend.write(batch, durability);
+        if result.is_ok() && must_sync {
+            metrics::histogram!("davit_raft_log_flush_batch").record(callbacks.len() as f64);
+            mark_durable(&memory, &written);
+            durable_sender.send_replace(log_end);
+        }
+        let failed = result.as_ref().err().map(StoreError::to_string);
         for callback in callbacks {
-            callback.log_io_completed(match &result {
-                Ok(()) => Ok(()),
-                Err(error) => Err(std::io::Error::other(error.to_string())),
+            callback.log_io_completed(match &failed {
+                None => Ok(()),
+                Some(message) => Err(std::io::Error::other(message.clone())),
             });
+        }
+        for sender in done {
+            let _ = sender.send(failed.clone().map_or(Ok(()), Err));
+        }
+        if let Some(message) = failed {
+            // openraft stops on the failed callback; writing on after a failed transaction
+            // could leave a hole in the log. Dropping the receiver fails every later append.
+            tracing::error!(error = %message, "raft log write failed; the log writer stops");
+            return;
+        }
+    }
+}
+
+fn drop_log_puts(batch: &mut WriteBatch, dropped: impl Fn(u64) -> bool) {
+    batch.ops.retain(|op| match op {
+        WriteOp::Put { table: Table::RaftLog, key, .. } => !key_id(key).is_some_and(&dropped),
+        _ => true,
+    });
+}
+
+/// Mark what this batch wrote as durable (if the cache still holds those very entries) and let
+/// the cache shrink back to its size, oldest durable entries first.
+fn mark_durable(memory: &Mutex<InMemory>, written: &[LogId]) {
+    let mut memory = lock(memory);
+    for log_id in written {
+        if let Some(cached) = memory.cache.get_mut(&log_id.index)
+            && cached.entry.log_id == *log_id
+        {
+            cached.durable = true;
+        }
+    }
+    while memory.cache.len() > CACHED_DURABLE_ENTRIES {
+        match memory.cache.first_entry() {
+            Some(oldest) if oldest.get().durable => {
+                oldest.remove();
+            }
+            _ => break,
         }
     }
 }
@@ -64,24 +240,54 @@ fn log_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn range_to_keys<RB: RangeBounds<u64>>(range: &RB) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
-    let map = |bound: Bound<&u64>| match bound {
-        Bound::Included(index) => Bound::Included(log_key(*index).to_vec()),
-        Bound::Excluded(index) => Bound::Excluded(log_key(*index).to_vec()),
-        Bound::Unbounded => Bound::Unbounded,
+/// `range` as `[start, end)`, `end = None` meaning unbounded.
+fn index_bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, Option<u64>) {
+    let start = match range.start_bound() {
+        Bound::Included(index) => *index,
+        Bound::Excluded(index) => index.saturating_add(1),
+        Bound::Unbounded => 0,
     };
-    (map(range.start_bound()), map(range.end_bound()))
+    let end = match range.end_bound() {
+        Bound::Included(index) => Some(index.saturating_add(1)),
+        Bound::Excluded(index) => Some(*index),
+        Bound::Unbounded => None,
+    };
+    (start, end)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(&mut self, range: RB) -> Result<Vec<Entry>, StorageError> {
-        let rows = self
-            .backend
-            .scan(Table::RaftLog, range_to_keys(&range), usize::MAX, false)
-            .map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
-        rows.into_iter()
+        let (start, end) = index_bounds(&range);
+        if end.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
+        }
+        // Everything below the cache's first entry is durable in the database: it was either
+        // written before start-up or evicted only once durable.
+        let (cached, first_cached) = {
+            let memory = lock(&self.memory);
+            let cached: Vec<Entry> = memory.cache.range(range).map(|(_, cached)| cached.entry.clone()).collect();
+            (cached, memory.cache.keys().next().copied())
+        };
+        let database_end = match (end, first_cached) {
+            (Some(end), Some(first)) => Some(end.min(first)),
+            (None, first) => first,
+            (end, None) => end,
+        };
+        if database_end.is_some_and(|database_end| database_end <= start) {
+            return Ok(cached);
+        }
+        let keys = (
+            Bound::Included(log_key(start).to_vec()),
+            database_end.map_or(Bound::Unbounded, |database_end| Bound::Excluded(log_key(database_end).to_vec())),
+        );
+        let rows =
+            self.backend.scan(Table::RaftLog, keys, usize::MAX, false).map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
+        let mut entries = rows
+            .into_iter()
             .map(|(_, bytes)| decode(Table::RaftLog, &bytes).map_err(|e| storage_io_error(StorageIOError::read_logs, e)))
-            .collect()
+            .collect::<Result<Vec<Entry>, _>>()?;
+        entries.extend(cached);
+        Ok(entries)
     }
 }
 
@@ -89,18 +295,34 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_purged_log_id: Option<LogId> = self.read_meta(LAST_PURGED)?;
-        let last = self
-            .backend
-            .scan(Table::RaftLog, crate::store::full_range(), 1, true)
-            .map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
-        let last_log_id = match last.first() {
-            Some((_, bytes)) => {
-                let entry: Entry = decode(Table::RaftLog, bytes).map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
-                Some(*entry.get_log_id())
-            }
-            None => last_purged_log_id,
+        let (cached_last, purged_in_memory) = {
+            let memory = lock(&self.memory);
+            (memory.cache.last_key_value().map(|(_, cached)| cached.entry.log_id), memory.last_purged)
         };
+        let last_purged_log_id = match purged_in_memory {
+            Some(purged) => Some(purged),
+            None => read_meta::<Option<LogId>>(self.backend.as_ref(), LAST_PURGED)?.flatten(),
+        };
+        // The cache always holds the tail of the log once anything was appended after start-up.
+        let last_log_id = match cached_last {
+            Some(last) => Some(last),
+            None => {
+                let last = self
+                    .backend
+                    .scan(Table::RaftLog, crate::store::full_range(), 1, true)
+                    .map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
+                match last.first() {
+                    Some((_, bytes)) => {
+                        let entry: Entry = decode(Table::RaftLog, bytes).map_err(|e| storage_io_error(StorageIOError::read_logs, e))?;
+                        Some(*entry.get_log_id())
+                    }
+                    None => None,
+                }
+            }
+        };
+        // A purge is written after the call returns, so the database may still hold entries at
+        // or below the purge point.
+        let last_log_id = last_log_id.max(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -109,29 +331,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::new();
-        batch.put(Table::RaftMeta, VOTE.to_vec(), encode(vote));
-        let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || backend.write(batch, Durability::Immediate))
-            .await
-            .expect("vote writer panicked")
-            .map_err(|e| storage_io_error(StorageIOError::write_vote, e))
+        lock(&self.memory).vote = Some(*vote);
+        let (done, wait) = oneshot::channel();
+        self.send(WriterOp::SaveVote { vote: *vote, done })?;
+        wait_done(wait).await.map_err(|e| storage_io_error(StorageIOError::write_vote, e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.read_meta(VOTE)
+        if let Some(vote) = lock(&self.memory).vote {
+            return Ok(Some(vote));
+        }
+        read_meta(self.backend.as_ref(), VOTE)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Deferred: losing it in a crash only means openraft re-learns the commit index from
         // the leader instead of re-applying at start-up.
-        let mut batch = WriteBatch::new();
-        batch.put(Table::RaftMeta, COMMITTED.to_vec(), encode(&committed));
-        self.backend.write(batch, Durability::Deferred).map_err(|e| storage_io_error(StorageIOError::write, e))
+        lock(&self.memory).committed = Some(committed);
+        self.send(WriterOp::SaveCommitted { committed })
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.read_meta::<Option<LogId>>(COMMITTED)?.flatten())
+        if let Some(committed) = lock(&self.memory).committed {
+            return Ok(committed);
+        }
+        Ok(read_meta::<Option<LogId>>(self.backend.as_ref(), COMMITTED)?.flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -139,85 +363,30 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = WriteBatch::new();
-        for entry in entries {
-            batch.put(Table::RaftLog, log_key(entry.get_log_id().index).to_vec(), encode(&entry));
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        {
+            let mut memory = lock(&self.memory);
+            for entry in &entries {
+                memory.cache.insert(entry.log_id.index, CachedEntry { entry: entry.clone(), durable: false });
+            }
         }
-        let count = batch.ops.len();
-        let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || backend.write(batch, Durability::Deferred))
-            .await
-            .expect("log writer panicked")
-            .map_err(|e| storage_io_error(StorageIOError::write_logs, e))?;
-        metrics::histogram!("davit_raft_append_batch").record(count as f64);
-        self.flusher.send(callback).map_err(|_| storage_io_error(StorageIOError::write_logs, std::io::Error::other("log flusher stopped")))
+        metrics::histogram!("davit_raft_append_batch").record(entries.len() as f64);
+        self.send(WriterOp::Append { entries, callback })
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::new();
-        batch.delete_range(Table::RaftLog, log_key(log_id.index), None);
-        let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || backend.write(batch, Durability::Immediate))
-            .await
-            .expect("log writer panicked")
-            .map_err(|e| storage_io_error(StorageIOError::write_logs, e))
+        lock(&self.memory).cache.split_off(&log_id.index);
+        let (done, wait) = oneshot::channel();
+        self.send(WriterOp::Truncate { since: log_id.index, done })?;
+        wait_done(wait).await.map_err(|e| storage_io_error(StorageIOError::write_logs, e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::new();
-        batch.put(Table::RaftMeta, LAST_PURGED.to_vec(), encode(&Some(log_id)));
-        batch.delete_range(Table::RaftLog, log_key(0), Some(log_key(log_id.index + 1).to_vec()));
-        let backend = self.backend.clone();
-        tokio::task::spawn_blocking(move || backend.write(batch, Durability::Deferred))
-            .await
-            .expect("log writer panicked")
-            .map_err(|e| storage_io_error(StorageIOError::write_logs, e))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    use openraft::{CommittedLeaderId, EntryPayload, Membership};
-
-    use super::*;
-    use crate::raft::DavitNode;
-    use crate::state::{Command, Proposal};
-
-    fn sample_entries() -> Vec<Entry> {
-        let log_id = |index| openraft::LogId::new(CommittedLeaderId::new(2, 1), index);
-        let node = DavitNode { grpc_addr: "127.0.0.1:7701".into(), http_addr: "127.0.0.1:7700".into(), region: "a".into() };
-        let membership = Membership::new(vec![BTreeSet::from([1])], BTreeMap::from([(1, node)]));
-        vec![
-            Entry { log_id: log_id(7), payload: EntryPayload::Blank },
-            Entry {
-                log_id: log_id(8),
-                payload: EntryPayload::Normal(Proposal {
-                    time: 1_764_134_400_000,
-                    actor: Some(1),
-                    command: Command::DeleteRepository { repo_id: 4 },
-                    source: None,
-                }),
-            },
-            Entry { log_id: log_id(9), payload: EntryPayload::Membership(membership) },
-        ]
-    }
-
-    const FROZEN_BLANK: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":7},"payload":"Blank"}"#;
-    const FROZEN_NORMAL: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":8},"payload":{"Normal":{"time":1764134400000,"actor":1,"command":{"type":"delete_repository","repo_id":4}}}}"#;
-    const FROZEN_MEMBERSHIP: &[u8] = br#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":9},"payload":{"Membership":{"configs":[[1]],"nodes":{"1":{"grpc_addr":"127.0.0.1:7701","http_addr":"127.0.0.1:7700","region":"a"}}}}}"#;
-
-    /// Log entries as stored by this version; they must decode forever.
-    #[test]
-    fn frozen_v1_log_entries_still_decode() {
-        let frozen: [&[u8]; 3] = [FROZEN_BLANK, FROZEN_NORMAL, FROZEN_MEMBERSHIP];
-        for (entry, json) in sample_entries().iter().zip(frozen) {
-            // Format byte 1, then the JSON.
-            let bytes = &[&[1u8][..], json].concat();
-            let decoded: Entry = decode(Table::RaftLog, bytes).unwrap();
-            assert_eq!(&decoded, entry);
-            assert_eq!(&encode(entry), bytes, "the stored format of log entries changed; add a new version instead");
+        {
+            let mut memory = lock(&self.memory);
+            memory.last_purged = Some(log_id);
+            memory.cache = memory.cache.split_off(&(log_id.index + 1));
         }
+        self.send(WriterOp::Purge { upto: log_id })
     }
 }

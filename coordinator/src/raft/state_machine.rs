@@ -30,16 +30,28 @@ pub struct StateMachineStore {
     snapshot_counter: Arc<AtomicU64>,
     /// The last applied log index, for read-index waits and metrics.
     applied_index: watch::Sender<u64>,
+    /// One past the last index durable in this node's own log (see `log_store.rs`). An entry is
+    /// applied only below it: openraft may commit an entry on a quorum of other nodes before
+    /// this node's log has it on disk, and applied state that reached the disk first would then
+    /// be ahead of the log after a crash. `None` only in storage tests that apply without a log.
+    durable_log_end: Option<watch::Receiver<u64>>,
 }
 
 impl StateMachineStore {
     pub fn open(backend: Arc<dyn Backend>, snapshots: SnapshotDir) -> Result<Self, StorageError> {
         let (applied_index, _) = watch::channel(0);
-        let store = Self { backend, snapshots, snapshot_counter: Arc::new(AtomicU64::new(0)), applied_index };
+        let store = Self { backend, snapshots, snapshot_counter: Arc::new(AtomicU64::new(0)), applied_index, durable_log_end: None };
         store.recover_from_snapshot()?;
         let (last_applied, _) = store.read_applied()?;
         store.applied_index.send_replace(last_applied.map(|id| id.index).unwrap_or(0));
         Ok(store)
+    }
+
+    /// Apply entries only once this node's log has them on disk (`LogStore::durable_log_end`).
+    /// `Node::start` always connects the two.
+    pub fn apply_after_durable_log(mut self, durable_log_end: watch::Receiver<u64>) -> Self {
+        self.durable_log_end = Some(durable_log_end);
+        self
     }
 
     /// Subscribe to the applied index (used by linearizable reads on this node).
@@ -112,6 +124,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if let (Some(durable_log_end), Some(last)) = (&mut self.durable_log_end, entries.last()) {
+            let needed = last.log_id.index + 1;
+            durable_log_end.wait_for(|end| *end >= needed).await.map_err(|_| {
+                storage_io_error(StorageIOError::write_state_machine, std::io::Error::other("the raft log writer stopped after an error"))
+            })?;
+        }
         let backend = self.backend.clone();
         let (outcomes, last_index) = tokio::task::spawn_blocking(move || -> Result<(Vec<Outcome>, Option<u64>), StorageError> {
             let base = BackendRead(backend.as_ref());
