@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -15,8 +15,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{Caller, Page, Paged, page_of, parse_id};
+use super::extract::{Caller, Page, Paged, Path, Query, page_of, parse_id, validate_label};
 use super::pipelines::load_pipeline;
+use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
 use crate::state::Command;
@@ -79,8 +80,13 @@ fn load_artifact(state: &AppState, artifact_id: u64) -> Result<Artifact, ApiErro
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ArtifactFilter {
+    #[param(value_type = Option<schema::IdText>)]
     pub pipeline_id: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<schema::Cursor>)]
     pub cursor: Option<String>,
 }
 
@@ -112,7 +118,10 @@ struct Upload {
 #[into_params(parameter_in = Query)]
 pub struct UploadQuery {
     /// For a raw (non-JSON, non-multipart) body.
+    #[param(value_type = Option<schema::IdText>)]
     pub pipeline_id: Option<String>,
+    /// For a raw (non-JSON, non-multipart) body.
+    #[param(value_type = Option<schema::Version>)]
     pub version: Option<String>,
 }
 
@@ -177,12 +186,15 @@ async fn read_upload(headers: &HeaderMap, query: UploadQuery, request: Request) 
     }
 }
 
-/// Upload a new artifact (developer): multipart (`pipeline_id`, `version`, `artifact` file),
-/// raw bytes with `?pipeline_id=&version=`, or JSON `{"pipeline_id","artifact","version"}`.
-#[utoipa::path(post, path = "/api/v1/artifacts/upload", tag = "artifacts", params(UploadQuery),
+/// Upload a new artifact (developer): JSON `{"pipeline_id","artifact","version"}` (the seed's
+/// form; `"artifact_encoding": "base64"` for binary), a multipart form (`pipeline_id`, `version`,
+/// `artifact` file), or the raw bytes as any other content type (`application/octet-stream`)
+/// with `?pipeline_id=&version=`. The raw form is described here rather than in `requestBody`:
+/// OpenAPI cannot make the two query parameters required for that one content type only.
+#[utoipa::path(post, path = "/api/v1/artifacts/upload", tag = "artifacts",
     request_body(content(
-        (JsonUpload = "application/json"),
-        (Vec<u8> = "application/octet-stream")
+        (schema::JsonUploadBody = "application/json"),
+        (schema::MultipartUpload = "multipart/form-data")
     )),
     security(("bearer" = [])),
     responses((status = 201, body = ArtifactView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
@@ -196,9 +208,7 @@ async fn upload_artifact(
 ) -> Result<(StatusCode, Json<ArtifactView>), ApiError> {
     caller.require(Role::Developer, "uploading an artifact")?;
     let upload = read_upload(&headers, query, request).await?;
-    if upload.version.trim().is_empty() || upload.version.len() > 50 {
-        return Err(ApiError::invalid_field("version", "version must be 1 to 50 characters"));
-    }
+    validate_label("version", &upload.version, 50)?;
     state.node.read_barrier().await?;
     load_pipeline(&state, upload.pipeline_id)?;
     let size_bytes = upload.bytes.len() as u64;
@@ -216,13 +226,13 @@ async fn upload_artifact(
     }
     let command =
         Command::RecordArtifact { pipeline_id: upload.pipeline_id, version: upload.version, artifact_path: key, digest, size_bytes };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let artifact_id = applied_id(outcome)?.expect("record returns the id");
     Ok((StatusCode::CREATED, Json(load_artifact(&state, artifact_id)?.into())))
 }
 
 /// Download a specific artifact's bytes (its digest is in `X-Davit-Digest`).
-#[utoipa::path(get, path = "/api/v1/artifacts/{artifactId}", tag = "artifacts", params(("artifactId" = String, Path, description = "artifact id")),
+#[utoipa::path(get, path = "/api/v1/artifacts/{artifactId}", tag = "artifacts", params(("artifactId" = schema::IdText, Path, description = "artifact id")),
     security(("bearer" = [])),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = crate::api_error::ErrorBody),
         (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
@@ -260,7 +270,7 @@ async fn download_artifact(State(state): State<AppState>, _caller: Caller, Path(
 }
 
 /// An artifact's metadata.
-#[utoipa::path(get, path = "/api/v1/artifacts/{artifactId}/metadata", tag = "artifacts", params(("artifactId" = String, Path, description = "artifact id")),
+#[utoipa::path(get, path = "/api/v1/artifacts/{artifactId}/metadata", tag = "artifacts", params(("artifactId" = schema::IdText, Path, description = "artifact id")),
     security(("bearer" = [])),
     responses((status = 200, body = ArtifactView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn artifact_metadata(
@@ -274,7 +284,7 @@ async fn artifact_metadata(
 }
 
 /// Delete an old artifact (developer). Its bytes are collected once no artifact refers to them.
-#[utoipa::path(delete, path = "/api/v1/artifacts/{artifactId}", tag = "artifacts", params(("artifactId" = String, Path, description = "artifact id")),
+#[utoipa::path(delete, path = "/api/v1/artifacts/{artifactId}", tag = "artifacts", params(("artifactId" = schema::IdText, Path, description = "artifact id")),
     security(("bearer" = [])),
     responses((status = 204), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
@@ -283,7 +293,7 @@ async fn delete_artifact(State(state): State<AppState>, caller: Caller, Path(art
     let artifact_id = parse_id("artifactId", &artifact_id)?;
     state.node.read_barrier().await?;
     load_artifact(&state, artifact_id)?;
-    let (outcome, _) = state.node.propose(&caller.requester(), Command::DeleteArtifact { artifact_id }).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::DeleteArtifact { artifact_id }).await?;
     applied_id(outcome)?;
     // The bytes stay until blob garbage collection finds no artifact referring to them for a
     // grace period: deleting them here could race an upload of the same content that found the

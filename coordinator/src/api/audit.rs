@@ -2,14 +2,15 @@
 //! edited or removed entry is detected (`GET /audit-logs/verify`, `davit audit verify`).
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{Caller, Page, Paged, page_of, parse_id};
+use super::extract::{Caller, Page, Paged, Query, page_of, parse_id};
+use super::schema;
 use super::users::timestamp;
 use crate::api_error::ApiError;
 use crate::state::apply::{audit_hash, meta_keys};
@@ -51,10 +52,15 @@ impl From<AuditLog> for AuditView {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditFilter {
+    #[param(value_type = Option<schema::IdText>)]
     pub user_id: Option<String>,
     /// An action such as `pipeline.create` or a prefix such as `auth.`.
     pub action: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<schema::Cursor>)]
     pub cursor: Option<String>,
 }
 

@@ -2,7 +2,7 @@
 //! for admins. Any node accepts them; followers forward changes to the leader.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -10,7 +10,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::Caller;
+use super::extract::{Caller, Path, RawBody};
+use super::schema;
 use crate::api_error::ApiError;
 use crate::node::{AdminOp, ClusterStatus};
 use crate::state::records::Role;
@@ -39,15 +40,15 @@ pub struct ClusterOperationBody {
 /// Change the cluster (admin): `add` a learner, `promote` learners, `remove` nodes,
 /// `transfer-leader`, or build a `snapshot`.
 #[utoipa::path(post, path = "/api/v1/cluster/{operation}", tag = "cluster",
-    params(("operation" = String, Path, description = "add, promote, remove, transfer-leader or snapshot")),
+    params(("operation" = schema::ClusterOperationName, Path, description = "add, promote, remove, transfer-leader or snapshot")),
     request_body(content = ClusterOperationBody), security(("bearer" = [])),
     responses((status = 200, body = Object), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 503, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 503, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn cluster_operation(
     State(state): State<AppState>,
     caller: Caller,
     Path(operation): Path<String>,
-    body: axum::body::Bytes,
+    RawBody(body): RawBody,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     caller.require(Role::Admin, "changing the cluster")?;
     let body: ClusterOperationBody = if body.iter().all(u8::is_ascii_whitespace) {

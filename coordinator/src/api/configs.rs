@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -15,8 +15,9 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::deployments::scalar_to_string;
-use super::extract::{Caller, JsonBody, parse_id};
+use super::extract::{Caller, JsonBody, Path, Query, parse_id};
 use super::pipelines::{load_pipeline, validate_environment};
+use super::schema;
 use super::users::applied_id;
 use crate::api_error::ApiError;
 use crate::node::Node;
@@ -47,6 +48,7 @@ pub fn secret_context(environment: &str, pipeline_id: Option<u64>, key: &str) ->
 #[into_params(parameter_in = Query)]
 pub struct ConfigScope {
     /// A pipeline's own values, which override the environment-wide ones.
+    #[param(value_type = Option<schema::IdText>)]
     pub pipeline_id: Option<String>,
     /// Serve from this node without a read barrier (may lag slightly).
     #[serde(default)]
@@ -99,7 +101,7 @@ pub async fn effective_configuration(
 }
 
 /// Get configuration variables for a specific environment (secrets masked).
-#[utoipa::path(get, path = "/api/v1/configs/{environment}", tag = "configuration", params(("environment" = String, Path), ConfigScope),
+#[utoipa::path(get, path = "/api/v1/configs/{environment}", tag = "configuration", params(("environment" = schema::EnvironmentName, Path), ConfigScope),
     security(("bearer" = [])),
     responses((status = 200, body = ConfigView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn get_configs(
@@ -141,10 +143,10 @@ pub struct ConfigWritten {
 /// (`{"db_password": "new_password", "api_key": "12345"}`); a value may also be
 /// `{"value": "...", "secret": true}`. Keys that name a secret (password, secret, token, key,
 /// credential) are secrets. Secrets need an admin.
-#[utoipa::path(post, path = "/api/v1/configs/{environment}", tag = "configuration", params(("environment" = String, Path), ConfigScope),
-    request_body(content = Object, example = json!({"db_password": "new_password", "api_key": "12345"})), security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/configs/{environment}", tag = "configuration", params(("environment" = schema::EnvironmentName, Path), ConfigScope),
+    request_body(content = schema::ConfigVariables, example = json!({"db_password": "new_password", "api_key": "12345"})), security(("bearer" = [])),
     responses((status = 200, body = ConfigWritten), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn set_configs(
     State(state): State<AppState>,
     caller: Caller,
@@ -164,8 +166,10 @@ async fn set_configs(
     let mut entries = Vec::with_capacity(body.len());
     let mut secret_keys = Vec::new();
     for (key, value) in body {
-        if key.is_empty() || key.len() > 100 || key.contains(char::is_control) {
-            return Err(ApiError::invalid_field(&key, format!("key {key:?} must be 1 to 100 printable characters")));
+        // Printable ASCII: keys become variable names in build environments, and the state
+        // machine counts its limit of 100 in bytes.
+        if key.is_empty() || key.len() > 100 || !key.bytes().all(|byte| (0x20..=0x7e).contains(&byte)) {
+            return Err(ApiError::invalid_field(&key, format!("key {key:?} must be 1 to 100 printable ASCII characters")));
         }
         let (value, marked_secret) = match value {
             serde_json::Value::Object(mut object) => {
@@ -184,7 +188,7 @@ async fn set_configs(
             }
             other => (scalar_to_string(&key, other)?, false),
         };
-        if value.len() > 65_536 {
+        if value.chars().count() > 65_536 {
             return Err(ApiError::invalid_field(&key, "values must be at most 64 KiB"));
         }
         let is_secret = marked_secret || key_names_a_secret(&key);
@@ -200,14 +204,14 @@ async fn set_configs(
         caller.require(Role::Admin, &format!("setting secrets ({})", secret_keys.join(", ")))?;
     }
     let command = Command::SetConfigurations { environment: environment.clone(), pipeline_id, entries };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let applied = outcome.result.map_err(ApiError::from)?;
     Ok(Json(ConfigWritten { environment, pipeline_id, written: applied.affected, secret_keys }))
 }
 
 /// Delete one variable (admin for a secret).
 #[utoipa::path(delete, path = "/api/v1/configs/{environment}/{key}", tag = "configuration",
-    params(("environment" = String, Path), ("key" = String, Path), ConfigScope), security(("bearer" = [])),
+    params(("environment" = schema::EnvironmentName, Path), ("key" = String, Path), ConfigScope), security(("bearer" = [])),
     responses((status = 204), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn delete_config(
@@ -225,7 +229,7 @@ async fn delete_config(
         caller.require(Role::Admin, "deleting a secret")?;
     }
     let command = Command::DeleteConfiguration { environment, pipeline_id, key };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     applied_id(outcome)?;
     Ok(StatusCode::NO_CONTENT)
 }

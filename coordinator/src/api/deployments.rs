@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -12,8 +12,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{Caller, FlexibleId, JsonBody, Page, Paged, page_of, parse_id};
+use super::extract::{Caller, FlexibleId, JsonBody, Page, Paged, Path, Query, page_of, parse_id};
 use super::pipelines::{load_pipeline, validate_environment};
+use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
 use crate::log_segments::{self, LogLevel};
@@ -38,7 +39,7 @@ pub struct DeploymentView {
     pub deployment_id: u64,
     pub pipeline_id: u64,
     pub commit_hash: String,
-    #[schema(value_type = String, example = "pending")]
+    #[schema(value_type = schema::DeploymentStatusName, example = "pending")]
     pub status: DeploymentStatus,
     pub status_reason: Option<String>,
     pub environment: String,
@@ -103,11 +104,17 @@ fn require_environment_role(caller: &Caller, environment: &str, action: &str) ->
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct DeploymentFilter {
+    #[param(value_type = Option<schema::IdText>)]
     pub pipeline_id: Option<String>,
     /// pending, in_progress, success, failed or rolled_back.
+    #[param(value_type = Option<schema::DeploymentStatusName>)]
     pub status: Option<String>,
     pub environment: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<schema::Cursor>)]
     pub cursor: Option<String>,
 }
 
@@ -143,21 +150,21 @@ async fn list_deployments(
 pub struct CreateDeploymentRequest {
     #[schema(example = "pipeline123")]
     pub pipeline_id: FlexibleId,
-    #[schema(example = "abc123def")]
+    #[schema(value_type = schema::CommitHash, example = "abc123def")]
     pub commit_hash: String,
     /// Defaults to the pipeline's environment.
-    #[schema(example = "staging")]
+    #[schema(value_type = Option<schema::EnvironmentName>, example = "staging")]
     pub environment: Option<String>,
     /// Configuration values for this deployment only, over the environment's.
     #[serde(default)]
-    #[schema(value_type = Object, example = json!({"env": "staging", "db_host": "staging-db.example.com"}))]
+    #[schema(value_type = schema::ConfigOverrides, example = json!({"env": "staging", "db_host": "staging-db.example.com"}))]
     pub config_overrides: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Trigger a deployment manually (developer; admin for production).
 #[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateDeploymentRequest, security(("bearer" = [])),
     responses((status = 201, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn create_deployment(
     State(state): State<AppState>,
     caller: Caller,
@@ -174,7 +181,7 @@ async fn create_deployment(
     }
     let mut config_overrides = BTreeMap::new();
     for (key, value) in request.config_overrides {
-        if key.is_empty() || key.len() > 100 {
+        if key.is_empty() || key.chars().count() > 100 {
             return Err(ApiError::invalid_field("config_overrides", format!("override key {key:?} must be 1 to 100 characters")));
         }
         let value = scalar_to_string(&format!("config_overrides.{key}"), value)?;
@@ -198,7 +205,7 @@ async fn create_deployment(
         config_overrides,
         rollback_of: None,
     };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let deployment_id = applied_id(outcome)?.expect("create returns the id");
     let deployment = load_deployment(&state, deployment_id)?;
     log_segments::system_line(
@@ -213,7 +220,7 @@ async fn create_deployment(
 }
 
 /// One deployment.
-#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments", params(("id" = String, Path, description = "deployment id")),
+#[utoipa::path(get, path = "/api/v1/deployments/{id}", tag = "deployments", params(("id" = schema::IdText, Path, description = "deployment id")),
     security(("bearer" = [])),
     responses((status = 200, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn get_deployment(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> Result<Json<DeploymentView>, ApiError> {
@@ -223,7 +230,7 @@ async fn get_deployment(State(state): State<AppState>, _caller: Caller, Path(id)
 }
 
 /// Cancel a deployment that has not ended: it ends as failed, with the reason.
-#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", tag = "deployments", params(("id" = String, Path, description = "deployment id")),
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/cancel", tag = "deployments", params(("id" = schema::IdText, Path, description = "deployment id")),
     security(("bearer" = [])),
     responses((status = 200, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
@@ -245,7 +252,7 @@ async fn cancel_deployment(
     }
     let reason = format!("cancelled by {}", caller.username);
     let command = Command::SetDeploymentStatus { deployment_id, status: DeploymentStatus::Failed, reason: Some(reason.clone()) };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     applied_id(outcome)?;
     log_segments::system_line(
         &state.node,
@@ -260,7 +267,7 @@ async fn cancel_deployment(
 
 /// Roll back: deploy again the commit of the last successful deployment before this one, of the
 /// same pipeline and environment. The new deployment records `rollback_of`.
-#[utoipa::path(post, path = "/api/v1/deployments/{id}/rollback", tag = "deployments", params(("id" = String, Path, description = "deployment id")),
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/rollback", tag = "deployments", params(("id" = schema::IdText, Path, description = "deployment id")),
     security(("bearer" = [])),
     responses((status = 201, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
@@ -301,7 +308,7 @@ async fn rollback_deployment(
         config_overrides: target.config_overrides.clone(),
         rollback_of: Some(deployment_id),
     };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let rollback_id = applied_id(outcome)?.expect("create returns the id");
     log_segments::system_line(
         &state.node,

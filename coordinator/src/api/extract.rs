@@ -130,13 +130,73 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// The body's bytes, with a JSON error (413 over the limit) instead of axum's plain text.
+pub struct RawBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::body::Bytes::from_request(request, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection| ApiError::new(rejection.status(), "invalid_body", rejection.body_text()))
+    }
+}
+
+/// Query parameters; one that does not parse is a JSON 400 naming the parameter (axum's own
+/// `Query` answers in plain text).
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Query(value)),
+            Err(rejection) => {
+                // Axum keeps serde_path_to_error's error (whose path is the parameter) a few
+                // sources down the rejection's chain.
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+                while let Some(error) = source {
+                    if let Some(error) = error.downcast_ref::<serde_path_to_error::Error<serde::de::value::Error>>() {
+                        let field = error.path().to_string();
+                        if field != "." {
+                            return Err(ApiError::invalid_field(&field, format!("query parameter {field}: {}", error.inner())));
+                        }
+                    }
+                    source = error.source();
+                }
+                Err(ApiError::bad_request(rejection.body_text()))
+            }
+        }
+    }
+}
+
+/// Path parameters, with a JSON 400 when one does not decode (axum's own `Path` answers in
+/// plain text).
+pub struct Path<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))
+    }
+}
+
 /// `?limit=&cursor=` of list endpoints. The cursor is the last id of the previous page.
 #[derive(Debug, Clone, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct Page {
     /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
     /// `next_cursor` of the previous page.
+    #[param(value_type = Option<super::schema::Cursor>)]
     pub cursor: Option<String>,
 }
 
@@ -150,13 +210,20 @@ impl Page {
     }
 
     pub fn after(&self) -> Result<Option<u64>, ApiError> {
-        self.cursor
-            .as_deref()
-            .filter(|cursor| !cursor.is_empty())
-            .map(|cursor| {
-                cursor.parse().map_err(|_| ApiError::invalid_field("cursor", "cursor must be a next_cursor value from a previous page"))
-            })
-            .transpose()
+        parse_cursor(self.cursor.as_deref())
+    }
+}
+
+/// A `cursor` parameter: empty or absent for the first page, else the digits of an id (at most
+/// 19, so that every cursor the schema allows fits in a u64).
+pub fn parse_cursor(cursor: Option<&str>) -> Result<Option<u64>, ApiError> {
+    let error = || ApiError::invalid_field("cursor", "cursor must be a next_cursor value from a previous page");
+    match cursor {
+        None | Some("") => Ok(None),
+        Some(digits) if digits.len() <= 19 && digits.bytes().all(|byte| byte.is_ascii_digit()) => {
+            digits.parse().map(Some).map_err(|_| error())
+        }
+        Some(_) => Err(error()),
     }
 }
 
@@ -210,12 +277,28 @@ pub fn page_of<T: DeserializeOwned>(
     Ok(Paged { items, next_cursor })
 }
 
-/// An id as the seed writes it: a number, a numeric string, or a string such as `"repo123"`.
+/// An id as the seed writes it: a number, a numeric string, or a string such as `"repo123"`:
+/// ASCII letters or `_`, then decimal digits, nothing else (`schema::ID_PATTERN`).
 pub fn parse_id(field: &str, text: &str) -> Result<u64, ApiError> {
-    let digits = text.trim().trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == '_');
-    match digits.parse::<u64>() {
-        Ok(id) if id > 0 && !digits.is_empty() => Ok(id),
+    let digits = text.trim_start_matches(|c: char| c.is_ascii_alphabetic() || c == '_');
+    let parsed = if !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()) { digits.parse::<u64>().ok() } else { None };
+    match parsed {
+        Some(id) if id > 0 => Ok(id),
         _ => Err(ApiError::invalid_field(field, format!("{field} must be a positive integer id (like 12 or \"12\"), not {text:?}"))),
+    }
+}
+
+/// A name or label: 1 to `max_chars` characters, not only whitespace, no control characters
+/// (`schema::LABEL_PATTERN`).
+pub fn validate_label(field: &str, text: &str, max_chars: usize) -> Result<(), ApiError> {
+    let valid = !text.trim().is_empty() && text.chars().count() <= max_chars && !text.contains(char::is_control);
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(
+            field,
+            format!("{field} must be 1 to {max_chars} characters, not only whitespace, without control characters"),
+        ))
     }
 }
 
@@ -229,24 +312,32 @@ impl<'de> Deserialize<'de> for FlexibleId {
         #[serde(untagged)]
         enum Raw {
             Number(u64),
+            // JSON Schema's `integer` admits `12.0`, so the API does too.
+            Float(f64),
             Text(String),
         }
-        Ok(FlexibleId(
-            match Raw::deserialize(deserializer)
-                .map_err(|_| serde::de::Error::custom("expected an id: a positive integer or a string such as \"12\""))?
-            {
-                Raw::Number(number) => number.to_string(),
-                Raw::Text(text) => text,
-            },
-        ))
+        let error = || serde::de::Error::custom("expected an id: a positive integer or a string such as \"12\"");
+        Ok(FlexibleId(match Raw::deserialize(deserializer).map_err(|_| error())? {
+            Raw::Number(number) => number.to_string(),
+            Raw::Float(number) if number.fract() == 0.0 && (1.0..=super::schema::MAX_JSON_ID as f64).contains(&number) => {
+                (number as u64).to_string()
+            }
+            Raw::Float(_) => return Err(error()),
+            Raw::Text(text) => text,
+        }))
     }
 }
 
 impl utoipa::PartialSchema for FlexibleId {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         utoipa::openapi::schema::OneOfBuilder::new()
-            .item(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::Integer).minimum(Some(1)))
-            .item(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String))
+            .item(
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::Integer)
+                    .minimum(Some(1))
+                    .maximum(Some(super::schema::MAX_JSON_ID)),
+            )
+            .item(super::schema::IdText::schema())
             .into()
     }
 }
@@ -257,6 +348,22 @@ impl FlexibleId {
     pub fn id(&self, field: &str) -> Result<u64, ApiError> {
         parse_id(field, &self.0)
     }
+}
+
+/// Serde helper for an optional whole-number field that JSON may spell `30` or `30.0` (JSON
+/// Schema's `integer` admits both). Use with `#[serde(default, deserialize_with = ...)]`.
+pub fn optional_whole_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    number
+        .as_u64()
+        .or_else(|| {
+            number.as_f64().filter(|value| value.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(value)).map(|value| value as u64)
+        })
+        .and_then(|value| u32::try_from(value).ok())
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("expected a whole number from 0 to {}, not {number}", u32::MAX)))
 }
 
 /// The client address alone, for endpoints without authentication (login).
@@ -275,11 +382,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn cursors_are_digits_or_empty() {
+        assert_eq!(parse_cursor(None).unwrap(), None);
+        assert_eq!(parse_cursor(Some("")).unwrap(), None);
+        assert_eq!(parse_cursor(Some("42")).unwrap(), Some(42));
+        for bad in ["abc", "+1", " 1", "-1", "12345678901234567890"] {
+            assert_eq!(parse_cursor(Some(bad)).unwrap_err().field.as_deref(), Some("cursor"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn labels_need_a_visible_character_and_no_control_characters() {
+        validate_label("name", "production-pipeline", 100).unwrap();
+        validate_label("name", " a b ", 100).unwrap();
+        validate_label("name", &"ü".repeat(100), 100).unwrap();
+        for bad in ["", "   ", "\u{3000}", "a\nb", "a\u{1c}", &"x".repeat(101)] {
+            assert_eq!(validate_label("name", bad, 100).unwrap_err().field.as_deref(), Some("name"), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn ids_in_the_seeds_forms() {
         assert_eq!(parse_id("repo_id", "repo123").unwrap(), 123);
         assert_eq!(parse_id("repo_id", "7").unwrap(), 7);
         assert_eq!(parse_id("pipeline_id", "pipeline_9").unwrap(), 9);
-        for bad in ["", "repo", "0", "-3", "1.5", "12abc"] {
+        assert_eq!(parse_id("repo_id", "repo_0012").unwrap(), 12);
+        for bad in ["", "repo", "0", "-3", "1.5", "12abc", " 12", "12 ", "+12", "repo+1", "99999999999999999999999"] {
             let error = parse_id("repo_id", bad).unwrap_err();
             assert_eq!(error.field.as_deref(), Some("repo_id"), "{bad}");
         }

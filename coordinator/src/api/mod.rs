@@ -13,7 +13,9 @@ pub mod health;
 pub mod logs;
 pub mod monitoring;
 pub mod pipelines;
+pub mod query_parameters;
 pub mod repos;
+pub mod schema;
 pub mod users;
 
 use std::sync::Arc;
@@ -28,8 +30,9 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::api_error::ApiError;
 use crate::blob_store::BlobStore;
-use crate::node::Node;
+use crate::node::{Node, Requester};
 use crate::secrets::MasterKeys;
+use crate::state::{Command, Outcome};
 
 /// Largest JSON request body accepted (artifact uploads have their own, larger limit).
 pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
@@ -46,7 +49,18 @@ pub struct AppState {
 #[openapi(
     info(title = "Davit API", description = "Builds and deployments on your own VM fleet. Authenticate with `Authorization: Bearer <token>` from POST /api/v1/auth/login or an API token."),
     modifiers(&BearerAuth),
-    components(schemas(crate::api_error::ErrorBody))
+    components(schemas(
+        crate::api_error::ErrorBody,
+        // Schemas that only parameters refer to; the derive registers those of bodies itself.
+        schema::IdText,
+        schema::Cursor,
+        schema::EnvironmentName,
+        schema::Version,
+        schema::DateTime,
+        schema::LogLevelName,
+        schema::DeploymentStatusName,
+        schema::ClusterOperationName
+    ))
 )]
 struct ApiDoc;
 
@@ -60,6 +74,15 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT or API token").build()),
         );
     }
+}
+
+/// Propose a command through Raft, from any node, and wait until this node has applied it: a
+/// follower applies an entry only after the leader has answered, and handlers read their own
+/// write back from the local state right after (`load_pipeline` after `CreatePipeline`).
+pub async fn propose(node: &Node, requester: &Requester, command: Command) -> Result<(Outcome, u64), ApiError> {
+    let (outcome, log_index) = node.propose(requester, command).await?;
+    node.wait_applied(log_index).await?;
+    Ok((outcome, log_index))
 }
 
 /// The whole HTTP surface: REST, OpenAPI document, health and metrics.
@@ -77,6 +100,9 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .merge(artifacts::routes())
         .split_for_parts();
+    let mut query_parameters = query_parameters::QueryParameters::from_document(&openapi);
+    query_parameters.allow(axum::http::Method::POST, "/api/v1/artifacts/upload", &["pipeline_id", "version"]);
+    let router = router.route_layer(axum::middleware::from_fn_with_state(Arc::new(query_parameters), query_parameters::reject_unknown));
     let document = Arc::new(openapi.to_pretty_json().expect("the OpenAPI document serializes"));
     router
         .route("/api/v1/openapi.json", get(move || openapi_json(document.clone())))

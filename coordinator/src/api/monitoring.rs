@@ -5,14 +5,15 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{Caller, parse_id};
+use super::extract::{Caller, Query, parse_id};
+use super::schema;
 use crate::api_error::ApiError;
 use crate::state::apply::status_name;
 use crate::state::codec::decode;
@@ -26,6 +27,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
+    #[param(value_type = Option<schema::IdText>)]
     pub pipeline_id: Option<String>,
     pub environment: Option<String>,
 }

@@ -2,7 +2,7 @@
 //! which environment by default.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -10,8 +10,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{Caller, FlexibleId, JsonBody, Page, Paged, page_of, parse_id};
+use super::extract::{Caller, FlexibleId, JsonBody, Page, Paged, Path, Query, page_of, parse_id, validate_label};
 use super::repos::validate_branch;
+use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
 use crate::state::Command;
@@ -31,7 +32,7 @@ pub struct PipelineView {
     pub repo_id: u64,
     pub branch: Option<String>,
     pub build_command: Option<String>,
-    #[schema(value_type = String, example = "blue-green")]
+    #[schema(value_type = schema::DeployStrategyName, example = "blue-green")]
     pub deploy_strategy: DeployStrategy,
     pub environment: String,
     pub is_active: bool,
@@ -69,14 +70,11 @@ pub fn validate_environment(field: &str, environment: &str) -> Result<(), ApiErr
 }
 
 fn validate_name(name: &str) -> Result<(), ApiError> {
-    if name.trim().is_empty() || name.len() > 100 {
-        return Err(ApiError::invalid_field("name", "name must be 1 to 100 characters"));
-    }
-    Ok(())
+    validate_label("name", name, 100)
 }
 
 fn validate_build_command(command: &str) -> Result<(), ApiError> {
-    if command.len() > 10_000 {
+    if command.chars().count() > 10_000 {
         return Err(ApiError::invalid_field("build_command", "build_command must be at most 10000 characters"));
     }
     Ok(())
@@ -91,8 +89,13 @@ pub fn load_pipeline(state: &AppState, pipeline_id: u64) -> Result<Pipeline, Api
 #[into_params(parameter_in = Query)]
 pub struct PipelineFilter {
     /// Only the pipelines of this repository.
+    #[param(value_type = Option<schema::IdText>)]
     pub repo_id: Option<String>,
+    /// Items per page, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<schema::Cursor>)]
     pub cursor: Option<String>,
 }
 
@@ -114,24 +117,25 @@ async fn list_pipelines(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePipelineRequest {
-    #[schema(example = "production-pipeline")]
+    #[schema(value_type = schema::Name, example = "production-pipeline")]
     pub name: String,
     #[schema(example = "repo123")]
     pub repo_id: FlexibleId,
-    #[schema(example = "main")]
+    #[schema(value_type = Option<schema::Branch>, example = "main")]
     pub branch: Option<String>,
-    #[schema(example = "mvn clean package")]
+    #[schema(value_type = Option<schema::BuildCommand>, example = "mvn clean package")]
     pub build_command: Option<String>,
-    #[schema(value_type = String, example = "blue-green")]
+    #[schema(value_type = schema::DeployStrategyName, example = "blue-green")]
     pub deploy_strategy: DeployStrategy,
     /// Defaults to `development`.
+    #[schema(value_type = Option<schema::EnvironmentName>)]
     pub environment: Option<String>,
 }
 
 /// Create a new deployment pipeline (developer).
 #[utoipa::path(post, path = "/api/v1/pipelines", tag = "pipelines", request_body = CreatePipelineRequest, security(("bearer" = [])),
     responses((status = 201, body = PipelineView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn create_pipeline(
     State(state): State<AppState>,
     caller: Caller,
@@ -156,13 +160,13 @@ async fn create_pipeline(
         deploy_strategy: request.deploy_strategy,
         environment,
     };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let pipeline_id = applied_id(outcome)?.expect("create returns the id");
     Ok((StatusCode::CREATED, Json(load_pipeline(&state, pipeline_id)?.into())))
 }
 
 /// One pipeline.
-#[utoipa::path(get, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = String, Path, description = "pipeline id")),
+#[utoipa::path(get, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = schema::IdText, Path, description = "pipeline id")),
     security(("bearer" = [])),
     responses((status = 200, body = PipelineView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn get_pipeline(
@@ -178,20 +182,24 @@ async fn get_pipeline(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdatePipelineRequest {
+    #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
+    #[schema(value_type = Option<schema::Branch>)]
     pub branch: Option<String>,
+    #[schema(value_type = Option<schema::BuildCommand>)]
     pub build_command: Option<String>,
-    #[schema(value_type = Option<String>, example = "canary")]
+    #[schema(value_type = Option<schema::DeployStrategyName>, example = "canary")]
     pub deploy_strategy: Option<DeployStrategy>,
+    #[schema(value_type = Option<schema::EnvironmentName>)]
     pub environment: Option<String>,
     pub is_active: Option<bool>,
 }
 
 /// Update pipeline settings (developer).
-#[utoipa::path(put, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = String, Path, description = "pipeline id")),
+#[utoipa::path(put, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = schema::IdText, Path, description = "pipeline id")),
     request_body = UpdatePipelineRequest, security(("bearer" = [])),
     responses((status = 200, body = PipelineView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn update_pipeline(
     State(state): State<AppState>,
     caller: Caller,
@@ -220,20 +228,20 @@ async fn update_pipeline(
         environment: request.environment,
         is_active: request.is_active,
     };
-    let (outcome, _) = state.node.propose(&caller.requester(), Command::UpdatePipeline { pipeline_id, patch }).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::UpdatePipeline { pipeline_id, patch }).await?;
     applied_id(outcome)?;
     Ok(Json(load_pipeline(&state, pipeline_id)?.into()))
 }
 
 /// Delete a pipeline with its deployments, artifacts and configuration (developer).
-#[utoipa::path(delete, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = String, Path, description = "pipeline id")),
+#[utoipa::path(delete, path = "/api/v1/pipelines/{pipelineId}", tag = "pipelines", params(("pipelineId" = schema::IdText, Path, description = "pipeline id")),
     security(("bearer" = [])),
     responses((status = 204), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn delete_pipeline(State(state): State<AppState>, caller: Caller, Path(pipeline_id): Path<String>) -> Result<StatusCode, ApiError> {
     caller.require(Role::Developer, "deleting a pipeline")?;
     let pipeline_id = parse_id("pipelineId", &pipeline_id)?;
-    let (outcome, _) = state.node.propose(&caller.requester(), Command::DeletePipeline { pipeline_id }).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::DeletePipeline { pipeline_id }).await?;
     applied_id(outcome)?;
     Ok(StatusCode::NO_CONTENT)
 }

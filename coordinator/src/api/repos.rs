@@ -3,7 +3,7 @@
 //! provider's signature in constant time.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{Caller, JsonBody, Page, Paged, page_of, parse_id};
+use super::extract::{Caller, JsonBody, Page, Paged, Path, Query, RawBody, page_of, parse_id, validate_label};
+use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
 use crate::state::Command;
@@ -40,7 +41,7 @@ pub struct RepositoryView {
     pub name: String,
     pub repo_url: String,
     pub branch: String,
-    #[schema(value_type = String, example = "github")]
+    #[schema(value_type = schema::ScmTypeName, example = "github")]
     pub scm_type: ScmType,
     /// `"***"` when a secret is set; the value itself is never returned.
     pub webhook_secret: Option<String>,
@@ -74,7 +75,7 @@ pub fn validate_repo_url(url: &str) -> Result<(), ApiError> {
             format!("repo_url {url:?} must be a repository URL such as https://github.com/org/repo or git@github.com:org/repo.git"),
         )
     };
-    if url.len() > 255 || url.contains(char::is_whitespace) {
+    if url.chars().count() > 255 || url.contains(|c: char| c.is_whitespace() || c.is_control()) {
         return Err(error());
     }
     if let Some((scheme, rest)) = url.split_once("://") {
@@ -93,14 +94,17 @@ pub fn validate_repo_url(url: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The repository's name: the last path segment of its URL without `.git`.
+/// The repository's name: the last path segment of its URL without `.git` (or the whole URL
+/// when that leaves nothing), cut to the 100 characters a name may have.
 pub fn name_from_url(url: &str) -> String {
-    url.trim_end_matches('/').rsplit(['/', ':']).next().unwrap_or(url).trim_end_matches(".git").to_string()
+    let name = url.trim_end_matches('/').rsplit(['/', ':']).next().unwrap_or(url).trim_end_matches(".git");
+    let name = if name.trim().is_empty() { url } else { name };
+    name.chars().take(100).collect()
 }
 
 pub fn validate_branch(field: &str, branch: &str) -> Result<(), ApiError> {
     let valid = !branch.is_empty()
-        && branch.len() <= 50
+        && branch.chars().count() <= 50
         && !branch.starts_with(['-', '/'])
         && !branch.contains("..")
         && !branch.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c));
@@ -114,21 +118,28 @@ pub fn validate_branch(field: &str, branch: &str) -> Result<(), ApiError> {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectRequest {
-    #[schema(example = "https://github.com/org/repo")]
+    #[schema(value_type = schema::RepoUrl, example = "https://github.com/org/repo")]
     pub repo_url: String,
-    #[schema(example = "main")]
+    /// Defaults to `main`.
+    #[schema(value_type = Option<schema::Branch>, example = "main")]
     pub branch: Option<String>,
-    #[schema(value_type = String, example = "github")]
+    #[schema(value_type = schema::ScmTypeName, example = "github")]
     pub scm_type: ScmType,
-    #[schema(example = "secret_key")]
+    /// Sealed before it is stored; `""` or none means no secret.
+    #[schema(value_type = Option<schema::WebhookSecret>, example = "secret_key")]
     pub webhook_secret: Option<String>,
     /// Defaults to the last part of the URL.
+    #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
 }
 
 fn validate_name(name: &str) -> Result<(), ApiError> {
-    if name.trim().is_empty() || name.len() > 100 {
-        return Err(ApiError::invalid_field("name", "name must be 1 to 100 characters"));
+    validate_label("name", name, 100)
+}
+
+fn validate_webhook_secret(secret: &str) -> Result<(), ApiError> {
+    if secret.chars().count() > 100 {
+        return Err(ApiError::invalid_field("webhook_secret", "webhook_secret must be at most 100 characters"));
     }
     Ok(())
 }
@@ -141,7 +152,7 @@ fn load_repository(state: &AppState, repo_id: u64) -> Result<Repository, ApiErro
 /// Connect a code repository (developer).
 #[utoipa::path(post, path = "/api/v1/repos/connect", tag = "repositories", request_body = ConnectRequest, security(("bearer" = [])),
     responses((status = 201, body = RepositoryView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn connect_repository(
     State(state): State<AppState>,
     caller: Caller,
@@ -153,15 +164,15 @@ async fn connect_repository(
     validate_branch("branch", &branch)?;
     let name = request.name.unwrap_or_else(|| name_from_url(&request.repo_url));
     validate_name(&name)?;
-    if request.webhook_secret.as_ref().is_some_and(|secret| secret.len() > 100) {
-        return Err(ApiError::invalid_field("webhook_secret", "webhook_secret must be at most 100 characters"));
+    if let Some(secret) = &request.webhook_secret {
+        validate_webhook_secret(secret)?;
     }
     let webhook_secret = request
         .webhook_secret
         .filter(|secret| !secret.is_empty())
         .map(|secret| state.secrets.seal(&secret, &secret_context(&request.repo_url)));
     let command = Command::ConnectRepository { name, repo_url: request.repo_url, branch, scm_type: request.scm_type, webhook_secret };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let repo_id = applied_id(outcome)?.expect("connect returns the id");
     Ok((StatusCode::CREATED, Json(load_repository(&state, repo_id)?.into())))
 }
@@ -180,7 +191,7 @@ async fn list_repositories(
 }
 
 /// One repository.
-#[utoipa::path(get, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = String, Path, description = "repository id")), security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = schema::IdText, Path, description = "repository id")), security(("bearer" = [])),
     responses((status = 200, body = RepositoryView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn get_repository(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> Result<Json<RepositoryView>, ApiError> {
     let repo_id = parse_id("id", &id)?;
@@ -191,20 +202,24 @@ async fn get_repository(State(state): State<AppState>, _caller: Caller, Path(id)
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateRepositoryRequest {
+    #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
+    #[schema(value_type = Option<schema::RepoUrl>)]
     pub repo_url: Option<String>,
+    #[schema(value_type = Option<schema::Branch>)]
     pub branch: Option<String>,
-    #[schema(value_type = Option<String>, example = "gitlab")]
+    #[schema(value_type = Option<schema::ScmTypeName>, example = "gitlab")]
     pub scm_type: Option<ScmType>,
     /// A new secret; `""` removes it.
+    #[schema(value_type = Option<schema::WebhookSecret>)]
     pub webhook_secret: Option<String>,
 }
 
 /// Update a repository (developer).
-#[utoipa::path(put, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = String, Path, description = "repository id")),
+#[utoipa::path(put, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = schema::IdText, Path, description = "repository id")),
     request_body = UpdateRepositoryRequest, security(("bearer" = [])),
     responses((status = 200, body = RepositoryView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn update_repository(
     State(state): State<AppState>,
     caller: Caller,
@@ -221,6 +236,9 @@ async fn update_repository(
     }
     if let Some(name) = &request.name {
         validate_name(name)?;
+    }
+    if let Some(secret) = &request.webhook_secret {
+        validate_webhook_secret(secret)?;
     }
     state.node.read_barrier().await?;
     let current = load_repository(&state, repo_id)?;
@@ -242,19 +260,19 @@ async fn update_repository(
         scm_type: request.scm_type,
         webhook_secret,
     };
-    let (outcome, _) = state.node.propose(&caller.requester(), Command::UpdateRepository { repo_id, patch }).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::UpdateRepository { repo_id, patch }).await?;
     applied_id(outcome)?;
     Ok(Json(load_repository(&state, repo_id)?.into()))
 }
 
 /// Disconnect a repository and delete its pipelines (developer).
-#[utoipa::path(delete, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = String, Path, description = "repository id")), security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/repos/{id}", tag = "repositories", params(("id" = schema::IdText, Path, description = "repository id")), security(("bearer" = [])),
     responses((status = 204), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn delete_repository(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     caller.require(Role::Developer, "deleting a repository")?;
     let repo_id = parse_id("id", &id)?;
-    let (outcome, _) = state.node.propose(&caller.requester(), Command::DeleteRepository { repo_id }).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::DeleteRepository { repo_id }).await?;
     applied_id(outcome)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -327,15 +345,27 @@ pub struct WebhookAccepted {
     pub delivery: Option<String>,
 }
 
-/// Receive a webhook from GitHub, GitLab or Bitbucket. The delivery is authenticated with the
-/// repository's webhook secret (`X-Hub-Signature-256`, `X-Gitlab-Token`, `X-Hub-Signature`).
-#[utoipa::path(post, path = "/api/v1/repos/webhook", tag = "repositories", request_body(content = String, content_type = "application/json"),
+/// Receive a webhook from GitHub, GitLab or Bitbucket. The payload names the repository; the
+/// delivery is authenticated with that repository's webhook secret, the way its provider signs
+/// (`X-Hub-Signature-256` for GitHub, `X-Gitlab-Token` for GitLab, `X-Hub-Signature` for
+/// Bitbucket). The event header is reported back, not required: the signature decides.
+#[utoipa::path(post, path = "/api/v1/repos/webhook", tag = "repositories",
+    params(
+        ("X-GitHub-Event" = Option<String>, Header, description = "GitHub's event name, e.g. push"),
+        ("X-GitHub-Delivery" = Option<String>, Header, description = "GitHub's delivery id"),
+        ("X-Hub-Signature-256" = Option<String>, Header, description = "GitHub: sha256=<HMAC-SHA256 of the body with the webhook secret>"),
+        ("X-Gitlab-Event" = Option<String>, Header, description = "GitLab's event name, e.g. Push Hook"),
+        ("X-Gitlab-Token" = Option<String>, Header, description = "GitLab: the webhook secret itself"),
+        ("X-Event-Key" = Option<String>, Header, description = "Bitbucket's event name, e.g. repo:push"),
+        ("X-Hub-Signature" = Option<String>, Header, description = "Bitbucket: sha256=<HMAC-SHA256 of the body with the webhook secret>")
+    ),
+    request_body(content = Object, content_type = "application/json", description = "The provider's event payload, as it sent it"),
     responses((status = 202, body = WebhookAccepted), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 404, body = crate::api_error::ErrorBody)))]
+        (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    RawBody(body): RawBody,
 ) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::to_string);
     let (event, delivery) = if let Some(event) = header("x-github-event") {
@@ -345,16 +375,16 @@ async fn webhook(
     } else if let Some(event) = header("x-event-key") {
         (Some(event), header("x-request-uuid").or_else(|| header("x-hook-uuid")))
     } else {
-        return Err(ApiError::bad_request("not a recognized webhook: expected an X-GitHub-Event, X-Gitlab-Event or X-Event-Key header"));
+        (None, None)
     };
     let payload: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("webhook body is not JSON: {e}")))?;
-    let urls: Vec<String> = payload_urls(&payload).iter().map(|url| normalize_url(url)).collect();
-    if urls.is_empty() {
-        return Err(ApiError::bad_request("the webhook payload names no repository URL"));
+    if !payload.is_object() {
+        return Err(ApiError::bad_request("a webhook payload is a JSON object"));
     }
+    let urls: Vec<String> = payload_urls(&payload).iter().map(|url| normalize_url(url)).collect();
     state.node.read_barrier().await?;
-    let repository = find_repository_by_urls(&state, &urls)?;
+    let repository = if urls.is_empty() { None } else { find_repository_by_urls(&state, &urls)? };
     let repository = repository.ok_or_else(|| ApiError::not_found("no connected repository matches this webhook's repository URL"))?;
     let sealed = repository.webhook_secret.as_ref().ok_or_else(|| {
         ApiError::unauthorized(format!("repository {} has no webhook secret; set one to accept webhooks", repository.repo_id))

@@ -3,7 +3,7 @@
 //! minutes lock the account for the rest of that window (429 with `Retry-After`).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -11,7 +11,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{API_TOKEN_PREFIX, Caller, JsonBody, Page, Paged, page_of, parse_id};
+use super::extract::{API_TOKEN_PREFIX, Caller, JsonBody, Page, Paged, Path, Query, page_of, parse_id, validate_label};
+use super::schema;
 use crate::api_error::ApiError;
 use crate::auth;
 use crate::state::apply::{LOGIN_LOCKOUT_WINDOW_MS, index, index_ids, load_id, recent_login_failures};
@@ -43,7 +44,7 @@ pub struct UserView {
     pub user_id: u64,
     pub username: String,
     pub email: String,
-    #[schema(value_type = String, example = "developer")]
+    #[schema(value_type = schema::RoleName, example = "developer")]
     pub role: Role,
     pub created_at: String,
     pub updated_at: String,
@@ -64,9 +65,9 @@ impl From<User> for UserView {
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct LoginRequest {
-    #[schema(example = "john_doe")]
+    #[schema(example = "john_doe", min_length = 1)]
     pub username: String,
-    #[schema(example = "your_password")]
+    #[schema(example = "your_password", min_length = 1)]
     pub password: String,
 }
 
@@ -85,14 +86,17 @@ pub fn applied_id(outcome: Outcome) -> Result<Option<u64>, ApiError> {
 /// Authenticate a user and issue a token.
 #[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = LoginResponse), (status = 400, body = crate::api_error::ErrorBody),
-        (status = 401, body = crate::api_error::ErrorBody), (status = 429, body = crate::api_error::ErrorBody)))]
+        (status = 401, body = crate::api_error::ErrorBody), (status = 429, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn login(
     State(state): State<AppState>,
     source: super::extract::ClientAddress,
     JsonBody(request): JsonBody<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
-    if request.username.is_empty() || request.password.is_empty() {
-        return Err(ApiError::bad_request("username and password must not be empty"));
+    if request.username.is_empty() {
+        return Err(ApiError::invalid_field("username", "username must not be empty"));
+    }
+    if request.password.is_empty() {
+        return Err(ApiError::invalid_field("password", "password must not be empty"));
     }
     let node = &state.node;
     node.read_barrier().await?;
@@ -124,7 +128,7 @@ async fn login(
     let requester = crate::node::Requester { user_id: user.as_ref().map(|user| user.user_id), source: source.0 };
     let record =
         Command::RecordLogin { username: request.username.clone(), user_id: user.as_ref().map(|user| user.user_id), succeeded: verified };
-    node.propose(&requester, record).await?;
+    super::propose(node, &requester, record).await?;
     let user = match user {
         Some(user) if verified => user,
         _ => return Err(ApiError::unauthorized("wrong username or password")),
@@ -155,9 +159,9 @@ fn validate_username(username: &str) -> Result<(), ApiError> {
 }
 
 fn validate_email(email: &str) -> Result<(), ApiError> {
-    let valid = email.len() <= 100
+    let valid = email.chars().count() <= 100
         && email.split_once('@').is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty() && !domain.contains('@'))
-        && !email.contains(char::is_whitespace);
+        && !email.contains(|c: char| c.is_whitespace() || c.is_control());
     if valid { Ok(()) } else { Err(ApiError::invalid_field("email", "email must look like name@example.com (at most 100 characters)")) }
 }
 
@@ -182,7 +186,8 @@ fn load_user(state: &AppState, user_id: u64) -> Result<User, ApiError> {
 
 /// List users (admin).
 #[utoipa::path(get, path = "/api/v1/users", tag = "users", params(Page), security(("bearer" = [])),
-    responses((status = 200, body = Paged<UserView>), (status = 401, body = crate::api_error::ErrorBody), (status = 403, body = crate::api_error::ErrorBody)))]
+    responses((status = 200, body = Paged<UserView>), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody)))]
 async fn list_users(State(state): State<AppState>, caller: Caller, Query(page): Query<Page>) -> Result<Json<Paged<UserView>>, ApiError> {
     caller.require(Role::Admin, "listing users")?;
     state.node.read_barrier().await?;
@@ -193,19 +198,20 @@ async fn list_users(State(state): State<AppState>, caller: Caller, Query(page): 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
-    #[schema(example = "john_doe")]
+    #[schema(value_type = schema::Username, example = "john_doe")]
     pub username: String,
-    #[schema(example = "john@example.com")]
+    #[schema(value_type = schema::Email, example = "john@example.com")]
     pub email: String,
+    #[schema(value_type = schema::Password)]
     pub password: String,
-    #[schema(value_type = String, example = "developer")]
+    #[schema(value_type = schema::RoleName, example = "developer")]
     pub role: Role,
 }
 
 /// Create a user (admin).
 #[utoipa::path(post, path = "/api/v1/users", tag = "users", request_body = CreateUserRequest, security(("bearer" = [])),
     responses((status = 201, body = UserView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn create_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -217,14 +223,14 @@ async fn create_user(
     validate_password(&request.password)?;
     let password_hash = hash(request.password).await?;
     let command = Command::CreateUser { username: request.username, email: request.email, password_hash, role: request.role };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let user_id = applied_id(outcome)?.expect("create returns the id");
     Ok((StatusCode::CREATED, Json(load_user(&state, user_id)?.into())))
 }
 
 /// One user (admin, or the user themself).
-#[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "user id")), security(("bearer" = [])),
-    responses((status = 200, body = UserView), (status = 401, body = crate::api_error::ErrorBody), (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users", params(("id" = schema::IdText, Path, description = "user id")), security(("bearer" = [])),
+    responses((status = 200, body = UserView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn get_user(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<UserView>, ApiError> {
     let user_id = parse_id("id", &id)?;
     if user_id != caller.user_id {
@@ -237,18 +243,21 @@ async fn get_user(State(state): State<AppState>, caller: Caller, Path(id): Path<
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUserRequest {
+    #[schema(value_type = Option<schema::Username>)]
     pub username: Option<String>,
+    #[schema(value_type = Option<schema::Email>)]
     pub email: Option<String>,
+    #[schema(value_type = Option<schema::Password>)]
     pub password: Option<String>,
-    #[schema(value_type = Option<String>, example = "viewer")]
+    #[schema(value_type = Option<schema::RoleName>, example = "viewer")]
     pub role: Option<Role>,
 }
 
 /// Update a user: admins change anything; users change their own email and password.
-#[utoipa::path(put, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "user id")), request_body = UpdateUserRequest,
+#[utoipa::path(put, path = "/api/v1/users/{id}", tag = "users", params(("id" = schema::IdText, Path, description = "user id")), request_body = UpdateUserRequest,
     security(("bearer" = [])),
     responses((status = 200, body = UserView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn update_user(
     State(state): State<AppState>,
     caller: Caller,
@@ -258,6 +267,11 @@ async fn update_user(
     let user_id = parse_id("id", &id)?;
     if user_id != caller.user_id || request.role.is_some() || request.username.is_some() {
         caller.require(Role::Admin, "changing another user, a role or a username")?;
+    }
+    // An admin who demoted themself could leave the cluster without any admin; another admin
+    // has to do it, as with deleting one's own account.
+    if user_id == caller.user_id && request.role.is_some_and(|role| role != caller.role) {
+        return Err(ApiError::forbidden("you cannot change your own role; ask another admin"));
     }
     if let Some(username) = &request.username {
         validate_username(username)?;
@@ -273,22 +287,22 @@ async fn update_user(
         None => None,
     };
     let command = Command::UpdateUser { user_id, email: request.email, password_hash, role: request.role, username: request.username };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     applied_id(outcome)?;
     Ok(Json(load_user(&state, user_id)?.into()))
 }
 
 /// Delete a user (admin). Their repositories stay, without an owner.
-#[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "users", params(("id" = String, Path, description = "user id")), security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "users", params(("id" = schema::IdText, Path, description = "user id")), security(("bearer" = [])),
     responses((status = 204), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn delete_user(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     caller.require(Role::Admin, "deleting users")?;
     let user_id = parse_id("id", &id)?;
     if user_id == caller.user_id {
-        return Err(ApiError::bad_request("you cannot delete your own account; ask another admin"));
+        return Err(ApiError::forbidden("you cannot delete your own account; ask another admin"));
     }
-    let (outcome, _) = state.node.propose(&caller.requester(), Command::DeleteUser { user_id }).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::DeleteUser { user_id }).await?;
     applied_id(outcome)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -316,7 +330,7 @@ impl From<ApiToken> for TokenView {
 
 /// The caller's API tokens (admins see everyone's).
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", params(Page), security(("bearer" = [])),
-    responses((status = 200, body = Paged<TokenView>), (status = 401, body = crate::api_error::ErrorBody)))]
+    responses((status = 200, body = Paged<TokenView>), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody)))]
 async fn list_tokens(State(state): State<AppState>, caller: Caller, Query(page): Query<Page>) -> Result<Json<Paged<TokenView>>, ApiError> {
     state.node.read_barrier().await?;
     let admin = caller.role == Role::Admin;
@@ -327,9 +341,11 @@ async fn list_tokens(State(state): State<AppState>, caller: Caller, Query(page):
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
-    #[schema(example = "ci")]
+    #[schema(value_type = schema::Name, example = "ci")]
     pub name: String,
-    /// Days until it expires; none means it lasts until revoked.
+    /// Days until it expires, 1 to 3650; none means it lasts until revoked.
+    #[schema(minimum = 1, maximum = 3650)]
+    #[serde(default, deserialize_with = "super::extract::optional_whole_number")]
     pub expires_in_days: Option<u32>,
 }
 
@@ -343,15 +359,13 @@ pub struct CreatedToken {
 
 /// Create an API token for automation; it acts with the caller's role.
 #[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = CreateTokenRequest, security(("bearer" = [])),
-    responses((status = 201, body = CreatedToken), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody)))]
+    responses((status = 201, body = CreatedToken), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn create_token(
     State(state): State<AppState>,
     caller: Caller,
     JsonBody(request): JsonBody<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<CreatedToken>), ApiError> {
-    if request.name.trim().is_empty() || request.name.len() > 100 {
-        return Err(ApiError::invalid_field("name", "name must be 1 to 100 characters"));
-    }
+    validate_label("name", &request.name, 100)?;
     if request.expires_in_days.is_some_and(|days| days == 0 || days > 3650) {
         return Err(ApiError::invalid_field("expires_in_days", "expires_in_days must be 1 to 3650"));
     }
@@ -359,7 +373,7 @@ async fn create_token(
     let expires_at = request.expires_in_days.map(|days| auth::now_millis() + i64::from(days) * 86_400_000);
     let command =
         Command::CreateApiToken { user_id: caller.user_id, name: request.name, token_hash: auth::token_hash(&secret), expires_at };
-    let (outcome, _) = state.node.propose(&caller.requester(), command).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let token_id = applied_id(outcome)?.expect("create returns the id");
     Ok((
         StatusCode::CREATED,
@@ -368,8 +382,9 @@ async fn create_token(
 }
 
 /// Revoke an API token (its owner or an admin).
-#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = String, Path, description = "token id")), security(("bearer" = [])),
-    responses((status = 204), (status = 401, body = crate::api_error::ErrorBody), (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens", params(("id" = schema::IdText, Path, description = "token id")), security(("bearer" = [])),
+    responses((status = 204), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
 async fn revoke_token(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     let token_id = parse_id("id", &id)?;
     state.node.read_barrier().await?;
@@ -378,7 +393,7 @@ async fn revoke_token(State(state): State<AppState>, caller: Caller, Path(id): P
     if token.user_id != caller.user_id {
         caller.require(Role::Admin, "revoking another user's token")?;
     }
-    let (outcome, _) = state.node.propose(&caller.requester(), Command::RevokeApiToken { token_id }).await?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::RevokeApiToken { token_id }).await?;
     applied_id(outcome)?;
     Ok(StatusCode::NO_CONTENT)
 }

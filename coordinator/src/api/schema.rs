@@ -1,0 +1,389 @@
+//! Documentation-only types: the exact shape of the strings and objects the handlers accept, as
+//! OpenAPI schemas, so that the published document and the validation in the handlers say the
+//! same thing (schemathesis checks both directions: what the schema allows must not get a 400,
+//! what it forbids must not get a 2xx). They are never deserialized; each pattern mirrors one
+//! validator in the handlers, which stays the authority.
+//!
+//! Patterns are written for both readers of the document: ECMA-262 (JSON Schema) and Python's
+//! `re` (schemathesis). So they spell out the control and whitespace characters Rust means
+//! instead of `\s`, which each engine reads differently, and they end in `$(?!\n)`, because a
+//! Python `$` also matches before a final newline.
+
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, SchemaType, Type};
+use utoipa::openapi::{KnownFormat, RefOr};
+use utoipa::{PartialSchema, ToSchema};
+
+/// Unicode category Cc, what `char::is_control` rejects.
+macro_rules! control {
+    () => {
+        r"\x00-\x1f\x7f-\x9f"
+    };
+}
+
+/// Rust's `char::is_whitespace` (Unicode White_Space) less the characters `control!` covers.
+macro_rules! whitespace {
+    () => {
+        r" \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+    };
+}
+
+/// Every Unicode White_Space character, control ones included: what `str::trim` removes.
+macro_rules! all_whitespace {
+    () => {
+        r"\t\n\x0b\x0c\r\x85 \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+    };
+}
+
+/// End of input: JSON Schema's `$`; the lookahead keeps Python from matching before a final `\n`.
+macro_rules! end {
+    () => {
+        r"$(?!\n)"
+    };
+}
+
+/// A visible character that is not whitespace.
+macro_rules! solid {
+    () => {
+        concat!("[^", control!(), whitespace!(), "]")
+    };
+}
+
+/// Ids in the seed's forms: `12`, `"12"`, `"repo12"`. Mirrors `extract::parse_id`.
+pub const ID_PATTERN: &str = concat!(r"^[A-Za-z_]*0*[1-9][0-9]{0,18}", end!());
+/// `next_cursor` values: the last id of a page, or empty for the first page.
+pub const CURSOR_PATTERN: &str = concat!(r"^[0-9]{0,19}", end!());
+/// Environment names (`pipelines::validate_environment`).
+pub const ENVIRONMENT_PATTERN: &str = concat!(r"^[a-z0-9_-]{1,20}", end!());
+/// Usernames (`users::validate_username`).
+pub const USERNAME_PATTERN: &str = concat!(r"^[A-Za-z0-9_.-]{1,50}", end!());
+/// Names and labels (`extract::validate_label`): no control characters, not only whitespace.
+pub const LABEL_PATTERN: &str = concat!("^[^", control!(), "]*", solid!(), "[^", control!(), "]*", end!());
+/// Exactly one `@` with something on each side, no whitespace or control characters.
+pub const EMAIL_PATTERN: &str = concat!("^[^@", control!(), whitespace!(), "]+@[^@", control!(), whitespace!(), "]+", end!());
+/// A git commit id (`deployments::validate_commit`).
+pub const COMMIT_PATTERN: &str = concat!(r"^[0-9a-fA-F]{4,40}", end!());
+/// Git branch names (`repos::validate_branch`): no whitespace, control characters or any of
+/// `~^:?*[\`, no `..`, not starting with `-` or `/`.
+pub const BRANCH_PATTERN: &str = concat!(
+    r"^(?:[^.\-/",
+    control!(),
+    whitespace!(),
+    r"~^:?*\[\\]|\.(?!\.))(?:[^.",
+    control!(),
+    whitespace!(),
+    r"~^:?*\[\\]|\.(?!\.))*",
+    end!()
+);
+/// Repository URLs (`repos::validate_repo_url`): `https`, `http`, `ssh` or `git` with a host
+/// and a path, `file://` with a path, or scp-like `user@host:path`.
+pub const REPO_URL_PATTERN: &str = concat!(
+    r"^(?:(?:https?|ssh|git)://[^/",
+    control!(),
+    whitespace!(),
+    "]+|file://[^/",
+    control!(),
+    whitespace!(),
+    "]*)/",
+    solid!(),
+    "*[^/",
+    control!(),
+    whitespace!(),
+    "]",
+    solid!(),
+    "*",
+    end!(),
+    r"|^(?!.*://)[^:",
+    control!(),
+    whitespace!(),
+    "]*@[^:",
+    control!(),
+    whitespace!(),
+    "]*:[^/",
+    control!(),
+    whitespace!(),
+    "]",
+    solid!(),
+    "*",
+    end!()
+);
+/// Standard base64 with padding and canonical trailing bits, whitespace around it allowed.
+pub const BASE64_PATTERN: &str = concat!(
+    "^[",
+    all_whitespace!(),
+    "]*(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?[",
+    all_whitespace!(),
+    "]*",
+    end!()
+);
+/// Configuration keys: printable ASCII, so that the state machine's limit of 100 bytes and the
+/// schema's 100 characters are the same thing.
+pub const KEY_PATTERN: &str = concat!(r"^[\x20-\x7e]*", end!());
+
+/// The largest integer id the document promises to take as a JSON number (2^53 - 1, exact in
+/// every JSON parser). Larger ones are accepted and simply not found.
+pub const MAX_JSON_ID: u64 = 9_007_199_254_740_991;
+
+fn string(pattern: Option<&str>, min_length: Option<usize>, max_length: Option<usize>, description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(pattern)
+        .min_length(min_length)
+        .max_length(max_length)
+        .description(Some(description))
+}
+
+/// Declare a string schema type: `string_schema!(Name, pattern, min, max, "description")`.
+macro_rules! string_schema {
+    ($name:ident, $pattern:expr, $min:expr, $max:expr, $description:literal) => {
+        #[doc = $description]
+        pub struct $name;
+
+        impl PartialSchema for $name {
+            fn schema() -> RefOr<Schema> {
+                string($pattern, $min, $max, $description).into()
+            }
+        }
+
+        impl ToSchema for $name {}
+    };
+}
+
+/// An id: `12`, or the seed's form with a prefix such as `repo12`.
+pub struct IdText;
+
+impl PartialSchema for IdText {
+    fn schema() -> RefOr<Schema> {
+        // The example names the first of each resource, which is what a fresh node creates first.
+        string(Some(ID_PATTERN), None, None, "An id: `12`, or the seed's form with a prefix such as `repo12`.").examples(["1"]).into()
+    }
+}
+
+impl ToSchema for IdText {}
+string_schema!(Cursor, Some(CURSOR_PATTERN), None, None, "`next_cursor` of the previous page.");
+string_schema!(
+    EnvironmentName,
+    Some(ENVIRONMENT_PATTERN),
+    Some(1),
+    Some(20),
+    "An environment: 1 to 20 lower-case letters, digits, '-' or '_' (like `staging`)."
+);
+string_schema!(Username, Some(USERNAME_PATTERN), Some(1), Some(50), "1 to 50 letters, digits, '_', '.' or '-'.");
+string_schema!(Email, Some(EMAIL_PATTERN), Some(3), Some(100), "An email address such as name@example.com, at most 100 characters.");
+string_schema!(Password, None, Some(8), Some(1024), "8 to 1024 characters.");
+string_schema!(Name, Some(LABEL_PATTERN), Some(1), Some(100), "1 to 100 characters, not only whitespace, no control characters.");
+string_schema!(Version, Some(LABEL_PATTERN), Some(1), Some(50), "1 to 50 characters, not only whitespace, no control characters.");
+string_schema!(Branch, Some(BRANCH_PATTERN), Some(1), Some(50), "A git branch name of at most 50 characters.");
+string_schema!(
+    RepoUrl,
+    Some(REPO_URL_PATTERN),
+    Some(1),
+    Some(255),
+    "A repository URL such as https://github.com/org/repo or git@github.com:org/repo.git."
+);
+string_schema!(CommitHash, Some(COMMIT_PATTERN), Some(4), Some(40), "A git commit id: 4 to 40 hexadecimal characters.");
+string_schema!(WebhookSecret, None, None, Some(100), "At most 100 characters; shown as `***` once set.");
+string_schema!(BuildCommand, None, None, Some(10_000), "At most 10000 characters.");
+
+/// The role names of `Role`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum RoleName {
+    Viewer,
+    Developer,
+    Admin,
+}
+
+/// The SCM names of `ScmType`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum ScmTypeName {
+    Github,
+    Gitlab,
+    Bitbucket,
+}
+
+/// The strategy names of `DeployStrategy`.
+#[derive(serde::Serialize, ToSchema)]
+#[allow(dead_code)]
+pub enum DeployStrategyName {
+    #[serde(rename = "blue-green")]
+    BlueGreen,
+    #[serde(rename = "canary")]
+    Canary,
+    #[serde(rename = "rolling")]
+    Rolling,
+}
+
+/// The status names of `DeploymentStatus`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum DeploymentStatusName {
+    Pending,
+    InProgress,
+    Success,
+    Failed,
+    RolledBack,
+}
+
+/// Log levels as the API spells them.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+#[allow(dead_code)]
+pub enum LogLevelName {
+    Info,
+    Warning,
+    Error,
+    Debug,
+}
+
+/// The cluster operations of `POST /api/v1/cluster/{operation}`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+pub enum ClusterOperationName {
+    Add,
+    Promote,
+    Remove,
+    TransferLeader,
+    Snapshot,
+}
+
+fn scalar(max_length: Option<usize>) -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(SchemaType::from_iter([Type::String, Type::Number, Type::Boolean])).max_length(max_length)
+}
+
+fn key_names(max_length: usize, pattern: Option<&str>) -> ObjectBuilder {
+    ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(max_length)).pattern(pattern)
+}
+
+/// The body of `POST /configs/{environment}`: the seed's flat object of variables, each a
+/// scalar or `{"value": scalar, "secret": bool}`.
+pub struct ConfigVariables;
+
+impl PartialSchema for ConfigVariables {
+    fn schema() -> RefOr<Schema> {
+        let marked = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property("value", scalar(Some(65_536)))
+            .required("value")
+            .property("secret", ObjectBuilder::new().schema_type(Type::Boolean))
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "Variables by key (1 to 100 printable ASCII characters): a string (at most 64 KiB), number or boolean, \
+                 or {\"value\": ..., \"secret\": true}. Keys naming a password, secret, token, key or credential are secrets.",
+            ))
+            .min_properties(Some(1))
+            .max_properties(Some(500))
+            .property_names(Some(key_names(100, Some(KEY_PATTERN))))
+            .additional_properties(Some(Schema::from(OneOfBuilder::new().item(scalar(Some(65_536))).item(marked))))
+            .into()
+    }
+}
+
+impl ToSchema for ConfigVariables {}
+
+/// `config_overrides` of a deployment: up to 200 scalars by key.
+pub struct ConfigOverrides;
+
+impl PartialSchema for ConfigOverrides {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("Configuration values for this deployment only, over the environment's."))
+            .max_properties(Some(200))
+            .property_names(Some(key_names(100, None)))
+            .additional_properties(Some(scalar(None)))
+            .into()
+    }
+}
+
+impl ToSchema for ConfigOverrides {}
+
+/// The JSON body of `POST /artifacts/upload`: text content, or base64 with
+/// `"artifact_encoding": "base64"`.
+pub struct JsonUploadBody;
+
+impl PartialSchema for JsonUploadBody {
+    fn schema() -> RefOr<Schema> {
+        let common = |artifact: ObjectBuilder, encoding: ObjectBuilder, encoding_required: bool| {
+            let mut object = ObjectBuilder::new()
+                .schema_type(Type::Object)
+                .property("pipeline_id", <super::extract::FlexibleId as PartialSchema>::schema())
+                .property("artifact", artifact)
+                .property("version", Version::schema())
+                .property("artifact_encoding", encoding)
+                .required("pipeline_id")
+                .required("artifact")
+                .required("version")
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)));
+            if encoding_required {
+                object = object.required("artifact_encoding");
+            }
+            object
+        };
+        let text_encoding = ObjectBuilder::new().schema_type(SchemaType::from_iter([Type::String, Type::Null])).enum_values(Some([
+            serde_json::json!("text"),
+            serde_json::json!("utf-8"),
+            serde_json::Value::Null,
+        ]));
+        let text = common(
+            ObjectBuilder::new().schema_type(Type::String).description(Some("The artifact's content as text.")),
+            text_encoding,
+            false,
+        );
+        let base64 = common(
+            ObjectBuilder::new().schema_type(Type::String).pattern(Some(BASE64_PATTERN)).description(Some("The content, base64-encoded.")),
+            ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["base64"])),
+            true,
+        );
+        OneOfBuilder::new().item(text).item(base64).into()
+    }
+}
+
+impl ToSchema for JsonUploadBody {}
+
+/// The multipart form of `POST /artifacts/upload`.
+pub struct MultipartUpload;
+
+impl PartialSchema for MultipartUpload {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property("pipeline_id", IdText::schema())
+            .property("version", Version::schema())
+            .property(
+                "artifact",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::Custom("binary".into())))
+                    .content_media_type("application/octet-stream"),
+            )
+            .required("pipeline_id")
+            .required("version")
+            .required("artifact")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .into()
+    }
+}
+
+impl ToSchema for MultipartUpload {}
+
+/// An RFC 3339 time, as the log search takes it.
+pub struct DateTime;
+
+impl PartialSchema for DateTime {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+            .description(Some("An RFC 3339 time such as 2024-11-01T00:00:00Z."))
+            .into()
+    }
+}
+
+impl ToSchema for DateTime {}

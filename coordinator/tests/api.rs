@@ -1,0 +1,1045 @@
+//! The REST API end to end against a real `davit up` process: for every endpoint, the success
+//! case with the seed's own request bodies, a validation failure (400 naming the field), 401
+//! without or with a bad credential, 403 for a role that may not do it, and 404. Each test owns
+//! one node (tests run in parallel threads, each on its own loopback address).
+
+#[allow(dead_code)]
+mod single_node;
+
+use std::collections::BTreeSet;
+
+use hmac::{KeyInit, Mac};
+use reqwest::Method;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use single_node::{ADMIN_USERNAME, SingleNode, expect_field_error, expect_status};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/webhooks");
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!("{FIXTURES}/{name}")).unwrap_or_else(|error| panic!("read the fixture {FIXTURES}/{name}: {error}"))
+}
+
+fn hmac_sha256_hex(secret: &str, body: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    mac.finalize().into_bytes().iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Every item of a list endpoint, following `next_cursor` with pages of `limit`; checks that
+/// every page but the last is full and that no item comes twice.
+async fn walk(node: &SingleNode, path: &str, token: &str, limit: usize, id_field: &str) -> Vec<Value> {
+    let mut items: Vec<Value> = Vec::new();
+    let mut cursor: Option<String> = None;
+    let separator = if path.contains('?') { '&' } else { '?' };
+    for _ in 0..1000 {
+        let url = match &cursor {
+            Some(cursor) => format!("{path}{separator}limit={limit}&cursor={cursor}"),
+            None => format!("{path}{separator}limit={limit}"),
+        };
+        let reply = node.get(&url, token).await;
+        expect_status(&reply, 200, &format!("GET {url}"));
+        let page = reply.json["items"].as_array().expect("items").clone();
+        assert!(page.len() <= limit, "GET {url} returned {} items for limit {limit}", page.len());
+        items.extend(page.iter().cloned());
+        match reply.json["next_cursor"].as_str() {
+            Some(next) => {
+                assert_eq!(page.len(), limit, "GET {url}: a page with a next_cursor must be full");
+                cursor = Some(next.to_string());
+            }
+            None => {
+                assert!(reply.json["next_cursor"].is_null(), "GET {url}: next_cursor is neither a string nor null");
+                let ids: BTreeSet<u64> = items.iter().map(|item| item[id_field].as_u64().expect("an id")).collect();
+                assert_eq!(ids.len(), items.len(), "GET {path}: an item came twice while paging");
+                return items;
+            }
+        }
+    }
+    panic!("GET {path}: paging did not end");
+}
+
+fn ids(items: &[Value], field: &str) -> BTreeSet<u64> {
+    items.iter().map(|item| item[field].as_u64().expect("an id")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_users_tokens_and_lockout() {
+    let node = SingleNode::start("api-auth").await;
+    let admin = node.admin_token.clone();
+
+    // The seed's login body, for a user that exists.
+    let created = node
+        .post(
+            "/api/v1/users",
+            &admin,
+            &json!({"username": "john_doe", "email": "john@example.com", "password": "your_password", "role": "developer"}),
+        )
+        .await;
+    expect_status(&created, 201, "create john_doe");
+    let john_id = created.json["user_id"].as_u64().expect("user_id");
+    assert_eq!(created.json["role"], "developer");
+    assert!(
+        created.json.get("password").is_none() && created.json.get("password_hash").is_none(),
+        "the password leaks: {}",
+        created.text()
+    );
+    let login =
+        node.call(Method::POST, "/api/v1/auth/login", None, Some(&json!({"username": "john_doe", "password": "your_password"}))).await;
+    expect_status(&login, 200, "the seed's login");
+    let john = login.json["token"].as_str().expect("token").to_string();
+    assert_eq!(john.split('.').count(), 3, "the token is a JWT: {john}");
+    assert_eq!(login.json["expires_in"], 3600);
+
+    // Login failures.
+    let wrong =
+        node.call(Method::POST, "/api/v1/auth/login", None, Some(&json!({"username": "john_doe", "password": "wrong_password"}))).await;
+    expect_status(&wrong, 401, "wrong password");
+    assert_eq!(wrong.error_code(), Some("unauthorized"));
+    let unknown =
+        node.call(Method::POST, "/api/v1/auth/login", None, Some(&json!({"username": "nobody", "password": "your_password"}))).await;
+    expect_status(&unknown, 401, "unknown user");
+    let empty = node.call(Method::POST, "/api/v1/auth/login", None, Some(&json!({"username": "", "password": "x"}))).await;
+    expect_field_error(&empty, "username", "empty username");
+    let missing = node.call(Method::POST, "/api/v1/auth/login", None, Some(&json!({"username": "john_doe"}))).await;
+    expect_status(&missing, 400, "login without a password");
+    let typed = node.call(Method::POST, "/api/v1/auth/login", None, Some(&json!({"username": 5, "password": "x"}))).await;
+    expect_field_error(&typed, "username", "a number as username");
+
+    // auth/me with every kind of credential.
+    let me = node.get("/api/v1/auth/me", &john).await;
+    expect_status(&me, 200, "me");
+    assert_eq!(me.json["username"], "john_doe");
+    assert_eq!(me.json["user_id"], john_id);
+    expect_status(&node.call(Method::GET, "/api/v1/auth/me", None, None).await, 401, "me without a token");
+    expect_status(&node.get("/api/v1/auth/me", "not-a-jwt").await, 401, "me with garbage");
+    expect_status(&node.get("/api/v1/auth/me", "davit_not-a-real-token").await, 401, "me with an unknown API token");
+    let basic = node.send(node.client.get(node.url("/api/v1/auth/me")).header("authorization", "Basic am9objpwdw==")).await;
+    expect_status(&basic, 401, "me with Basic auth");
+    assert_eq!(basic.error_code(), Some("unauthorized"));
+
+    let (viewer_id, viewer) = node.create_user("vera_viewer", "viewer-password", "viewer").await;
+    let (other_id, other_dev) = node.create_user("dev_two", "developer-two", "developer").await;
+
+    // Users: list.
+    let users = node.get("/api/v1/users", &admin).await;
+    expect_status(&users, 200, "list users");
+    let names: Vec<&str> = users.json["items"].as_array().unwrap().iter().filter_map(|user| user["username"].as_str()).collect();
+    assert!(names.contains(&"john_doe") && names.contains(&ADMIN_USERNAME), "{names:?}");
+    expect_status(&node.get("/api/v1/users", &john).await, 403, "a developer lists users");
+    expect_status(&node.get("/api/v1/users", &viewer).await, 403, "a viewer lists users");
+    expect_status(&node.call(Method::GET, "/api/v1/users", None, None).await, 401, "list users without a token");
+    expect_field_error(&node.get("/api/v1/users?limit=0", &admin).await, "limit", "limit 0");
+    expect_field_error(&node.get("/api/v1/users?limit=abc", &admin).await, "limit", "limit abc");
+
+    // Users: create, validation.
+    let base = json!({"username": "new_user", "email": "new@example.com", "password": "long-enough", "role": "viewer"});
+    let with = |field: &str, value: Value| {
+        let mut body = base.clone();
+        body[field] = value;
+        body
+    };
+    for (field, value) in [
+        ("email", json!("not-an-email")),
+        ("password", json!("short")),
+        ("username", json!("john doe")),
+        ("role", json!("superuser")),
+        ("username", json!(12)),
+    ] {
+        expect_field_error(
+            &node.post("/api/v1/users", &admin, &with(field, value.clone())).await,
+            field,
+            &format!("user with {field} = {value}"),
+        );
+    }
+    expect_status(&node.post("/api/v1/users", &admin, &with("nickname", json!("x"))).await, 400, "an unknown field");
+    expect_status(&node.post("/api/v1/users", &admin, &with("username", json!("john_doe"))).await, 409, "a taken username");
+    expect_status(&node.post("/api/v1/users", &john, &base).await, 403, "a developer creates a user");
+    expect_status(&node.post("/api/v1/users", &viewer, &base).await, 403, "a viewer creates a user");
+    expect_status(&node.call(Method::POST, "/api/v1/users", None, Some(&base)).await, 401, "create a user without a token");
+
+    // Users: get, in every id form.
+    for path in [format!("/api/v1/users/{john_id}"), format!("/api/v1/users/user{john_id}")] {
+        let reply = node.get(&path, &admin).await;
+        expect_status(&reply, 200, &path);
+        assert_eq!(reply.json["username"], "john_doe");
+    }
+    expect_status(&node.get(&format!("/api/v1/users/{john_id}"), &john).await, 200, "a user reads themself");
+    expect_status(&node.get(&format!("/api/v1/users/{other_id}"), &john).await, 403, "a developer reads another user");
+    expect_status(&node.get("/api/v1/users/999999", &admin).await, 404, "an unknown user");
+    expect_field_error(&node.get("/api/v1/users/abc", &admin).await, "id", "a malformed user id");
+    expect_status(&node.call(Method::GET, &format!("/api/v1/users/{john_id}"), None, None).await, 401, "get a user without a token");
+
+    // Users: update.
+    let updated = node.put(&format!("/api/v1/users/{john_id}"), &john, &json!({"email": "john.doe@example.com"})).await;
+    expect_status(&updated, 200, "a user changes their email");
+    assert_eq!(updated.json["email"], "john.doe@example.com");
+    expect_status(
+        &node.put(&format!("/api/v1/users/{john_id}"), &john, &json!({"role": "admin"})).await,
+        403,
+        "a developer promotes themself",
+    );
+    expect_status(
+        &node.put(&format!("/api/v1/users/{other_id}"), &john, &json!({"email": "x@example.com"})).await,
+        403,
+        "a developer edits another user",
+    );
+    let promoted = node.put(&format!("/api/v1/users/{viewer_id}"), &admin, &json!({"role": "developer"})).await;
+    expect_status(&promoted, 200, "an admin changes a role");
+    assert_eq!(promoted.json["role"], "developer");
+    let me = node.get("/api/v1/auth/me", &admin).await;
+    let admin_id = me.json["user_id"].as_u64().unwrap();
+    expect_status(
+        &node.put(&format!("/api/v1/users/{admin_id}"), &admin, &json!({"role": "viewer"})).await,
+        403,
+        "an admin demotes themself",
+    );
+    expect_field_error(
+        &node.put(&format!("/api/v1/users/{john_id}"), &admin, &json!({"email": "bad email@x"})).await,
+        "email",
+        "bad email",
+    );
+    expect_status(&node.put("/api/v1/users/999999", &admin, &json!({"email": "z@example.com"})).await, 404, "update an unknown user");
+    expect_status(
+        &node.call(Method::PUT, &format!("/api/v1/users/{john_id}"), None, Some(&json!({}))).await,
+        401,
+        "update without a token",
+    );
+    // The viewer who became a developer now acts as one.
+    let vera = node.login("vera_viewer", "viewer-password").await;
+    expect_status(&node.get(&format!("/api/v1/users/{viewer_id}"), &vera).await, 200, "vera reads herself");
+
+    // Users: delete.
+    let (doomed_id, doomed) = node.create_user("short_lived", "short-lived-pw", "developer").await;
+    expect_status(&node.delete(&format!("/api/v1/users/{doomed_id}"), &john).await, 403, "a developer deletes a user");
+    expect_status(&node.delete(&format!("/api/v1/users/{admin_id}"), &admin).await, 403, "an admin deletes themself");
+    expect_status(&node.delete(&format!("/api/v1/users/{doomed_id}"), &admin).await, 204, "an admin deletes a user");
+    expect_status(&node.delete(&format!("/api/v1/users/{doomed_id}"), &admin).await, 404, "delete it again");
+    expect_status(&node.get("/api/v1/auth/me", &doomed).await, 401, "a deleted user's token");
+    expect_status(&node.call(Method::DELETE, &format!("/api/v1/users/{other_id}"), None, None).await, 401, "delete without a token");
+
+    // API tokens.
+    let created = node.post("/api/v1/tokens", &john, &json!({"name": "ci-token", "expires_in_days": 30})).await;
+    expect_status(&created, 201, "create an API token");
+    let api_token = created.json["token"].as_str().expect("token").to_string();
+    let token_id = created.json["token_id"].as_u64().expect("token_id");
+    assert!(api_token.starts_with("davit_"), "{api_token}");
+    assert!(created.json["expires_at"].is_string(), "{}", created.text());
+    let me = node.get("/api/v1/auth/me", &api_token).await;
+    expect_status(&me, 200, "me with the API token");
+    assert_eq!(me.json["username"], "john_doe");
+    let listed = node.get("/api/v1/tokens", &john).await;
+    expect_status(&listed, 200, "list own tokens");
+    assert!(ids(listed.json["items"].as_array().unwrap(), "token_id").contains(&token_id));
+    assert!(listed.json["items"].to_string().find("davit_").is_none(), "the list shows a token's secret: {}", listed.text());
+    let others = node.get("/api/v1/tokens", &other_dev).await;
+    assert!(!ids(others.json["items"].as_array().unwrap(), "token_id").contains(&token_id), "another developer sees john's token");
+    assert!(ids(node.get("/api/v1/tokens", &admin).await.json["items"].as_array().unwrap(), "token_id").contains(&token_id));
+    expect_field_error(&node.post("/api/v1/tokens", &john, &json!({"name": ""})).await, "name", "an empty token name");
+    expect_field_error(&node.post("/api/v1/tokens", &john, &json!({"name": "x", "expires_in_days": 0})).await, "expires_in_days", "0 days");
+    expect_status(&node.call(Method::POST, "/api/v1/tokens", None, Some(&json!({"name": "x"}))).await, 401, "create a token without auth");
+    expect_status(&node.call(Method::GET, "/api/v1/tokens", None, None).await, 401, "list tokens without auth");
+    expect_status(&node.delete(&format!("/api/v1/tokens/{token_id}"), &other_dev).await, 403, "revoke another user's token");
+    expect_status(&node.delete("/api/v1/tokens/999999", &john).await, 404, "revoke an unknown token");
+    expect_field_error(&node.delete("/api/v1/tokens/abc", &john).await, "id", "a malformed token id");
+    expect_status(&node.delete(&format!("/api/v1/tokens/{token_id}"), &john).await, 204, "revoke own token");
+    expect_status(&node.get("/api/v1/auth/me", &api_token).await, 401, "a revoked token");
+    expect_status(&node.delete(&format!("/api/v1/tokens/{token_id}"), &john).await, 404, "revoke it again");
+
+    // Lockout: ten failures for one account, then even the right password gets 429 for a while.
+    node.create_user("locked_out", "the-right-password", "viewer").await;
+    for attempt in 1..=10 {
+        let reply =
+            node.call(Method::POST, "/api/v1/auth/login", None, Some(&json!({"username": "locked_out", "password": "guess"}))).await;
+        expect_status(&reply, 401, &format!("failed login {attempt}"));
+    }
+    let locked = node
+        .call(Method::POST, "/api/v1/auth/login", None, Some(&json!({"username": "locked_out", "password": "the-right-password"})))
+        .await;
+    expect_status(&locked, 429, "the eleventh login");
+    assert_eq!(locked.error_code(), Some("too_many_failed_logins"));
+    let retry_after: u64 = locked
+        .headers
+        .get("retry-after")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("429 without a numeric Retry-After: {:?}", locked.headers));
+    assert!((1..=900).contains(&retry_after), "Retry-After {retry_after}");
+    // Only that account is locked.
+    node.login("john_doe", "your_password").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repositories_and_signed_webhooks() {
+    let node = SingleNode::start("api-repos").await;
+    let (_, developer) = node.create_user("dev", "developer-pw", "developer").await;
+    let (_, viewer) = node.create_user("viewer", "viewer-pw-1", "viewer").await;
+
+    // Connect with the seed's body.
+    let seed = json!({"repo_url": "https://github.com/org/repo", "branch": "main", "scm_type": "github", "webhook_secret": "secret_key"});
+    let connected = node.post("/api/v1/repos/connect", &developer, &seed).await;
+    expect_status(&connected, 201, "connect the seed's repository");
+    let repo_id = connected.json["repo_id"].as_u64().expect("repo_id");
+    assert_eq!(connected.json["repo_url"], "https://github.com/org/repo");
+    assert_eq!(connected.json["name"], "repo");
+    assert_eq!(connected.json["branch"], "main");
+    assert_eq!(connected.json["scm_type"], "github");
+    assert_eq!(connected.json["webhook_secret"], "***", "the secret is masked");
+    assert!(!connected.text().contains("secret_key"));
+    expect_status(&node.post("/api/v1/repos/connect", &developer, &seed).await, 409, "the same URL twice");
+    expect_status(&node.post("/api/v1/repos/connect", &viewer, &seed).await, 403, "a viewer connects");
+    expect_status(&node.call(Method::POST, "/api/v1/repos/connect", None, Some(&seed)).await, 401, "connect without a token");
+    for (field, value) in [
+        ("repo_url", json!("not a url")),
+        ("repo_url", json!("ftp://example.com/org/repo")),
+        ("scm_type", json!("svn")),
+        ("branch", json!("bad..branch")),
+        ("webhook_secret", json!("x".repeat(101))),
+        ("name", json!("   ")),
+    ] {
+        let mut body = seed.clone();
+        body["repo_url"] = json!("https://github.com/org/other");
+        body[field] = value.clone();
+        expect_field_error(&node.post("/api/v1/repos/connect", &developer, &body).await, field, &format!("connect with {field} = {value}"));
+    }
+    expect_status(
+        &node.post("/api/v1/repos/connect", &developer, &json!({"branch": "main", "scm_type": "github"})).await,
+        400,
+        "no repo_url",
+    );
+
+    // List, get.
+    let listed = node.get("/api/v1/repos", &viewer).await;
+    expect_status(&listed, 200, "a viewer lists repositories");
+    assert!(ids(listed.json["items"].as_array().unwrap(), "repo_id").contains(&repo_id));
+    assert!(!listed.text().contains("secret_key"));
+    expect_status(&node.call(Method::GET, "/api/v1/repos", None, None).await, 401, "list without a token");
+    for path in [format!("/api/v1/repos/{repo_id}"), format!("/api/v1/repos/repo{repo_id}")] {
+        let reply = node.get(&path, &viewer).await;
+        expect_status(&reply, 200, &path);
+        assert_eq!(reply.json["repo_id"], repo_id);
+    }
+    expect_status(&node.get("/api/v1/repos/999999", &viewer).await, 404, "an unknown repository");
+    expect_field_error(&node.get("/api/v1/repos/abc", &viewer).await, "id", "a malformed repository id");
+    expect_status(&node.call(Method::GET, &format!("/api/v1/repos/{repo_id}"), None, None).await, 401, "get without a token");
+
+    // Update.
+    let updated = node.put(&format!("/api/v1/repos/{repo_id}"), &developer, &json!({"branch": "develop", "name": "the-repo"})).await;
+    expect_status(&updated, 200, "update a repository");
+    assert_eq!(updated.json["branch"], "develop");
+    assert_eq!(updated.json["name"], "the-repo");
+    assert_eq!(updated.json["webhook_secret"], "***", "the secret survives an update");
+    expect_field_error(
+        &node.put(&format!("/api/v1/repos/{repo_id}"), &developer, &json!({"branch": "-x"})).await,
+        "branch",
+        "a bad branch",
+    );
+    expect_status(&node.put("/api/v1/repos/999999", &developer, &json!({"branch": "main"})).await, 404, "update an unknown repository");
+    expect_status(&node.put(&format!("/api/v1/repos/{repo_id}"), &viewer, &json!({"branch": "main"})).await, 403, "a viewer updates");
+    expect_status(
+        &node.call(Method::PUT, &format!("/api/v1/repos/{repo_id}"), None, Some(&json!({}))).await,
+        401,
+        "update without a token",
+    );
+
+    // Delete.
+    expect_status(&node.delete(&format!("/api/v1/repos/{repo_id}"), &viewer).await, 403, "a viewer deletes");
+    expect_status(&node.call(Method::DELETE, &format!("/api/v1/repos/{repo_id}"), None, None).await, 401, "delete without a token");
+    expect_status(&node.delete(&format!("/api/v1/repos/{repo_id}"), &developer).await, 204, "delete");
+    expect_status(&node.delete(&format!("/api/v1/repos/{repo_id}"), &developer).await, 404, "delete again");
+    expect_status(&node.get(&format!("/api/v1/repos/{repo_id}"), &developer).await, 404, "get a deleted repository");
+
+    // GitHub webhook, signed over the fixture's exact bytes, for the repository the payload names.
+    let github_body = fixture("github-push.json");
+    let payload: Value = serde_json::from_slice(&github_body).expect("the fixture is JSON");
+    let github_url = payload["repository"]["html_url"].as_str().expect("repository.html_url").to_string();
+    let github_secret = "gh-webhook-secret-42";
+    let connected = node
+        .post("/api/v1/repos/connect", &developer, &json!({"repo_url": github_url, "scm_type": "github", "webhook_secret": github_secret}))
+        .await;
+    expect_status(&connected, 201, "connect the fixture's GitHub repository");
+    let github_repo = connected.json["repo_id"].as_u64().unwrap();
+    let deliver = |body: Vec<u8>, headers: Vec<(&'static str, String)>| {
+        let mut request = node.client.post(node.url("/api/v1/repos/webhook")).header("content-type", "application/json").body(body);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        node.send(request)
+    };
+    let github_headers = |signature: String| {
+        vec![
+            ("x-github-event", "push".to_string()),
+            ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958".to_string()),
+            ("x-hub-signature-256", signature),
+        ]
+    };
+    let good = format!("sha256={}", hmac_sha256_hex(github_secret, &github_body));
+    let accepted = deliver(github_body.clone(), github_headers(good.clone())).await;
+    expect_status(&accepted, 202, "a correctly signed GitHub push");
+    assert_eq!(accepted.json["repo_id"], github_repo);
+    assert_eq!(accepted.json["event"], "push");
+    assert_eq!(accepted.json["delivery"], "72d3162e-cc78-11e3-81ab-4c9367dc0958");
+    let wrong = format!("sha256={}", hmac_sha256_hex("not-the-secret", &github_body));
+    expect_status(&deliver(github_body.clone(), github_headers(wrong)).await, 401, "signed with another secret");
+    let mut altered = github_body.clone();
+    altered.insert(altered.len() - 2, b' ');
+    expect_status(&deliver(altered, github_headers(good.clone())).await, 401, "a body changed after signing");
+    expect_status(&deliver(github_body.clone(), vec![("x-github-event", "push".into())]).await, 401, "no signature");
+    expect_status(&deliver(github_body.clone(), github_headers("sha1=abc".into())).await, 401, "a malformed signature");
+    expect_status(&deliver(b"this is not json".to_vec(), github_headers(good.clone())).await, 400, "a body that is not JSON");
+    expect_status(&deliver(b"[1, 2]".to_vec(), github_headers(good.clone())).await, 400, "a body that is not an object");
+    let bitbucket = fixture("bitbucket-repo-push.json");
+    expect_status(
+        &deliver(
+            bitbucket.clone(),
+            vec![("x-event-key", "repo:push".into()), ("x-hub-signature", format!("sha256={}", hmac_sha256_hex("x", &bitbucket)))],
+        )
+        .await,
+        404,
+        "a payload for a repository nobody connected",
+    );
+
+    // GitLab: the token header is the secret itself.
+    let gitlab_body = fixture("gitlab-push.json");
+    let payload: Value = serde_json::from_slice(&gitlab_body).expect("the fixture is JSON");
+    let gitlab_url = payload["project"]["web_url"].as_str().expect("project.web_url").to_string();
+    let connected = node
+        .post(
+            "/api/v1/repos/connect",
+            &developer,
+            &json!({"repo_url": gitlab_url, "scm_type": "gitlab", "webhook_secret": "gl-hook-token"}),
+        )
+        .await;
+    expect_status(&connected, 201, "connect the fixture's GitLab project");
+    let gitlab_repo = connected.json["repo_id"].as_u64().unwrap();
+    let accepted =
+        deliver(gitlab_body.clone(), vec![("x-gitlab-event", "Push Hook".into()), ("x-gitlab-token", "gl-hook-token".into())]).await;
+    expect_status(&accepted, 202, "a GitLab push with the right token");
+    assert_eq!(accepted.json["repo_id"], gitlab_repo);
+    assert_eq!(accepted.json["event"], "Push Hook");
+    expect_status(
+        &deliver(gitlab_body.clone(), vec![("x-gitlab-event", "Push Hook".into()), ("x-gitlab-token", "gl-hook-tokeN".into())]).await,
+        401,
+        "a GitLab push with a wrong token",
+    );
+    expect_status(&deliver(gitlab_body, vec![("x-gitlab-event", "Push Hook".into())]).await, 401, "a GitLab push without a token");
+
+    // Removing the secret makes the repository refuse every delivery.
+    let cleared = node.put(&format!("/api/v1/repos/{github_repo}"), &developer, &json!({"webhook_secret": ""})).await;
+    expect_status(&cleared, 200, "remove the webhook secret");
+    assert!(cleared.json["webhook_secret"].is_null(), "{}", cleared.text());
+    expect_status(&deliver(github_body, github_headers(good)).await, 401, "a repository without a secret");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_deployments_logs_and_metrics() {
+    let node = SingleNode::start("api-pipelines").await;
+    let admin = node.admin_token.clone();
+    let (developer_id, developer) = node.create_user("dev", "developer-pw", "developer").await;
+    let (_, viewer) = node.create_user("viewer", "viewer-pw-1", "viewer").await;
+    let repo = node
+        .post(
+            "/api/v1/repos/connect",
+            &developer,
+            &json!({"repo_url": "https://github.com/org/repo", "branch": "main", "scm_type": "github", "webhook_secret": "secret_key"}),
+        )
+        .await;
+    let repo_id = repo.json["repo_id"].as_u64().expect("repo_id");
+
+    // Pipelines: create with the seed's body, the repository id in the seed's "repo1" form.
+    let seed = json!({"name": "production-pipeline", "repo_id": format!("repo{repo_id}"), "branch": "main", "build_command": "mvn clean package", "deploy_strategy": "blue-green"});
+    let created = node.post("/api/v1/pipelines", &developer, &seed).await;
+    expect_status(&created, 201, "create the seed's pipeline");
+    let pipeline_id = created.json["pipeline_id"].as_u64().expect("pipeline_id");
+    assert_eq!(created.json["repo_id"], repo_id);
+    assert_eq!(created.json["deploy_strategy"], "blue-green");
+    assert_eq!(created.json["build_command"], "mvn clean package");
+    assert_eq!(created.json["environment"], "development", "the seed's default environment");
+    assert_eq!(created.json["is_active"], true);
+    let numeric = node
+        .post(
+            "/api/v1/pipelines",
+            &developer,
+            &json!({"name": "staging-pipeline", "repo_id": repo_id, "deploy_strategy": "canary", "environment": "staging"}),
+        )
+        .await;
+    expect_status(&numeric, 201, "a pipeline with a numeric repo_id");
+    let staging_pipeline = numeric.json["pipeline_id"].as_u64().unwrap();
+    expect_status(&node.post("/api/v1/pipelines", &developer, &seed).await, 409, "the same name twice in a repository");
+    expect_status(&node.post("/api/v1/pipelines", &viewer, &seed).await, 403, "a viewer creates a pipeline");
+    expect_status(&node.call(Method::POST, "/api/v1/pipelines", None, Some(&seed)).await, 401, "create without a token");
+    let mut unknown_repo = seed.clone();
+    unknown_repo["repo_id"] = json!(999_999);
+    expect_status(&node.post("/api/v1/pipelines", &developer, &unknown_repo).await, 404, "an unknown repository");
+    for (field, value) in [
+        ("deploy_strategy", json!("big-bang")),
+        ("repo_id", json!("abc")),
+        ("repo_id", json!(0)),
+        ("environment", json!("Prod!")),
+        ("name", json!("")),
+        ("branch", json!("a b")),
+        ("build_command", json!("x".repeat(10_001))),
+    ] {
+        let mut body = seed.clone();
+        body["name"] = json!("another");
+        body[field] = value.clone();
+        expect_field_error(&node.post("/api/v1/pipelines", &developer, &body).await, field, &format!("pipeline with {field} = {value}"));
+    }
+    expect_status(&node.post("/api/v1/pipelines", &developer, &json!({"name": "x", "repo_id": repo_id})).await, 400, "no deploy_strategy");
+
+    // List, get, update.
+    let listed = node.get(&format!("/api/v1/pipelines?repo_id=repo{repo_id}"), &viewer).await;
+    expect_status(&listed, 200, "list a repository's pipelines");
+    assert_eq!(ids(listed.json["items"].as_array().unwrap(), "pipeline_id"), BTreeSet::from([pipeline_id, staging_pipeline]));
+    expect_field_error(&node.get("/api/v1/pipelines?repo_id=x", &viewer).await, "repo_id", "a malformed repo_id filter");
+    expect_status(&node.call(Method::GET, "/api/v1/pipelines", None, None).await, 401, "list without a token");
+    let got = node.get(&format!("/api/v1/pipelines/pipeline{pipeline_id}"), &viewer).await;
+    expect_status(&got, 200, "get in the seed's id form");
+    assert_eq!(got.json["name"], "production-pipeline");
+    expect_status(&node.get("/api/v1/pipelines/999999", &viewer).await, 404, "an unknown pipeline");
+    expect_field_error(&node.get("/api/v1/pipelines/0", &viewer).await, "pipelineId", "pipeline id 0");
+    let updated = node
+        .put(
+            &format!("/api/v1/pipelines/{pipeline_id}"),
+            &developer,
+            &json!({"build_command": "mvn -B clean package", "deploy_strategy": "rolling"}),
+        )
+        .await;
+    expect_status(&updated, 200, "update a pipeline");
+    assert_eq!(updated.json["build_command"], "mvn -B clean package");
+    assert_eq!(updated.json["deploy_strategy"], "rolling");
+    expect_field_error(
+        &node.put(&format!("/api/v1/pipelines/{pipeline_id}"), &developer, &json!({"deploy_strategy": "yolo"})).await,
+        "deploy_strategy",
+        "a bad strategy",
+    );
+    expect_status(&node.put("/api/v1/pipelines/999999", &developer, &json!({"is_active": true})).await, 404, "update an unknown pipeline");
+    expect_status(
+        &node.put(&format!("/api/v1/pipelines/{pipeline_id}"), &viewer, &json!({"is_active": true})).await,
+        403,
+        "a viewer updates",
+    );
+    expect_status(
+        &node.call(Method::PUT, &format!("/api/v1/pipelines/{pipeline_id}"), None, Some(&json!({}))).await,
+        401,
+        "update without a token",
+    );
+
+    // Deployments: the seed's body.
+    let seed_deployment = json!({"pipeline_id": format!("pipeline{pipeline_id}"), "commit_hash": "abc123def", "environment": "staging", "config_overrides": {"env": "staging", "db_host": "staging-db.example.com"}});
+    let created = node.post("/api/v1/deployments", &developer, &seed_deployment).await;
+    expect_status(&created, 201, "trigger the seed's deployment");
+    let staging_id = created.json["deployment_id"].as_u64().expect("deployment_id");
+    assert_eq!(created.json["status"], "pending");
+    assert_eq!(created.json["environment"], "staging");
+    assert_eq!(created.json["commit_hash"], "abc123def");
+    assert_eq!(created.json["pipeline_id"], pipeline_id);
+    assert_eq!(created.json["triggered_by"], developer_id);
+    assert_eq!(created.json["config_overrides"], json!({"env": "staging", "db_host": "staging-db.example.com"}));
+    let mut production = seed_deployment.clone();
+    production["environment"] = json!("production");
+    expect_status(&node.post("/api/v1/deployments", &developer, &production).await, 403, "a developer deploys to production");
+    production["pipeline_id"] = json!(pipeline_id);
+    let created = node.post("/api/v1/deployments", &admin, &production).await;
+    expect_status(&created, 201, "an admin deploys to production");
+    let production_id = created.json["deployment_id"].as_u64().unwrap();
+    expect_status(&node.post("/api/v1/deployments", &viewer, &seed_deployment).await, 403, "a viewer deploys");
+    expect_status(&node.call(Method::POST, "/api/v1/deployments", None, Some(&seed_deployment)).await, 401, "deploy without a token");
+    let mut unknown = seed_deployment.clone();
+    unknown["pipeline_id"] = json!("pipeline999999");
+    expect_status(&node.post("/api/v1/deployments", &developer, &unknown).await, 404, "deploy an unknown pipeline");
+    for (field, value, expected_field) in [
+        ("commit_hash", json!("xyz"), "commit_hash"),
+        ("environment", json!("STAGING"), "environment"),
+        ("pipeline_id", json!(-1), "pipeline_id"),
+        ("config_overrides", json!({"nested": {"a": 1}}), "config_overrides.nested"),
+    ] {
+        let mut body = seed_deployment.clone();
+        body[field] = value.clone();
+        expect_field_error(
+            &node.post("/api/v1/deployments", &developer, &body).await,
+            expected_field,
+            &format!("deploy with {field} = {value}"),
+        );
+    }
+
+    // List and get.
+    let listed = node.get(&format!("/api/v1/deployments?pipeline_id={pipeline_id}&status=pending"), &viewer).await;
+    expect_status(&listed, 200, "list pending deployments of a pipeline");
+    assert_eq!(ids(listed.json["items"].as_array().unwrap(), "deployment_id"), BTreeSet::from([staging_id, production_id]));
+    let listed = node.get("/api/v1/deployments?environment=production", &viewer).await;
+    assert_eq!(ids(listed.json["items"].as_array().unwrap(), "deployment_id"), BTreeSet::from([production_id]));
+    expect_field_error(&node.get("/api/v1/deployments?status=bogus", &viewer).await, "status", "a bad status filter");
+    expect_status(&node.call(Method::GET, "/api/v1/deployments", None, None).await, 401, "list without a token");
+    expect_status(&node.get(&format!("/api/v1/deployments/{staging_id}"), &viewer).await, 200, "get a deployment");
+    expect_status(&node.get("/api/v1/deployments/999999", &viewer).await, 404, "an unknown deployment");
+    expect_field_error(&node.get("/api/v1/deployments/x", &viewer).await, "id", "a malformed deployment id");
+
+    // Cancel and roll back.
+    expect_status(&node.post(&format!("/api/v1/deployments/{staging_id}/cancel"), &viewer, &json!({})).await, 403, "a viewer cancels");
+    expect_status(
+        &node.post(&format!("/api/v1/deployments/{production_id}/cancel"), &developer, &json!({})).await,
+        403,
+        "a developer cancels production",
+    );
+    let cancelled = node.post(&format!("/api/v1/deployments/{staging_id}/cancel"), &developer, &json!({})).await;
+    expect_status(&cancelled, 200, "a developer cancels staging");
+    assert_eq!(cancelled.json["status"], "failed");
+    assert!(cancelled.json["status_reason"].as_str().is_some_and(|reason| reason.contains("cancelled by dev")), "{}", cancelled.text());
+    expect_status(&node.post(&format!("/api/v1/deployments/{staging_id}/cancel"), &developer, &json!({})).await, 409, "cancel twice");
+    expect_status(&node.post("/api/v1/deployments/999999/cancel", &developer, &json!({})).await, 404, "cancel an unknown deployment");
+    expect_status(
+        &node.call(Method::POST, &format!("/api/v1/deployments/{staging_id}/cancel"), None, None).await,
+        401,
+        "cancel without a token",
+    );
+    let rollback = node.post(&format!("/api/v1/deployments/{staging_id}/rollback"), &developer, &json!({})).await;
+    expect_status(&rollback, 409, "roll back with nothing before it");
+    assert_eq!(rollback.error_code(), Some("nothing_to_roll_back_to"));
+    expect_status(&node.post(&format!("/api/v1/deployments/{staging_id}/rollback"), &viewer, &json!({})).await, 403, "a viewer rolls back");
+    expect_status(
+        &node.post(&format!("/api/v1/deployments/{production_id}/rollback"), &developer, &json!({})).await,
+        403,
+        "a developer rolls back production",
+    );
+    expect_status(&node.post("/api/v1/deployments/999999/rollback", &admin, &json!({})).await, 404, "roll back an unknown deployment");
+    expect_status(
+        &node.call(Method::POST, &format!("/api/v1/deployments/{staging_id}/rollback"), None, None).await,
+        401,
+        "roll back without a token",
+    );
+
+    // Logs of one deployment: the coordinator wrote its creation and cancellation.
+    let logs = node.get(&format!("/api/v1/logs/{staging_id}"), &viewer).await;
+    expect_status(&logs, 200, "a deployment's logs");
+    let lines = logs.json["lines"].as_array().expect("lines").clone();
+    assert!(lines.iter().any(|line| line["level"] == "INFO" && line["message"].as_str().unwrap().contains("created by dev")), "{lines:?}");
+    assert!(lines.iter().any(|line| line["level"] == "WARNING" && line["message"].as_str().unwrap().contains("cancelled")), "{lines:?}");
+    let warnings = node.get(&format!("/api/v1/logs/{staging_id}?log_level=WARNING"), &viewer).await;
+    expect_status(&warnings, 200, "warning lines only");
+    assert!(warnings.json["lines"].as_array().unwrap().iter().all(|line| line["level"] == "WARNING"), "{}", warnings.text());
+    let limited = node.get(&format!("/api/v1/logs/{staging_id}?limit=1"), &viewer).await;
+    assert_eq!(limited.json["lines"].as_array().unwrap().len(), 1);
+    assert_eq!(limited.json["truncated"], true);
+    expect_field_error(&node.get(&format!("/api/v1/logs/{staging_id}?log_level=FATAL"), &viewer).await, "log_level", "an unknown level");
+    expect_field_error(&node.get(&format!("/api/v1/logs/{staging_id}?limit=0"), &viewer).await, "limit", "limit 0");
+    expect_field_error(&node.get("/api/v1/logs/abc", &viewer).await, "deploymentId", "a malformed deployment id");
+    expect_status(&node.get("/api/v1/logs/999999", &viewer).await, 404, "logs of an unknown deployment");
+    expect_status(&node.call(Method::GET, &format!("/api/v1/logs/{staging_id}"), None, None).await, 401, "logs without a token");
+
+    // Log search: the seed's query (a week of 2024, so nothing from this run) and a live one.
+    let seed_search = format!(
+        "/api/v1/logs/search?pipeline_id=pipeline{pipeline_id}&log_level=ERROR&start_time=2024-11-01T00:00:00Z&end_time=2024-11-07T23:59:59Z"
+    );
+    let found = node.get(&seed_search, &viewer).await;
+    expect_status(&found, 200, "the seed's log search");
+    assert_eq!(found.json["matches"], json!([]));
+    let found = node.get(&format!("/api/v1/logs/search?pipeline_id={pipeline_id}&log_level=INFO&q=CREATED%20BY"), &viewer).await;
+    expect_status(&found, 200, "search by text");
+    let matches = found.json["matches"].as_array().unwrap();
+    assert!(matches.iter().any(|m| m["deployment_id"] == staging_id && m["pipeline_id"] == pipeline_id), "{}", found.text());
+    let backwards = node.get("/api/v1/logs/search?start_time=2024-11-07T00:00:00Z&end_time=2024-11-01T00:00:00Z", &viewer).await;
+    expect_status(&backwards, 200, "a range that ends before it starts");
+    assert_eq!(backwards.json["matches"], json!([]));
+    expect_field_error(&node.get("/api/v1/logs/search?start_time=yesterday", &viewer).await, "start_time", "a bad start_time");
+    expect_field_error(&node.get("/api/v1/logs/search?log_level=error", &viewer).await, "log_level", "a lower-case level");
+    expect_field_error(&node.get("/api/v1/logs/search?pipeline_id=p", &viewer).await, "pipeline_id", "a malformed pipeline_id");
+    expect_status(&node.call(Method::GET, &seed_search, None, None).await, 401, "search without a token");
+
+    // Monitoring.
+    let metrics = node.get("/api/v1/monitoring/metrics", &viewer).await;
+    expect_status(&metrics, 200, "metrics");
+    assert_eq!(metrics.json["deployments_total"], 2);
+    assert_eq!(metrics.json["deployments_by_environment"], json!({"production": 1, "staging": 1}));
+    assert_eq!(metrics.json["deployments_by_status"], json!({"failed": 1, "pending": 1}));
+    assert_eq!(metrics.json["coordinator"]["node_id"], 1);
+    let metrics = node.get(&format!("/api/v1/monitoring/metrics?pipeline_id=pipeline{staging_pipeline}"), &viewer).await;
+    assert_eq!(metrics.json["deployments_total"], 0);
+    expect_field_error(&node.get("/api/v1/monitoring/metrics?pipeline_id=abc", &viewer).await, "pipeline_id", "bad pipeline_id");
+    expect_status(&node.call(Method::GET, "/api/v1/monitoring/metrics", None, None).await, 401, "metrics without a token");
+
+    // Deleting the pipeline takes its deployments with it.
+    expect_status(&node.delete(&format!("/api/v1/pipelines/{pipeline_id}"), &viewer).await, 403, "a viewer deletes a pipeline");
+    expect_status(&node.call(Method::DELETE, &format!("/api/v1/pipelines/{pipeline_id}"), None, None).await, 401, "delete without a token");
+    expect_status(&node.delete(&format!("/api/v1/pipelines/{pipeline_id}"), &developer).await, 204, "delete a pipeline");
+    expect_status(&node.delete(&format!("/api/v1/pipelines/{pipeline_id}"), &developer).await, 404, "delete it again");
+    expect_status(&node.get(&format!("/api/v1/pipelines/{pipeline_id}"), &viewer).await, 404, "get a deleted pipeline");
+    expect_status(&node.get(&format!("/api/v1/deployments/{staging_id}"), &viewer).await, 404, "a deleted pipeline's deployment");
+}
+
+fn multipart(fields: &[(&str, &[u8])], boundary: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        if *name == "artifact" {
+            body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"app.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+                    .as_bytes(),
+            );
+        } else {
+            body.extend_from_slice(format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes());
+        }
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_upload_download_and_delete() {
+    use sha2::Digest;
+    let node = SingleNode::start("api-artifacts").await;
+    let (_, developer) = node.create_user("dev", "developer-pw", "developer").await;
+    let (_, viewer) = node.create_user("viewer", "viewer-pw-1", "viewer").await;
+    let repo =
+        node.post("/api/v1/repos/connect", &developer, &json!({"repo_url": "https://github.com/org/repo", "scm_type": "github"})).await;
+    let repo_id = repo.json["repo_id"].as_u64().unwrap();
+    let pipeline =
+        node.post("/api/v1/pipelines", &developer, &json!({"name": "build", "repo_id": repo_id, "deploy_strategy": "rolling"})).await;
+    let pipeline_id = pipeline.json["pipeline_id"].as_u64().unwrap();
+
+    // The seed's JSON body: the artifact is the text content.
+    let seed = json!({"pipeline_id": format!("pipeline{pipeline_id}"), "artifact": "binary_file", "version": "v1.0.0"});
+    let uploaded = node.post("/api/v1/artifacts/upload", &developer, &seed).await;
+    expect_status(&uploaded, 201, "upload the seed's JSON artifact");
+    let json_artifact = uploaded.json["artifact_id"].as_u64().expect("artifact_id");
+    assert_eq!(uploaded.json["size_bytes"], 11);
+    assert_eq!(uploaded.json["version"], "v1.0.0");
+    assert_eq!(uploaded.json["pipeline_id"], pipeline_id);
+    let digest: String = Sha256::digest(b"binary_file").iter().map(|byte| format!("{byte:02x}")).collect();
+    assert_eq!(uploaded.json["digest"], digest);
+
+    // Multipart with binary content.
+    let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    let boundary = "davit-test-boundary-7MA4YWxk";
+    let pipeline_text = pipeline_id.to_string();
+    let body = multipart(&[("pipeline_id", pipeline_text.as_bytes()), ("version", b"v2.0.0"), ("artifact", &binary)], boundary);
+    let request = node
+        .client
+        .post(node.url("/api/v1/artifacts/upload"))
+        .bearer_auth(&developer)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body);
+    let uploaded = node.send(request).await;
+    expect_status(&uploaded, 201, "a multipart upload");
+    let multipart_artifact = uploaded.json["artifact_id"].as_u64().unwrap();
+    assert_eq!(uploaded.json["size_bytes"], 70_000);
+
+    // The raw body with ?pipeline_id=&version=.
+    let raw = b"#!/bin/sh\necho hello\n".to_vec();
+    let request = node
+        .client
+        .post(node.url(&format!("/api/v1/artifacts/upload?pipeline_id=pipeline{pipeline_id}&version=v3.0.0")))
+        .bearer_auth(&developer)
+        .header("content-type", "application/octet-stream")
+        .body(raw.clone());
+    let uploaded = node.send(request).await;
+    expect_status(&uploaded, 201, "a raw upload");
+    let raw_artifact = uploaded.json["artifact_id"].as_u64().unwrap();
+
+    // Base64 in JSON, for binary content without multipart.
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode([0u8, 159, 146, 150]);
+    let uploaded = node
+        .post(
+            "/api/v1/artifacts/upload",
+            &developer,
+            &json!({"pipeline_id": pipeline_id, "artifact": encoded, "version": "v4", "artifact_encoding": "base64"}),
+        )
+        .await;
+    expect_status(&uploaded, 201, "a base64 JSON upload");
+    assert_eq!(uploaded.json["size_bytes"], 4);
+
+    // Download: the exact bytes, with their digest.
+    for (artifact_id, expected) in
+        [(json_artifact, b"binary_file".to_vec()), (multipart_artifact, binary.clone()), (raw_artifact, raw.clone())]
+    {
+        let downloaded = node.get(&format!("/api/v1/artifacts/{artifact_id}"), &viewer).await;
+        expect_status(&downloaded, 200, "download");
+        assert_eq!(downloaded.bytes, expected, "artifact {artifact_id} came back different");
+        let digest: String = Sha256::digest(&expected).iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(downloaded.headers.get("x-davit-digest").and_then(|v| v.to_str().ok()), Some(digest.as_str()));
+        assert_eq!(downloaded.headers.get("content-type").and_then(|v| v.to_str().ok()), Some("application/octet-stream"));
+    }
+    expect_status(&node.get("/api/v1/artifacts/999999", &viewer).await, 404, "download an unknown artifact");
+    expect_field_error(&node.get("/api/v1/artifacts/-1", &viewer).await, "artifactId", "a malformed artifact id");
+    expect_status(&node.call(Method::GET, &format!("/api/v1/artifacts/{raw_artifact}"), None, None).await, 401, "download without a token");
+
+    // Metadata.
+    let metadata = node.get(&format!("/api/v1/artifacts/{multipart_artifact}/metadata"), &viewer).await;
+    expect_status(&metadata, 200, "metadata");
+    assert_eq!(metadata.json["version"], "v2.0.0");
+    assert_eq!(metadata.json["size_in_mb"], 0.07);
+    expect_status(&node.get("/api/v1/artifacts/999999/metadata", &viewer).await, 404, "metadata of an unknown artifact");
+    expect_status(
+        &node.call(Method::GET, &format!("/api/v1/artifacts/{raw_artifact}/metadata"), None, None).await,
+        401,
+        "metadata without a token",
+    );
+
+    // List and page.
+    let all = walk(&node, &format!("/api/v1/artifacts?pipeline_id={pipeline_id}"), &viewer, 3, "artifact_id").await;
+    assert_eq!(all.len(), 4);
+    expect_field_error(&node.get("/api/v1/artifacts?limit=0", &viewer).await, "limit", "limit 0");
+    expect_field_error(&node.get("/api/v1/artifacts?cursor=abc", &viewer).await, "cursor", "a bad cursor");
+    expect_field_error(&node.get("/api/v1/artifacts?pipeline_id=", &viewer).await, "pipeline_id", "an empty pipeline_id");
+    expect_status(&node.call(Method::GET, "/api/v1/artifacts", None, None).await, 401, "list without a token");
+
+    // Upload failures.
+    for (body, field) in [
+        (json!({"pipeline_id": pipeline_id, "artifact": "x"}), None),
+        (json!({"pipeline_id": pipeline_id, "artifact": "x", "version": "v".repeat(51)}), Some("version")),
+        (json!({"pipeline_id": pipeline_id, "artifact": "x", "version": "  "}), Some("version")),
+        (json!({"pipeline_id": "zero", "artifact": "x", "version": "v1"}), Some("pipeline_id")),
+        (json!({"pipeline_id": pipeline_id, "artifact": "%%%", "version": "v1", "artifact_encoding": "base64"}), Some("artifact")),
+        (json!({"pipeline_id": pipeline_id, "artifact": "x", "version": "v1", "artifact_encoding": "rot13"}), Some("artifact_encoding")),
+    ] {
+        let reply = node.post("/api/v1/artifacts/upload", &developer, &body).await;
+        match field {
+            Some(field) => expect_field_error(&reply, field, &format!("upload {body}")),
+            None => expect_status(&reply, 400, &format!("upload {body}")),
+        }
+    }
+    let no_query = node
+        .client
+        .post(node.url("/api/v1/artifacts/upload"))
+        .bearer_auth(&developer)
+        .header("content-type", "application/octet-stream")
+        .body("x");
+    expect_field_error(&node.send(no_query).await, "pipeline_id", "a raw upload without pipeline_id");
+    let body =
+        multipart(&[("pipeline_id", pipeline_text.as_bytes()), ("version", b"v9"), ("artifact", b"x"), ("colour", b"red")], boundary);
+    let request = node
+        .client
+        .post(node.url("/api/v1/artifacts/upload"))
+        .bearer_auth(&developer)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body);
+    expect_field_error(&node.send(request).await, "colour", "an unknown multipart field");
+    let mut unknown = seed.clone();
+    unknown["pipeline_id"] = json!(999_999);
+    expect_status(&node.post("/api/v1/artifacts/upload", &developer, &unknown).await, 404, "upload to an unknown pipeline");
+    expect_status(&node.post("/api/v1/artifacts/upload", &viewer, &seed).await, 403, "a viewer uploads");
+    expect_status(&node.call(Method::POST, "/api/v1/artifacts/upload", None, Some(&seed)).await, 401, "upload without a token");
+
+    // Delete.
+    expect_status(&node.delete(&format!("/api/v1/artifacts/{json_artifact}"), &viewer).await, 403, "a viewer deletes");
+    expect_status(
+        &node.call(Method::DELETE, &format!("/api/v1/artifacts/{json_artifact}"), None, None).await,
+        401,
+        "delete without a token",
+    );
+    expect_status(&node.delete(&format!("/api/v1/artifacts/{json_artifact}"), &developer).await, 204, "delete an artifact");
+    expect_status(&node.delete(&format!("/api/v1/artifacts/{json_artifact}"), &developer).await, 404, "delete it again");
+    expect_status(&node.get(&format!("/api/v1/artifacts/{json_artifact}"), &viewer).await, 404, "download a deleted artifact");
+    expect_status(&node.get(&format!("/api/v1/artifacts/{json_artifact}/metadata"), &viewer).await, 404, "metadata of a deleted artifact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configs_audit_log_and_cluster() {
+    let node = SingleNode::start("api-configs").await;
+    let admin = node.admin_token.clone();
+    let (_, developer) = node.create_user("dev", "developer-pw", "developer").await;
+    let (_, viewer) = node.create_user("viewer", "viewer-pw-1", "viewer").await;
+
+    // The seed's body: both keys name secrets, so an admin has to write them.
+    let seed = json!({"db_password": "new_password", "api_key": "12345"});
+    expect_status(&node.post("/api/v1/configs/staging", &developer, &seed).await, 403, "a developer sets secrets");
+    let written = node.post("/api/v1/configs/staging", &admin, &seed).await;
+    expect_status(&written, 200, "an admin sets the seed's configuration");
+    assert_eq!(written.json["written"], 2);
+    let secret_keys: BTreeSet<&str> = written.json["secret_keys"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(secret_keys, BTreeSet::from(["api_key", "db_password"]));
+    let plain =
+        node.post("/api/v1/configs/staging", &developer, &json!({"db_host": "staging-db.example.com", "replicas": 3, "debug": true})).await;
+    expect_status(&plain, 200, "a developer sets plain variables");
+    let read = node.get("/api/v1/configs/staging", &viewer).await;
+    expect_status(&read, 200, "a viewer reads the configuration");
+    let variables = &read.json["variables"];
+    for key in ["db_password", "api_key"] {
+        assert_eq!(variables[key]["value"], "***", "{key} is masked");
+        assert_eq!(variables[key]["secret"], true);
+    }
+    assert_eq!(variables["db_host"]["value"], "staging-db.example.com");
+    assert_eq!(variables["replicas"]["value"], "3");
+    assert_eq!(variables["debug"]["value"], "true");
+    assert_eq!(variables["db_host"]["scope"], "environment");
+    assert!(!read.text().contains("new_password") && !read.text().contains("12345"), "a secret in clear: {}", read.text());
+    expect_status(
+        &node.post("/api/v1/configs/staging", &developer, &json!({"feature": {"value": "x", "secret": true}})).await,
+        403,
+        "a developer marks a value secret",
+    );
+    expect_status(&node.post("/api/v1/configs/staging", &viewer, &json!({"a": "b"})).await, 403, "a viewer writes");
+    expect_status(&node.call(Method::POST, "/api/v1/configs/staging", None, Some(&seed)).await, 401, "write without a token");
+    expect_status(&node.call(Method::GET, "/api/v1/configs/staging", None, None).await, 401, "read without a token");
+    expect_field_error(&node.post("/api/v1/configs/Bad_Env", &admin, &json!({"a": "b"})).await, "environment", "a bad environment");
+    expect_field_error(&node.get("/api/v1/configs/Bad_Env", &admin).await, "environment", "read a bad environment");
+    expect_status(&node.post("/api/v1/configs/staging", &admin, &json!({})).await, 400, "no variables");
+    expect_status(&node.post("/api/v1/configs/staging", &admin, &json!(["a"])).await, 400, "an array");
+    expect_field_error(&node.post("/api/v1/configs/staging", &admin, &json!({"list": [1]})).await, "list", "a nested value");
+    expect_field_error(
+        &node.post("/api/v1/configs/staging", &admin, &json!({"x": {"value": "1", "secret": "yes"}})).await,
+        "x.secret",
+        "secret that is not a boolean",
+    );
+    expect_field_error(&node.post("/api/v1/configs/staging", &admin, &json!({"ключ": "v"})).await, "ключ", "a non-ASCII key");
+    expect_status(&node.get("/api/v1/configs/staging?pipeline_id=999999", &viewer).await, 404, "an unknown pipeline's configuration");
+
+    // Pipeline-scoped values override the environment's.
+    let repo =
+        node.post("/api/v1/repos/connect", &developer, &json!({"repo_url": "https://github.com/org/repo", "scm_type": "github"})).await;
+    let pipeline = node
+        .post("/api/v1/pipelines", &developer, &json!({"name": "app", "repo_id": repo.json["repo_id"], "deploy_strategy": "canary"}))
+        .await;
+    let pipeline_id = pipeline.json["pipeline_id"].as_u64().unwrap();
+    expect_status(
+        &node.post(&format!("/api/v1/configs/staging?pipeline_id=pipeline{pipeline_id}"), &developer, &json!({"db_host": "app-db"})).await,
+        200,
+        "a pipeline's own value",
+    );
+    let scoped = node.get(&format!("/api/v1/configs/staging?pipeline_id={pipeline_id}"), &viewer).await;
+    assert_eq!(scoped.json["variables"]["db_host"], json!({"value": "app-db", "secret": false, "scope": "pipeline"}));
+    assert_eq!(scoped.json["variables"]["replicas"]["scope"], "environment");
+
+    // Delete.
+    expect_status(&node.delete("/api/v1/configs/staging/db_host", &viewer).await, 403, "a viewer deletes");
+    expect_status(&node.call(Method::DELETE, "/api/v1/configs/staging/db_host", None, None).await, 401, "delete without a token");
+    expect_status(&node.delete("/api/v1/configs/staging/db_host", &developer).await, 204, "a developer deletes a plain value");
+    expect_status(&node.delete("/api/v1/configs/staging/db_password", &developer).await, 403, "a developer deletes a secret");
+    expect_status(&node.delete("/api/v1/configs/staging/db_password", &admin).await, 204, "an admin deletes a secret");
+    expect_status(&node.delete("/api/v1/configs/staging/db_password", &admin).await, 404, "delete it again");
+    expect_field_error(&node.delete("/api/v1/configs/BAD/x", &admin).await, "environment", "delete in a bad environment");
+    let read = node.get("/api/v1/configs/staging", &viewer).await;
+    assert!(read.json["variables"].get("db_host").is_none() && read.json["variables"].get("db_password").is_none(), "{}", read.text());
+
+    // The audit log: admins only, paged, and never a secret in clear.
+    let audit = node.get("/api/v1/audit-logs", &admin).await;
+    expect_status(&audit, 200, "read the audit log");
+    let actions: BTreeSet<&str> = audit.json["items"].as_array().unwrap().iter().filter_map(|entry| entry["action"].as_str()).collect();
+    for action in ["user.create", "auth.login", "configuration.set", "configuration.delete"] {
+        assert!(actions.contains(action), "no {action} in {actions:?}");
+    }
+    let everything = walk(&node, "/api/v1/audit-logs", &admin, 7, "audit_id").await;
+    assert!(everything.len() > 10, "{}", everything.len());
+    let text = serde_json::to_string(&everything).unwrap();
+    assert!(!text.contains("new_password") && !text.contains("\"12345\""), "a secret in the audit log");
+    let filtered = node.get("/api/v1/audit-logs?action=configuration.", &admin).await;
+    assert!(
+        filtered.json["items"].as_array().unwrap().iter().all(|entry| entry["action"].as_str().unwrap().starts_with("configuration.")),
+        "{}",
+        filtered.text()
+    );
+    expect_field_error(&node.get("/api/v1/audit-logs?user_id=abc", &admin).await, "user_id", "a bad user_id");
+    expect_field_error(&node.get("/api/v1/audit-logs?limit=501", &admin).await, "limit", "limit 501");
+    expect_status(&node.get("/api/v1/audit-logs", &developer).await, 403, "a developer reads the audit log");
+    expect_status(&node.call(Method::GET, "/api/v1/audit-logs", None, None).await, 401, "audit log without a token");
+    let verified = node.get("/api/v1/audit-logs/verify", &admin).await;
+    expect_status(&verified, 200, "verify the audit chain");
+    assert_eq!(verified.json["ok"], true, "{}", verified.text());
+    assert!(verified.json["entries_checked"].as_u64().unwrap() >= everything.len() as u64);
+    expect_status(&node.get("/api/v1/audit-logs/verify", &developer).await, 403, "a developer verifies");
+    expect_status(&node.call(Method::GET, "/api/v1/audit-logs/verify", None, None).await, 401, "verify without a token");
+
+    // Cluster status for anyone signed in; operations for admins.
+    let status = node.get("/api/v1/cluster/status", &viewer).await;
+    expect_status(&status, 200, "cluster status");
+    assert_eq!(status.json["node_id"], 1);
+    assert_eq!(status.json["state"], "Leader");
+    assert_eq!(status.json["voters"], json!([1]));
+    expect_status(&node.call(Method::GET, "/api/v1/cluster/status", None, None).await, 401, "status without a token");
+    let snapshot = node.post("/api/v1/cluster/snapshot", &admin, &json!({})).await;
+    expect_status(&snapshot, 200, "snapshot");
+    assert!(snapshot.json["snapshot_index"].as_u64().is_some(), "{}", snapshot.text());
+    expect_status(&node.post("/api/v1/cluster/snapshot", &developer, &json!({})).await, 403, "a developer snapshots");
+    expect_status(&node.call(Method::POST, "/api/v1/cluster/snapshot", None, None).await, 401, "snapshot without a token");
+    expect_status(&node.post("/api/v1/cluster/bogus", &admin, &json!({})).await, 404, "an unknown cluster operation");
+    expect_field_error(&node.post("/api/v1/cluster/add", &admin, &json!({})).await, "node_id", "add without a node_id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_unknown_routes_and_pagination() {
+    let node = SingleNode::start("api-bodies").await;
+    let admin = node.admin_token.clone();
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(1_200_000));
+    let endpoints = [
+        (Method::POST, "/api/v1/auth/login"),
+        (Method::POST, "/api/v1/users"),
+        (Method::PUT, "/api/v1/users/1"),
+        (Method::POST, "/api/v1/tokens"),
+        (Method::POST, "/api/v1/repos/connect"),
+        (Method::PUT, "/api/v1/repos/1"),
+        (Method::POST, "/api/v1/repos/webhook"),
+        (Method::POST, "/api/v1/pipelines"),
+        (Method::PUT, "/api/v1/pipelines/1"),
+        (Method::POST, "/api/v1/deployments"),
+        (Method::POST, "/api/v1/configs/staging"),
+        (Method::POST, "/api/v1/artifacts/upload"),
+        (Method::POST, "/api/v1/cluster/add"),
+    ];
+    for (method, path) in endpoints {
+        for (what, body, allowed) in [
+            ("not JSON", "{\"name\": oops".to_string(), &[400][..]),
+            ("wrong shape", "[1, 2, 3]".to_string(), &[400, 404][..]),
+            ("a string", "\"hello\"".to_string(), &[400, 404][..]),
+            ("empty", String::new(), &[400, 404][..]),
+            ("over 1 MiB", big.clone(), &[413, 400][..]),
+        ] {
+            let request = node
+                .client
+                .request(method.clone(), node.url(path))
+                .bearer_auth(&admin)
+                .header("content-type", "application/json")
+                .body(body);
+            let reply = node.send(request).await;
+            assert!(
+                allowed.contains(&reply.status),
+                "{method} {path} with a body that is {what}: got {} (allowed {allowed:?}) {}",
+                reply.status,
+                reply.text().chars().take(300).collect::<String>()
+            );
+            assert!(reply.error_code().is_some(), "{method} {path} with {what}: not the error shape: {}", reply.text());
+        }
+    }
+    // A body of the right shape with a value of the wrong type names the field.
+    let reply = node.post("/api/v1/repos/connect", &admin, &json!({"repo_url": 42, "scm_type": "github"})).await;
+    expect_field_error(&reply, "repo_url", "a number as repo_url");
+
+    // Unknown routes and methods are JSON errors too.
+    let reply = node.get("/api/v1/no-such-thing", &admin).await;
+    expect_status(&reply, 404, "an unknown route");
+    assert_eq!(reply.error_code(), Some("not_found"));
+    let reply = node.call(Method::PATCH, "/api/v1/repos", Some(&admin), None).await;
+    expect_status(&reply, 405, "an unsupported method");
+    assert_eq!(reply.error_code(), Some("method_not_allowed"));
+
+    // Paging through more repositories than one page holds.
+    let mut created = BTreeSet::new();
+    for index in 0..7 {
+        let reply = node
+            .post(
+                "/api/v1/repos/connect",
+                &admin,
+                &json!({"repo_url": format!("https://git.example.com/org/service-{index}"), "scm_type": "gitlab"}),
+            )
+            .await;
+        expect_status(&reply, 201, "connect");
+        created.insert(reply.json["repo_id"].as_u64().unwrap());
+    }
+    let first = node.get("/api/v1/repos?limit=3", &admin).await;
+    assert_eq!(first.json["items"].as_array().unwrap().len(), 3);
+    assert!(first.json["next_cursor"].is_string(), "{}", first.text());
+    for limit in [1, 3, 7, 500] {
+        let all = walk(&node, "/api/v1/repos", &admin, limit, "repo_id").await;
+        assert_eq!(ids(&all, "repo_id"), created, "paging with limit {limit}");
+    }
+    let last = node.get("/api/v1/repos?limit=7", &admin).await;
+    assert!(last.json["next_cursor"].is_null(), "one exact page has no next page: {}", last.text());
+    expect_field_error(&node.get("/api/v1/repos?cursor=abc", &admin).await, "cursor", "a cursor that is not one");
+    expect_field_error(&node.get("/api/v1/repos?limit=501", &admin).await, "limit", "limit 501");
+    expect_field_error(&node.get("/api/v1/repos?limit=-1", &admin).await, "limit", "limit -1");
+    expect_field_error(&node.get("/api/v1/repos?limit=2&pipelineid=3", &admin).await, "pipelineid", "an unknown query parameter");
+    expect_field_error(&node.get("/api/v1/auth/me?verbose=1", &admin).await, "verbose", "a query parameter where none is taken");
+    let users = walk(&node, "/api/v1/users", &admin, 1, "user_id").await;
+    assert_eq!(users.len(), 1);
+}
