@@ -135,6 +135,9 @@ fn write_loop(
     durable_sender: watch::Sender<u64>,
     mut log_end: u64,
 ) {
+    // The committed id waits for the next transaction that is written anyway, rather than
+    // costing one of its own after every commit.
+    let mut unwritten_committed: Option<Option<LogId>> = None;
     while let Ok(first) = ops.recv() {
         let mut batch = WriteBatch::new();
         let mut callbacks = Vec::new();
@@ -172,10 +175,14 @@ fn write_loop(
                     batch.put(Table::RaftMeta, VOTE.to_vec(), encode(&vote));
                     done.push(sender);
                 }
-                WriterOp::SaveCommitted { committed } => {
-                    batch.put(Table::RaftMeta, COMMITTED.to_vec(), encode(&committed));
-                }
+                WriterOp::SaveCommitted { committed } => unwritten_committed = Some(committed),
             }
+        }
+        if batch.is_empty() && callbacks.is_empty() && done.is_empty() {
+            continue;
+        }
+        if let Some(committed) = unwritten_committed.take() {
+            batch.put(Table::RaftMeta, COMMITTED.to_vec(), encode(&committed));
         }
 
         // The committed id and the purge point may be lost in a crash (openraft re-learns the
@@ -345,8 +352,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Deferred: losing it in a crash only means openraft re-learns the commit index from
-        // the leader instead of re-applying at start-up.
+        // Deferred: it is written with the next log write, and losing it in a crash only means
+        // openraft re-learns the commit index from the leader instead of re-applying at
+        // start-up.
         lock(&self.memory).committed = Some(committed);
         self.send(WriterOp::SaveCommitted { committed })
     }
@@ -388,5 +396,82 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             memory.cache = memory.cache.split_off(&(log_id.index + 1));
         }
         self.send(WriterOp::Purge { upto: log_id })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+    use crate::store::{BackendKind, open_backend};
+
+    #[test]
+    fn a_truncation_or_purge_drops_the_puts_it_would_delete() {
+        let mut batch = WriteBatch::new();
+        for index in 0..6 {
+            batch.put(Table::RaftLog, log_key(index).to_vec(), vec![1]);
+        }
+        batch.put(Table::RaftMeta, VOTE.to_vec(), vec![2]);
+        drop_log_puts(&mut batch, |index| index >= 4);
+        drop_log_puts(&mut batch, |index| index <= 1);
+        let kept: Vec<Option<u64>> = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                WriteOp::Put { table: Table::RaftLog, key, .. } => key_id(key),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kept, [Some(2), Some(3), None]);
+    }
+
+    #[test]
+    fn ranges_become_half_open_index_bounds() {
+        assert_eq!(index_bounds(&(3..7)), (3, Some(7)));
+        assert_eq!(index_bounds(&(3..=7)), (3, Some(8)));
+        assert_eq!(index_bounds(&(3..)), (3, None));
+        assert_eq!(index_bounds(&(..)), (0, None));
+        assert_eq!(index_bounds(&(Bound::Excluded(3), Bound::Excluded(4))), (4, Some(4)));
+    }
+
+    /// Everything the writer thread does reaches the database, in openraft's order, and a store
+    /// opened later on the same database starts from it (the vote, the truncated and purged log,
+    /// the committed id and the end of the durable log).
+    #[tokio::test]
+    async fn writes_reach_the_database_in_order() {
+        for kind in [BackendKind::Redb, BackendKind::Sled] {
+            let directory = tempfile::tempdir().unwrap();
+            let backend = open_backend(kind, &directory.path().join("store")).unwrap();
+            // Entries 0..10, as if appended before a restart.
+            let mut batch = WriteBatch::new();
+            for index in 0..10 {
+                batch.put(Table::RaftLog, log_key(index).to_vec(), encode(&blank_ent::<TypeConfig>(1, 1, index)));
+            }
+            backend.write(batch, Durability::Immediate).unwrap();
+
+            let mut store = LogStore::new(backend.clone()).unwrap();
+            assert_eq!(*store.durable_log_end().borrow(), 10, "{kind}");
+            store.truncate(log_id(1, 1, 7)).await.unwrap();
+            assert_eq!(*store.durable_log_end().borrow(), 7, "{kind}: a truncation shortens the durable log");
+            store.purge(log_id(1, 1, 2)).await.unwrap();
+            store.save_committed(Some(log_id(1, 1, 5))).await.unwrap();
+            // The vote is awaited, and the writer keeps the order, so everything before it is
+            // written once it returns.
+            store.save_vote(&Vote::new(2, 1)).await.unwrap();
+            let indexes: Vec<u64> = store.try_get_log_entries(3..100).await.unwrap().iter().map(|entry| entry.log_id.index).collect();
+            assert_eq!(indexes, [3, 4, 5, 6], "{kind}");
+            drop(store);
+
+            let mut reopened = LogStore::new(backend).unwrap();
+            assert_eq!(reopened.read_vote().await.unwrap(), Some(Vote::new(2, 1)), "{kind}");
+            assert_eq!(reopened.read_committed().await.unwrap(), Some(log_id(1, 1, 5)), "{kind}");
+            let state = reopened.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 2)), "{kind}");
+            assert_eq!(state.last_log_id, Some(log_id(1, 1, 6)), "{kind}");
+            assert_eq!(*reopened.durable_log_end().borrow(), 7, "{kind}");
+            let indexes: Vec<u64> = reopened.try_get_log_entries(0..100).await.unwrap().iter().map(|entry| entry.log_id.index).collect();
+            assert_eq!(indexes, [3, 4, 5, 6], "{kind}");
+        }
     }
 }

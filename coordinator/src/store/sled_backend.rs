@@ -1,6 +1,11 @@
 //! The sled backend, used the careful way: one sled tree per [`Table`], every batch one
-//! multi-tree transaction, `flush()` before an `Immediate` write returns, and
-//! `Mode::LowSpace` against sled's known appetite for disk space.
+//! multi-tree transaction, `flush()` plus an fdatasync of sled's log file before an
+//! `Immediate` write returns, and `Mode::LowSpace` against sled's known appetite for disk space.
+//!
+//! Why the extra fdatasync: on Linux, sled 0.34's `flush()` ends with `sync_file_range`, which
+//! waits for the page cache to reach the device but neither flushes the device's write cache
+//! nor writes the file's metadata (its size as it grows), so a power loss could lose writes
+//! `flush()` reported done. fdatasync on the same file does both.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -19,6 +24,8 @@ pub struct SledBackend {
     db: Db,
     trees: HashMap<Table, Tree>,
     path: std::path::PathBuf,
+    /// sled's log file (`<path>/db`), opened again only to fdatasync it (see the module doc).
+    log_file: std::fs::File,
 }
 
 impl SledBackend {
@@ -28,7 +35,15 @@ impl SledBackend {
         for table in Table::ALL {
             trees.insert(table, db.open_tree(table.name()).map_err(backend_error)?);
         }
-        Ok(Self { db, trees, path: path.to_path_buf() })
+        let log_file = std::fs::File::open(path.join("db"))?;
+        Ok(Self { db, trees, path: path.to_path_buf(), log_file })
+    }
+
+    /// Everything written so far, durable: sled's flush, then a real fdatasync.
+    fn flush_durably(&self) -> StoreResult<()> {
+        self.db.flush().map_err(backend_error)?;
+        self.log_file.sync_data()?;
+        Ok(())
     }
 
     fn tree(&self, table: Table) -> &Tree {
@@ -134,13 +149,13 @@ impl Backend for SledBackend {
                 .map_err(|error: TransactionError<()>| backend_error(format!("{error:?}")))?;
         }
         if durability == Durability::Immediate {
-            self.db.flush().map_err(backend_error)?;
+            self.flush_durably()?;
         }
         Ok(())
     }
 
     fn sync(&self) -> StoreResult<()> {
-        self.db.flush().map(|_| ()).map_err(backend_error)
+        self.flush_durably()
     }
 
     fn state_view(&self) -> StoreResult<Box<dyn StateView>> {
