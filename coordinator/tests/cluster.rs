@@ -75,6 +75,59 @@ async fn write_sent_to_a_follower_is_readable_linearizably_from_every_node() {
     }
 }
 
+/// With `[tls]` configured: HTTPS for clients, TLS on gRPC, and mutual TLS between
+/// coordinators. A follower forwards a write to the leader over mTLS; a gRPC caller without a
+/// certificate signed by the cluster CA is refused, and plain HTTP is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_cluster_replicates_over_mutual_tls_and_refuses_callers_without_a_certificate() {
+    let cluster = TestCluster::start("tls", ClusterOptions { tls: true, ..ClusterOptions::new(BackendKind::Redb) }).await;
+    let leader = cluster.wait_for_agreed_leader(&ALL_THREE, ELECTION_DEADLINE).await;
+    let follower = others(&ALL_THREE, &[leader])[0];
+    assert!(cluster.node(follower).base_url().starts_with("https://"));
+    let variables = BTreeMap::from([("region".to_string(), "eu-west".to_string())]);
+    cluster.write(follower, "staging", &variables).await.expect("a write through a follower over HTTPS, forwarded over mTLS");
+    for node_id in ALL_THREE {
+        assert_eq!(cluster.read(node_id, "staging", false).await.expect("linearizable read over HTTPS"), variables, "node {node_id}");
+    }
+
+    let plain = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(5)).build().unwrap();
+    let plain_http = plain.get(format!("http://{}/healthz", cluster.node(leader).http_addr())).send().await;
+    assert!(plain_http.map(|response| !response.status().is_success()).unwrap_or(true), "plain HTTP must not be served on a TLS node");
+
+    let ca = tonic::transport::Certificate::from_pem(std::fs::read(cluster.certs_dir().join("ca.pem")).unwrap());
+    let grpc_addr = cluster.node(leader).grpc_addr();
+    let host = grpc_addr.split(':').next().unwrap().to_string();
+    let refused = read_index_over_tls(&grpc_addr, &host, ca.clone(), None).await;
+    assert!(refused.is_err(), "a gRPC caller without a client certificate must be refused, got {refused:?}");
+    let certs = cluster.certs_dir();
+    let identity = tonic::transport::Identity::from_pem(
+        std::fs::read(certs.join(format!("node-{follower}.pem"))).unwrap(),
+        std::fs::read(certs.join(format!("node-{follower}-key.pem"))).unwrap(),
+    );
+    let accepted = read_index_over_tls(&grpc_addr, &host, ca, Some(identity)).await;
+    assert!(accepted.is_ok(), "a caller with a node certificate signed by the cluster CA is served: {accepted:?}");
+}
+
+/// One `ClusterService.ReadIndex` call over TLS, with or without a client certificate.
+async fn read_index_over_tls(
+    grpc_addr: &str,
+    host: &str,
+    ca: tonic::transport::Certificate,
+    identity: Option<tonic::transport::Identity>,
+) -> Result<u64, String> {
+    let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(ca).domain_name(host);
+    if let Some(identity) = identity {
+        tls = tls.identity(identity);
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{grpc_addr}"))
+        .and_then(|endpoint| endpoint.tls_config(tls))
+        .map_err(|error| error.to_string())?;
+    let channel = endpoint.connect_timeout(Duration::from_secs(3)).connect().await.map_err(|error| format!("connect: {error:?}"))?;
+    let mut client = davit_proto::cluster::cluster_service_client::ClusterServiceClient::new(channel);
+    let response = client.read_index(davit_proto::cluster::ReadIndexRequest {}).await.map_err(|status| status.to_string())?;
+    Ok(response.into_inner().read_index)
+}
+
 async fn killing_the_leader_under_write_load_keeps_every_acknowledged_write(storage: BackendKind) {
     let mut cluster = TestCluster::start(&format!("kill-leader-{storage}"), ClusterOptions::new(storage)).await;
     let old_leader = cluster.wait_for_agreed_leader(&ALL_THREE, ELECTION_DEADLINE).await;

@@ -44,13 +44,16 @@ pub struct ClusterOptions {
     pub snapshot_every: u64,
     pub keep_after_snapshot: u64,
     pub quorum_timeout_ms: u64,
+    /// Serve HTTPS and gRPC over TLS, with mutual TLS between the nodes (certificates from
+    /// `davit_coordinator::tls::generate_cluster_certs`, as `davit cluster certs` makes them).
+    pub tls: bool,
 }
 
 impl ClusterOptions {
     /// Snapshots every few hundred entries, so that most tests also cross snapshot and log
     /// compaction boundaries while they run.
     pub fn new(storage: BackendKind) -> Self {
-        Self { storage, snapshot_every: 400, keep_after_snapshot: 100, quorum_timeout_ms: 3000 }
+        Self { storage, snapshot_every: 400, keep_after_snapshot: 100, quorum_timeout_ms: 3000, tls: false }
     }
 }
 
@@ -101,6 +104,7 @@ pub struct TestNode {
     /// In a mutex so that `&self` probes can notice a node that exited on its own.
     child: Mutex<Option<Child>>,
     starts: u32,
+    tls: bool,
 }
 
 impl TestNode {
@@ -113,7 +117,8 @@ impl TestNode {
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.http_addr())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr())
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -169,7 +174,24 @@ fn http_client() -> reqwest::Client {
         .expect("build the HTTP client")
 }
 
+/// An HTTPS client that trusts the test cluster's CA (and nothing else).
+fn tls_client(ca_file: &std::path::Path) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(ca_file).expect("read the CA")).expect("parse the CA");
+    reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(Duration::from_secs(2))
+        .no_proxy()
+        .tls_certs_only([ca])
+        .build()
+        .expect("build the HTTPS client")
+}
+
 impl TestCluster {
+    /// The directory holding the cluster's certificates when it runs with TLS.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.root.path().join("certs")
+    }
+
     /// Start nodes 1, 2 and 3 as the initial voters, wait until every one of them is ready
     /// (knows the leader, and the cluster has its signing key), and log in as the first admin.
     pub async fn start(name: &str, options: ClusterOptions) -> TestCluster {
@@ -178,15 +200,17 @@ impl TestCluster {
         // real multi-node deployment must.
         std::fs::write(root.path().join("master.key"), MasterKeys::generate_file_text("k1")).expect("write the master key");
         std::fs::create_dir_all(root.path().join("blobs")).expect("create the shared blob directory");
-        let mut cluster = TestCluster {
-            name: name.to_string(),
-            root,
-            subnet: allocate_subnet(),
-            options,
-            nodes: BTreeMap::new(),
-            client: http_client(),
-            token: String::new(),
-        };
+        let subnet = allocate_subnet();
+        let mut client = http_client();
+        if options.tls {
+            let nodes: Vec<(u64, Vec<String>)> =
+                (1..=MAX_NODE_ID).map(|node| (u64::from(node), vec![Ipv4Addr::new(127, subnet[0], subnet[1], node).to_string()])).collect();
+            davit_coordinator::tls::generate_cluster_certs(&root.path().join("certs"), &nodes)
+                .expect("make the test cluster's certificates");
+            client = tls_client(&root.path().join("certs/ca.pem"));
+        }
+        let mut cluster =
+            TestCluster { name: name.to_string(), root, subnet, options, nodes: BTreeMap::new(), client, token: String::new() };
         for node_id in 1..=3 {
             cluster.add_node_dir(node_id, true);
             cluster.start_node(node_id);
@@ -203,8 +227,8 @@ impl TestCluster {
         let ip = Ipv4Addr::new(127, self.subnet[0], self.subnet[1], node_id as u8);
         let dir = self.root.path().join(format!("node-{node_id}"));
         std::fs::create_dir_all(&dir).expect("create the node directory");
-        let node = TestNode { node_id, ip, dir, child: Mutex::new(None), starts: 0 };
-        let ClusterOptions { storage, snapshot_every, keep_after_snapshot, quorum_timeout_ms } = &self.options;
+        let node = TestNode { node_id, ip, dir, child: Mutex::new(None), starts: 0, tls: self.options.tls };
+        let ClusterOptions { storage, snapshot_every, keep_after_snapshot, quorum_timeout_ms, .. } = &self.options;
         let (http_addr, grpc_addr) = (node.http_addr(), node.grpc_addr());
         // The operator's format, written out as text: the test goes through the same parsing and
         // path resolution (relative to the config file) as a hand-written config.
@@ -245,6 +269,11 @@ region = "test"
 "#
                 ));
             }
+        }
+        if self.options.tls {
+            config.push_str(&format!(
+                "\n[tls]\nca_file = \"../certs/ca.pem\"\ncert_file = \"../certs/node-{node_id}.pem\"\nkey_file = \"../certs/node-{node_id}-key.pem\"\n"
+            ));
         }
         std::fs::write(node.config_path(), config).expect("write the node config");
         self.nodes.insert(node_id, node);
