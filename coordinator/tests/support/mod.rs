@@ -509,6 +509,18 @@ region = "test"
 }
 
 /// Compare a read with the writers' record; panics with the differences.
+/// How many acknowledged writes `node_id` does not hold (for measurements that must not fail
+/// the test, see the sled variant in `cluster.rs`).
+impl TestCluster {
+    pub async fn count_lost_acknowledged(&self, node_id: u64, environment: &str, outcome: &LoadOutcome) -> usize {
+        let stored = wait_until(&format!("a read of {environment:?} from node {node_id}"), Duration::from_secs(30), || {
+            self.read(node_id, environment, false)
+        })
+        .await;
+        outcome.acknowledged.iter().filter(|(key, value)| stored.get(*key) != Some(value)).count()
+    }
+}
+
 fn assert_matches_acknowledged(source: &str, stored: &BTreeMap<String, String>, outcome: &LoadOutcome) {
     let missing: Vec<(&String, &String, Option<&String>)> = outcome
         .acknowledged
