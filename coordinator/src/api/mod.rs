@@ -87,19 +87,7 @@ pub async fn propose(node: &Node, requester: &Requester, command: Command) -> Re
 
 /// The whole HTTP surface: REST, OpenAPI document, health and metrics.
 pub fn router(state: AppState) -> Router {
-    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(users::routes())
-        .merge(repos::routes())
-        .merge(pipelines::routes())
-        .merge(deployments::routes())
-        .merge(configs::routes())
-        .merge(logs::routes())
-        .merge(monitoring::routes())
-        .merge(audit::routes())
-        .merge(cluster::routes())
-        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
-        .merge(artifacts::routes())
-        .split_for_parts();
+    let (router, openapi) = documented_routes().split_for_parts();
     let mut query_parameters = query_parameters::QueryParameters::from_document(&openapi);
     query_parameters.allow(axum::http::Method::POST, "/api/v1/artifacts/upload", &["pipeline_id", "version"]);
     let router = router.route_layer(axum::middleware::from_fn_with_state(Arc::new(query_parameters), query_parameters::reject_unknown));
@@ -124,7 +112,13 @@ async fn openapi_json(document: Arc<String>) -> impl axum::response::IntoRespons
 
 /// The OpenAPI document, for tests and tools.
 pub fn openapi_document() -> utoipa::openapi::OpenApi {
-    let (_, openapi) = OpenApiRouter::<AppState>::with_openapi(ApiDoc::openapi())
+    documented_routes().split_for_parts().1
+}
+
+/// Every `/api/v1` route with its OpenAPI description. Artifact uploads get their own, larger
+/// body limit, so they are merged after the JSON limit is applied to the rest.
+fn documented_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(users::routes())
         .merge(repos::routes())
         .merge(pipelines::routes())
@@ -134,7 +128,6 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
         .merge(monitoring::routes())
         .merge(audit::routes())
         .merge(cluster::routes())
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .merge(artifacts::routes())
-        .split_for_parts();
-    openapi
 }
