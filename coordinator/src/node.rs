@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use davit_proto::cluster::cluster_service_client::ClusterServiceClient;
 use davit_proto::cluster::{AdminRequest, ProposeRequest, ReadIndexRequest};
@@ -93,11 +93,8 @@ pub struct Node {
     pub backend: Arc<dyn Backend>,
     pub channels: Channels,
     applied_index: watch::Receiver<u64>,
+    committed_index: Arc<std::sync::atomic::AtomicU64>,
     quorum_timeout: Duration,
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Node {
@@ -107,6 +104,7 @@ impl Node {
         let backend = open_backend(config.storage, &config.data_dir.join("store"))?;
         let snapshots = SnapshotDir::open(&config.data_dir.join("snapshots"))?;
         let log_store = LogStore::new(backend.clone())?;
+        let committed_index = log_store.committed_index();
         let state_machine = StateMachineStore::open(backend.clone(), snapshots)?.apply_after_durable_log(log_store.durable_log_end());
         let applied_index = state_machine.applied_index();
         let tuning = &config.raft;
@@ -125,7 +123,7 @@ impl Node {
         let raft_config = Arc::new(raft_config.validate()?);
         let raft = Raft::new(config.node_id, raft_config, NetworkFactory::new(channels.clone()), log_store, state_machine).await?;
         let quorum_timeout = Duration::from_millis(config.raft.quorum_timeout_ms);
-        let node = Arc::new(Node { config, raft, backend, channels, applied_index, quorum_timeout });
+        let node = Arc::new(Node { config, raft, backend, channels, applied_index, committed_index, quorum_timeout });
         node.bootstrap_if_new().await?;
         Ok(node)
     }
@@ -239,7 +237,7 @@ impl Node {
 
     /// Stamp and propose on this node, which must be the leader.
     pub async fn propose_as_leader(&self, requester: Requester, command: Command) -> Result<(Outcome, u64), NodeError> {
-        let proposal = Proposal { time: now_millis(), actor: requester.user_id, command, source: requester.source };
+        let proposal = Proposal { time: crate::auth::now_millis(), actor: requester.user_id, command, source: requester.source };
         let write = self.raft.client_write(proposal);
         match tokio::time::timeout(self.quorum_timeout, write).await {
             Err(_) => Err(NodeError::Unavailable(format!(
@@ -422,6 +420,12 @@ impl Node {
         self.raft.trigger().elect().await.map_err(|e| NodeError::Internal(e.to_string()))
     }
 
+    /// The highest log index this node knows to be committed. On a follower it can trail the
+    /// leader's by a heartbeat.
+    pub fn commit_index(&self) -> u64 {
+        self.committed_index.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn status(&self) -> ClusterStatus {
         let metrics = self.metrics();
         let membership = metrics.membership_config.membership();
@@ -431,7 +435,7 @@ impl Node {
             term: metrics.current_term,
             leader_id: metrics.current_leader,
             last_log_index: metrics.last_log_index,
-            commit_index: metrics.last_applied.map(|id| id.index),
+            commit_index: Some(self.commit_index()),
             applied_index: metrics.last_applied.map(|id| id.index),
             snapshot_index: metrics.snapshot.map(|id| id.index),
             purged_index: metrics.purged.map(|id| id.index),

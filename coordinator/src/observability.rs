@@ -33,7 +33,7 @@ pub fn record_raft_metrics(node: &Node) {
     metrics::gauge!("davit_raft_leader_id").set(metrics.current_leader.unwrap_or(0) as f64);
     metrics::gauge!("davit_raft_is_leader").set(if metrics.current_leader == Some(node.id()) { 1.0 } else { 0.0 });
     metrics::gauge!("davit_raft_last_log_index").set(last_log as f64);
-    metrics::gauge!("davit_raft_commit_index").set(applied as f64);
+    metrics::gauge!("davit_raft_commit_index").set(node.commit_index() as f64);
     metrics::gauge!("davit_raft_applied_index").set(applied as f64);
     metrics::gauge!("davit_raft_apply_lag").set(last_log.saturating_sub(applied) as f64);
     metrics::gauge!("davit_raft_snapshot_index").set(metrics.snapshot.map(|id| id.index).unwrap_or(0) as f64);

@@ -42,6 +42,9 @@ pub struct LogStore {
     memory: Arc<Mutex<InMemory>>,
     writer: mpsc::Sender<WriterOp>,
     durable_log_end: watch::Receiver<u64>,
+    /// The last committed log index openraft told us about (openraft 0.9's metrics do not
+    /// carry it), for status and metrics.
+    committed_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What readers must see before the writer has stored it.
@@ -98,11 +101,18 @@ impl LogStore {
             .name("raft-log-writer".into())
             .spawn(move || write_loop(writer_backend, ops, writer_memory, durable_sender, start_end))
             .map_err(|e| storage_io_error(StorageIOError::write_logs, e))?;
-        Ok(Self { backend, memory, writer, durable_log_end })
+        let committed: Option<LogId> = read_meta::<Option<LogId>>(backend.as_ref(), COMMITTED)?.flatten();
+        let committed_index = Arc::new(std::sync::atomic::AtomicU64::new(committed.map_or(0, |id| id.index)));
+        Ok(Self { backend, memory, writer, durable_log_end, committed_index })
     }
 
     /// One past the last durable log index (0 when the log is empty). The state machine waits on
     /// it before applying.
+    /// The committed index as last saved by openraft (shared: it follows later commits).
+    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.committed_index.clone()
+    }
+
     pub fn durable_log_end(&self) -> watch::Receiver<u64> {
         self.durable_log_end.clone()
     }
@@ -356,6 +366,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // openraft re-learns the commit index from the leader instead of re-applying at
         // start-up.
         lock(&self.memory).committed = Some(committed);
+        self.committed_index.store(committed.map_or(0, |id| id.index), std::sync::atomic::Ordering::Relaxed);
         self.send(WriterOp::SaveCommitted { committed })
     }
 
@@ -456,6 +467,7 @@ mod tests {
             assert_eq!(*store.durable_log_end().borrow(), 7, "{kind}: a truncation shortens the durable log");
             store.purge(log_id(1, 1, 2)).await.unwrap();
             store.save_committed(Some(log_id(1, 1, 5))).await.unwrap();
+            assert_eq!(store.committed_index().load(std::sync::atomic::Ordering::Relaxed), 5, "{kind}");
             // The vote is awaited, and the writer keeps the order, so everything before it is
             // written once it returns.
             store.save_vote(&Vote::new(2, 1)).await.unwrap();
@@ -466,6 +478,11 @@ mod tests {
             let mut reopened = LogStore::new(backend).unwrap();
             assert_eq!(reopened.read_vote().await.unwrap(), Some(Vote::new(2, 1)), "{kind}");
             assert_eq!(reopened.read_committed().await.unwrap(), Some(log_id(1, 1, 5)), "{kind}");
+            assert_eq!(
+                reopened.committed_index().load(std::sync::atomic::Ordering::Relaxed),
+                5,
+                "{kind}: the committed index survives a restart"
+            );
             let state = reopened.get_log_state().await.unwrap();
             assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 2)), "{kind}");
             assert_eq!(state.last_log_id, Some(log_id(1, 1, 6)), "{kind}");
