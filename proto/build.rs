@@ -2,7 +2,7 @@
 //! tonic clients and servers with tonic-prost-build.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["davit/raft.proto", "davit/cluster.proto", "davit/api.proto"];
+    let files = ["davit/raft.proto", "davit/cluster.proto", "davit/api.proto", "davit/agent.proto"];
     for file in files {
         println!("cargo:rerun-if-changed=proto/{file}");
     }

@@ -2,3 +2,15 @@
 //! code; it talks to coordinators only through the protocols in `davit-proto`.
 
 pub use davit_proto;
+
+pub mod client;
+pub mod config;
+pub mod executor;
+pub mod git;
+pub mod jobs;
+pub mod job_spec;
+pub mod log_levels;
+pub mod log_shipping;
+pub mod masking;
+pub mod packing;
+pub mod runtime;

@@ -34,12 +34,23 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Store `bytes` under `key`; durable when this returns. Writing a key again replaces it.
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), BlobError>;
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BlobError>;
+    /// Store the contents of a local file under `key` without holding it in memory; durable
+    /// when this returns. The file itself is left in place.
+    async fn put_file(&self, key: &str, source: &Path) -> Result<(), BlobError>;
+    /// Read `key` from byte `offset` on, streaming; `None` if there is no such blob.
+    async fn open(&self, key: &str, offset: u64) -> Result<Option<BlobReader>, BlobError>;
     /// Delete `key`; deleting a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), BlobError>;
     async fn exists(&self, key: &str) -> Result<bool, BlobError>;
     /// Keys under `prefix` (for garbage collection).
     async fn list(&self, prefix: &str) -> Result<Vec<String>, BlobError>;
     fn describe(&self) -> String;
+}
+
+/// A blob being read: its total length and a reader positioned at the requested offset.
+pub struct BlobReader {
+    pub total_len: u64,
+    pub reader: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
 }
 
 fn check_key(key: &str) -> Result<(), BlobError> {
@@ -58,6 +69,26 @@ pub struct DirBlobStore {
 }
 
 impl DirBlobStore {
+    /// Write a blob through a temporary file in its own directory, fsynced and renamed into
+    /// place, then fsync the directory: a crash leaves the old blob or the new one.
+    fn write_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<()> {
+        let directory = path.parent().expect("blob paths have a parent");
+        std::fs::create_dir_all(directory)?;
+        let temporary = directory.join(format!(
+            ".{}.{}.tmp",
+            path.file_name().expect("blob paths have a file name").to_string_lossy(),
+            rand::random::<u64>()
+        ));
+        let mut file = std::fs::File::create(&temporary)?;
+        let written = fill(&mut file).and_then(|()| file.sync_all());
+        if let Err(error) = written {
+            let _ = std::fs::remove_file(&temporary);
+            return Err(error);
+        }
+        std::fs::rename(&temporary, path)?;
+        std::fs::File::open(directory)?.sync_all()
+    }
+
     pub fn open(root: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
         Ok(Self { root: root.to_path_buf() })
@@ -78,24 +109,38 @@ impl BlobStore for DirBlobStore {
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), BlobError> {
         let path = self.path(key)?;
         let owned_key = key.to_string();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let directory = path.parent().expect("blob paths have a parent");
-            std::fs::create_dir_all(directory)?;
-            let temporary = directory.join(format!(
-                ".{}.{}.tmp",
-                path.file_name().expect("blob paths have a file name").to_string_lossy(),
-                rand::random::<u64>()
-            ));
-            let mut file = std::fs::File::create(&temporary)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&temporary, &path)?;
-            std::fs::File::open(directory)?.sync_all()
+        tokio::task::spawn_blocking(move || Self::write_atomically(&path, |file| std::io::Write::write_all(file, &bytes)))
+            .await
+            .expect("blob writer panicked")
+            .map_err(io_error(&owned_key))
+    }
+
+    async fn put_file(&self, key: &str, source: &Path) -> Result<(), BlobError> {
+        let path = self.path(key)?;
+        let source = source.to_path_buf();
+        let owned_key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            Self::write_atomically(&path, |file| {
+                let mut input = std::fs::File::open(&source)?;
+                std::io::copy(&mut input, file).map(|_| ())
+            })
         })
         .await
         .expect("blob writer panicked")
         .map_err(io_error(&owned_key))
+    }
+
+    async fn open(&self, key: &str, offset: u64) -> Result<Option<BlobReader>, BlobError> {
+        use tokio::io::AsyncSeekExt;
+        let path = self.path(key)?;
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(io_error(key)(error)),
+        };
+        let total_len = file.metadata().await.map_err(io_error(key))?.len();
+        file.seek(std::io::SeekFrom::Start(offset.min(total_len))).await.map_err(io_error(key))?;
+        Ok(Some(BlobReader { total_len, reader: Box::new(file) }))
     }
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, BlobError> {
@@ -166,6 +211,14 @@ mod tests {
         assert_eq!(store.get("artifacts/sha256/ab/abcd").await.unwrap().unwrap(), b"bytes");
         assert!(store.exists("artifacts/sha256/ab/abcd").await.unwrap());
         assert_eq!(store.list("artifacts/").await.unwrap(), vec!["artifacts/sha256/ab/abcd".to_string()]);
+        let source = dir.path().join("source");
+        std::fs::write(&source, b"0123456789").unwrap();
+        store.put_file("artifacts/sha256/cd/cdef", &source).await.unwrap();
+        let mut reader = store.open("artifacts/sha256/cd/cdef", 4).await.unwrap().unwrap();
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut reader.reader, &mut rest).await.unwrap();
+        assert_eq!((reader.total_len, rest.as_slice()), (10, b"456789".as_slice()));
+        assert!(store.open("artifacts/sha256/cd/missing", 0).await.unwrap().is_none());
         store.delete("artifacts/sha256/ab/abcd").await.unwrap();
         store.delete("artifacts/sha256/ab/abcd").await.unwrap();
         assert!(store.get("artifacts/sha256/ab/abcd").await.unwrap().is_none());

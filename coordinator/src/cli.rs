@@ -77,6 +77,15 @@ struct UpArgs {
     /// Embedded database: redb (default) or sled.
     #[arg(long, default_value = "redb")]
     storage: BackendKind,
+    /// Executor of the embedded agent: auto (Docker when its socket answers, else shell), docker or shell.
+    #[arg(long, default_value = "auto")]
+    agent_executor: String,
+    /// Concurrent jobs of the embedded agent.
+    #[arg(long, default_value_t = 2)]
+    agent_capacity: u32,
+    /// Start without the embedded agent.
+    #[arg(long)]
+    no_agent: bool,
 }
 
 #[derive(Args, Clone)]
@@ -180,8 +189,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let config = NodeConfig {
         node_id: 1,
         region: "local".into(),
-        http_addr: args.http,
-        grpc_addr: args.grpc,
+        http_addr: args.http.clone(),
+        grpc_addr: args.grpc.clone(),
         data_dir,
         storage: args.storage,
         peers: Vec::new(),
@@ -191,6 +200,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         generate_master_key: false,
         blob_store: None,
         raft: RaftTuning { election_timeout_min_ms: 150, election_timeout_max_ms: 300, heartbeat_interval_ms: 50, ..Default::default() },
+        agents: Default::default(),
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;
@@ -202,9 +212,67 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  dashboard and REST API: http://{}", server.http_addr);
     println!("  gRPC (agents, integrations): {}", server.grpc_addr);
     report_credentials(&server).await;
+    let agent_shutdown = tokio_util::sync::CancellationToken::new();
+    let agent = if args.no_agent {
+        None
+    } else {
+        let runtime = embedded_agent(&server, &data_dir_of(&server), &args).await?;
+        println!("  embedded agent: {} executor, {} concurrent jobs", runtime.executor_name(), args.agent_capacity);
+        if runtime.executor_name() == "shell" {
+            println!("    (Docker is not usable here, so builds run as plain processes; start Docker and restart to build in containers)");
+        }
+        println!("  outbound: this developer instance lets builds fetch from file:// and private/loopback addresses");
+        Some(tokio::spawn(runtime.run(agent_shutdown.clone())))
+    };
     println!("Stop with Ctrl-C; data stays in the data directory.");
     wait_for_shutdown().await;
+    agent_shutdown.cancel();
+    if let Some(agent) = agent {
+        // Running jobs are given a moment; a job cut short is retried at the next start.
+        let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
+    }
     Ok(())
+}
+
+fn data_dir_of(server: &RunningServer) -> PathBuf {
+    server.node.config.data_dir.clone()
+}
+
+/// The agent `davit up` runs in-process: registered once (its identity lives in
+/// `<data_dir>/agent`), labelled for builds and every default environment.
+async fn embedded_agent(server: &RunningServer, data_dir: &std::path::Path, args: &UpArgs) -> anyhow::Result<davit_agent::runtime::AgentRuntime> {
+    use davit_agent::config::{AgentConfig, ExecutorChoice, Identity};
+    let executor = match args.agent_executor.as_str() {
+        "auto" => ExecutorChoice::Auto,
+        "docker" => ExecutorChoice::Docker,
+        "shell" => ExecutorChoice::Shell,
+        other => anyhow::bail!("--agent-executor {other:?} must be auto, docker or shell"),
+    };
+    let config = AgentConfig {
+        state_dir: data_dir.join("agent"),
+        coordinators: vec![server.grpc_addr.to_string()],
+        region: Some(server.node.config.region.clone()),
+        capacity: args.agent_capacity.max(1),
+        executor,
+        git_protocols: vec!["https".into(), "ssh".into(), "git".into(), "file".into()],
+        exit_when_drained: false,
+        ..AgentConfig::default()
+    };
+    let identity = match Identity::load(&config.identity_path()) {
+        Ok(identity) => identity,
+        Err(_) => {
+            let (_, token, _) =
+                crate::api::agents::create_token(&server.node, &crate::node::Requester::system(), "davit up: embedded agent".into(), 600)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot create the embedded agent's registration token: {}", e.message))?;
+            let labels = [("pool", "build"), ("environment", "development,testing,staging,production")]
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect();
+            davit_agent::runtime::register(&config, &token, "embedded", labels).await?
+        }
+    };
+    davit_agent::runtime::AgentRuntime::new(config, identity).await
 }
 
 /// Print the first admin's credentials if this process created them, else where they are.

@@ -5,19 +5,23 @@
 use std::sync::Arc;
 
 use davit_proto::cluster::cluster_service_server::ClusterService;
-use davit_proto::cluster::{AdminRequest, AdminResponse, ProposeRequest, ProposeResponse, ReadIndexRequest, ReadIndexResponse};
+use davit_proto::cluster::{
+    AdminRequest, AdminResponse, AgentReport, AgentReportAck, ProposeRequest, ProposeResponse, ReadIndexRequest, ReadIndexResponse,
+};
 use tonic::{Request, Response, Status};
 
+use crate::fleet::{AgentPresence, Fleet};
 use crate::node::{AdminOp, Node, NodeError, Requester};
 use crate::state::Command;
 
 pub struct ClusterGrpc {
     node: Arc<Node>,
+    fleet: Arc<Fleet>,
 }
 
 impl ClusterGrpc {
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    pub fn new(node: Arc<Node>, fleet: Arc<Fleet>) -> Self {
+        Self { node, fleet }
     }
 
     fn require_leader(&self) -> Result<(), Status> {
@@ -69,5 +73,14 @@ impl ClusterService for ClusterGrpc {
         };
         let result_json = serde_json::to_vec(&result).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(AdminResponse { result_json }))
+    }
+
+    async fn report_agents(&self, request: Request<AgentReport>) -> Result<Response<AgentReportAck>, Status> {
+        self.require_leader()?;
+        let report = request.into_inner();
+        let sessions: Vec<AgentPresence> =
+            serde_json::from_slice(&report.sessions_json).map_err(|e| Status::invalid_argument(format!("malformed agent report: {e}")))?;
+        self.fleet.report(report.node_id, sessions);
+        Ok(Response::new(AgentReportAck {}))
     }
 }

@@ -44,6 +44,25 @@ pub struct NodeConfig {
     pub blob_store: Option<crate::blob_store::BlobStoreConfig>,
     #[serde(default)]
     pub raft: RaftTuning,
+    #[serde(default)]
+    pub agents: AgentSettings,
+}
+
+/// The `[agents]` section: how agents' liveness is judged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSettings {
+    /// An agent silent this long is lost: its jobs are retried on other agents. Also the grace
+    /// every lease gets after a leader change.
+    pub lost_after_seconds: u64,
+    /// How often agents send a heartbeat.
+    pub heartbeat_interval_ms: u64,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        AgentSettings { lost_after_seconds: 60, heartbeat_interval_ms: 2000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! Davit's coordinator: a Raft-replicated control plane. See ARCHITECTURE.md for the map.
 
+pub mod agent_gateway;
 pub mod api;
 pub mod api_error;
 pub mod auth;
@@ -7,11 +8,13 @@ pub mod blob_store;
 pub mod cli;
 pub mod cluster_service;
 pub mod config;
+pub mod fleet;
 pub mod grpc_api;
 pub mod log_segments;
 pub mod node;
 pub mod observability;
 pub mod raft;
+pub mod scheduler;
 pub mod secrets;
 pub mod server;
 pub mod state;

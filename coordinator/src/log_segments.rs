@@ -43,6 +43,9 @@ pub struct LogLine {
     pub level: LogLevel,
     pub job_id: u64,
     pub message: String,
+    /// The step of the job that printed the line (its index in the job's steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
 }
 
 pub fn segment_blob_key(deployment_id: u64, job_id: u64, sequence: u64) -> String {
@@ -106,17 +109,7 @@ pub async fn append(node: &Node, blobs: &dyn BlobStore, deployment_id: u64, job_
         debug_assert_eq!(log_segment_key(deployment_id, job_id, sequence).len(), 24);
         let blob_key = segment_blob_key(deployment_id, job_id, sequence);
         blobs.put(&blob_key, encoded.clone()).await.map_err(|e| ApiError::internal(e.to_string()))?;
-        let command = Command::RecordLogSegment {
-            deployment_id,
-            job_id,
-            sequence,
-            blob_key,
-            bytes: encoded.len() as u64,
-            lines: lines.len() as u64,
-            error_lines: lines.iter().filter(|line| line.level == LogLevel::Error).count() as u64,
-            first_timestamp: lines.iter().map(|line| line.timestamp).min().unwrap_or(0),
-            last_timestamp: lines.iter().map(|line| line.timestamp).max().unwrap_or(0),
-        };
+        let command = segment_command(deployment_id, job_id, sequence, blob_key, encoded.len() as u64, &lines);
         let (outcome, _) = node.propose(&Requester::system(), command).await?;
         match outcome.result {
             Ok(_) => return Ok(()),
@@ -127,9 +120,61 @@ pub async fn append(node: &Node, blobs: &dyn BlobStore, deployment_id: u64, job_
     Err(ApiError::internal(format!("could not append a log segment to deployment {deployment_id} after 5 tries")))
 }
 
+/// The segment sequence of an agent's log chunk: the attempt in the high half, so a job's
+/// segments read attempt by attempt, chunk by chunk.
+pub fn chunk_sequence(attempt: u32, chunk: u64) -> u64 {
+    (u64::from(attempt) << 32) | (chunk & 0xffff_ffff)
+}
+
+/// Whether the segment is already recorded.
+pub fn segment_exists(node: &Node, deployment_id: u64, job_id: u64, sequence: u64) -> Result<bool, ApiError> {
+    Ok(node.backend.get(Table::Logs, &log_segment_key(deployment_id, job_id, sequence))?.is_some())
+}
+
+/// How many chunks of `attempt` are stored.
+pub fn stored_chunks(node: &Node, deployment_id: u64, job_id: u64, attempt: u32) -> Result<u64, ApiError> {
+    let mut prefix = [id_key(deployment_id), id_key(job_id)].concat();
+    prefix.extend_from_slice(&attempt.to_be_bytes());
+    Ok(node.backend.scan(Table::Logs, prefix_range(&prefix), usize::MAX, false)?.len() as u64)
+}
+
+/// Store an agent's log chunk as the segment `sequence` (see [`chunk_sequence`]): the bytes to
+/// the blob store, then the metadata through Raft. Storing the same chunk again (an agent
+/// resending after a lost acknowledgement) changes nothing.
+pub async fn store_chunk(node: &Node, blobs: &dyn BlobStore, deployment_id: u64, job_id: u64, sequence: u64, lines: &[LogLine]) -> Result<(), ApiError> {
+    if segment_exists(node, deployment_id, job_id, sequence)? {
+        return Ok(());
+    }
+    let encoded = encode_segment(lines);
+    let blob_key = segment_blob_key(deployment_id, job_id, sequence);
+    blobs.put(&blob_key, encoded.clone()).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let command = segment_command(deployment_id, job_id, sequence, blob_key, encoded.len() as u64, lines);
+    let (outcome, _) = node.propose(&Requester::system(), command).await?;
+    match outcome.result {
+        Ok(_) => Ok(()),
+        // Recorded meanwhile by an earlier delivery of the same chunk.
+        Err(rejection) if rejection.code == crate::state::RejectionCode::Conflict => Ok(()),
+        Err(rejection) => Err(rejection.into()),
+    }
+}
+
+fn segment_command(deployment_id: u64, job_id: u64, sequence: u64, blob_key: String, bytes: u64, lines: &[LogLine]) -> Command {
+    Command::RecordLogSegment {
+        deployment_id,
+        job_id,
+        sequence,
+        blob_key,
+        bytes,
+        lines: lines.len() as u64,
+        error_lines: lines.iter().filter(|line| line.level == LogLevel::Error).count() as u64,
+        first_timestamp: lines.iter().map(|line| line.timestamp).min().unwrap_or(0),
+        last_timestamp: lines.iter().map(|line| line.timestamp).max().unwrap_or(0),
+    }
+}
+
 /// One line from the coordinator itself about a deployment.
 pub async fn system_line(node: &Node, blobs: &dyn BlobStore, deployment_id: u64, level: LogLevel, message: String) {
-    let line = LogLine { timestamp: crate::auth::now_millis(), level, job_id: 0, message };
+    let line = LogLine { timestamp: crate::auth::now_millis(), level, job_id: 0, message, step: None };
     if let Err(error) = append(node, blobs, deployment_id, 0, vec![line]).await {
         tracing::warn!(deployment_id, error = %error.message, "could not record a deployment log line");
     }
@@ -142,8 +187,8 @@ mod tests {
     #[test]
     fn segments_round_trip() {
         let lines = vec![
-            LogLine { timestamp: 1, level: LogLevel::Info, job_id: 3, message: "building".into() },
-            LogLine { timestamp: 2, level: LogLevel::Error, job_id: 3, message: "failed: {\"x\"}\nnext".into() },
+            LogLine { timestamp: 1, level: LogLevel::Info, job_id: 3, message: "building".into(), step: Some(1) },
+            LogLine { timestamp: 2, level: LogLevel::Error, job_id: 3, message: "failed: {\"x\"}\nnext".into(), step: None },
         ];
         assert_eq!(decode_segment(&encode_segment(&lines)).unwrap(), lines);
         assert_eq!("warn".parse::<LogLevel>().unwrap(), LogLevel::Warning);

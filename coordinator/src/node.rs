@@ -95,9 +95,15 @@ pub struct Node {
     applied_index: watch::Receiver<u64>,
     committed_index: Arc<std::sync::atomic::AtomicU64>,
     quorum_timeout: Duration,
+    events: tokio::sync::broadcast::Sender<crate::state::events::StateEvent>,
 }
 
 impl Node {
+    /// Subscribe to what the state machine applies on this node (see `state::events`).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::state::events::StateEvent> {
+        self.events.subscribe()
+    }
+
     pub async fn start(config: NodeConfig) -> anyhow::Result<Arc<Node>> {
         let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
         let channels = Channels::new(tls.as_ref().map(|tls| Arc::new(tls.client())));
@@ -107,6 +113,7 @@ impl Node {
         let committed_index = log_store.committed_index();
         let state_machine = StateMachineStore::open(backend.clone(), snapshots)?.apply_after_durable_log(log_store.durable_log_end());
         let applied_index = state_machine.applied_index();
+        let events = state_machine.events();
         let tuning = &config.raft;
         let raft_config = openraft::Config {
             cluster_name: "davit".into(),
@@ -123,7 +130,7 @@ impl Node {
         let raft_config = Arc::new(raft_config.validate()?);
         let raft = Raft::new(config.node_id, raft_config, NetworkFactory::new(channels.clone()), log_store, state_machine).await?;
         let quorum_timeout = Duration::from_millis(config.raft.quorum_timeout_ms);
-        let node = Arc::new(Node { config, raft, backend, channels, applied_index, committed_index, quorum_timeout });
+        let node = Arc::new(Node { config, raft, backend, channels, applied_index, committed_index, quorum_timeout, events });
         node.bootstrap_if_new().await?;
         Ok(node)
     }
@@ -184,7 +191,7 @@ impl Node {
         }
     }
 
-    fn leader(&self) -> Result<(NodeId, DavitNode), NodeError> {
+    pub fn leader(&self) -> Result<(NodeId, DavitNode), NodeError> {
         let metrics = self.metrics();
         let leader_id = metrics.current_leader.ok_or_else(|| {
             NodeError::Unavailable(format!(
@@ -202,7 +209,7 @@ impl Node {
         Ok((leader_id, node))
     }
 
-    fn cluster_client(&self, node: &DavitNode) -> Result<ClusterServiceClient<tonic::transport::Channel>, NodeError> {
+    pub fn cluster_client(&self, node: &DavitNode) -> Result<ClusterServiceClient<tonic::transport::Channel>, NodeError> {
         let channel = self.channels.get(&node.grpc_addr).map_err(|e| NodeError::Internal(e.to_string()))?;
         Ok(ClusterServiceClient::new(channel))
     }

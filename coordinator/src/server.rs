@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use davit_proto::agent::agent_service_server::AgentServiceServer;
 use davit_proto::api::config_service_server::ConfigServiceServer;
 use davit_proto::cluster::cluster_service_server::ClusterServiceServer;
 use davit_proto::raft::raft_service_server::RaftServiceServer;
@@ -61,7 +62,19 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     let blobs = open_blob_store(&config)?;
     let credentials_file = config.data_dir.join("initial-admin.json");
     let prometheus = crate::observability::prometheus();
+    let agent_settings = config.agents.clone();
     let node = Node::start(config).await?;
+    let fleet = crate::fleet::Fleet::new();
+    let gateway = crate::agent_gateway::AgentGateway::new(
+        node.clone(),
+        secrets.clone(),
+        blobs.clone(),
+        fleet.clone(),
+        Duration::from_millis(agent_settings.heartbeat_interval_ms.max(100)),
+    );
+    gateway.start();
+    let scheduler = crate::scheduler::Scheduler::new(node.clone(), fleet.clone(), Duration::from_secs(agent_settings.lost_after_seconds.max(1)));
+    tokio::spawn(scheduler.run());
 
     let mut grpc = tonic::transport::Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(Duration::from_secs(10)));
     if let Some(tls) = &tls {
@@ -69,7 +82,12 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     }
     let grpc = grpc
         .add_service(RaftServiceServer::new(RaftGrpc::new(node.raft.clone())).max_decoding_message_size(256 * 1024 * 1024))
-        .add_service(ClusterServiceServer::new(ClusterGrpc::new(node.clone())))
+        .add_service(ClusterServiceServer::new(ClusterGrpc::new(node.clone(), fleet.clone())))
+        .add_service(
+            AgentServiceServer::new(crate::agent_gateway::AgentGrpc(gateway.clone()))
+                .max_decoding_message_size(16 * 1024 * 1024)
+                .max_encoding_message_size(16 * 1024 * 1024),
+        )
         .add_service(ConfigServiceServer::new(ConfigGrpc::new(node.clone(), secrets.clone())));
     tokio::spawn(async move {
         if let Err(error) = grpc.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener)).await {

@@ -13,3 +13,7 @@ pub mod cluster {
 pub mod api {
     tonic::include_proto!("davit.api.v1");
 }
+
+pub mod agent {
+    tonic::include_proto!("davit.agent.v1");
+}

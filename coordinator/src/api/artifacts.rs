@@ -225,7 +225,7 @@ async fn upload_artifact(
         state.blobs.put(&key, compressed).await.map_err(|e| ApiError::internal(e.to_string()))?;
     }
     let command =
-        Command::RecordArtifact { pipeline_id: upload.pipeline_id, version: upload.version, artifact_path: key, digest, size_bytes };
+        Command::RecordArtifact { pipeline_id: upload.pipeline_id, version: upload.version, artifact_path: key, digest, size_bytes, produced_by: None };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let artifact_id = applied_id(outcome)?.expect("record returns the id");
     Ok((StatusCode::CREATED, Json(load_artifact(&state, artifact_id)?.into())))

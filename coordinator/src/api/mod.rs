@@ -3,6 +3,7 @@
 //! after a read barrier. Flow: `HTTP -> api::<resource> handler -> Command -> Node::propose ->
 //! Raft -> apply -> state`. The OpenAPI document is generated from the handlers themselves.
 
+pub mod agents;
 pub mod artifacts;
 pub mod audit;
 pub mod cluster;
@@ -128,6 +129,7 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(monitoring::routes())
         .merge(audit::routes())
         .merge(cluster::routes())
+        .merge(agents::routes())
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .merge(artifacts::routes())
 }

@@ -18,7 +18,7 @@ use crate::api_error::ApiError;
 use crate::state::Command;
 use crate::state::apply::load_id;
 use crate::state::command::PipelinePatch;
-use crate::state::records::{DeployStrategy, Pipeline, Role};
+use crate::state::records::{BuildSettings, DeployStrategy, Pipeline, Role};
 use crate::store::Table;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -38,6 +38,139 @@ pub struct PipelineView {
     pub is_active: bool,
     pub created_at: String,
     pub updated_at: String,
+    /// How the pipeline builds.
+    pub build: BuildFields,
+}
+
+/// How the pipeline builds (all optional): the build container's image, further steps, what
+/// the build produces, and how its jobs are scheduled.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildFields {
+    /// Image of the build container (default `davit/build-base:latest`); it must exist on the agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "maven:3-eclipse-temurin-21")]
+    pub image: Option<String>,
+    /// Run after the build command, in the same workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::BuildCommand>)]
+    pub test_command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::BuildCommand>)]
+    pub package_command: Option<String>,
+    /// Workspace-relative files or directories packed (tar + zstd) into the build's artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = json!(["target/app.jar"]))]
+    pub artifacts: Option<Vec<String>>,
+    /// A Dockerfile in the repository to build into an image, exported as an artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "Dockerfile")]
+    pub dockerfile: Option<String>,
+    /// Time limit of a build in seconds (default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 86400)]
+    pub timeout_seconds: Option<u64>,
+    /// Retries after an infrastructure failure such as a lost agent (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 10)]
+    pub max_retries: Option<u32>,
+    /// At most this many builds of the pipeline run at once (default unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub concurrency: Option<u32>,
+    /// Labels an agent must carry to run the builds, such as `{"region": "eu-west"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_labels: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl From<BuildSettings> for BuildFields {
+    fn from(build: BuildSettings) -> Self {
+        BuildFields {
+            image: build.image,
+            test_command: build.test_command,
+            package_command: build.package_command,
+            artifacts: (!build.artifacts.is_empty()).then_some(build.artifacts),
+            dockerfile: build.dockerfile,
+            timeout_seconds: build.timeout_seconds,
+            max_retries: build.max_retries,
+            concurrency: build.concurrency,
+            agent_labels: (!build.agent_labels.is_empty()).then_some(build.agent_labels),
+        }
+    }
+}
+
+fn validate_workspace_path(field: &str, path: &str) -> Result<(), ApiError> {
+    let escapes = path.split('/').any(|part| part == "..");
+    if path.is_empty() || path.len() > 1000 || path.starts_with('/') || escapes || path.contains('\0') {
+        return Err(ApiError::invalid_field(field, format!("{field} entries must be relative paths inside the repository, without '..' (got {path:?})")));
+    }
+    Ok(())
+}
+
+/// Check the request's build fields and lay them over `current` (a field left out keeps its value).
+fn merge_build_fields(current: BuildSettings, fields: BuildFields) -> Result<BuildSettings, ApiError> {
+    let mut build = current;
+    if let Some(image) = fields.image {
+        let valid = !image.is_empty() && image.len() <= 255 && image.bytes().all(|b| b.is_ascii_graphic());
+        if !valid {
+            return Err(ApiError::invalid_field("image", "image must be a Docker image reference such as alpine:3.20"));
+        }
+        build.image = Some(image);
+    }
+    for (field, value, target) in
+        [("test_command", fields.test_command, &mut build.test_command), ("package_command", fields.package_command, &mut build.package_command)]
+    {
+        if let Some(command) = value {
+            if command.chars().count() > 10_000 {
+                return Err(ApiError::invalid_field(field, format!("{field} must be at most 10000 characters")));
+            }
+            *target = (!command.is_empty()).then_some(command);
+        }
+    }
+    if let Some(artifacts) = fields.artifacts {
+        if artifacts.len() > 100 {
+            return Err(ApiError::invalid_field("artifacts", "at most 100 artifact paths"));
+        }
+        for path in &artifacts {
+            validate_workspace_path("artifacts", path)?;
+        }
+        build.artifacts = artifacts;
+    }
+    if let Some(dockerfile) = fields.dockerfile {
+        if !dockerfile.is_empty() {
+            validate_workspace_path("dockerfile", &dockerfile)?;
+        }
+        build.dockerfile = (!dockerfile.is_empty()).then_some(dockerfile);
+    }
+    if let Some(timeout) = fields.timeout_seconds {
+        if !(1..=86_400).contains(&timeout) {
+            return Err(ApiError::invalid_field("timeout_seconds", "timeout_seconds must be between 1 and 86400"));
+        }
+        build.timeout_seconds = Some(timeout);
+    }
+    if let Some(retries) = fields.max_retries {
+        if retries > 10 {
+            return Err(ApiError::invalid_field("max_retries", "max_retries must be between 0 and 10"));
+        }
+        build.max_retries = Some(retries);
+    }
+    if let Some(concurrency) = fields.concurrency {
+        if !(1..=1000).contains(&concurrency) {
+            return Err(ApiError::invalid_field("concurrency", "concurrency must be between 1 and 1000"));
+        }
+        build.concurrency = Some(concurrency);
+    }
+    if let Some(labels) = fields.agent_labels {
+        if labels.len() > 20 {
+            return Err(ApiError::invalid_field("agent_labels", "at most 20 agent_labels"));
+        }
+        for (key, value) in &labels {
+            validate_label("agent_labels", key, 63)?;
+            validate_label("agent_labels", value, 255)?;
+        }
+        build.agent_labels = labels;
+    }
+    Ok(build)
 }
 
 impl From<Pipeline> for PipelineView {
@@ -53,6 +186,7 @@ impl From<Pipeline> for PipelineView {
             is_active: pipeline.is_active,
             created_at: timestamp(pipeline.created_at),
             updated_at: timestamp(pipeline.updated_at),
+            build: pipeline.build.into(),
         }
     }
 }
@@ -130,6 +264,8 @@ pub struct CreatePipelineRequest {
     /// Defaults to `development`.
     #[schema(value_type = Option<schema::EnvironmentName>)]
     pub environment: Option<String>,
+    /// How the pipeline builds (image, further steps, artifacts, scheduling).
+    pub build: Option<BuildFields>,
 }
 
 /// Create a new deployment pipeline (developer).
@@ -152,6 +288,7 @@ async fn create_pipeline(
     }
     let environment = request.environment.unwrap_or_else(|| "development".into());
     validate_environment("environment", &environment)?;
+    let build = merge_build_fields(BuildSettings::default(), request.build.unwrap_or_default())?;
     let command = Command::CreatePipeline {
         name: request.name,
         repo_id,
@@ -159,6 +296,7 @@ async fn create_pipeline(
         build_command: request.build_command,
         deploy_strategy: request.deploy_strategy,
         environment,
+        build,
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let pipeline_id = applied_id(outcome)?.expect("create returns the id");
@@ -193,6 +331,8 @@ pub struct UpdatePipelineRequest {
     #[schema(value_type = Option<schema::EnvironmentName>)]
     pub environment: Option<String>,
     pub is_active: Option<bool>,
+    /// Build settings to change; a field left out keeps its value.
+    pub build: Option<BuildFields>,
 }
 
 /// Update pipeline settings (developer).
@@ -220,6 +360,9 @@ async fn update_pipeline(
     if let Some(environment) = &request.environment {
         validate_environment("environment", environment)?;
     }
+    state.node.read_barrier().await?;
+    let current = load_pipeline(&state, pipeline_id)?;
+    let build = merge_build_fields(current.build.clone(), request.build.unwrap_or_default())?;
     let patch = PipelinePatch {
         name: request.name,
         branch: request.branch,
@@ -227,6 +370,7 @@ async fn update_pipeline(
         deploy_strategy: request.deploy_strategy,
         environment: request.environment,
         is_active: request.is_active,
+        build: (build != current.build).then_some(build),
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::UpdatePipeline { pipeline_id, patch }).await?;
     applied_id(outcome)?;

@@ -12,12 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::snapshot::{self, SnapshotDir};
 use super::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, storage_io_error};
 use crate::state::codec::{decode, encode};
 use crate::state::txn::{BackendRead, Txn};
+use crate::state::events::{StateEvent, events_of};
 use crate::state::{Outcome, apply};
 use crate::store::{Backend, Durability, Table, WriteBatch};
 
@@ -35,12 +36,17 @@ pub struct StateMachineStore {
     /// this node's log has it on disk, and applied state that reached the disk first would then
     /// be ahead of the log after a crash. `None` only in storage tests that apply without a log.
     durable_log_end: Option<watch::Receiver<u64>>,
+    /// What applied commands changed, for the scheduler, agent gateways and log followers.
+    /// Lossy by design (a slow receiver lags and re-reads the state).
+    events: broadcast::Sender<StateEvent>,
 }
 
 impl StateMachineStore {
     pub fn open(backend: Arc<dyn Backend>, snapshots: SnapshotDir) -> Result<Self, StorageError> {
         let (applied_index, _) = watch::channel(0);
-        let store = Self { backend, snapshots, snapshot_counter: Arc::new(AtomicU64::new(0)), applied_index, durable_log_end: None };
+        let (events, _) = broadcast::channel(4096);
+        let store =
+            Self { backend, snapshots, snapshot_counter: Arc::new(AtomicU64::new(0)), applied_index, durable_log_end: None, events };
         store.recover_from_snapshot()?;
         let (last_applied, _) = store.read_applied()?;
         store.applied_index.send_replace(last_applied.map(|id| id.index).unwrap_or(0));
@@ -52,6 +58,11 @@ impl StateMachineStore {
     pub fn apply_after_durable_log(mut self, durable_log_end: watch::Receiver<u64>) -> Self {
         self.durable_log_end = Some(durable_log_end);
         self
+    }
+
+    /// A sender whose receivers see every [`StateEvent`] applied on this node.
+    pub fn events(&self) -> broadcast::Sender<StateEvent> {
+        self.events.clone()
     }
 
     /// Subscribe to the applied index (used by linearizable reads on this node).
@@ -131,10 +142,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             })?;
         }
         let backend = self.backend.clone();
-        let (outcomes, last_index) = tokio::task::spawn_blocking(move || -> Result<(Vec<Outcome>, Option<u64>), StorageError> {
+        type Applied = (Vec<Outcome>, Option<u64>, Vec<StateEvent>);
+        let (outcomes, last_index, events) = tokio::task::spawn_blocking(move || -> Result<Applied, StorageError> {
             let base = BackendRead(backend.as_ref());
             let mut txn = Txn::new(&base);
             let mut outcomes = Vec::with_capacity(entries.len());
+            let mut events = Vec::new();
             let mut last_log_id = None;
             let mut membership = None;
             for entry in &entries {
@@ -144,6 +157,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Normal(proposal) => {
                         let outcome = apply(&mut txn, proposal, entry.log_id.index)
                             .map_err(|e| storage_io_error(StorageIOError::write_state_machine, e))?;
+                        events.extend(events_of(&proposal.command, &outcome));
                         outcomes.push(outcome);
                     }
                     EntryPayload::Membership(new_membership) => {
@@ -160,12 +174,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 batch.put(Table::StateMeta, MEMBERSHIP.to_vec(), encode(&membership));
             }
             backend.write(batch, Durability::Deferred).map_err(|e| storage_io_error(StorageIOError::write_state_machine, e))?;
-            Ok((outcomes, last_log_id.map(|id| id.index)))
+            Ok((outcomes, last_log_id.map(|id| id.index), events))
         })
         .await
         .expect("state machine apply panicked")?;
         if let Some(index) = last_index {
             self.applied_index.send_replace(index);
+        }
+        for event in events {
+            // No receiver is fine: nobody waits on this node.
+            let _ = self.events.send(event);
         }
         Ok(outcomes)
     }

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::codec::{decode, encode, id_key, key_id};
-use super::command::{Command, ConfigEntry, Outcome, Proposal, RejectionCode};
+use super::command::{Assignment, Command, ConfigEntry, JobEnd, Outcome, Proposal, RejectionCode};
 use super::records::*;
 use super::txn::{StateRead, Txn};
 use crate::store::{StoreResult, Table};
@@ -42,6 +42,8 @@ pub mod index {
     pub const JOBS_BY_DEPLOYMENT: &str = "jobs.deployment_id";
     pub const JOBS_BY_STATUS: &str = "jobs.status";
     pub const AGENTS_BY_NAME: &str = "agents.name";
+    pub const AGENTS_BY_CREDENTIAL: &str = "agents.credential_hash";
+    pub const REGISTRATION_TOKENS_BY_HASH: &str = "registration_tokens.token_hash";
 }
 
 pub fn index_prefix(name: &str, value: &str) -> Vec<u8> {
@@ -374,7 +376,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             }
             Ok(Outcome::applied(Some(*repo_id), affected))
         }
-        Command::CreatePipeline { name, repo_id, branch, build_command, deploy_strategy, environment } => {
+        Command::CreatePipeline { name, repo_id, branch, build_command, deploy_strategy, environment, build } => {
             if name.trim().is_empty() {
                 return Ok(Outcome::rejected(RejectionCode::Invalid, "pipeline name must not be empty"));
             }
@@ -399,6 +401,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 is_active: true,
                 created_at: now,
                 updated_at: now,
+                build: build.clone(),
             };
             store(txn, Table::Pipelines, id_key(pipeline_id), &pipeline);
             txn.put(Table::Indexes, index_key(index::PIPELINES_BY_REPO, &repo_id.to_string(), pipeline_id), Vec::new());
@@ -435,6 +438,9 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             if let Some(is_active) = patch.is_active {
                 pipeline.is_active = is_active;
             }
+            if let Some(build) = &patch.build {
+                pipeline.build = build.clone();
+            }
             pipeline.updated_at = now;
             store(txn, Table::Pipelines, id_key(*pipeline_id), &pipeline);
             Ok(Outcome::applied(Some(*pipeline_id), 1))
@@ -444,9 +450,9 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             affected => Ok(Outcome::applied(Some(*pipeline_id), affected)),
         },
         Command::CreateDeployment { pipeline_id, commit_hash, environment, config_overrides, rollback_of } => {
-            if load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)?.is_none() {
+            let Some(pipeline) = load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)? else {
                 return Ok(not_found("pipeline", *pipeline_id));
-            }
+            };
             if let Some(previous) = rollback_of
                 && load_id::<Deployment>(txn, Table::Deployments, *previous)?.is_none()
             {
@@ -471,7 +477,18 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             store(txn, Table::Deployments, id_key(deployment_id), &deployment);
             txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string(), deployment_id), Vec::new());
             txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, "pending", deployment_id), Vec::new());
-            Ok(Outcome::applied(Some(deployment_id), 1))
+            let mut affected = 1;
+            // A rollback redeploys what was built; only a fresh deployment builds.
+            if rollback_of.is_none()
+                && let Some(spec) = build_spec(txn, &pipeline, commit_hash)?
+            {
+                let mut labels = pipeline.build.agent_labels.clone();
+                labels.insert("pool".into(), "build".into());
+                let max_attempts = 1 + pipeline.build.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
+                enqueue_job(txn, now, &deployment, "build", labels, spec, max_attempts)?;
+                affected += 1;
+            }
+            Ok(Outcome::applied(Some(deployment_id), affected))
         }
         Command::SetDeploymentStatus { deployment_id, status, reason } => {
             let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, *deployment_id)? else {
@@ -483,23 +500,20 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                     format!("deployment {deployment_id} already ended as {:?}", deployment.status),
                 ));
             }
-            txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(deployment.status), *deployment_id));
-            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(*status), *deployment_id), Vec::new());
-            if *status == DeploymentStatus::InProgress && deployment.start_time.is_none() {
-                deployment.start_time = Some(now);
+            set_deployment_status(txn, &mut deployment, *status, reason.clone(), now);
+            let mut affected = 1;
+            if status.is_final() {
+                let reason = reason.clone().unwrap_or_else(|| format!("deployment {deployment_id} ended"));
+                affected += cancel_deployment_jobs(txn, *deployment_id, &reason, now)?;
             }
-            if status.is_final() && deployment.end_time.is_none() {
-                deployment.end_time = Some(now);
-            }
-            deployment.status = *status;
-            if reason.is_some() {
-                deployment.status_reason = reason.clone();
-            }
-            deployment.updated_at = now;
-            store(txn, Table::Deployments, id_key(*deployment_id), &deployment);
-            Ok(Outcome::applied(Some(*deployment_id), 1))
+            Ok(Outcome::applied(Some(*deployment_id), affected))
         }
-        Command::RecordArtifact { pipeline_id, version, artifact_path, digest, size_bytes } => {
+        Command::RecordArtifact { pipeline_id, version, artifact_path, digest, size_bytes, produced_by } => {
+            if let Some(origin) = produced_by
+                && !holds_lease(txn, origin.job_id, origin.attempt)?
+            {
+                return Ok(stale_attempt(origin.job_id, origin.attempt));
+            }
             if load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)?.is_none() {
                 return Ok(not_found("pipeline", *pipeline_id));
             }
@@ -513,6 +527,10 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 size_bytes: *size_bytes,
                 created_at: now,
                 updated_at: now,
+                commit_hash: produced_by.as_ref().map(|origin| origin.commit_hash.clone()),
+                deployment_id: produced_by.as_ref().map(|origin| origin.deployment_id),
+                job_id: produced_by.as_ref().map(|origin| origin.job_id),
+                kind: produced_by.as_ref().map(|origin| origin.kind.clone()),
             };
             store(txn, Table::Artifacts, id_key(artifact_id), &artifact);
             txn.put(Table::Indexes, index_key(index::ARTIFACTS_BY_PIPELINE, &pipeline_id.to_string(), artifact_id), Vec::new());
@@ -601,9 +619,23 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             0 => Ok(not_found("notification", *notification_id)),
             affected => Ok(Outcome::applied(Some(*notification_id), affected)),
         },
-        Command::RegisterAgent { name, labels, credential_hash } => {
-            if name.trim().is_empty() {
-                return Ok(Outcome::rejected(RejectionCode::Invalid, "agent name must not be empty"));
+        Command::RegisterAgent { name, labels, credential_hash, registration_token_hash } => {
+            if name.trim().is_empty() || name.len() > 100 {
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "agent name must be 1 to 100 characters"));
+            }
+            let token_id = index_ids(txn, index::REGISTRATION_TOKENS_BY_HASH, registration_token_hash)?.first().copied();
+            let Some(mut token) = token_id.map(|id| load_id::<RegistrationToken>(txn, Table::RegistrationTokens, id)).transpose()?.flatten()
+            else {
+                return Ok(Outcome::rejected(
+                    RejectionCode::Invalid,
+                    "the registration token is not valid; ask an admin for one (`davit agents token create`)",
+                ));
+            };
+            if token.revoked_at.is_some() || token.expires_at <= now {
+                return Ok(Outcome::rejected(
+                    RejectionCode::Invalid,
+                    format!("registration token {} has expired or was revoked; ask an admin for a new one", token.token_id),
+                ));
             }
             for agent_id in index_ids(txn, index::AGENTS_BY_NAME, name)? {
                 if let Some(agent) = load_id::<Agent>(txn, Table::Agents, agent_id)?
@@ -611,7 +643,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 {
                     return Ok(Outcome::rejected(
                         RejectionCode::Conflict,
-                        format!("an agent named {name:?} is already registered (agent {agent_id}); deregister it first"),
+                        format!("an agent named {name:?} is already registered (agent {agent_id}); deregister it first or pick another name"),
                     ));
                 }
             }
@@ -623,9 +655,19 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 credential_hash: credential_hash.clone(),
                 registered_at: now,
                 deregistered_at: None,
+                state: AgentState::Offline,
+                capacity: 0,
+                executors: Vec::new(),
+                version: String::new(),
+                node_id: None,
+                connected_at: None,
+                state_reason: None,
             };
             store(txn, Table::Agents, id_key(agent_id), &agent);
             txn.put(Table::Indexes, index_key(index::AGENTS_BY_NAME, name, agent_id), Vec::new());
+            txn.put(Table::Indexes, index_key(index::AGENTS_BY_CREDENTIAL, credential_hash, agent_id), Vec::new());
+            token.agents_registered += 1;
+            store(txn, Table::RegistrationTokens, id_key(token.token_id), &token);
             Ok(Outcome::applied(Some(agent_id), 1))
         }
         Command::DeregisterAgent { agent_id } => {
@@ -633,51 +675,123 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 return Ok(not_found("agent", *agent_id));
             };
             agent.deregistered_at.get_or_insert(now);
+            agent.state = AgentState::Offline;
+            store(txn, Table::Agents, id_key(*agent_id), &agent);
+            txn.delete(Table::Indexes, index_key(index::AGENTS_BY_CREDENTIAL, &agent.credential_hash, *agent_id));
+            let affected = 1 + release_agent_jobs(txn, *agent_id, &format!("agent {agent_id} was deregistered"), now)?;
+            Ok(Outcome::applied(Some(*agent_id), affected))
+        }
+        Command::CreateRegistrationToken { description, token_hash, expires_at } => {
+            if *expires_at <= now {
+                return Ok(Outcome::rejected(RejectionCode::Invalid, "the registration token must expire in the future"));
+            }
+            let token_id = next_id(txn, Table::RegistrationTokens)?;
+            let token = RegistrationToken {
+                token_id,
+                description: description.clone(),
+                token_hash: token_hash.clone(),
+                created_by: proposal.actor,
+                created_at: now,
+                expires_at: *expires_at,
+                revoked_at: None,
+                agents_registered: 0,
+            };
+            store(txn, Table::RegistrationTokens, id_key(token_id), &token);
+            txn.put(Table::Indexes, index_key(index::REGISTRATION_TOKENS_BY_HASH, token_hash, token_id), Vec::new());
+            Ok(Outcome::applied(Some(token_id), 1))
+        }
+        Command::RevokeRegistrationToken { token_id } => {
+            let Some(mut token) = load_id::<RegistrationToken>(txn, Table::RegistrationTokens, *token_id)? else {
+                return Ok(not_found("registration token", *token_id));
+            };
+            token.revoked_at.get_or_insert(now);
+            store(txn, Table::RegistrationTokens, id_key(*token_id), &token);
+            Ok(Outcome::applied(Some(*token_id), 1))
+        }
+        Command::AgentConnected { agent_id, node_id, labels, capacity, executors, draining, version } => {
+            let Some(mut agent) = load_id::<Agent>(txn, Table::Agents, *agent_id)? else {
+                return Ok(not_found("agent", *agent_id));
+            };
+            if agent.deregistered_at.is_some() {
+                return Ok(Outcome::rejected(RejectionCode::Invalid, format!("agent {agent_id} was deregistered; register it again")));
+            }
+            agent.labels = labels.clone();
+            agent.capacity = *capacity;
+            agent.executors = executors.clone();
+            agent.version = version.clone();
+            if agent.node_id != Some(*node_id) || !matches!(agent.state, AgentState::Online | AgentState::Draining) {
+                agent.connected_at = Some(now);
+            }
+            agent.node_id = Some(*node_id);
+            agent.state = if *draining { AgentState::Draining } else { AgentState::Online };
+            agent.state_reason = None;
             store(txn, Table::Agents, id_key(*agent_id), &agent);
             Ok(Outcome::applied(Some(*agent_id), 1))
         }
-        Command::EnqueueJob { deployment_id, name, labels, spec, max_attempts } => {
-            if load_id::<Deployment>(txn, Table::Deployments, *deployment_id)?.is_none() {
-                return Ok(not_found("deployment", *deployment_id));
-            }
-            let job_id = next_id(txn, Table::Jobs)?;
-            let job = Job {
-                job_id,
-                deployment_id: *deployment_id,
-                name: name.clone(),
-                labels: labels.clone(),
-                spec: spec.clone(),
-                status: JobStatus::Queued,
-                attempt: 0,
-                max_attempts: (*max_attempts).max(1),
-                lease: None,
-                failure_reason: None,
-                created_at: now,
-                updated_at: now,
+        Command::AgentLost { agent_id, reason } => {
+            let Some(mut agent) = load_id::<Agent>(txn, Table::Agents, *agent_id)? else {
+                return Ok(not_found("agent", *agent_id));
             };
-            store(txn, Table::Jobs, id_key(job_id), &job);
-            txn.put(Table::Indexes, index_key(index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string(), job_id), Vec::new());
-            set_job_status_index(txn, job_id, None, JobStatus::Queued);
+            if !matches!(agent.state, AgentState::Online | AgentState::Draining) {
+                return Ok(Outcome::rejected(RejectionCode::Conflict, format!("agent {agent_id} is not connected")));
+            }
+            agent.state = AgentState::Lost;
+            agent.state_reason = Some(reason.clone());
+            store(txn, Table::Agents, id_key(*agent_id), &agent);
+            let affected = 1 + release_agent_jobs(txn, *agent_id, reason, now)?;
+            Ok(Outcome::applied(Some(*agent_id), affected))
+        }
+        Command::EnqueueJob { deployment_id, name, labels, spec, max_attempts } => {
+            let Some(deployment) = load_id::<Deployment>(txn, Table::Deployments, *deployment_id)? else {
+                return Ok(not_found("deployment", *deployment_id));
+            };
+            let job_id = enqueue_job(txn, now, &deployment, name, labels.clone(), spec.clone(), *max_attempts)?;
             Ok(Outcome::applied(Some(job_id), 1))
         }
         Command::AssignJob { job_id, agent_id, attempt, lease_expires_at } => {
+            let assignment = Assignment { job_id: *job_id, agent_id: *agent_id, attempt: *attempt };
+            match assign(txn, &assignment, *lease_expires_at, now)? {
+                None => Ok(Outcome::applied(Some(*job_id), 1)),
+                Some(refusal) => Ok(refusal),
+            }
+        }
+        Command::AssignJobs { assignments, lease_expires_at } => {
+            let mut assigned = 0;
+            for assignment in assignments {
+                if assign(txn, assignment, *lease_expires_at, now)?.is_none() {
+                    assigned += 1;
+                }
+            }
+            Ok(Outcome::applied(None, assigned))
+        }
+        Command::AcceptJob { job_id, agent_id, attempt } => {
             let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
             };
-            if job.status != JobStatus::Queued || *attempt != job.attempt + 1 {
-                return Ok(Outcome::rejected(
-                    RejectionCode::StaleAttempt,
-                    format!("job {job_id} is {:?} at attempt {}; cannot assign attempt {attempt}", job.status, job.attempt),
-                ));
+            match &mut job.lease {
+                Some(lease) if lease.attempt == *attempt && lease.agent_id == *agent_id && job.status == JobStatus::Running => {
+                    lease.accepted_at.get_or_insert(now);
+                }
+                _ => return Ok(stale_attempt(*job_id, *attempt)),
             }
-            match load_id::<Agent>(txn, Table::Agents, *agent_id)? {
-                Some(agent) if agent.deregistered_at.is_none() => {}
-                _ => return Ok(not_found("agent", *agent_id)),
+            job.updated_at = now;
+            store(txn, Table::Jobs, id_key(*job_id), &job);
+            Ok(Outcome::applied(Some(*job_id), 1))
+        }
+        Command::RecordStep { job_id, attempt, step } => {
+            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
+                return Ok(not_found("job", *job_id));
+            };
+            if job.status != JobStatus::Running || job.lease.as_ref().map(|lease| lease.attempt) != Some(*attempt) {
+                return Ok(stale_attempt(*job_id, *attempt));
             }
-            set_job_status_index(txn, *job_id, Some(job.status), JobStatus::Running);
-            job.status = JobStatus::Running;
-            job.attempt = *attempt;
-            job.lease = Some(Lease { agent_id: *agent_id, attempt: *attempt, expires_at: *lease_expires_at });
+            match job.steps.iter_mut().find(|existing| existing.index == step.index) {
+                Some(existing) => *existing = step.clone(),
+                None => {
+                    job.steps.push(step.clone());
+                    job.steps.sort_by_key(|step| step.index);
+                }
+            }
             job.updated_at = now;
             store(txn, Table::Jobs, id_key(*job_id), &job);
             Ok(Outcome::applied(Some(*job_id), 1))
@@ -697,60 +811,291 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             Ok(Outcome::applied(Some(*job_id), 1))
         }
         Command::CompleteJob { job_id, attempt, succeeded, failure_reason } => {
-            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
-                return Ok(not_found("job", *job_id));
-            };
-            if job.status != JobStatus::Running || job.lease.as_ref().map(|lease| lease.attempt) != Some(*attempt) {
-                return Ok(stale_attempt(*job_id, *attempt));
-            }
-            let status = if *succeeded { JobStatus::Succeeded } else { JobStatus::Failed };
-            set_job_status_index(txn, *job_id, Some(job.status), status);
-            job.status = status;
-            job.lease = None;
-            job.failure_reason = failure_reason.clone();
-            job.updated_at = now;
-            store(txn, Table::Jobs, id_key(*job_id), &job);
-            Ok(Outcome::applied(Some(*job_id), 1))
+            let end = if *succeeded { JobEnd::Succeeded } else { JobEnd::Failed };
+            finish_job(txn, *job_id, *attempt, end, failure_reason.clone(), now)
         }
-        Command::ExpireLease { job_id, attempt } => {
-            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
-                return Ok(not_found("job", *job_id));
-            };
-            let Some(lease) = job.lease.clone().filter(|lease| lease.attempt == *attempt) else {
-                return Ok(stale_attempt(*job_id, *attempt));
-            };
-            let status = if job.attempt < job.max_attempts {
-                JobStatus::Queued
-            } else {
-                job.failure_reason = Some(format!(
-                    "agent {} stopped reporting on attempt {} of {}; no attempts left",
-                    lease.agent_id, job.attempt, job.max_attempts
-                ));
-                JobStatus::Failed
-            };
-            set_job_status_index(txn, *job_id, Some(job.status), status);
-            job.status = status;
-            job.lease = None;
-            job.updated_at = now;
-            store(txn, Table::Jobs, id_key(*job_id), &job);
-            Ok(Outcome::applied(Some(*job_id), 1))
+        Command::FinishJob { job_id, attempt, end, reason } => finish_job(txn, *job_id, *attempt, *end, reason.clone(), now),
+        Command::ExpireLease { job_id, attempt, reason } => {
+            let reason = reason.clone().unwrap_or_else(|| format!("the lease of attempt {attempt} ran out"));
+            finish_job(txn, *job_id, *attempt, JobEnd::Infrastructure, Some(reason), now)
         }
         Command::CancelJob { job_id, reason } => {
-            let Some(mut job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
+            let Some(job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
             };
-            if matches!(job.status, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled) {
+            if is_final_job(job.status) {
                 return Ok(Outcome::rejected(RejectionCode::Conflict, format!("job {job_id} already ended as {:?}", job.status)));
             }
-            set_job_status_index(txn, *job_id, Some(job.status), JobStatus::Cancelled);
-            job.status = JobStatus::Cancelled;
-            job.lease = None;
-            job.failure_reason = Some(reason.clone());
-            job.updated_at = now;
-            store(txn, Table::Jobs, id_key(*job_id), &job);
+            let deployment_id = job.deployment_id;
+            end_job(txn, job, JobStatus::Cancelled, Some(reason.clone()), "cancelled", now);
+            refresh_deployment(txn, deployment_id, now)?;
             Ok(Outcome::applied(Some(*job_id), 1))
         }
     }
+}
+
+fn is_final_job(status: JobStatus) -> bool {
+    matches!(status, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+}
+
+/// Whether `attempt` is the running attempt of `job_id` (the fencing check of every report).
+pub fn holds_lease(state: &dyn StateRead, job_id: u64, attempt: u32) -> StoreResult<bool> {
+    Ok(load_id::<Job>(state, Table::Jobs, job_id)?
+        .is_some_and(|job| job.status == JobStatus::Running && job.lease.as_ref().is_some_and(|lease| lease.attempt == attempt)))
+}
+
+/// The build job's spec for `pipeline` at `commit`, or `None` when the pipeline has nothing to
+/// build (no commands, no image).
+fn build_spec(txn: &Txn, pipeline: &Pipeline, commit: &str) -> StoreResult<Option<serde_json::Value>> {
+    use davit_agent::job_spec::{BuildSpec, CommandStep, JobSpec};
+    let build = &pipeline.build;
+    let mut steps = Vec::new();
+    for (name, command) in [("build", &pipeline.build_command), ("test", &build.test_command), ("package", &build.package_command)] {
+        if let Some(command) = command.as_ref().filter(|command| !command.trim().is_empty()) {
+            steps.push(CommandStep { name: name.to_string(), command: command.clone() });
+        }
+    }
+    if steps.is_empty() && build.dockerfile.is_none() {
+        return Ok(None);
+    }
+    let Some(repository) = load_id::<Repository>(txn, Table::Repositories, pipeline.repo_id)? else {
+        return Ok(None);
+    };
+    let short_commit: String = commit.chars().take(12).collect();
+    let spec = JobSpec::Build(BuildSpec {
+        pipeline_name: pipeline.name.clone(),
+        repository_url: repository.repo_url.clone(),
+        commit: commit.to_string(),
+        branch: pipeline.branch.clone().or(Some(repository.branch.clone())),
+        image: build.image.clone().unwrap_or_else(|| DEFAULT_BUILD_IMAGE.to_string()),
+        steps,
+        artifacts: build.artifacts.clone(),
+        dockerfile: build.dockerfile.clone(),
+        timeout_seconds: build.timeout_seconds.unwrap_or(DEFAULT_BUILD_TIMEOUT_SECONDS),
+        artifact_version: short_commit,
+    });
+    Ok(Some(serde_json::to_value(spec).expect("job specs serialize")))
+}
+
+fn enqueue_job(
+    txn: &mut Txn,
+    now: Timestamp,
+    deployment: &Deployment,
+    name: &str,
+    labels: std::collections::BTreeMap<String, String>,
+    spec: serde_json::Value,
+    max_attempts: u32,
+) -> StoreResult<u64> {
+    let steps = serde_json::from_value::<davit_agent::job_spec::JobSpec>(spec.clone())
+        .map(|spec| spec.step_names())
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(index, name)| StepRecord {
+            index: index as u32,
+            name,
+            state: StepState::Pending,
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+        })
+        .collect();
+    let job_id = next_id(txn, Table::Jobs)?;
+    let job = Job {
+        job_id,
+        deployment_id: deployment.deployment_id,
+        name: name.to_string(),
+        labels,
+        spec,
+        status: JobStatus::Queued,
+        attempt: 0,
+        max_attempts: max_attempts.max(1),
+        lease: None,
+        failure_reason: None,
+        created_at: now,
+        updated_at: now,
+        pipeline_id: deployment.pipeline_id,
+        queued_at: now,
+        steps,
+        attempts: Vec::new(),
+    };
+    store(txn, Table::Jobs, id_key(job_id), &job);
+    txn.put(Table::Indexes, index_key(index::JOBS_BY_DEPLOYMENT, &deployment.deployment_id.to_string(), job_id), Vec::new());
+    set_job_status_index(txn, job_id, None, JobStatus::Queued);
+    Ok(job_id)
+}
+
+/// Lease a queued job to an agent; `Some(rejection)` when the scheduler's view was stale.
+fn assign(txn: &mut Txn, assignment: &Assignment, lease_expires_at: Timestamp, now: Timestamp) -> StoreResult<Option<Outcome>> {
+    let Assignment { job_id, agent_id, attempt } = *assignment;
+    let Some(mut job) = load_id::<Job>(txn, Table::Jobs, job_id)? else {
+        return Ok(Some(not_found("job", job_id)));
+    };
+    if job.status != JobStatus::Queued || attempt != job.attempt + 1 {
+        return Ok(Some(Outcome::rejected(
+            RejectionCode::StaleAttempt,
+            format!("job {job_id} is {:?} at attempt {}; cannot assign attempt {attempt}", job.status, job.attempt),
+        )));
+    }
+    match load_id::<Agent>(txn, Table::Agents, agent_id)? {
+        Some(agent) if agent.deregistered_at.is_none() && agent.state == AgentState::Online => {}
+        Some(agent) if agent.deregistered_at.is_none() => {
+            return Ok(Some(Outcome::rejected(RejectionCode::Conflict, format!("agent {agent_id} is {:?}", agent.state))));
+        }
+        _ => return Ok(Some(not_found("agent", agent_id))),
+    }
+    set_job_status_index(txn, job_id, Some(job.status), JobStatus::Running);
+    job.status = JobStatus::Running;
+    job.attempt = attempt;
+    job.lease = Some(Lease { agent_id, attempt, expires_at: lease_expires_at, accepted_at: None });
+    job.attempts.push(AttemptRecord { attempt, agent_id, assigned_at: now, ended_at: None, outcome: None, reason: None });
+    for step in &mut job.steps {
+        *step = StepRecord { state: StepState::Pending, started_at: None, finished_at: None, exit_code: None, ..step.clone() };
+    }
+    job.updated_at = now;
+    let deployment_id = job.deployment_id;
+    store(txn, Table::Jobs, id_key(job_id), &job);
+    refresh_deployment(txn, deployment_id, now)?;
+    Ok(None)
+}
+
+/// End an attempt as the agent (or the leader, for a lost lease) reported it.
+fn finish_job(txn: &mut Txn, job_id: u64, attempt: u32, end: JobEnd, reason: Option<String>, now: Timestamp) -> StoreResult<Outcome> {
+    let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else {
+        return Ok(not_found("job", job_id));
+    };
+    if job.status != JobStatus::Running || job.lease.as_ref().map(|lease| lease.attempt) != Some(attempt) {
+        return Ok(stale_attempt(job_id, attempt));
+    }
+    let deployment_id = job.deployment_id;
+    match end {
+        JobEnd::Succeeded => end_job(txn, job, JobStatus::Succeeded, None, "succeeded", now),
+        JobEnd::Failed => end_job(txn, job, JobStatus::Failed, reason, "failed", now),
+        JobEnd::Cancelled => end_job(txn, job, JobStatus::Cancelled, reason, "cancelled", now),
+        JobEnd::Infrastructure => retry_or_fail(txn, job, reason.unwrap_or_else(|| "infrastructure failure".into()), now),
+    }
+    refresh_deployment(txn, deployment_id, now)?;
+    Ok(Outcome::applied(Some(job_id), 1))
+}
+
+/// Close the current attempt's record and the lease, and set the job's final status.
+fn end_job(txn: &mut Txn, mut job: Job, status: JobStatus, reason: Option<String>, outcome: &str, now: Timestamp) {
+    close_attempt(&mut job, outcome, reason.clone(), now);
+    set_job_status_index(txn, job.job_id, Some(job.status), status);
+    job.status = status;
+    job.lease = None;
+    if reason.is_some() {
+        job.failure_reason = reason;
+    }
+    job.updated_at = now;
+    store(txn, Table::Jobs, id_key(job.job_id), &job);
+}
+
+fn close_attempt(job: &mut Job, outcome: &str, reason: Option<String>, now: Timestamp) {
+    if let Some(record) = job.attempts.iter_mut().rev().find(|record| record.attempt == job.attempt && record.ended_at.is_none()) {
+        record.ended_at = Some(now);
+        record.outcome = Some(outcome.to_string());
+        record.reason = reason;
+    }
+}
+
+/// An attempt lost to the infrastructure: queue the job again while attempts remain.
+fn retry_or_fail(txn: &mut Txn, mut job: Job, reason: String, now: Timestamp) {
+    if job.attempt < job.max_attempts {
+        close_attempt(&mut job, "infrastructure", Some(reason.clone()), now);
+        set_job_status_index(txn, job.job_id, Some(job.status), JobStatus::Queued);
+        job.status = JobStatus::Queued;
+        job.lease = None;
+        job.queued_at = now;
+        job.failure_reason = Some(format!("attempt {} failed: {reason}; retrying", job.attempt));
+        job.updated_at = now;
+        store(txn, Table::Jobs, id_key(job.job_id), &job);
+    } else {
+        let message = format!("attempt {} of {} failed: {reason}; no attempts left", job.attempt, job.max_attempts);
+        end_job(txn, job, JobStatus::Failed, Some(message), "infrastructure", now);
+    }
+}
+
+/// Retry (or fail) every job an agent holds; used when it is lost or deregistered.
+fn release_agent_jobs(txn: &mut Txn, agent_id: u64, reason: &str, now: Timestamp) -> StoreResult<u64> {
+    let mut released = 0;
+    for job_id in index_ids(txn, index::JOBS_BY_STATUS, job_status_name(JobStatus::Running))? {
+        let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else { continue };
+        if job.lease.as_ref().is_some_and(|lease| lease.agent_id == agent_id) {
+            let deployment_id = job.deployment_id;
+            retry_or_fail(txn, job, reason.to_string(), now);
+            refresh_deployment(txn, deployment_id, now)?;
+            released += 1;
+        }
+    }
+    Ok(released)
+}
+
+fn cancel_deployment_jobs(txn: &mut Txn, deployment_id: u64, reason: &str, now: Timestamp) -> StoreResult<u64> {
+    let mut cancelled = 0;
+    for job_id in index_ids(txn, index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string())? {
+        let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else { continue };
+        if !is_final_job(job.status) {
+            end_job(txn, job, JobStatus::Cancelled, Some(reason.to_string()), "cancelled", now);
+            cancelled += 1;
+        }
+    }
+    Ok(cancelled)
+}
+
+fn set_deployment_status(txn: &mut Txn, deployment: &mut Deployment, status: DeploymentStatus, reason: Option<String>, now: Timestamp) {
+    let deployment_id = deployment.deployment_id;
+    txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(deployment.status), deployment_id));
+    txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(status), deployment_id), Vec::new());
+    if status == DeploymentStatus::InProgress && deployment.start_time.is_none() {
+        deployment.start_time = Some(now);
+    }
+    if status.is_final() && deployment.end_time.is_none() {
+        deployment.end_time = Some(now);
+    }
+    deployment.status = status;
+    if reason.is_some() {
+        deployment.status_reason = reason;
+    }
+    deployment.updated_at = now;
+    store(txn, Table::Deployments, id_key(deployment_id), deployment);
+}
+
+/// A deployment's status follows its jobs: in progress once one runs, failed when one fails,
+/// successful when all succeeded.
+fn refresh_deployment(txn: &mut Txn, deployment_id: u64, now: Timestamp) -> StoreResult<()> {
+    let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, deployment_id)? else {
+        return Ok(());
+    };
+    if deployment.status.is_final() {
+        return Ok(());
+    }
+    let mut jobs = Vec::new();
+    for job_id in index_ids(txn, index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string())? {
+        jobs.extend(load_id::<Job>(txn, Table::Jobs, job_id)?);
+    }
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let failed = jobs.iter().find(|job| matches!(job.status, JobStatus::Failed | JobStatus::Cancelled));
+    let (status, reason) = if let Some(job) = failed {
+        let verb = if job.status == JobStatus::Failed { "failed" } else { "was cancelled" };
+        let detail = job.failure_reason.as_deref().map(|reason| format!(": {reason}")).unwrap_or_default();
+        (DeploymentStatus::Failed, Some(format!("job {} ({}) {verb}{detail}", job.job_id, job.name)))
+    } else if jobs.iter().all(|job| job.status == JobStatus::Succeeded) {
+        (DeploymentStatus::Success, None)
+    } else if jobs.iter().any(|job| job.status != JobStatus::Queued) || deployment.status == DeploymentStatus::InProgress {
+        (DeploymentStatus::InProgress, None)
+    } else {
+        return Ok(());
+    };
+    if status != deployment.status {
+        set_deployment_status(txn, &mut deployment, status, reason.clone(), now);
+        if status.is_final() {
+            cancel_deployment_jobs(txn, deployment_id, reason.as_deref().unwrap_or("deployment ended"), now)?;
+        }
+    }
+    Ok(())
 }
 
 /// The pipeline of repository `repo_id` named `name`, if any (names are unique per repository).

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{DeployStrategy, DeploymentStatus, NotificationType, Role, ScmType, Timestamp};
+use super::records::{BuildSettings, DeployStrategy, DeploymentStatus, NotificationType, Role, ScmType, StepRecord, Timestamp};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
@@ -49,6 +49,40 @@ pub struct PipelinePatch {
     pub deploy_strategy: Option<DeployStrategy>,
     pub environment: Option<String>,
     pub is_active: Option<bool>,
+    #[serde(default)]
+    pub build: Option<BuildSettings>,
+}
+
+/// The build that produced an artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactOrigin {
+    pub deployment_id: u64,
+    pub job_id: u64,
+    pub attempt: u32,
+    pub commit_hash: String,
+    /// `files` or `image`.
+    pub kind: String,
+}
+
+/// One job the scheduler leases to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub job_id: u64,
+    pub agent_id: u64,
+    /// Must be the job's next attempt: the scheduler's view was current when it decided.
+    pub attempt: u32,
+}
+
+/// How an agent says a job attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobEnd {
+    Succeeded,
+    /// The job's own commands failed: not retried.
+    Failed,
+    /// The agent could not run it: retried on another agent while attempts remain.
+    Infrastructure,
+    Cancelled,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +146,8 @@ pub enum Command {
         build_command: Option<String>,
         deploy_strategy: DeployStrategy,
         environment: String,
+        #[serde(default)]
+        build: BuildSettings,
     },
     UpdatePipeline {
         pipeline_id: u64,
@@ -139,6 +175,9 @@ pub enum Command {
         artifact_path: String,
         digest: String,
         size_bytes: u64,
+        /// Set when a build job produced it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        produced_by: Option<ArtifactOrigin>,
     },
     DeleteArtifact {
         artifact_id: u64,
@@ -177,6 +216,56 @@ pub enum Command {
         name: String,
         labels: BTreeMap<String, String>,
         credential_hash: String,
+        /// SHA-256 of the registration token the agent presented; it must be valid.
+        #[serde(default)]
+        registration_token_hash: String,
+    },
+    CreateRegistrationToken {
+        description: String,
+        token_hash: String,
+        expires_at: Timestamp,
+    },
+    RevokeRegistrationToken {
+        token_id: u64,
+    },
+    /// An agent opened a session with coordinator `node_id` (or changed its draining flag).
+    AgentConnected {
+        agent_id: u64,
+        node_id: u64,
+        labels: BTreeMap<String, String>,
+        capacity: u32,
+        executors: Vec<String>,
+        draining: bool,
+        version: String,
+    },
+    /// The leader has not heard from the agent past the grace: its running jobs are retried
+    /// on other agents (or failed when no attempts remain).
+    AgentLost {
+        agent_id: u64,
+        reason: String,
+    },
+    /// The scheduler's decisions of one round.
+    AssignJobs {
+        assignments: Vec<Assignment>,
+        lease_expires_at: Timestamp,
+    },
+    /// The agent took the offer and started the job.
+    AcceptJob {
+        job_id: u64,
+        agent_id: u64,
+        attempt: u32,
+    },
+    RecordStep {
+        job_id: u64,
+        attempt: u32,
+        step: StepRecord,
+    },
+    /// The agent's final report on an attempt; refused unless it is the current lease's.
+    FinishJob {
+        job_id: u64,
+        attempt: u32,
+        end: JobEnd,
+        reason: Option<String>,
     },
     DeregisterAgent {
         agent_id: u64,
@@ -213,6 +302,8 @@ pub enum Command {
     ExpireLease {
         job_id: u64,
         attempt: u32,
+        #[serde(default)]
+        reason: Option<String>,
     },
     CancelJob {
         job_id: u64,
@@ -248,6 +339,14 @@ impl Command {
             Command::CreateNotification { .. } => "notification.create",
             Command::DeleteNotification { .. } => "notification.delete",
             Command::RegisterAgent { .. } => "agent.register",
+            Command::CreateRegistrationToken { .. } => "agent.registration_token.create",
+            Command::RevokeRegistrationToken { .. } => "agent.registration_token.revoke",
+            Command::AgentConnected { .. } => "agent.connect",
+            Command::AgentLost { .. } => "agent.lost",
+            Command::AssignJobs { .. } => "job.assign",
+            Command::AcceptJob { .. } => "job.accept",
+            Command::RecordStep { .. } => "job.step",
+            Command::FinishJob { .. } => "job.finish",
             Command::DeregisterAgent { .. } => "agent.deregister",
             Command::EnqueueJob { .. } => "job.enqueue",
             Command::AssignJob { .. } => "job.assign",
@@ -261,7 +360,15 @@ impl Command {
     /// Whether the action is recorded in the audit log. High-volume machine traffic (log
     /// segments, lease renewals) is not: it would drown out what people did.
     pub fn is_audited(&self) -> bool {
-        !matches!(self, Command::RecordLogSegment { .. } | Command::RenewLease { .. })
+        !matches!(
+            self,
+            Command::RecordLogSegment { .. }
+                | Command::RenewLease { .. }
+                | Command::AssignJobs { .. }
+                | Command::AcceptJob { .. }
+                | Command::RecordStep { .. }
+                | Command::AgentConnected { .. }
+        )
     }
 
     /// A summary for the audit log that never contains a secret value or a password hash.
@@ -298,7 +405,8 @@ impl Command {
             Command::CreateDeployment { pipeline_id, commit_hash, environment, .. } => {
                 format!("pipeline_id={pipeline_id} commit={commit_hash} environment={environment}")
             }
-            Command::RegisterAgent { name, .. } => format!("name={name}"),
+            Command::RegisterAgent { name, labels, .. } => format!("name={name} labels={labels:?}"),
+            Command::CreateRegistrationToken { description, expires_at, .. } => format!("description={description} expires_at={expires_at}"),
             Command::EnqueueJob { deployment_id, name, .. } => format!("deployment_id={deployment_id} name={name}"),
             other => {
                 // Everything else carries ids and enums only.

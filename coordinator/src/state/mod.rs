@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod codec;
 pub mod command;
+pub mod events;
 pub mod records;
 pub mod txn;
 

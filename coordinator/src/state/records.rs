@@ -88,7 +88,43 @@ pub struct Pipeline {
     pub is_active: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    #[serde(default)]
+    pub build: BuildSettings,
 }
+
+/// How a pipeline builds: the container image, the steps after `build_command`, what the build
+/// produces, and how its jobs are scheduled. Every field is optional; defaults are below.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSettings {
+    /// Container image of the build steps (default [`DEFAULT_BUILD_IMAGE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_command: Option<String>,
+    /// Workspace-relative paths (files or directories) packed into the build's artifact.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+    /// A Dockerfile in the repository to build into an image, exported as an artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dockerfile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u64>,
+    /// Retries after an infrastructure failure (a lost agent); default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// At most this many builds of the pipeline run at once; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Labels an agent must have to run the pipeline's builds (besides `pool=build`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_labels: BTreeMap<String, String>,
+}
+
+pub const DEFAULT_BUILD_IMAGE: &str = "davit/build-base:latest";
+pub const DEFAULT_BUILD_TIMEOUT_SECONDS: u64 = 3600;
+pub const DEFAULT_MAX_RETRIES: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -142,6 +178,17 @@ pub struct Artifact {
     pub size_bytes: u64,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// The commit built, when a build produced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_hash: Option<String>,
+    /// The deployment (run) and job that produced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<u64>,
+    /// What the artifact is: `files` (paths of the workspace) or `image` (a `docker save`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +256,37 @@ pub struct AuditLog {
     pub source: Option<String>,
 }
 
+/// A token an admin hands to the operators of a fleet: `davit-agent register` exchanges it for
+/// a per-agent credential. Reusable until it expires or is revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrationToken {
+    pub token_id: u64,
+    pub description: String,
+    /// SHA-256 of the token; the token itself is shown once.
+    pub token_hash: String,
+    #[serde(default)]
+    pub created_by: Option<u64>,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    #[serde(default)]
+    pub revoked_at: Option<Timestamp>,
+    #[serde(default)]
+    pub agents_registered: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Registered but never connected, or deregistered.
+    #[default]
+    Offline,
+    Online,
+    /// Finishing its jobs; takes no new ones.
+    Draining,
+    /// Missed its heartbeats past the grace; its jobs were retried elsewhere.
+    Lost,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Agent {
     pub agent_id: u64,
@@ -220,6 +298,24 @@ pub struct Agent {
     pub registered_at: Timestamp,
     #[serde(default)]
     pub deregistered_at: Option<Timestamp>,
+    #[serde(default)]
+    pub state: AgentState,
+    /// Concurrent jobs the agent runs.
+    #[serde(default)]
+    pub capacity: u32,
+    /// Executors the agent has (`docker`, `shell`).
+    #[serde(default)]
+    pub executors: Vec<String>,
+    #[serde(default)]
+    pub version: String,
+    /// The coordinator holding the agent's session.
+    #[serde(default)]
+    pub node_id: Option<u64>,
+    #[serde(default)]
+    pub connected_at: Option<Timestamp>,
+    /// Why the agent is in its state (for `lost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,6 +334,49 @@ pub struct Lease {
     /// The fencing token: reports carrying an older attempt are refused.
     pub attempt: u32,
     pub expires_at: Timestamp,
+    /// The agent accepted the offer and started the job.
+    #[serde(default)]
+    pub accepted_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+/// One step of a job (checkout, build, test, package, artifacts), as the agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub index: u32,
+    pub name: String,
+    pub state: StepState,
+    #[serde(default)]
+    pub started_at: Option<Timestamp>,
+    #[serde(default)]
+    pub finished_at: Option<Timestamp>,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+}
+
+/// One attempt of a job on one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub agent_id: u64,
+    pub assigned_at: Timestamp,
+    #[serde(default)]
+    pub ended_at: Option<Timestamp>,
+    /// How it ended: succeeded, failed, infrastructure, cancelled, lost.
+    #[serde(default)]
+    pub outcome: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,4 +398,13 @@ pub struct Job {
     pub failure_reason: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    #[serde(default)]
+    pub pipeline_id: u64,
+    /// When the job (re)entered the queue, for wait-time metrics and fair ordering.
+    #[serde(default)]
+    pub queued_at: Timestamp,
+    #[serde(default)]
+    pub steps: Vec<StepRecord>,
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
 }

@@ -39,6 +39,7 @@ fn seed_pipeline(txn: &mut Txn) -> u64 {
             build_command: Some("mvn clean package".into()),
             deploy_strategy: DeployStrategy::BlueGreen,
             environment: "production".into(),
+            build: Default::default(),
         },
     ))
 }
@@ -150,21 +151,40 @@ fn a_lease_fences_out_stale_attempts_and_retries_until_the_limit() {
             rollback_of: None,
         },
     ));
-    let agent = |name: &str| Command::RegisterAgent { name: name.into(), labels: BTreeMap::new(), credential_hash: "h".into() };
+    propose(&mut txn, 3, Command::CreateRegistrationToken { description: "fleet".into(), token_hash: "t".into(), expires_at: 1_000 })
+        .result
+        .unwrap();
+    let agent = |name: &str| Command::RegisterAgent {
+        name: name.into(),
+        labels: BTreeMap::new(),
+        credential_hash: "h".into(),
+        registration_token_hash: "t".into(),
+    };
+    let connected = |agent_id: u64| Command::AgentConnected {
+        agent_id,
+        node_id: 1,
+        labels: BTreeMap::new(),
+        capacity: 1,
+        executors: vec!["shell".into()],
+        draining: false,
+        version: "test".into(),
+    };
     let agent_a = id(propose(&mut txn, 4, agent("a")));
     let agent_b = id(propose(&mut txn, 5, agent("b")));
+    propose(&mut txn, 5, connected(agent_a)).result.unwrap();
+    propose(&mut txn, 5, connected(agent_b)).result.unwrap();
     let job_id = id(propose(
         &mut txn,
         6,
         Command::EnqueueJob { deployment_id, name: "build".into(), labels: BTreeMap::new(), spec: serde_json::json!({}), max_attempts: 2 },
     ));
     propose(&mut txn, 7, Command::AssignJob { job_id, agent_id: agent_a, attempt: 1, lease_expires_at: 100 }).result.unwrap();
-    propose(&mut txn, 8, Command::ExpireLease { job_id, attempt: 1 }).result.unwrap();
+    propose(&mut txn, 8, Command::ExpireLease { job_id, attempt: 1, reason: None }).result.unwrap();
     propose(&mut txn, 9, Command::AssignJob { job_id, agent_id: agent_b, attempt: 2, lease_expires_at: 200 }).result.unwrap();
     // The first agent comes back late: its report is refused.
     let late = propose(&mut txn, 10, Command::CompleteJob { job_id, attempt: 1, succeeded: true, failure_reason: None });
     assert_eq!(late.result.unwrap_err().code, RejectionCode::StaleAttempt);
-    propose(&mut txn, 11, Command::ExpireLease { job_id, attempt: 2 }).result.unwrap();
+    propose(&mut txn, 11, Command::ExpireLease { job_id, attempt: 2, reason: None }).result.unwrap();
     let job: Job = load_id(&txn, Table::Jobs, job_id).unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Failed);
     assert!(job.failure_reason.unwrap().contains("no attempts left"));

@@ -40,6 +40,7 @@ pub enum Table {
     AuditLogs,
     Agents,
     Jobs,
+    RegistrationTokens,
     /// Secondary indexes of every table: key = index name, 0, indexed value, 0, primary key.
     Indexes,
 }
@@ -50,7 +51,7 @@ impl Table {
         Table::ALL.into_iter().filter(|table| table.is_state())
     }
 
-    pub const ALL: [Table; 17] = [
+    pub const ALL: [Table; 18] = [
         Table::RaftLog,
         Table::RaftMeta,
         Table::StateMeta,
@@ -67,6 +68,7 @@ impl Table {
         Table::AuditLogs,
         Table::Agents,
         Table::Jobs,
+        Table::RegistrationTokens,
         Table::Indexes,
     ];
 
@@ -88,6 +90,7 @@ impl Table {
             Table::AuditLogs => "audit_logs",
             Table::Agents => "agents",
             Table::Jobs => "jobs",
+            Table::RegistrationTokens => "registration_tokens",
             Table::Indexes => "indexes",
         }
     }

@@ -1,0 +1,391 @@
+//! Running one offered job: a fresh workspace, the exact commit checked out, each command step
+//! in the executor with its own status and log, then the image build and the artifacts (packed,
+//! named by digest, uploaded unless the coordinator already has them). The outcome separates
+//! the job's own failures (not retried) from the host's (retried on another agent).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use davit_proto::agent::{self as pb, ArtifactMeta, ArtifactUpload, JobOffer, JobOutcome, StepState, StepUpdate, artifact_upload};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Coordinator;
+use crate::executor::{ErrorKind, Executor, Limits, StepOutcome, StepRequest};
+use crate::job_spec::{ARTIFACTS_STEP, BuildSpec, CHECKOUT_STEP, IMAGE_STEP, JobSpec};
+use crate::log_shipping::{LogShipper, now_millis, secrets_of};
+use crate::masking::Masker;
+
+/// Where a job's messages to the coordinator go (the session, whichever it is at the moment).
+pub type Messages = mpsc::UnboundedSender<pb::agent_message::Message>;
+
+pub struct JobContext {
+    pub offer: JobOffer,
+    pub executor: Arc<Executor>,
+    pub shipper: LogShipper,
+    pub work_dir: PathBuf,
+    pub git_protocols: Vec<String>,
+    pub messages: Messages,
+    pub coordinator: watch::Receiver<Option<Coordinator>>,
+    pub cancel: CancellationToken,
+}
+
+/// How a job ended, as reported in `JobResult`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub outcome: JobOutcome,
+    pub reason: String,
+}
+
+impl Ended {
+    fn new(outcome: JobOutcome, reason: impl Into<String>) -> Self {
+        Ended { outcome, reason: reason.into() }
+    }
+}
+
+struct Run<'a> {
+    context: &'a JobContext,
+    masker: Arc<Masker>,
+    env: Vec<(String, String)>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Run<'_> {
+    fn step(&self, index: usize, name: &str, state: StepState, started_at: i64, exit_code: i64) {
+        let finished = !matches!(state, StepState::Running);
+        let update = StepUpdate {
+            job_id: self.context.offer.job_id,
+            attempt: self.context.offer.attempt,
+            index: index as u32,
+            name: name.to_string(),
+            state: state as i32,
+            started_at,
+            finished_at: if finished { now_millis() } else { 0 },
+            exit_code,
+        };
+        let _ = self.context.messages.send(pb::agent_message::Message::Step(update));
+    }
+
+    /// An output channel whose lines go to the job's log under step `index`, and the task
+    /// collecting them.
+    fn output(&self, index: usize) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>) {
+        let (sender, receiver) = mpsc::channel(256);
+        let shipper = self.context.shipper.clone();
+        let (job_id, attempt, masker) = (self.context.offer.job_id, self.context.offer.attempt, self.masker.clone());
+        let collector = tokio::spawn(async move { shipper.collect(job_id, attempt, index as u32, masker, receiver).await });
+        (sender, collector)
+    }
+
+    fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+fn executor_failure(error: crate::executor::ExecutorError, step: &str) -> Ended {
+    match error.kind {
+        ErrorKind::Infrastructure => Ended::new(JobOutcome::Infrastructure, format!("step {step}: {}", error.message)),
+        ErrorKind::Job => Ended::new(JobOutcome::Failed, format!("step {step}: {}", error.message)),
+    }
+}
+
+/// Run the job to its end. Never panics on the job's account; every way out is an [`Ended`].
+pub async fn run_job(context: &JobContext) -> Ended {
+    let spec: JobSpec = match serde_json::from_slice(&context.offer.spec_json) {
+        Ok(spec) => spec,
+        Err(error) => return Ended::new(JobOutcome::Failed, format!("this agent cannot read the job's spec (upgrade it?): {error}")),
+    };
+    let JobSpec::Build(build) = &spec;
+    let timeout = Duration::from_secs(build.timeout_seconds.max(1));
+    let run = Run {
+        context,
+        masker: Arc::new(Masker::new(&secrets_of(&context.offer.env))),
+        env: context.offer.env.iter().map(|var| (var.name.clone(), var.value.clone())).collect(),
+        deadline: Instant::now() + timeout,
+        timeout,
+    };
+    let workspace = context.work_dir.join(format!("job-{}-{}", context.offer.job_id, context.offer.attempt));
+    let _ = std::fs::remove_dir_all(&workspace);
+    let ended = run_build(&run, build, &spec.step_names(), &workspace).await;
+    if let Executor::Docker(docker) = context.executor.as_ref() {
+        docker.remove_job_containers(context.offer.job_id).await;
+    }
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&workspace)).await;
+    ended
+}
+
+async fn run_build(run: &Run<'_>, build: &BuildSpec, names: &[String], workspace: &std::path::Path) -> Ended {
+    let context = run.context;
+    let mut index = 0;
+    // Checkout.
+    let started = now_millis();
+    run.step(index, CHECKOUT_STEP, StepState::Running, started, 0);
+    let (output, collector) = run.output(index);
+    let checkout = tokio::select! {
+        result = crate::git::checkout(&build.repository_url, &build.commit, workspace, &context.git_protocols, &output) => Some(result),
+        _ = context.cancel.cancelled() => None,
+    };
+    drop(output);
+    let _ = collector.await;
+    match checkout {
+        Some(Ok(_)) => run.step(index, CHECKOUT_STEP, StepState::Succeeded, started, 0),
+        Some(Err(error)) => {
+            run.step(index, CHECKOUT_STEP, StepState::Failed, started, 1);
+            skip_rest(run, names, index + 1);
+            let outcome = match error {
+                crate::git::CheckoutError::Job(_) => JobOutcome::Failed,
+                crate::git::CheckoutError::Infrastructure(_) => JobOutcome::Infrastructure,
+            };
+            return Ended::new(outcome, format!("checkout of {} failed: {error}", build.commit));
+        }
+        None => {
+            run.step(index, CHECKOUT_STEP, StepState::Cancelled, started, 0);
+            return Ended::new(JobOutcome::Cancelled, "cancelled during checkout");
+        }
+    }
+    // Command steps.
+    for step in &build.steps {
+        index += 1;
+        let started = now_millis();
+        run.step(index, &step.name, StepState::Running, started, 0);
+        let (output, collector) = run.output(index);
+        let request = StepRequest {
+            job_id: context.offer.job_id,
+            step_name: &step.name,
+            command: &step.command,
+            workspace,
+            image: &build.image,
+            env: &run.env,
+            limits: Limits::default(),
+            timeout: run.remaining(),
+        };
+        let result = context.executor.run_step(&request, output, context.cancel.clone()).await;
+        let _ = collector.await;
+        let failure = match result {
+            Ok(StepOutcome::Exited { code: 0 }) => {
+                run.step(index, &step.name, StepState::Succeeded, started, 0);
+                continue;
+            }
+            Ok(StepOutcome::Exited { code }) => {
+                run.step(index, &step.name, StepState::Failed, started, code);
+                Ended::new(JobOutcome::Failed, format!("step {} exited with code {code}", step.name))
+            }
+            Ok(StepOutcome::TimedOut) => {
+                run.step(index, &step.name, StepState::Failed, started, -1);
+                Ended::new(JobOutcome::Failed, format!("the job timed out after {} s in step {}", run.timeout.as_secs(), step.name))
+            }
+            Ok(StepOutcome::Cancelled) => {
+                run.step(index, &step.name, StepState::Cancelled, started, -1);
+                Ended::new(JobOutcome::Cancelled, format!("cancelled during step {}", step.name))
+            }
+            Err(error) => {
+                run.step(index, &step.name, StepState::Failed, started, -1);
+                executor_failure(error, &step.name)
+            }
+        };
+        skip_rest(run, names, index + 1);
+        return failure;
+    }
+    // The image, then the artifacts.
+    let mut packed = Vec::new();
+    let scratch = context.work_dir.join(format!("artifacts-{}-{}", context.offer.job_id, context.offer.attempt));
+    let _ = std::fs::create_dir_all(&scratch);
+    if let Some(dockerfile) = &build.dockerfile {
+        index += 1;
+        let started = now_millis();
+        run.step(index, IMAGE_STEP, StepState::Running, started, 0);
+        let result = build_image(run, build, dockerfile, workspace, &scratch, index).await;
+        match result {
+            Ok(artifact) => {
+                run.step(index, IMAGE_STEP, StepState::Succeeded, started, 0);
+                packed.push(("image", artifact));
+            }
+            Err(ended) => {
+                let state = if ended.outcome == JobOutcome::Cancelled { StepState::Cancelled } else { StepState::Failed };
+                run.step(index, IMAGE_STEP, state, started, -1);
+                skip_rest(run, names, index + 1);
+                let _ = std::fs::remove_dir_all(&scratch);
+                return ended;
+            }
+        }
+    }
+    if !build.artifacts.is_empty() || !packed.is_empty() {
+        index += 1;
+        let started = now_millis();
+        run.step(index, ARTIFACTS_STEP, StepState::Running, started, 0);
+        let result = artifacts(run, build, workspace, &scratch, packed, index).await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        if let Err(ended) = result {
+            run.step(index, ARTIFACTS_STEP, StepState::Failed, started, -1);
+            return ended;
+        }
+        run.step(index, ARTIFACTS_STEP, StepState::Succeeded, started, 0);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ended::new(JobOutcome::Succeeded, "")
+}
+
+fn skip_rest(run: &Run<'_>, names: &[String], from: usize) {
+    for (index, name) in names.iter().enumerate().skip(from) {
+        run.step(index, name, StepState::Skipped, 0, 0);
+    }
+}
+
+/// A line of the agent's own in a step's log.
+async fn say(output: &mpsc::Sender<Vec<u8>>, text: String) {
+    let _ = output.send(format!("{text}\n").into_bytes()).await;
+}
+
+async fn build_image(
+    run: &Run<'_>,
+    build: &BuildSpec,
+    dockerfile: &str,
+    workspace: &std::path::Path,
+    scratch: &std::path::Path,
+    index: usize,
+) -> Result<crate::packing::PackedArtifact, Ended> {
+    let Executor::Docker(docker) = run.context.executor.as_ref() else {
+        return Err(Ended::new(JobOutcome::Failed, "building an image needs the docker executor; this agent has only shell"));
+    };
+    let (output, collector) = run.output(index);
+    let tag = format!("davit/{}:{}", sanitize_tag(&build.pipeline_name), sanitize_tag(&build.artifact_version));
+    let result = async {
+        docker.build_image(workspace, dockerfile, &tag, output.clone(), run.context.cancel.clone()).await.map_err(|e| executor_failure(e, IMAGE_STEP))?;
+        let tar = scratch.join("image.tar");
+        docker.export_image(&tag, &tar).await.map_err(|e| executor_failure(e, IMAGE_STEP))?;
+        let destination = scratch.join("image.tar.zst");
+        let packed = tokio::task::spawn_blocking(move || crate::packing::pack_tar_file(&tar, &destination))
+            .await
+            .map_err(|e| Ended::new(JobOutcome::Infrastructure, format!("packing the image panicked: {e}")))?
+            .map_err(|e| Ended::new(JobOutcome::Infrastructure, format!("packing the image failed: {e}")))?;
+        say(&output, format!("image {tag} exported: sha256:{} ({} bytes)", packed.digest, packed.uncompressed_bytes)).await;
+        Ok(packed)
+    }
+    .await;
+    drop(output);
+    let _ = collector.await;
+    result
+}
+
+fn sanitize_tag(text: &str) -> String {
+    let cleaned: String =
+        text.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '-' }).collect();
+    let tag: String = cleaned.trim_matches(|c| c == '-' || c == '.').chars().take(100).collect();
+    if tag.is_empty() { "build".to_string() } else { tag }
+}
+
+async fn artifacts(
+    run: &Run<'_>,
+    build: &BuildSpec,
+    workspace: &std::path::Path,
+    scratch: &std::path::Path,
+    mut packed: Vec<(&'static str, crate::packing::PackedArtifact)>,
+    index: usize,
+) -> Result<(), Ended> {
+    let (output, collector) = run.output(index);
+    let result = async {
+        if !build.artifacts.is_empty() {
+            let paths = build.artifacts.clone();
+            let (source, destination) = (workspace.to_path_buf(), scratch.join("files.tar.zst"));
+            let started = Instant::now();
+            let artifact = tokio::task::spawn_blocking(move || crate::packing::pack(&source, &paths, &destination))
+                .await
+                .map_err(|e| Ended::new(JobOutcome::Infrastructure, format!("packing panicked: {e}")))?
+                .map_err(|e| Ended::new(JobOutcome::Failed, format!("packing the artifacts failed: {e}")))?;
+            say(
+                &output,
+                format!(
+                    "packed {} into sha256:{} ({} bytes, {} compressed) in {} ms",
+                    build.artifacts.join(", "),
+                    artifact.digest,
+                    artifact.uncompressed_bytes,
+                    artifact.compressed_bytes,
+                    started.elapsed().as_millis()
+                ),
+            )
+            .await;
+            packed.push(("files", artifact));
+        }
+        for (name, artifact) in &packed {
+            let meta = ArtifactMeta {
+                job_id: run.context.offer.job_id,
+                attempt: run.context.offer.attempt,
+                name: name.to_string(),
+                version: build.artifact_version.clone(),
+                digest: artifact.digest.clone(),
+                uncompressed_bytes: artifact.uncompressed_bytes,
+            };
+            let recorded = upload(run.context, &meta, &artifact.path).await?;
+            let how = if recorded.uploaded { "uploaded" } else { "already stored; upload skipped" };
+            say(&output, format!("artifact {} sha256:{} recorded as artifact {} ({how})", name, artifact.digest, recorded.artifact_id)).await;
+        }
+        Ok(())
+    }
+    .await;
+    drop(output);
+    let _ = collector.await;
+    result
+}
+
+/// Upload (or just record, when the digest is already stored) an artifact, retrying through
+/// coordinator changes.
+async fn upload(context: &JobContext, meta: &ArtifactMeta, path: &std::path::Path) -> Result<pb::ArtifactRecorded, Ended> {
+    let mut coordinator = context.coordinator.clone();
+    let mut last_error = String::new();
+    for attempt in 0..10 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+        }
+        let Some(current) = coordinator.borrow_and_update().clone() else {
+            let _ = tokio::time::timeout(Duration::from_secs(5), coordinator.changed()).await;
+            continue;
+        };
+        let mut client = current.client();
+        let stored = match client.has_artifact(current.authorize(pb::HasArtifactRequest { digest: meta.digest.clone() })).await {
+            Ok(response) => response.into_inner().stored,
+            Err(status) => {
+                last_error = status.message().to_string();
+                continue;
+            }
+        };
+        let result = if stored {
+            client.record_artifact(current.authorize(meta.clone())).await
+        } else {
+            let (sender, receiver) = mpsc::channel(4);
+            let reader_path = path.to_path_buf();
+            let first = ArtifactUpload { part: Some(artifact_upload::Part::Meta(meta.clone())) };
+            tokio::spawn(async move {
+                if sender.send(first).await.is_err() {
+                    return;
+                }
+                let Ok(mut file) = tokio::fs::File::open(&reader_path).await else { return };
+                loop {
+                    let mut buffer = vec![0u8; 1 << 20];
+                    match file.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(read) => {
+                            buffer.truncate(read);
+                            if sender.send(ArtifactUpload { part: Some(artifact_upload::Part::Data(buffer)) }).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            client.upload_artifact(current.authorize(tokio_stream::wrappers::ReceiverStream::new(receiver))).await
+        };
+        match result {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if matches!(status.code(), tonic::Code::FailedPrecondition) => {
+                return Err(Ended::new(JobOutcome::Cancelled, format!("the coordinator refused the artifact: {}", status.message())));
+            }
+            Err(status) if matches!(status.code(), tonic::Code::InvalidArgument) => {
+                return Err(Ended::new(JobOutcome::Failed, format!("the coordinator refused the artifact: {}", status.message())));
+            }
+            Err(status) => last_error = status.message().to_string(),
+        }
+    }
+    Err(Ended::new(JobOutcome::Infrastructure, format!("could not upload artifact sha256:{}: {last_error}", meta.digest)))
+}
