@@ -18,7 +18,9 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn client(&self) -> AgentServiceClient<Channel> {
-        AgentServiceClient::new(self.channel.clone()).max_decoding_message_size(16 * 1024 * 1024).max_encoding_message_size(16 * 1024 * 1024)
+        AgentServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024)
     }
 
     /// A request carrying the agent's credential.
@@ -45,7 +47,7 @@ pub async fn channel(address: &str, ca_file: Option<&Path>) -> anyhow::Result<Ch
         let pem = std::fs::read(ca_file).map_err(|e| anyhow::anyhow!("cannot read the CA file {}: {e}", ca_file.display()))?;
         endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))?;
     }
-    Ok(endpoint.connect().await.map_err(|e| anyhow::anyhow!("cannot reach coordinator {url}: {e}"))?)
+    endpoint.connect().await.map_err(|e| anyhow::anyhow!("cannot reach coordinator {url}: {e}"))
 }
 
 pub async fn connect(address: &str, ca_file: Option<&Path>, credential: &str) -> anyhow::Result<Coordinator> {

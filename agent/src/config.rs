@@ -84,7 +84,10 @@ pub struct Identity {
 impl Identity {
     pub fn load(path: &Path) -> anyhow::Result<Identity> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            anyhow::anyhow!("this agent is not registered ({}: {e}); run `davit-agent register --token <registration token>` first", path.display())
+            anyhow::anyhow!(
+                "this agent is not registered ({}: {e}); run `davit-agent register --token <registration token>` first",
+                path.display()
+            )
         })?;
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is damaged ({e}); register the agent again", path.display()))
     }

@@ -55,7 +55,13 @@ async fn git(workspace: &Path, arguments: &[&str], allowed: &str, output: &Outpu
 }
 
 /// Clone `url` into the empty directory `workspace` at `commit` (full or abbreviated SHA).
-pub async fn checkout(url: &str, commit: &str, workspace: &Path, protocols: &[String], output: &OutputSender) -> Result<String, CheckoutError> {
+pub async fn checkout(
+    url: &str,
+    commit: &str,
+    workspace: &Path,
+    protocols: &[String],
+    output: &OutputSender,
+) -> Result<String, CheckoutError> {
     let scheme = scheme_of(url);
     if !protocols.iter().any(|allowed| allowed == scheme) {
         return Err(CheckoutError::Job(format!(
@@ -79,7 +85,9 @@ pub async fn checkout(url: &str, commit: &str, workspace: &Path, protocols: &[St
     if !fetched_alone {
         let all = ["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"];
         if !git(workspace, &all, &allowed, output).await? {
-            return Err(CheckoutError::Job(format!("cannot fetch from {url}: see the log above (is the URL right, and reachable from the agent?)")));
+            return Err(CheckoutError::Job(format!(
+                "cannot fetch from {url}: see the log above (is the URL right, and reachable from the agent?)"
+            )));
         }
     }
     let target = format!("{commit}^{{commit}}");
@@ -139,10 +147,12 @@ mod tests {
         std::fs::write(origin.path().join("file.txt"), "one").unwrap();
         run(&["add", "."]);
         run(&["commit", "-q", "-m", "one"]);
-        let first = String::from_utf8(std::process::Command::new("git").args(["rev-parse", "HEAD"]).current_dir(origin.path()).output().unwrap().stdout)
-            .unwrap()
-            .trim()
-            .to_string();
+        let first = String::from_utf8(
+            std::process::Command::new("git").args(["rev-parse", "HEAD"]).current_dir(origin.path()).output().unwrap().stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_string();
         std::fs::write(origin.path().join("file.txt"), "two").unwrap();
         run(&["commit", "-q", "-am", "two"]);
         let (output, mut receiver) = tokio::sync::mpsc::channel(64);

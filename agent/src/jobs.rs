@@ -84,6 +84,20 @@ impl Run<'_> {
     }
 }
 
+/// The job's environment: each configuration key as given, and also in upper case (`db_host`
+/// is `$db_host` and `$DB_HOST`) unless a key of that name exists too.
+pub fn job_environment(vars: &[pb::EnvVar]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vars.iter().map(|var| (var.name.clone(), var.value.clone())).collect();
+    for var in vars {
+        let upper = var.name.to_ascii_uppercase();
+        let valid = upper.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !upper.starts_with(|c: char| c.is_ascii_digit());
+        if valid && !env.iter().any(|(name, _)| *name == upper) {
+            env.push((upper, var.value.clone()));
+        }
+    }
+    env
+}
+
 fn executor_failure(error: crate::executor::ExecutorError, step: &str) -> Ended {
     match error.kind {
         ErrorKind::Infrastructure => Ended::new(JobOutcome::Infrastructure, format!("step {step}: {}", error.message)),
@@ -102,7 +116,7 @@ pub async fn run_job(context: &JobContext) -> Ended {
     let run = Run {
         context,
         masker: Arc::new(Masker::new(&secrets_of(&context.offer.env))),
-        env: context.offer.env.iter().map(|var| (var.name.clone(), var.value.clone())).collect(),
+        env: job_environment(&context.offer.env),
         deadline: Instant::now() + timeout,
         timeout,
     };
@@ -252,7 +266,10 @@ async fn build_image(
     let (output, collector) = run.output(index);
     let tag = format!("davit/{}:{}", sanitize_tag(&build.pipeline_name), sanitize_tag(&build.artifact_version));
     let result = async {
-        docker.build_image(workspace, dockerfile, &tag, output.clone(), run.context.cancel.clone()).await.map_err(|e| executor_failure(e, IMAGE_STEP))?;
+        docker
+            .build_image(workspace, dockerfile, &tag, output.clone(), run.context.cancel.clone())
+            .await
+            .map_err(|e| executor_failure(e, IMAGE_STEP))?;
         let tar = scratch.join("image.tar");
         docker.export_image(&tag, &tar).await.map_err(|e| executor_failure(e, IMAGE_STEP))?;
         let destination = scratch.join("image.tar.zst");
@@ -270,8 +287,11 @@ async fn build_image(
 }
 
 fn sanitize_tag(text: &str) -> String {
-    let cleaned: String =
-        text.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '-' }).collect();
+    let cleaned: String = text
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '-' })
+        .collect();
     let tag: String = cleaned.trim_matches(|c| c == '-' || c == '.').chars().take(100).collect();
     if tag.is_empty() { "build".to_string() } else { tag }
 }
@@ -319,7 +339,8 @@ async fn artifacts(
             };
             let recorded = upload(run.context, &meta, &artifact.path).await?;
             let how = if recorded.uploaded { "uploaded" } else { "already stored; upload skipped" };
-            say(&output, format!("artifact {} sha256:{} recorded as artifact {} ({how})", name, artifact.digest, recorded.artifact_id)).await;
+            say(&output, format!("artifact {} sha256:{} recorded as artifact {} ({how})", name, artifact.digest, recorded.artifact_id))
+                .await;
         }
         Ok(())
     }
@@ -388,4 +409,20 @@ async fn upload(context: &JobContext, meta: &ArtifactMeta, path: &std::path::Pat
         }
     }
     Err(Ended::new(JobOutcome::Infrastructure, format!("could not upload artifact sha256:{}: {last_error}", meta.digest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_keys_are_also_offered_in_upper_case() {
+        let var = |name: &str, value: &str| pb::EnvVar { name: name.into(), value: value.into(), secret: false };
+        let env = job_environment(&[var("db_host", "a"), var("API_KEY", "b"), var("path", "c"), var("PATH", "d"), var("my-key", "e")]);
+        let find = |name: &str| env.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str());
+        assert_eq!((find("db_host"), find("DB_HOST")), (Some("a"), Some("a")));
+        assert_eq!(find("API_KEY"), Some("b"));
+        assert_eq!((find("path"), find("PATH")), (Some("c"), Some("d")));
+        assert_eq!(find("MY-KEY"), None);
+    }
 }

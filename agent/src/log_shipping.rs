@@ -103,11 +103,22 @@ impl LineSplitter {
 }
 
 enum Request {
-    Append { job_id: u64, attempt: u32, lines: Vec<pb::LogLine> },
+    Append {
+        job_id: u64,
+        attempt: u32,
+        lines: Vec<pb::LogLine>,
+    },
     /// Resolves with the number of chunks once every chunk of the attempt is acknowledged.
-    Finish { job_id: u64, attempt: u32, done: oneshot::Sender<Result<u64, String>> },
+    Finish {
+        job_id: u64,
+        attempt: u32,
+        done: oneshot::Sender<Result<u64, String>>,
+    },
     /// Forget an attempt (its job was taken away).
-    Abandon { job_id: u64, attempt: u32 },
+    Abandon {
+        job_id: u64,
+        attempt: u32,
+    },
 }
 
 #[derive(Clone)]
@@ -285,7 +296,12 @@ fn acknowledge(logs: &mut BTreeMap<(u64, u32), AttemptLog>, ack: pb::LogAck) {
     log.settle();
 }
 
-fn handle(spool_dir: &Path, logs: &mut BTreeMap<(u64, u32), AttemptLog>, request: Request, sender: Option<&mpsc::UnboundedSender<LogChunk>>) {
+fn handle(
+    spool_dir: &Path,
+    logs: &mut BTreeMap<(u64, u32), AttemptLog>,
+    request: Request,
+    sender: Option<&mpsc::UnboundedSender<LogChunk>>,
+) {
     match request {
         Request::Append { job_id, attempt, lines } => {
             let log = logs.entry((job_id, attempt)).or_insert_with(|| {
@@ -297,7 +313,9 @@ fn handle(spool_dir: &Path, logs: &mut BTreeMap<(u64, u32), AttemptLog>, request
                 return;
             }
             let chunk = LogChunk { job_id, attempt, sequence: log.next_sequence, sha256: chunk_checksum(&lines), lines };
-            if let Err(error) = std::fs::create_dir_all(&log.directory).and_then(|()| std::fs::write(log.chunk_path(chunk.sequence), chunk.encode_to_vec())) {
+            if let Err(error) =
+                std::fs::create_dir_all(&log.directory).and_then(|()| std::fs::write(log.chunk_path(chunk.sequence), chunk.encode_to_vec()))
+            {
                 // Without the spool the chunk still goes out now; it is only lost if the
                 // coordinator is lost too before acknowledging it.
                 tracing::error!(%error, "cannot spool a log chunk");

@@ -74,12 +74,18 @@ fn parse_labels(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|name| name.trim().to_string()).ok().filter(|name| !name.is_empty()).unwrap_or_else(|| "agent".into())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "agent".into())
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -115,7 +121,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let name = name.unwrap_or_else(host_name);
             let identity = davit_agent::runtime::register(&config, &token, &name, labels).await?;
-            println!("registered as agent {} ({}); credential saved to {}", identity.agent_id, identity.name, config.identity_path().display());
+            println!(
+                "registered as agent {} ({}); credential saved to {}",
+                identity.agent_id,
+                identity.name,
+                config.identity_path().display()
+            );
             println!("start it with: davit-agent run --state-dir {}", config.state_dir.display());
             Ok(())
         }
@@ -152,7 +163,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let path = config.drain_path();
             std::fs::create_dir_all(&config.state_dir)?;
             std::fs::write(&path, b"drain\n")?;
-            println!("asked the agent in {} to drain: it finishes its running jobs, takes no new ones, then exits", config.state_dir.display());
+            println!(
+                "asked the agent in {} to drain: it finishes its running jobs, takes no new ones, then exits",
+                config.state_dir.display()
+            );
             Ok(())
         }
     }

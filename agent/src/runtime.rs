@@ -56,7 +56,9 @@ pub async fn choose_executor(choice: &ExecutorChoice) -> anyhow::Result<Executor
                 Ok(Executor::Docker(docker))
             }
             Err(error) => {
-                tracing::warn!("executor: shell, because Docker is not usable here ({error}); builds run as plain processes without limits");
+                tracing::warn!(
+                    "executor: shell, because Docker is not usable here ({error}); builds run as plain processes without limits"
+                );
                 Ok(Executor::Shell(ShellExecutor::new()))
             }
         },
@@ -123,7 +125,9 @@ impl AgentRuntime {
             .collect();
         let mut backoff = Duration::from_millis(200);
         loop {
-            if shutdown.is_cancelled() || (self.draining() && self.config.exit_when_drained && self.shared.jobs.lock().expect("jobs").is_empty()) {
+            if shutdown.is_cancelled()
+                || (self.draining() && self.config.exit_when_drained && self.shared.jobs.lock().expect("jobs").is_empty())
+            {
                 tracing::info!("agent stopping");
                 return Ok(());
             }
@@ -335,7 +339,11 @@ pub async fn register(config: &AgentConfig, token: &str, name: &str, labels: BTr
                 continue;
             }
         };
-        let request = pb::RegisterRequest { registration_token: token.to_string(), name: name.to_string(), labels: labels.clone().into_iter().collect() };
+        let request = pb::RegisterRequest {
+            registration_token: token.to_string(),
+            name: name.to_string(),
+            labels: labels.clone().into_iter().collect(),
+        };
         let response = davit_proto::agent::agent_service_client::AgentServiceClient::new(channel)
             .register(request)
             .await
@@ -360,7 +368,8 @@ mod tests {
 
     #[test]
     fn own_region_first() {
-        let coordinators = vec![("a:1".to_string(), "eu".to_string()), ("b:1".to_string(), "us".to_string()), ("c:1".to_string(), "us".to_string())];
+        let coordinators =
+            vec![("a:1".to_string(), "eu".to_string()), ("b:1".to_string(), "us".to_string()), ("c:1".to_string(), "us".to_string())];
         assert_eq!(preferred_order(&coordinators, Some("us")), vec!["b:1", "c:1", "a:1"]);
         assert_eq!(preferred_order(&coordinators, None), vec!["a:1", "b:1", "c:1"]);
     }

@@ -119,7 +119,13 @@ pub fn chunk_checksum<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
 }
 
 impl AgentGateway {
-    pub fn new(node: Arc<Node>, secrets: Arc<MasterKeys>, blobs: Arc<dyn BlobStore>, fleet: Arc<Fleet>, heartbeat_interval: Duration) -> Arc<Self> {
+    pub fn new(
+        node: Arc<Node>,
+        secrets: Arc<MasterKeys>,
+        blobs: Arc<dyn BlobStore>,
+        fleet: Arc<Fleet>,
+        heartbeat_interval: Duration,
+    ) -> Arc<Self> {
         let upload_dir = node.config.data_dir.join("uploads");
         Arc::new(AgentGateway {
             node,
@@ -144,11 +150,9 @@ impl AgentGateway {
 
     /// The agent a request's credential belongs to.
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Agent, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .and_then(|value| value.to_str().ok())
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <agent credential>`; run `davit-agent register` first"))?;
+        let header = request.metadata().get("authorization").and_then(|value| value.to_str().ok()).ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <agent credential>`; run `davit-agent register` first")
+        })?;
         let credential = header.strip_prefix("Bearer ").unwrap_or(header).trim();
         if !credential.starts_with(CREDENTIAL_PREFIX) {
             return Err(Status::unauthenticated("malformed agent credential (it starts with dak_); run `davit-agent register` again"));
@@ -157,7 +161,8 @@ impl AgentGateway {
         // about the credential's bytes.
         let presented = crate::auth::token_hash(credential);
         let state = self.node.state();
-        let agent_id = index_ids(&state, index::AGENTS_BY_CREDENTIAL, &presented).map_err(|e| Status::internal(e.to_string()))?.first().copied();
+        let agent_id =
+            index_ids(&state, index::AGENTS_BY_CREDENTIAL, &presented).map_err(|e| Status::internal(e.to_string()))?.first().copied();
         let agent = agent_id
             .map(|agent_id| load_id::<Agent>(&state, Table::Agents, agent_id))
             .transpose()
@@ -184,7 +189,9 @@ impl AgentGateway {
     fn leased_jobs(&self, agent_id: u64) -> Result<Vec<Job>, Status> {
         let state = self.node.state();
         let mut jobs = Vec::new();
-        for job_id in index_ids(&state, index::JOBS_BY_STATUS, job_status_name(JobStatus::Running)).map_err(|e| Status::internal(e.to_string()))? {
+        for job_id in
+            index_ids(&state, index::JOBS_BY_STATUS, job_status_name(JobStatus::Running)).map_err(|e| Status::internal(e.to_string()))?
+        {
             if let Some(job) = load_id::<Job>(&state, Table::Jobs, job_id).map_err(|e| Status::internal(e.to_string()))?
                 && job.lease.as_ref().is_some_and(|lease| lease.agent_id == agent_id)
             {
@@ -199,7 +206,8 @@ impl AgentGateway {
         let deployment = load_id::<Deployment>(&self.node.state(), Table::Deployments, job.deployment_id)
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("deployment {} of job {} is gone", job.deployment_id, job.job_id)))?;
-        let rows = effective_configuration(&self.node, &deployment.environment, Some(deployment.pipeline_id), true).await.map_err(status_of)?;
+        let rows =
+            effective_configuration(&self.node, &deployment.environment, Some(deployment.pipeline_id), true).await.map_err(status_of)?;
         let mut env = Vec::new();
         for (key, row) in rows {
             let value = if row.is_secret {
@@ -252,7 +260,8 @@ impl AgentGateway {
         let Ok(leased) = self.leased_jobs(session.agent_id) else { return };
         let leased_attempts: HashMap<u64, u32> =
             leased.iter().filter_map(|job| job.lease.as_ref().map(|lease| (job.job_id, lease.attempt))).collect();
-        let held: Vec<(u64, u32)> = session.state.lock().expect("session lock").jobs.iter().map(|(job, attempt)| (*job, *attempt)).collect();
+        let held: Vec<(u64, u32)> =
+            session.state.lock().expect("session lock").jobs.iter().map(|(job, attempt)| (*job, *attempt)).collect();
         for (job_id, attempt) in held {
             if leased_attempts.get(&job_id) != Some(&attempt) {
                 self.cancel(session, job_id, attempt, "the job is no longer leased to this agent (cancelled, or retried elsewhere)");
@@ -446,8 +455,14 @@ impl AgentGateway {
             pb::JobOutcome::Unspecified => return Err(Status::invalid_argument("job result without an outcome")),
         };
         let reason = (!result.reason.is_empty()).then_some(result.reason.clone());
+        // The agent is done with it: no cancellation should chase the finished job.
+        {
+            let mut state = session.state.lock().expect("session lock");
+            if state.jobs.get(&result.job_id) == Some(&result.attempt) {
+                state.jobs.remove(&result.job_id);
+            }
+        }
         let outcome = self.propose(Command::FinishJob { job_id: result.job_id, attempt: result.attempt, end, reason }).await?;
-        session.state.lock().expect("session lock").jobs.remove(&result.job_id);
         Ok(match outcome.result {
             Ok(_) => pb::ResultAck { job_id: result.job_id, attempt: result.attempt, accepted: true, reason: String::new() },
             Err(rejection) => refuse(rejection.message),
@@ -463,12 +478,13 @@ impl AgentGateway {
         };
         let agent = load_id::<Agent>(&self.node.state(), Table::Agents, agent_id).map_err(|e| Status::internal(e.to_string()))?;
         let (labels, executors, version) = match (hello, agent) {
-            (Some(hello), _) => (hello.labels.clone().into_iter().collect::<BTreeMap<_, _>>(), hello.executors.clone(), hello.version.clone()),
+            (Some(hello), _) => {
+                (hello.labels.clone().into_iter().collect::<BTreeMap<_, _>>(), hello.executors.clone(), hello.version.clone())
+            }
             (None, Some(agent)) => (agent.labels, agent.executors, agent.version),
             (None, None) => return Err(Status::not_found(format!("agent {agent_id} is gone"))),
         };
-        let command =
-            Command::AgentConnected { agent_id, node_id: self.node.id(), labels, capacity, executors, draining, version };
+        let command = Command::AgentConnected { agent_id, node_id: self.node.id(), labels, capacity, executors, draining, version };
         match self.propose(command).await?.result {
             Ok(_) => {
                 self.fleet.notify_here();
@@ -542,7 +558,8 @@ impl AgentGateway {
                 }
             }
             tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| Status::internal(e.to_string()))?;
-            let (digest, size) = verifier.finish().map_err(|e| Status::invalid_argument(format!("artifact stream is truncated or corrupt: {e}")))?;
+            let (digest, size) =
+                verifier.finish().map_err(|e| Status::invalid_argument(format!("artifact stream is truncated or corrupt: {e}")))?;
             if digest != meta.digest {
                 return Err(Status::invalid_argument(format!(
                     "digest mismatch: the agent announced sha256:{} but the bytes received hash to sha256:{digest}",
@@ -550,7 +567,10 @@ impl AgentGateway {
                 )));
             }
             if meta.uncompressed_bytes != 0 && size != meta.uncompressed_bytes {
-                return Err(Status::invalid_argument(format!("size mismatch: announced {} bytes, received {size}", meta.uncompressed_bytes)));
+                return Err(Status::invalid_argument(format!(
+                    "size mismatch: announced {} bytes, received {size}",
+                    meta.uncompressed_bytes
+                )));
             }
             Ok(())
         }
@@ -598,7 +618,9 @@ impl AgentGateway {
             .ok_or_else(|| Status::not_found(format!("job {job_id} does not exist")))?;
         let holds = job.status == JobStatus::Running && job.lease.as_ref().is_some_and(|lease| lease.attempt == attempt);
         if !holds {
-            return Err(Status::failed_precondition(format!("attempt {attempt} of job {job_id} no longer holds the lease; its reports are refused")));
+            return Err(Status::failed_precondition(format!(
+                "attempt {attempt} of job {job_id} no longer holds the lease; its reports are refused"
+            )));
         }
         Ok(job)
     }
@@ -772,7 +794,9 @@ impl AgentGateway {
             return Err(Status::data_loss(format!("log chunk {} of job {} failed its checksum; resend it", chunk.sequence, chunk.job_id)));
         }
         let sequence = log_segments::chunk_sequence(chunk.attempt, chunk.sequence);
-        if chunk.sequence > 1 && !log_segments::segment_exists(&self.node, job.deployment_id, job.job_id, sequence - 1).map_err(status_of)? {
+        if chunk.sequence > 1
+            && !log_segments::segment_exists(&self.node, job.deployment_id, job.job_id, sequence - 1).map_err(status_of)?
+        {
             return Err(Status::failed_precondition(format!(
                 "log chunk {} of job {} arrived before chunk {}; resend from the last acknowledged chunk",
                 chunk.sequence,
@@ -783,10 +807,18 @@ impl AgentGateway {
         let lines: Vec<LogLine> = chunk
             .lines
             .into_iter()
-            .map(|line| LogLine { timestamp: line.timestamp, level: level_of(line.level), job_id: job.job_id, message: line.text, step: Some(line.step) })
+            .map(|line| LogLine {
+                timestamp: line.timestamp,
+                level: level_of(line.level),
+                job_id: job.job_id,
+                message: line.text,
+                step: Some(line.step),
+            })
             .collect();
         let bytes: usize = lines.iter().map(|line| line.message.len() + 1).sum();
-        log_segments::store_chunk(&self.node, self.blobs.as_ref(), job.deployment_id, job.job_id, sequence, &lines).await.map_err(status_of)?;
+        log_segments::store_chunk(&self.node, self.blobs.as_ref(), job.deployment_id, job.job_id, sequence, &lines)
+            .await
+            .map_err(status_of)?;
         metrics::counter!("davit_log_ingest_bytes_total").increment(bytes as u64);
         Ok(LogAck { job_id: job.job_id, attempt: chunk.attempt, sequence: chunk.sequence, refused: String::new() })
     }

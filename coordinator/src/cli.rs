@@ -42,6 +42,19 @@ enum TopCommand {
         #[command(subcommand)]
         command: SecretsCommand,
     },
+    /// The agent fleet: list, inspect and deregister agents; registration tokens. `davit agents`
+    /// alone lists them.
+    Agents(AgentsArgs),
+    /// A deployment's jobs, with each step's state and duration.
+    Jobs {
+        /// The deployment's id.
+        deployment_id: u64,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 #[derive(Subcommand)]
@@ -86,6 +99,9 @@ struct UpArgs {
     /// Start without the embedded agent.
     #[arg(long)]
     no_agent: bool,
+    /// An agent silent this long is lost and its jobs are retried elsewhere.
+    #[arg(long, default_value_t = 60)]
+    lost_after_seconds: u64,
 }
 
 #[derive(Args, Clone)]
@@ -180,6 +196,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::secrets::MasterKeys::generate_file_text(&key_id));
             Ok(())
         }
+        TopCommand::Agents(args) => agents(args).await,
+        TopCommand::Jobs { deployment_id, json, connection } => deployment_jobs(deployment_id, json, connection).await,
     }
 }
 
@@ -200,7 +218,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         generate_master_key: false,
         blob_store: None,
         raft: RaftTuning { election_timeout_min_ms: 150, election_timeout_max_ms: 300, heartbeat_interval_ms: 50, ..Default::default() },
-        agents: Default::default(),
+        agents: crate::config::AgentSettings { lost_after_seconds: args.lost_after_seconds, ..Default::default() },
+        retention: Default::default(),
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;
@@ -240,7 +259,11 @@ fn data_dir_of(server: &RunningServer) -> PathBuf {
 
 /// The agent `davit up` runs in-process: registered once (its identity lives in
 /// `<data_dir>/agent`), labelled for builds and every default environment.
-async fn embedded_agent(server: &RunningServer, data_dir: &std::path::Path, args: &UpArgs) -> anyhow::Result<davit_agent::runtime::AgentRuntime> {
+async fn embedded_agent(
+    server: &RunningServer,
+    data_dir: &std::path::Path,
+    args: &UpArgs,
+) -> anyhow::Result<davit_agent::runtime::AgentRuntime> {
     use davit_agent::config::{AgentConfig, ExecutorChoice, Identity};
     let executor = match args.agent_executor.as_str() {
         "auto" => ExecutorChoice::Auto,
@@ -341,6 +364,11 @@ impl ApiClient {
         let response = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
         check(response).await
     }
+
+    async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let response = self.http.delete(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
+        check(response).await
+    }
 }
 
 async fn check(response: reqwest::Response) -> anyhow::Result<serde_json::Value> {
@@ -348,7 +376,10 @@ async fn check(response: reqwest::Response) -> anyhow::Result<serde_json::Value>
     let body: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
         let message = body["error"]["message"].as_str().unwrap_or("no error message");
-        bail!("{status}: {message}");
+        match body["error"]["code"].as_str() {
+            Some(code) => bail!("{status}: {message} (code {code})"),
+            None => bail!("{status}: {message}"),
+        }
     }
     Ok(body)
 }
@@ -413,5 +444,412 @@ async fn audit_verify(data_dir: Option<PathBuf>, connection: Connection) -> anyh
             verification.problem.clone().unwrap_or_default()
         );
         std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `davit agents ...` and `davit jobs`: the agent fleet and a deployment's jobs, over REST.
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentsArgs {
+    #[command(subcommand)]
+    command: Option<AgentsCommand>,
+    /// With no subcommand: list the agents.
+    #[command(flatten)]
+    list: ListArgs,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// List the registered agents with their state, pool, region and running jobs.
+    List(ListArgs),
+    /// One agent: state, labels, executors, coordinator and running jobs.
+    Show {
+        agent_id: u64,
+        /// Print the API's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Deregister an agent (admin): its credential stops working and its running jobs are retried
+    /// on other agents.
+    Deregister {
+        agent_id: u64,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Registration tokens, which hosts exchange for their own credential with `davit-agent register`.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a registration token (admin) and print the `davit-agent register` command to run on
+    /// each agent host. The token is shown only this once.
+    Create {
+        /// What the token is for, e.g. "eu-west build fleet".
+        #[arg(long)]
+        description: Option<String>,
+        /// How long the token can be used, e.g. 30m, 24h, 7d (1 minute to 365 days).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires_in: Duration,
+        /// The coordinators' gRPC address (host:port) agents connect to. The REST API cannot tell
+        /// it, so by default it is the --server host with the --server port plus one (davit's
+        /// usual layout: HTTP on 7700, gRPC on 7701); give it when your gRPC port differs.
+        #[arg(long)]
+        grpc_address: Option<String>,
+        /// Print the API's JSON instead of instructions.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List the registration tokens (admin); the tokens themselves are never shown again.
+    List(ListArgs),
+    /// Revoke a registration token (admin); agents registered with it keep working.
+    Revoke {
+        token_id: u64,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
+    match args.command.unwrap_or(AgentsCommand::List(args.list)) {
+        AgentsCommand::List(ListArgs { json, connection }) => {
+            let list = ApiClient::connect(&connection).await?.get("/api/v1/agents").await?;
+            if json {
+                return print_json(&list);
+            }
+            let agents: Vec<crate::api::agents::AgentView> =
+                serde_json::from_value(list["items"].clone()).context("the server's agent list is not in the expected shape")?;
+            if agents.is_empty() {
+                println!("No agents are registered. Create a registration token with `davit agents token create`.");
+                return Ok(());
+            }
+            let rows = agents
+                .iter()
+                .map(|agent| {
+                    vec![
+                        agent.agent_id.to_string(),
+                        agent.name.clone(),
+                        agent.state.clone(),
+                        label_or_dash(&agent.labels, "pool"),
+                        label_or_dash(&agent.labels, "region"),
+                        or_dash(agent.executors.join(",")),
+                        format!("{}/{}", agent.running_jobs.len(), agent.capacity),
+                        agent.connected_at.as_deref().map(relative_time).unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "NAME", "STATE", "POOL", "REGION", "EXECUTORS", "JOBS", "CONNECTED"], rows, 0);
+            Ok(())
+        }
+        AgentsCommand::Show { agent_id, json, connection } => {
+            let agent = ApiClient::connect(&connection).await?.get(&format!("/api/v1/agents/{agent_id}")).await?;
+            if json {
+                return print_json(&agent);
+            }
+            let agent: crate::api::agents::AgentView =
+                serde_json::from_value(agent).context("the server's agent is not in the expected shape")?;
+            print_agent(&agent);
+            Ok(())
+        }
+        AgentsCommand::Deregister { agent_id, connection } => {
+            ApiClient::connect(&connection).await?.delete(&format!("/api/v1/agents/{agent_id}")).await?;
+            println!("Deregistered agent {agent_id}: its credential no longer works, and its running jobs are retried on other agents.");
+            Ok(())
+        }
+        AgentsCommand::Token { command } => registration_tokens(command).await,
+    }
+}
+
+fn print_agent(agent: &crate::api::agents::AgentView) {
+    let labels = agent.labels.iter().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(", ");
+    let mut fields = vec![
+        ("state", agent.state.clone()),
+        ("version", or_dash(agent.version.clone())),
+        ("executors", or_dash(agent.executors.join(", "))),
+        ("capacity", format!("{} concurrent jobs", agent.capacity)),
+        ("labels", or_dash(labels)),
+        ("coordinator", agent.node_id.map(|node_id| format!("node {node_id}")).unwrap_or_else(|| "-".into())),
+        ("registered", format!("{} ({})", agent.registered_at, relative_time(&agent.registered_at))),
+        ("connected", agent.connected_at.as_deref().map(|at| format!("{at} ({})", relative_time(at))).unwrap_or_else(|| "-".into())),
+    ];
+    if let Some(reason) = &agent.state_reason {
+        fields.insert(1, ("reason", reason.clone()));
+    }
+    println!("Agent {} ({})", agent.agent_id, agent.name);
+    for (name, value) in fields {
+        println!("  {name:<12} {value}");
+    }
+    if agent.running_jobs.is_empty() {
+        println!("  {:<12} none", "running jobs");
+    } else {
+        println!("  running jobs:");
+        let rows = agent
+            .running_jobs
+            .iter()
+            .map(|job| vec![job.job_id.to_string(), job.deployment_id.to_string(), job.attempt.to_string()])
+            .collect();
+        print_table(&["JOB", "DEPLOYMENT", "ATTEMPT"], rows, 4);
+    }
+}
+
+async fn registration_tokens(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { description, expires_in, grpc_address, json, connection } => {
+            let derived = grpc_address.is_none();
+            let grpc_address = match grpc_address {
+                Some(address) => address,
+                None => grpc_address_of(&connection.server)?,
+            };
+            let body = serde_json::json!({ "description": description, "expires_in_seconds": expires_in.as_secs() });
+            let created = ApiClient::connect(&connection).await?.post("/api/v1/agents/registration-tokens", body).await?;
+            if json {
+                return print_json(&created);
+            }
+            let token = created["token"].as_str().context("the server's answer has no token")?;
+            let expires_at = created["expires_at"].as_str().unwrap_or("-");
+            println!("Created registration token {} (expires {expires_at}, {}).", created["token_id"], relative_time(expires_at));
+            println!("It is shown only this once:");
+            println!();
+            println!("    {token}");
+            println!();
+            println!("On each agent host, run:");
+            println!();
+            println!("    davit-agent register --coordinator {grpc_address} --token {token}");
+            println!();
+            if derived {
+                println!(
+                    "The coordinator address is the --server host with its port plus one; pass --grpc-address if gRPC listens elsewhere."
+                );
+            }
+            if connection.server.starts_with("https://") {
+                println!("The coordinators use TLS: set ca_file in the agent's config (e.g. /etc/davit/agent.toml) before registering.");
+            }
+            Ok(())
+        }
+        TokenCommand::List(ListArgs { json, connection }) => {
+            let list = ApiClient::connect(&connection).await?.get("/api/v1/agents/registration-tokens").await?;
+            if json {
+                return print_json(&list);
+            }
+            let tokens = list["items"].as_array().cloned().unwrap_or_default();
+            if tokens.is_empty() {
+                println!("No registration tokens. Create one with `davit agents token create`.");
+                return Ok(());
+            }
+            let now = std::time::SystemTime::now();
+            let rows = tokens
+                .iter()
+                .map(|token| {
+                    let expires_at = token["expires_at"].as_str().unwrap_or_default();
+                    let expired = humantime::parse_rfc3339(expires_at).is_ok_and(|expires_at| expires_at <= now);
+                    let state = if token["revoked"].as_bool() == Some(true) {
+                        "revoked"
+                    } else if expired {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    vec![
+                        token["token_id"].to_string(),
+                        or_dash(token["description"].as_str().unwrap_or_default().to_string()),
+                        state.to_string(),
+                        relative_time(token["created_at"].as_str().unwrap_or_default()),
+                        relative_time(expires_at),
+                        token["agents_registered"].to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "DESCRIPTION", "STATE", "CREATED", "EXPIRES", "AGENTS"], rows, 0);
+            Ok(())
+        }
+        TokenCommand::Revoke { token_id, connection } => {
+            ApiClient::connect(&connection).await?.delete(&format!("/api/v1/agents/registration-tokens/{token_id}")).await?;
+            println!("Revoked registration token {token_id}; agents registered with it keep working.");
+            Ok(())
+        }
+    }
+}
+
+/// The gRPC address agents should use when only the REST address is known: same host, port
+/// plus one (`davit up` and the shipped configs put gRPC right after HTTP).
+fn grpc_address_of(server: &str) -> anyhow::Result<String> {
+    let url = reqwest::Url::parse(server).with_context(|| format!("--server {server:?} is not a URL like http://127.0.0.1:7700"))?;
+    let host = url.host_str().with_context(|| format!("--server {server:?} has no host"))?;
+    let port = url.port_or_known_default().with_context(|| format!("--server {server:?} has no port"))?;
+    let grpc_port = port.checked_add(1).with_context(|| format!("--server port {port} has no next port; give --grpc-address"))?;
+    Ok(format!("{host}:{grpc_port}"))
+}
+
+async fn deployment_jobs(deployment_id: u64, json: bool, connection: Connection) -> anyhow::Result<()> {
+    let list = ApiClient::connect(&connection).await?.get(&format!("/api/v1/deployments/{deployment_id}/jobs")).await?;
+    if json {
+        return print_json(&list);
+    }
+    let jobs: Vec<crate::api::agents::JobView> =
+        serde_json::from_value(list["items"].clone()).context("the server's job list is not in the expected shape")?;
+    if jobs.is_empty() {
+        println!("Deployment {deployment_id} has no jobs.");
+        return Ok(());
+    }
+    for (position, job) in jobs.iter().enumerate() {
+        if position > 0 {
+            println!();
+        }
+        let agent = job.agent_id.map(|agent_id| format!("  agent {agent_id}")).unwrap_or_default();
+        println!("Job {}  {}  {}  attempt {}/{}{agent}", job.job_id, job.name, job.status, job.attempt, job.max_attempts);
+        if let Some(reason) = &job.failure_reason {
+            println!("  reason: {reason}");
+        }
+        if job.steps.is_empty() {
+            println!("  (no steps)");
+            continue;
+        }
+        let rows = job
+            .steps
+            .iter()
+            .map(|step| {
+                vec![
+                    step.index.to_string(),
+                    step.name.clone(),
+                    step.state.clone(),
+                    step_duration(step),
+                    step.exit_code.map(|code| code.to_string()).unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        print_table(&["STEP", "NAME", "STATE", "DURATION", "EXIT"], rows, 2);
+    }
+    Ok(())
+}
+
+/// A finished step's duration, or how long a running one has been going.
+fn step_duration(step: &crate::api::agents::StepView) -> String {
+    if let Some(duration_ms) = step.duration_ms {
+        return compact_duration(Duration::from_millis(duration_ms.max(0) as u64));
+    }
+    let started_at = step.started_at.as_deref().and_then(|at| humantime::parse_rfc3339(at).ok());
+    match started_at.and_then(|at| std::time::SystemTime::now().duration_since(at).ok()) {
+        Some(elapsed) if step.finished_at.is_none() => format!("{} so far", compact_duration(Duration::from_secs(elapsed.as_secs()))),
+        _ => "-".into(),
+    }
+}
+
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Columns padded to their widest cell, two spaces apart, no trailing spaces.
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>, indent: usize) {
+    let mut widths: Vec<usize> = headers.iter().map(|header| header.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header_row = headers.iter().map(|header| header.to_string()).collect();
+    for row in std::iter::once(header_row).chain(rows) {
+        let mut line = " ".repeat(indent);
+        for (column, (cell, width)) in row.iter().zip(&widths).enumerate() {
+            if column + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+fn or_dash(text: String) -> String {
+    if text.is_empty() { "-".into() } else { text }
+}
+
+fn label_or_dash(labels: &std::collections::BTreeMap<String, String>, key: &str) -> String {
+    or_dash(labels.get(key).cloned().unwrap_or_default())
+}
+
+/// "5m03s ago" or "in 23h59m" for an RFC 3339 time from the API (the time itself if it does not parse).
+fn relative_time(at: &str) -> String {
+    let Ok(time) = humantime::parse_rfc3339(at) else {
+        return or_dash(at.to_string());
+    };
+    let now = std::time::SystemTime::now();
+    match now.duration_since(time) {
+        Ok(age) if age.as_secs() == 0 => "just now".into(),
+        Ok(age) => format!("{} ago", compact_duration(Duration::from_secs(age.as_secs()))),
+        Err(ahead) => format!("in {}", compact_duration(Duration::from_secs(ahead.duration().as_secs().max(1)))),
+    }
+}
+
+/// At most two units: 850ms, 12.3s, 4m05s, 2h07m, 3d04h.
+fn compact_duration(duration: Duration) -> String {
+    let seconds = duration.as_secs();
+    match seconds {
+        0 => format!("{}ms", duration.as_millis()),
+        1..60 if duration.subsec_millis() == 0 => format!("{seconds}s"),
+        1..60 => format!("{:.1}s", duration.as_secs_f64()),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        3600..86400 => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+        _ => format!("{}d{:02}h", seconds / 86400, seconds % 86400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod agent_command_tests {
+    use super::*;
+
+    #[test]
+    fn grpc_address_is_the_server_port_plus_one() {
+        assert_eq!(grpc_address_of("http://127.0.0.1:7700").unwrap(), "127.0.0.1:7701");
+        assert_eq!(grpc_address_of("https://davit.example.com:8443/").unwrap(), "davit.example.com:8444");
+        assert_eq!(grpc_address_of("https://davit.example.com").unwrap(), "davit.example.com:444");
+        assert_eq!(grpc_address_of("http://[::1]:7700").unwrap(), "[::1]:7701");
+        assert!(grpc_address_of("127.0.0.1:7700").is_err(), "a bare host:port is not a URL");
+        assert!(grpc_address_of("not a url").is_err());
+    }
+
+    #[test]
+    fn durations_are_compact() {
+        assert_eq!(compact_duration(Duration::from_millis(850)), "850ms");
+        assert_eq!(compact_duration(Duration::from_millis(12_345)), "12.3s");
+        assert_eq!(compact_duration(Duration::from_secs(12)), "12s");
+        assert_eq!(compact_duration(Duration::from_secs(245)), "4m05s");
+        assert_eq!(compact_duration(Duration::from_secs(2 * 3600 + 7 * 60 + 5)), "2h07m");
+        assert_eq!(compact_duration(Duration::from_secs(3 * 86400 + 4 * 3600)), "3d04h");
+    }
+
+    #[test]
+    fn bare_agents_lists_and_subcommands_parse() {
+        let cli = Cli::try_parse_from(["davit", "agents", "--json", "--token", "t"]).unwrap();
+        assert!(matches!(cli.command, TopCommand::Agents(AgentsArgs { command: None, list: ListArgs { json: true, .. } })));
+        let cli = Cli::try_parse_from(["davit", "agents", "token", "create", "--expires-in", "2h", "--token", "t"]).unwrap();
+        let TopCommand::Agents(AgentsArgs {
+            command: Some(AgentsCommand::Token { command: TokenCommand::Create { expires_in, .. } }), ..
+        }) = cli.command
+        else {
+            panic!("not a token create");
+        };
+        assert_eq!(expires_in, Duration::from_secs(7200));
+        assert!(Cli::try_parse_from(["davit", "agents", "show", "abc"]).is_err());
+        assert!(Cli::try_parse_from(["davit", "jobs", "12", "--json"]).is_ok());
     }
 }

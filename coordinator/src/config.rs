@@ -46,6 +46,25 @@ pub struct NodeConfig {
     pub raft: RaftTuning,
     #[serde(default)]
     pub agents: AgentSettings,
+    #[serde(default)]
+    pub retention: RetentionSettings,
+}
+
+/// The `[retention]` section: how long artifacts are kept (see `retention.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Artifacts older than this many days are deleted, unless a deployment still needs them
+    /// (one in progress, or the latest successful one of its pipeline and environment).
+    pub artifact_days: u64,
+    /// How often the leader applies the retention, in seconds.
+    pub interval_seconds: u64,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        RetentionSettings { artifact_days: 30, interval_seconds: 3600 }
+    }
 }
 
 /// The `[agents]` section: how agents' liveness is judged.

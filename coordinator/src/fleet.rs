@@ -61,7 +61,8 @@ impl Fleet {
             if previous.is_some_and(|heard| heard.node_id != node_id && heard.at > at) {
                 continue;
             }
-            changed |= previous.is_none_or(|heard| heard.presence.capacity != presence.capacity || heard.presence.draining != presence.draining);
+            changed |=
+                previous.is_none_or(|heard| heard.presence.capacity != presence.capacity || heard.presence.draining != presence.draining);
             agents.insert(presence.agent_id, Heard { presence, node_id, at });
         }
         drop(agents);

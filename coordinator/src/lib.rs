@@ -14,6 +14,7 @@ pub mod log_segments;
 pub mod node;
 pub mod observability;
 pub mod raft;
+pub mod retention;
 pub mod scheduler;
 pub mod secrets;
 pub mod server;

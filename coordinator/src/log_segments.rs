@@ -141,7 +141,14 @@ pub fn stored_chunks(node: &Node, deployment_id: u64, job_id: u64, attempt: u32)
 /// Store an agent's log chunk as the segment `sequence` (see [`chunk_sequence`]): the bytes to
 /// the blob store, then the metadata through Raft. Storing the same chunk again (an agent
 /// resending after a lost acknowledgement) changes nothing.
-pub async fn store_chunk(node: &Node, blobs: &dyn BlobStore, deployment_id: u64, job_id: u64, sequence: u64, lines: &[LogLine]) -> Result<(), ApiError> {
+pub async fn store_chunk(
+    node: &Node,
+    blobs: &dyn BlobStore,
+    deployment_id: u64,
+    job_id: u64,
+    sequence: u64,
+    lines: &[LogLine],
+) -> Result<(), ApiError> {
     if segment_exists(node, deployment_id, job_id, sequence)? {
         return Ok(());
     }

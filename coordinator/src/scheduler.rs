@@ -180,16 +180,21 @@ impl Scheduler {
     }
 
     async fn expire_silent_agents(&self, leader_for: Duration) -> anyhow::Result<()> {
-        let state = self.node.state();
         let mut connected = Vec::new();
+        let mut heard = self.fleet.last_heard();
+        let now = crate::auth::now_millis();
         for (_, bytes) in self.node.backend.scan(Table::Agents, crate::store::prefix_range(&[]), usize::MAX, false)? {
             let agent: Agent = crate::state::codec::decode(Table::Agents, &bytes)?;
             if matches!(agent.state, AgentState::Online | AgentState::Draining) {
                 connected.push(agent.agent_id);
+                // A session that just (re)connected counts as heard from at its connection,
+                // even before its coordinator's first report arrives.
+                if let Some(connected_at) = agent.connected_at {
+                    let since_connected = Duration::from_millis((now - connected_at).max(0) as u64);
+                    heard.entry(agent.agent_id).and_modify(|silent| *silent = (*silent).min(since_connected)).or_insert(since_connected);
+                }
             }
         }
-        drop(state);
-        let heard = self.fleet.last_heard();
         for (agent_id, silent) in lost_agents(&connected, &heard, leader_for, self.lease_grace) {
             let reason = format!("agent {agent_id} sent no heartbeat for {} s (grace {} s)", silent.as_secs(), self.lease_grace.as_secs());
             tracing::warn!(agent_id, "{reason}; retrying its jobs elsewhere");
@@ -207,7 +212,8 @@ impl Scheduler {
         for job_id in index_ids(&state, index::JOBS_BY_STATUS, job_status_name(JobStatus::Queued))? {
             let Some(job) = load_id::<Job>(&state, Table::Jobs, job_id)? else { continue };
             if let std::collections::hash_map::Entry::Vacant(entry) = concurrency.entry(job.pipeline_id)
-                && let Some(limit) = load_id::<Pipeline>(&state, Table::Pipelines, job.pipeline_id)?.and_then(|pipeline| pipeline.build.concurrency)
+                && let Some(limit) =
+                    load_id::<Pipeline>(&state, Table::Pipelines, job.pipeline_id)?.and_then(|pipeline| pipeline.build.concurrency)
             {
                 entry.insert(limit);
             }

@@ -73,8 +73,10 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
         Duration::from_millis(agent_settings.heartbeat_interval_ms.max(100)),
     );
     gateway.start();
-    let scheduler = crate::scheduler::Scheduler::new(node.clone(), fleet.clone(), Duration::from_secs(agent_settings.lost_after_seconds.max(1)));
+    let scheduler =
+        crate::scheduler::Scheduler::new(node.clone(), fleet.clone(), Duration::from_secs(agent_settings.lost_after_seconds.max(1)));
     tokio::spawn(scheduler.run());
+    tokio::spawn(crate::retention::ArtifactRetention::new(node.clone(), blobs.clone(), node.config.retention.clone()).run());
 
     let mut grpc = tonic::transport::Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(Duration::from_secs(10)));
     if let Some(tls) = &tls {

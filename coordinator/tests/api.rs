@@ -758,7 +758,7 @@ async fn artifacts_upload_download_and_delete() {
         expect_status(&downloaded, 200, "download");
         assert_eq!(downloaded.bytes, expected, "artifact {artifact_id} came back different");
         let digest: String = Sha256::digest(&expected).iter().map(|byte| format!("{byte:02x}")).collect();
-        assert_eq!(downloaded.headers.get("x-davit-digest").and_then(|v| v.to_str().ok()), Some(digest.as_str()));
+        assert_eq!(downloaded.headers.get("x-davit-digest").and_then(|v| v.to_str().ok()), Some(format!("sha256:{digest}").as_str()));
         assert_eq!(downloaded.headers.get("content-type").and_then(|v| v.to_str().ok()), Some("application/octet-stream"));
     }
     expect_status(&node.get("/api/v1/artifacts/999999", &viewer).await, 404, "download an unknown artifact");
@@ -1042,4 +1042,315 @@ async fn malformed_bodies_unknown_routes_and_pagination() {
     expect_field_error(&node.get("/api/v1/auth/me?verbose=1", &admin).await, "verbose", "a query parameter where none is taken");
     let users = walk(&node, "/api/v1/users", &admin, 1, "user_id").await;
     assert_eq!(users.len(), 1);
+}
+
+/// Set up a repository and a pipeline as `developer`; returns the pipeline id.
+async fn pipeline_for(node: &SingleNode, developer: &str, name: &str) -> u64 {
+    let repo = node
+        .post("/api/v1/repos/connect", developer, &json!({"repo_url": format!("https://github.com/org/{name}"), "scm_type": "github"}))
+        .await;
+    expect_status(&repo, 201, "connect a repository");
+    let pipeline = node
+        .post("/api/v1/pipelines", developer, &json!({"name": name, "repo_id": repo.json["repo_id"], "deploy_strategy": "rolling"}))
+        .await;
+    expect_status(&pipeline, 201, "create a pipeline");
+    pipeline.json["pipeline_id"].as_u64().expect("pipeline_id")
+}
+
+fn header<'a>(reply: &'a single_node::Reply, name: &str) -> Option<&'a str> {
+    reply.headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifact_downloads_raw_ranges_and_etags() {
+    use sha2::Digest;
+    let node = SingleNode::start("api-artifact-ranges").await;
+    let (_, developer) = node.create_user("dev", "developer-pw", "developer").await;
+    let (_, viewer) = node.create_user("viewer", "viewer-pw-1", "viewer").await;
+    let pipeline_id = pipeline_for(&node, &developer, "ranges").await;
+
+    // Bytes that do not compress to nothing, over several download chunks.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let content: Vec<u8> = (0..300_000)
+        .map(|index| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            if index % 3 == 0 { b'a' } else { (state >> 56) as u8 }
+        })
+        .collect();
+    let request = node
+        .client
+        .post(node.url(&format!("/api/v1/artifacts/upload?pipeline_id={pipeline_id}&version=v1.2.3")))
+        .bearer_auth(&developer)
+        .header("content-type", "application/octet-stream")
+        .body(content.clone());
+    let uploaded = node.send(request).await;
+    expect_status(&uploaded, 201, "upload");
+    let artifact_id = uploaded.json["artifact_id"].as_u64().unwrap();
+    let digest: String = Sha256::digest(&content).iter().map(|byte| format!("{byte:02x}")).collect();
+    let etag = format!("\"sha256:{digest}\"");
+    let path = format!("/api/v1/artifacts/{artifact_id}");
+    let raw_path = format!("{path}?raw=true");
+
+    // The default form: the artifact's own bytes, streamed.
+    let whole = node.get(&path, &viewer).await;
+    expect_status(&whole, 200, "download");
+    assert!(whole.bytes == content, "the download differs from the upload");
+    assert_eq!(header(&whole, "etag"), Some(etag.as_str()));
+    assert_eq!(header(&whole, "x-davit-digest"), Some(format!("sha256:{digest}").as_str()));
+    assert_eq!(header(&whole, "content-length"), Some("300000"));
+    assert_eq!(header(&whole, "content-type"), Some("application/octet-stream"));
+    assert_eq!(header(&whole, "accept-ranges"), Some("none"));
+    // A range on the decompressed form is ignored (documented): the whole body.
+    let ranged = node.send(node.client.get(node.url(&path)).bearer_auth(&viewer).header("range", "bytes=0-9")).await;
+    expect_status(&ranged, 200, "a range on the decompressed form");
+    assert_eq!(ranged.bytes.len(), content.len());
+
+    // raw=true: the stored zstd bytes, which decompress to the content.
+    let stored = node.get(&raw_path, &viewer).await;
+    expect_status(&stored, 200, "raw download");
+    assert_eq!(header(&stored, "content-type"), Some("application/zstd"));
+    assert_eq!(header(&stored, "accept-ranges"), Some("bytes"));
+    assert_eq!(header(&stored, "etag"), Some(etag.as_str()));
+    assert_eq!(header(&stored, "x-davit-digest"), Some(format!("sha256:{digest}").as_str()));
+    assert_eq!(header(&stored, "content-length"), Some(stored.bytes.len().to_string().as_str()));
+    assert!(header(&stored, "content-disposition").is_some_and(|value| value.contains(".zst")), "{:?}", stored.headers);
+    assert!(zstd::decode_all(stored.bytes.as_slice()).unwrap() == content, "the stored bytes do not decompress to the content");
+    let stored = stored.bytes;
+    let total = stored.len();
+    assert!(total > 1000, "{total}");
+
+    let get_range = |range: String| {
+        let request = node.client.get(node.url(&raw_path)).bearer_auth(&viewer).header("range", range);
+        node.send(request)
+    };
+    for (range, first, last) in [
+        ("bytes=0-99".to_string(), 0, 99),
+        (format!("bytes=100-{}", total - 1), 100, total - 1),
+        ("bytes=500-".to_string(), 500, total - 1),
+        ("bytes=-50".to_string(), total - 50, total - 1),
+        (format!("bytes=-{}", total + 10), 0, total - 1),
+        ("bytes=10-99999999999".to_string(), 10, total - 1),
+        ("bytes=7-7".to_string(), 7, 7),
+    ] {
+        let reply = get_range(range.clone()).await;
+        expect_status(&reply, 206, &range);
+        assert_eq!(header(&reply, "content-range"), Some(format!("bytes {first}-{last}/{total}").as_str()), "{range}");
+        assert_eq!(header(&reply, "content-length"), Some((last - first + 1).to_string().as_str()), "{range}");
+        assert_eq!(header(&reply, "content-type"), Some("application/zstd"));
+        assert!(reply.bytes == stored[first..=last], "{range}: wrong bytes");
+        assert_eq!(header(&reply, "etag"), Some(etag.as_str()));
+    }
+    // A download resumed in pieces is the whole.
+    let mut pieces = Vec::new();
+    for start in (0..total).step_by(total / 3 + 1) {
+        let reply = get_range(format!("bytes={start}-{}", (start + total / 3).min(total - 1))).await;
+        expect_status(&reply, 206, "a piece");
+        pieces.extend_from_slice(&reply.bytes);
+    }
+    assert!(pieces == stored, "the pieces do not make the whole");
+    for range in [format!("bytes={total}-"), format!("bytes={}-{}", total + 5, total + 10), "bytes=-0".to_string()] {
+        let reply = get_range(range.clone()).await;
+        expect_status(&reply, 416, &range);
+        assert_eq!(header(&reply, "content-range"), Some(format!("bytes */{total}").as_str()), "{range}");
+        assert_eq!(reply.error_code(), Some("range_not_satisfiable"));
+    }
+    // Not one well-formed byte range: ignored.
+    for range in ["bytes=5-2", "bytes=0-1,5-6", "items=0-5", "bytes=x-5", "bytes=-"] {
+        let reply = get_range(range.to_string()).await;
+        expect_status(&reply, 200, range);
+        assert!(reply.bytes == stored, "{range}");
+    }
+    // If-Range with another validator: the whole representation.
+    let request = node.client.get(node.url(&raw_path)).bearer_auth(&viewer).header("range", "bytes=0-9").header("if-range", "\"sha256:0\"");
+    expect_status(&node.send(request).await, 200, "If-Range that does not match");
+    let request = node.client.get(node.url(&raw_path)).bearer_auth(&viewer).header("range", "bytes=0-9").header("if-range", &etag);
+    expect_status(&node.send(request).await, 206, "If-Range that matches");
+
+    // If-None-Match on both forms.
+    for (target, if_none_match, expected) in [
+        (&path, etag.clone(), 304),
+        (&raw_path, etag.clone(), 304),
+        (&path, format!("W/{etag}"), 304),
+        (&path, format!("\"other\", {etag}"), 304),
+        (&path, "*".to_string(), 304),
+        (&path, "\"sha256:0000\"".to_string(), 200),
+    ] {
+        let request = node.client.get(node.url(target)).bearer_auth(&viewer).header("if-none-match", &if_none_match);
+        let reply = node.send(request).await;
+        expect_status(&reply, expected, &format!("{target} with If-None-Match {if_none_match}"));
+        assert_eq!(header(&reply, "etag"), Some(etag.as_str()));
+        if expected == 304 {
+            assert!(reply.bytes.is_empty());
+        }
+    }
+
+    expect_field_error(&node.get(&format!("{path}?raw=yes"), &viewer).await, "raw", "raw that is not a boolean");
+    expect_field_error(&node.get(&format!("{path}?rw=true"), &viewer).await, "rw", "an unknown parameter");
+    expect_status(&node.get("/api/v1/artifacts/999999?raw=true", &viewer).await, 404, "raw download of an unknown artifact");
+    expect_status(&node.call(Method::GET, &raw_path, None, None).await, 401, "raw download without a token");
+    let raw_false = node.get(&format!("{path}?raw=false"), &viewer).await;
+    expect_status(&raw_false, 200, "raw=false");
+    assert!(raw_false.bytes == content);
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Default, Clone)]
+struct SseEvent {
+    event: Option<String>,
+    id: Option<String>,
+    data: String,
+}
+
+/// Read events from an SSE response until `stop` returns true for one, or the stream ends;
+/// panics if nothing comes for 20 s.
+async fn read_events(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    mut stop: impl FnMut(&SseEvent) -> bool,
+) -> (Vec<SseEvent>, bool) {
+    let mut events = Vec::new();
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            let mut event = SseEvent::default();
+            let mut has_field = false;
+            for line in block.lines() {
+                let (field, value) = line.split_once(':').map(|(f, v)| (f, v.strip_prefix(' ').unwrap_or(v))).unwrap_or((line, ""));
+                match field {
+                    "event" => event.event = Some(value.to_string()),
+                    "id" => event.id = Some(value.to_string()),
+                    "data" => {
+                        if !event.data.is_empty() {
+                            event.data.push('\n');
+                        }
+                        event.data.push_str(value);
+                    }
+                    _ => continue,
+                }
+                has_field = true;
+            }
+            if has_field && (event.event.is_some() || !event.data.is_empty()) {
+                let done = stop(&event);
+                events.push(event);
+                if done {
+                    return (events, false);
+                }
+            }
+        }
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(20), response.chunk())
+            .await
+            .expect("an event within 20 s")
+            .expect("read the stream");
+        match chunk {
+            Some(bytes) => buffer.push_str(&String::from_utf8_lossy(&bytes)),
+            None => return (events, true),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_logs_raw_and_followed() {
+    let node = SingleNode::start("api-log-follow").await;
+    let (_, developer) = node.create_user("dev", "developer-pw", "developer").await;
+    let (_, viewer) = node.create_user("viewer", "viewer-pw-1", "viewer").await;
+    let pipeline_id = pipeline_for(&node, &developer, "follow").await;
+    let created = node
+        .post("/api/v1/deployments", &developer, &json!({"pipeline_id": pipeline_id, "commit_hash": "abc123def", "environment": "staging"}))
+        .await;
+    expect_status(&created, 201, "create a deployment");
+    let deployment_id = created.json["deployment_id"].as_u64().unwrap();
+    let logs_path = format!("/api/v1/logs/{deployment_id}");
+
+    // Raw: the messages of the JSON form, one per line, byte for byte.
+    let as_json = node.get(&logs_path, &viewer).await;
+    expect_status(&as_json, 200, "JSON logs");
+    let expected_raw: String =
+        as_json.json["lines"].as_array().unwrap().iter().map(|line| format!("{}\n", line["message"].as_str().unwrap())).collect();
+    assert!(expected_raw.contains("created by dev"), "{expected_raw}");
+    let raw = node.get(&format!("{logs_path}?format=raw"), &viewer).await;
+    expect_status(&raw, 200, "raw logs");
+    assert_eq!(header(&raw, "content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(raw.text(), expected_raw);
+    let raw_job = node.get(&format!("{logs_path}?format=raw&job_id=0&limit=1"), &viewer).await;
+    expect_status(&raw_job, 200, "raw logs of job 0 (limit does not apply)");
+    assert_eq!(raw_job.text(), expected_raw);
+    for query in ["format=raw&job_id=999", "format=raw&step=0", "format=raw&log_level=ERROR"] {
+        let reply = node.get(&format!("{logs_path}?{query}"), &viewer).await;
+        expect_status(&reply, 200, query);
+        assert_eq!(reply.text(), "", "{query}");
+    }
+    let by_step = node.get(&format!("{logs_path}?step=0"), &viewer).await;
+    expect_status(&by_step, 200, "JSON with a step filter");
+    assert_eq!(by_step.json["lines"], json!([]), "the coordinator's lines have no step");
+    let json_explicit = node.get(&format!("{logs_path}?format=json"), &viewer).await;
+    assert_eq!(json_explicit.json, as_json.json);
+    expect_field_error(&node.get(&format!("{logs_path}?format=html"), &viewer).await, "format", "an unknown format");
+    expect_field_error(&node.get(&format!("{logs_path}?follow=maybe"), &viewer).await, "follow", "follow that is not a boolean");
+    expect_field_error(&node.get(&format!("{logs_path}?step=-1"), &viewer).await, "step", "a negative step");
+    expect_status(&node.get("/api/v1/logs/999999?format=raw", &viewer).await, 404, "raw logs of an unknown deployment");
+    expect_status(&node.call(Method::GET, &format!("{logs_path}?format=raw"), None, None).await, 401, "raw logs without a token");
+    let bad_cursor =
+        node.client.get(node.url(&format!("{logs_path}?follow=true"))).bearer_auth(&viewer).header("last-event-id", "yesterday");
+    expect_field_error(&node.send(bad_cursor).await, "Last-Event-ID", "a malformed Last-Event-ID");
+
+    // Follow: what is stored first, then lines as they come, then `end` once it is cancelled.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let follow = |filter: &str, last_event_id: Option<&str>| {
+        let mut request =
+            client.get(node.url(&format!("{logs_path}?follow=true{filter}"))).bearer_auth(&viewer).header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        request.send()
+    };
+    let mut stream = follow("", None).await.expect("open the stream");
+    assert_eq!(stream.status().as_u16(), 200);
+    assert_eq!(stream.headers().get("content-type").and_then(|value| value.to_str().ok()), Some("text/event-stream"));
+    let mut warnings = follow("&log_level=WARNING", None).await.expect("open a filtered stream");
+    let mut buffer = String::new();
+    let (first, ended) = read_events(&mut stream, &mut buffer, |event| event.data.contains("created by dev")).await;
+    assert!(!ended, "the stream ended before the deployment did: {first:?}");
+    let created_line = first.last().unwrap().clone();
+    let created_id = created_line.id.clone().expect("line events have an id");
+    let line: Value = serde_json::from_str(&created_line.data).unwrap();
+    assert_eq!((line["level"].as_str(), line["job_id"].as_u64()), (Some("INFO"), Some(0)));
+    assert!(created_id.starts_with("0:1:"), "{created_id}");
+
+    let cancelled = node.post(&format!("/api/v1/deployments/{deployment_id}/cancel"), &developer, &json!({})).await;
+    expect_status(&cancelled, 200, "cancel");
+    let (rest, ended) = read_events(&mut stream, &mut buffer, |event| event.event.as_deref() == Some("end")).await;
+    assert!(!ended, "the stream closed without `end`: {rest:?}");
+    let end = rest.last().unwrap();
+    let end_data: Value = serde_json::from_str(&end.data).unwrap();
+    assert_eq!(end_data["status"], "failed", "{end_data}");
+    assert_eq!(end_data["deployment_id"], deployment_id);
+    let lines: Vec<&SseEvent> = rest.iter().filter(|event| event.event.is_none()).collect();
+    let cancel_line = lines.iter().find(|event| event.data.contains("cancelled by dev")).expect("the cancellation line before `end`");
+    let last_id = lines.last().unwrap().id.clone().unwrap();
+    // After `end`, the server closes the stream.
+    let (after, ended) = read_events(&mut stream, &mut buffer, |_| false).await;
+    assert!(ended && after.is_empty(), "{after:?}");
+
+    // The filtered stream saw only the warning, then `end`.
+    let mut filtered_buffer = String::new();
+    let (filtered, _) = read_events(&mut warnings, &mut filtered_buffer, |event| event.event.as_deref() == Some("end")).await;
+    let filtered_lines: Vec<Value> =
+        filtered.iter().filter(|event| event.event.is_none()).map(|event| serde_json::from_str(&event.data).unwrap()).collect();
+    assert!(!filtered_lines.is_empty() && filtered_lines.iter().all(|line| line["level"] == "WARNING"), "{filtered:?}");
+    assert_eq!(filtered.last().unwrap().event.as_deref(), Some("end"));
+
+    // Resuming after the first line replays only what came after it; after the last, nothing.
+    let mut resumed = follow("", Some(&created_id)).await.expect("resume");
+    let mut resumed_buffer = String::new();
+    let (replayed, _) = read_events(&mut resumed, &mut resumed_buffer, |event| event.event.as_deref() == Some("end")).await;
+    let replayed_lines: Vec<&SseEvent> = replayed.iter().filter(|event| event.event.is_none()).collect();
+    assert!(replayed_lines.iter().all(|event| !event.data.contains("created by dev")), "{replayed:?}");
+    assert!(replayed_lines.iter().any(|event| event.data == cancel_line.data), "{replayed:?}");
+    let mut resumed = follow("", Some(&last_id)).await.expect("resume at the end");
+    let mut resumed_buffer = String::new();
+    let (replayed, _) = read_events(&mut resumed, &mut resumed_buffer, |event| event.event.as_deref() == Some("end")).await;
+    assert_eq!(replayed.len(), 1, "only `end`: {replayed:?}");
+    assert_eq!(replayed[0].event.as_deref(), Some("end"));
 }

@@ -98,7 +98,12 @@ impl Executor {
 
     /// Run one step to its end, its timeout, or its cancellation (which stops the container
     /// or kills the process group within a few seconds).
-    pub async fn run_step(&self, request: &StepRequest<'_>, output: OutputSender, cancel: CancellationToken) -> Result<StepOutcome, ExecutorError> {
+    pub async fn run_step(
+        &self,
+        request: &StepRequest<'_>,
+        output: OutputSender,
+        cancel: CancellationToken,
+    ) -> Result<StepOutcome, ExecutorError> {
         match self {
             Executor::Docker(docker) => docker.run_step(request, output, cancel).await,
             Executor::Shell(shell) => shell.run_step(request, output, cancel).await,

@@ -72,7 +72,11 @@ fn running_jobs(state: &crate::state::txn::BackendRead<'_>) -> Result<BTreeMap<u
         if let Some(job) = load_id::<Job>(state, Table::Jobs, job_id)?
             && let Some(lease) = &job.lease
         {
-            by_agent.entry(lease.agent_id).or_default().push(RunningJobView { job_id, deployment_id: job.deployment_id, attempt: lease.attempt });
+            by_agent.entry(lease.agent_id).or_default().push(RunningJobView {
+                job_id,
+                deployment_id: job.deployment_id,
+                attempt: lease.attempt,
+            });
         }
     }
     Ok(by_agent)
@@ -118,7 +122,8 @@ async fn list_agents(State(state): State<AppState>, _caller: Caller) -> Result<J
 }
 
 fn load_agent(state: &AppState, agent_id: u64) -> Result<Agent, ApiError> {
-    load_id::<Agent>(&state.node.state(), Table::Agents, agent_id)?.ok_or_else(|| ApiError::not_found(format!("agent {agent_id} not found")))
+    load_id::<Agent>(&state.node.state(), Table::Agents, agent_id)?
+        .ok_or_else(|| ApiError::not_found(format!("agent {agent_id} not found")))
 }
 
 /// One agent.

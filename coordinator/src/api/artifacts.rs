@@ -3,7 +3,7 @@
 //! bytes uploaded twice are stored once.
 
 use axum::Json;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -220,53 +220,275 @@ async fn upload_artifact(
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
     let key = blob_key(&digest);
+    let blob_error = |e: crate::blob_store::BlobError| ApiError::internal(e.to_string());
     // Content-addressed: the same bytes are already there, durable, under the same key.
-    if !state.blobs.exists(&key).await.map_err(|e| ApiError::internal(e.to_string()))? {
-        state.blobs.put(&key, compressed).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut not_written = Some(compressed);
+    if !state.blobs.exists(&key).await.map_err(blob_error)? {
+        state.blobs.put(&key, not_written.take().expect("not written yet")).await.map_err(blob_error)?;
     }
-    let command =
-        Command::RecordArtifact { pipeline_id: upload.pipeline_id, version: upload.version, artifact_path: key, digest, size_bytes, produced_by: None };
+    let command = Command::RecordArtifact {
+        pipeline_id: upload.pipeline_id,
+        version: upload.version,
+        artifact_path: key.clone(),
+        digest,
+        size_bytes,
+        produced_by: None,
+    };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let artifact_id = applied_id(outcome)?.expect("record returns the id");
+    // Retention may have collected the blob found above before this record landed (no record
+    // referred to it for its grace period); the record protects it now, so put it back.
+    if let Some(compressed) = not_written
+        && !state.blobs.exists(&key).await.map_err(blob_error)?
+    {
+        state.blobs.put(&key, compressed).await.map_err(blob_error)?;
+    }
     Ok((StatusCode::CREATED, Json(load_artifact(&state, artifact_id)?.into())))
 }
 
-/// Download a specific artifact's bytes (its digest is in `X-Davit-Digest`).
-#[utoipa::path(get, path = "/api/v1/artifacts/{artifactId}", tag = "artifacts", params(("artifactId" = schema::IdText, Path, description = "artifact id")),
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DownloadQuery {
+    /// `true`: the bytes as stored, zstd-compressed (`application/zstd`; a `.tar.zst` for what
+    /// a build packed), with `Range` support. Default: the artifact's own bytes.
+    pub raw: Option<bool>,
+}
+
+/// Bytes sent per chunk of a decompressed download.
+const DOWNLOAD_CHUNK_BYTES: usize = 64 * 1024;
+
+/// An artifact's `ETag`: the digest of its bytes. Strong: an artifact id always names the same
+/// bytes, and its blob is content-addressed.
+fn entity_tag(digest: &str) -> String {
+    format!("\"sha256:{digest}\"")
+}
+
+/// Whether an `If-None-Match` value matches `etag` (weak comparison, RFC 9110 section 13.1.2).
+fn none_match(header: &str, etag: &str) -> bool {
+    header.split(',').map(str::trim).any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+}
+
+/// What a `Range` header asks of a representation of `total_len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// No range, or one this server ignores (malformed, several ranges): send everything.
+    Whole,
+    /// Bytes `first..=last`.
+    Part { first: u64, last: u64 },
+    /// A well-formed range that selects nothing: 416.
+    Unsatisfiable,
+}
+
+/// The single byte range of a `Range` header (RFC 9110 section 14.1.2): `bytes=first-last`,
+/// `bytes=first-` or `bytes=-suffix_length`. A header that is not one well-formed byte range is
+/// ignored, as the RFC allows, and so is a request for several ranges.
+pub fn byte_range(header: Option<&str>, total_len: u64) -> ByteRange {
+    // Digits only; a number too large for u64 is as good as u64::MAX here.
+    let number = |text: &str| -> Option<u64> {
+        (!text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit())).then(|| text.parse().unwrap_or(u64::MAX))
+    };
+    let Some((unit, spec)) = header.and_then(|header| header.trim().split_once('=')) else { return ByteRange::Whole };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return ByteRange::Whole;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else { return ByteRange::Whole };
+    match (number(first.trim()), last.trim()) {
+        (Some(first), "") if first < total_len => ByteRange::Part { first, last: total_len - 1 },
+        (Some(_), "") => ByteRange::Unsatisfiable,
+        (Some(first), last) => match number(last) {
+            Some(last) if last < first => ByteRange::Whole,
+            Some(_) if first >= total_len => ByteRange::Unsatisfiable,
+            Some(last) => ByteRange::Part { first, last: last.min(total_len - 1) },
+            None => ByteRange::Whole,
+        },
+        (None, _) if !first.trim().is_empty() => ByteRange::Whole,
+        (None, suffix) => match number(suffix) {
+            Some(0) => ByteRange::Unsatisfiable,
+            Some(_) if total_len == 0 => ByteRange::Unsatisfiable,
+            Some(length) => ByteRange::Part { first: total_len.saturating_sub(length), last: total_len - 1 },
+            None => ByteRange::Whole,
+        },
+    }
+}
+
+fn missing_bytes(artifact: &Artifact) -> ApiError {
+    ApiError::internal(format!("artifact {} is recorded but its bytes are missing from the blob store", artifact.artifact_id))
+}
+
+/// Download a specific artifact. Default: its own bytes (`application/octet-stream`),
+/// decompressed as they are sent and checked against the digest (a damaged blob aborts the
+/// transfer rather than end it cleanly); `Range` is not supported on this form
+/// (`Accept-Ranges: none`). With `raw=true`: the stored zstd-compressed bytes
+/// (`application/zstd`) with single-range `Range` requests (206, or 416 when unsatisfiable).
+/// Both carry `ETag` (`"sha256:<digest>"`, honoured in `If-None-Match`) and `X-Davit-Digest`
+/// (`sha256:<digest>` of the artifact's own bytes).
+#[utoipa::path(get, path = "/api/v1/artifacts/{artifactId}", tag = "artifacts",
+    params(("artifactId" = schema::IdText, Path, description = "artifact id"), DownloadQuery,
+        ("Range" = Option<String>, Header, description = "With `raw=true`: one byte range, `bytes=first-last`, `bytes=first-` or `bytes=-length`. Ignored otherwise, and when it is not one well-formed byte range."),
+        ("If-None-Match" = Option<String>, Header, description = "ETags from earlier downloads: 304 when one matches.")),
     security(("bearer" = [])),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 400, body = crate::api_error::ErrorBody),
-        (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody)))]
-async fn download_artifact(State(state): State<AppState>, _caller: Caller, Path(artifact_id): Path<String>) -> Result<Response, ApiError> {
+    responses(
+        (status = 200, description = "The artifact's bytes, or with `raw=true` the stored zstd-compressed bytes.",
+            content((Vec<u8> = "application/octet-stream"), (Vec<u8> = "application/zstd")),
+            headers(("ETag" = String, description = "\"sha256:<digest>\""), ("X-Davit-Digest" = String, description = "sha256:<digest> of the artifact's own bytes"))),
+        (status = 206, description = "One byte range of the stored bytes (`raw=true`).", content_type = "application/zstd", body = Vec<u8>,
+            headers(("Content-Range" = String, description = "bytes first-last/total"), ("ETag" = String), ("X-Davit-Digest" = String))),
+        (status = 304, description = "`If-None-Match` matched.", headers(("ETag" = String), ("X-Davit-Digest" = String))),
+        (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody),
+        (status = 416, description = "The range starts past the end (`raw=true`).", body = crate::api_error::ErrorBody,
+            headers(("Content-Range" = String, description = "bytes */total"))),
+    ))]
+async fn download_artifact(
+    State(state): State<AppState>,
+    _caller: Caller,
+    headers: HeaderMap,
+    Path(artifact_id): Path<String>,
+    Query(query): Query<DownloadQuery>,
+) -> Result<Response, ApiError> {
     let artifact_id = parse_id("artifactId", &artifact_id)?;
     state.node.read_barrier().await?;
     let artifact = load_artifact(&state, artifact_id)?;
-    let compressed =
-        state.blobs.get(&artifact.artifact_path).await.map_err(|e| ApiError::internal(e.to_string()))?.ok_or_else(|| {
-            ApiError::internal(format!("artifact {artifact_id} is recorded but its bytes are missing from the blob store"))
-        })?;
-    let expected_digest = artifact.digest.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-        let bytes = zstd::decode_all(compressed.as_slice()).map_err(|e| e.to_string())?;
-        // Verify on the way out, so a corrupted blob is an error and never silently served.
-        if hex(&Sha256::digest(&bytes)) != expected_digest {
-            return Err("digest mismatch".into());
-        }
-        Ok(bytes)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(|e| ApiError::internal(format!("artifact {artifact_id} is damaged in the blob store: {e}")))?;
-    let mut response = Body::from(bytes).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    if let Ok(value) = HeaderValue::from_str(&artifact.digest) {
-        headers.insert("x-davit-digest", value);
+    let etag = entity_tag(&artifact.digest);
+    let raw = query.raw.unwrap_or(false);
+    let not_modified =
+        headers.get(header::IF_NONE_MATCH).and_then(|value| value.to_str().ok()).is_some_and(|value| none_match(value, &etag));
+    let mut response = if not_modified {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else if raw {
+        stored_bytes(&state, &artifact, &headers, &etag).await?
+    } else {
+        decompressed_bytes(&state, &artifact).await?
+    };
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex digests are valid header values"));
+    if let Ok(value) = HeaderValue::from_str(&format!("sha256:{}", artifact.digest)) {
+        response_headers.insert("x-davit-digest", value);
     }
-    let file_name: String = artifact.version.chars().filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c)).collect();
-    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"artifact-{artifact_id}-{file_name}\"")) {
-        headers.insert(header::CONTENT_DISPOSITION, value);
+    response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static(if raw { "bytes" } else { "none" }));
+    if !not_modified {
+        let version: String = artifact.version.chars().filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c)).collect();
+        let extension = match (raw, artifact.kind.is_some()) {
+            (false, _) => "",
+            // What a build produced is a tar archive; uploaded bytes are whatever was uploaded.
+            (true, true) => ".tar.zst",
+            (true, false) => ".zst",
+        };
+        if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"artifact-{artifact_id}-{version}{extension}\"")) {
+            response_headers.insert(header::CONTENT_DISPOSITION, value);
+        }
     }
     Ok(response)
+}
+
+/// `raw=true`: the stored bytes, whole or one range, streamed from the blob store.
+async fn stored_bytes(state: &AppState, artifact: &Artifact, headers: &HeaderMap, etag: &str) -> Result<Response, ApiError> {
+    use tokio::io::AsyncReadExt;
+    let blob_error = |e: crate::blob_store::BlobError| ApiError::internal(e.to_string());
+    let blob = state.blobs.open(&artifact.artifact_path, 0).await.map_err(blob_error)?.ok_or_else(|| missing_bytes(artifact))?;
+    let total_len = blob.total_len;
+    // `If-Range` with another validator asks for the whole (changed) representation.
+    let if_range_matches = headers.get(header::IF_RANGE).is_none_or(|value| value.to_str().ok() == Some(etag));
+    let range = if if_range_matches {
+        byte_range(headers.get(header::RANGE).and_then(|value| value.to_str().ok()), total_len)
+    } else {
+        ByteRange::Whole
+    };
+    let (status, reader, length) = match range {
+        ByteRange::Whole => (StatusCode::OK, blob.reader, total_len),
+        ByteRange::Part { first, last } => {
+            let reader = if first == 0 {
+                blob.reader
+            } else {
+                drop(blob);
+                state.blobs.open(&artifact.artifact_path, first).await.map_err(blob_error)?.ok_or_else(|| missing_bytes(artifact))?.reader
+            };
+            (StatusCode::PARTIAL_CONTENT, reader, last - first + 1)
+        }
+        ByteRange::Unsatisfiable => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("the range starts past the end: the stored artifact has {total_len} bytes"),
+            )
+            .into_response();
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{total_len}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
+            return Ok(response);
+        }
+    };
+    let mut response = Body::from_stream(tokio_util::io::ReaderStream::new(reader.take(length))).into_response();
+    *response.status_mut() = status;
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/zstd"));
+    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if let ByteRange::Part { first, last } = range
+        && let Ok(value) = HeaderValue::from_str(&format!("bytes {first}-{last}/{total_len}"))
+    {
+        response_headers.insert(header::CONTENT_RANGE, value);
+    }
+    Ok(response)
+}
+
+/// The default form: the blob is decompressed on a blocking thread as it is sent.
+async fn decompressed_bytes(state: &AppState, artifact: &Artifact) -> Result<Response, ApiError> {
+    let blob = state
+        .blobs
+        .open(&artifact.artifact_path, 0)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .ok_or_else(|| missing_bytes(artifact))?;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let compressed = tokio_util::io::SyncIoBridge::new(blob.reader);
+    let (artifact_id, expected_digest) = (artifact.artifact_id, artifact.digest.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Err(message) = send_decompressed(compressed, &expected_digest, &sender) {
+            tracing::error!(artifact_id, %message, "artifact download aborted");
+            let _ =
+                sender.blocking_send(Err(std::io::Error::other(format!("artifact {artifact_id} is damaged in the blob store: {message}"))));
+        }
+    });
+    let mut response = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(receiver)).into_response();
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    // A body that comes out shorter or longer than recorded breaks the transfer visibly.
+    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(artifact.size_bytes));
+    Ok(response)
+}
+
+/// Decompress `compressed` into `sender` chunk by chunk, hashing as it goes. The last chunk is
+/// held back until the digest is checked: a damaged blob then ends in an error, never in a
+/// complete-looking body. Returns early (fine) when the client has gone.
+fn send_decompressed(
+    compressed: impl std::io::Read,
+    expected_digest: &str,
+    sender: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) -> Result<(), String> {
+    use std::io::Read;
+    let mut decoder = zstd::stream::read::Decoder::new(compressed).map_err(|e| format!("not zstd: {e}"))?;
+    let mut hasher = Sha256::new();
+    let mut held: Option<Bytes> = None;
+    loop {
+        let mut chunk = Vec::with_capacity(DOWNLOAD_CHUNK_BYTES);
+        let read =
+            (&mut decoder).take(DOWNLOAD_CHUNK_BYTES as u64).read_to_end(&mut chunk).map_err(|e| format!("cannot decompress: {e}"))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&chunk);
+        if let Some(previous) = held.replace(Bytes::from(chunk))
+            && sender.blocking_send(Ok(previous)).is_err()
+        {
+            return Ok(());
+        }
+    }
+    if hex(&hasher.finalize()) != expected_digest {
+        return Err("digest mismatch".into());
+    }
+    if let Some(last) = held {
+        let _ = sender.blocking_send(Ok(last));
+    }
+    Ok(())
 }
 
 /// An artifact's metadata.

@@ -102,7 +102,10 @@ impl From<BuildSettings> for BuildFields {
 fn validate_workspace_path(field: &str, path: &str) -> Result<(), ApiError> {
     let escapes = path.split('/').any(|part| part == "..");
     if path.is_empty() || path.len() > 1000 || path.starts_with('/') || escapes || path.contains('\0') {
-        return Err(ApiError::invalid_field(field, format!("{field} entries must be relative paths inside the repository, without '..' (got {path:?})")));
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} entries must be relative paths inside the repository, without '..' (got {path:?})"),
+        ));
     }
     Ok(())
 }
@@ -117,9 +120,10 @@ fn merge_build_fields(current: BuildSettings, fields: BuildFields) -> Result<Bui
         }
         build.image = Some(image);
     }
-    for (field, value, target) in
-        [("test_command", fields.test_command, &mut build.test_command), ("package_command", fields.package_command, &mut build.package_command)]
-    {
+    for (field, value, target) in [
+        ("test_command", fields.test_command, &mut build.test_command),
+        ("package_command", fields.package_command, &mut build.package_command),
+    ] {
         if let Some(command) = value {
             if command.chars().count() > 10_000 {
                 return Err(ApiError::invalid_field(field, format!("{field} must be at most 10000 characters")));

@@ -17,8 +17,8 @@ use tokio::sync::{broadcast, watch};
 use super::snapshot::{self, SnapshotDir};
 use super::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig, storage_io_error};
 use crate::state::codec::{decode, encode};
-use crate::state::txn::{BackendRead, Txn};
 use crate::state::events::{StateEvent, events_of};
+use crate::state::txn::{BackendRead, Txn};
 use crate::state::{Outcome, apply};
 use crate::store::{Backend, Durability, Table, WriteBatch};
 

@@ -624,7 +624,8 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 return Ok(Outcome::rejected(RejectionCode::Invalid, "agent name must be 1 to 100 characters"));
             }
             let token_id = index_ids(txn, index::REGISTRATION_TOKENS_BY_HASH, registration_token_hash)?.first().copied();
-            let Some(mut token) = token_id.map(|id| load_id::<RegistrationToken>(txn, Table::RegistrationTokens, id)).transpose()?.flatten()
+            let Some(mut token) =
+                token_id.map(|id| load_id::<RegistrationToken>(txn, Table::RegistrationTokens, id)).transpose()?.flatten()
             else {
                 return Ok(Outcome::rejected(
                     RejectionCode::Invalid,
@@ -643,7 +644,9 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 {
                     return Ok(Outcome::rejected(
                         RejectionCode::Conflict,
-                        format!("an agent named {name:?} is already registered (agent {agent_id}); deregister it first or pick another name"),
+                        format!(
+                            "an agent named {name:?} is already registered (agent {agent_id}); deregister it first or pick another name"
+                        ),
                     ));
                 }
             }

@@ -406,7 +406,9 @@ impl Command {
                 format!("pipeline_id={pipeline_id} commit={commit_hash} environment={environment}")
             }
             Command::RegisterAgent { name, labels, .. } => format!("name={name} labels={labels:?}"),
-            Command::CreateRegistrationToken { description, expires_at, .. } => format!("description={description} expires_at={expires_at}"),
+            Command::CreateRegistrationToken { description, expires_at, .. } => {
+                format!("description={description} expires_at={expires_at}")
+            }
             Command::EnqueueJob { deployment_id, name, .. } => format!("deployment_id={deployment_id} name={name}"),
             other => {
                 // Everything else carries ids and enums only.

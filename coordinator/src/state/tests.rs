@@ -113,6 +113,7 @@ fn deleting_a_repository_cascades_to_pipelines_deployments_artifacts_and_configu
             artifact_path: "sha256/ab".into(),
             digest: "ab".into(),
             size_bytes: 10,
+            produced_by: None,
         },
     );
     propose(

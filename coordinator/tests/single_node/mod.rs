@@ -52,6 +52,8 @@ pub struct SingleNode {
     /// A login token of the first admin.
     pub admin_token: String,
     name: String,
+    /// Further arguments of `davit up`.
+    extra_args: Vec<String>,
 }
 
 fn allocate_address() -> Ipv4Addr {
@@ -68,8 +70,14 @@ fn allocate_address() -> Ipv4Addr {
 }
 
 impl SingleNode {
-    /// Start `davit up` and wait until the first admin can log in.
+    /// Start `davit up` without its embedded agent (API tests must not run builds) and wait
+    /// until the first admin can log in.
     pub async fn start(name: &str) -> SingleNode {
+        SingleNode::start_with(name, &["--no-agent"]).await
+    }
+
+    /// Start `davit up` with these further arguments.
+    pub async fn start_with(name: &str, extra_args: &[&str]) -> SingleNode {
         let root = tempfile::Builder::new().prefix(&format!("davit-{name}-")).tempdir().expect("create the test directory");
         let admin_password = format!("pw-{}-{}", name, std::process::id());
         let client = reqwest::Client::builder()
@@ -86,6 +94,7 @@ impl SingleNode {
             admin_password,
             admin_token: String::new(),
             name: name.into(),
+            extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
         };
         // Another process may take the address between the check and the bind: try a few.
         for attempt in 0.. {
@@ -125,6 +134,7 @@ impl SingleNode {
             .arg(self.http_addr())
             .arg("--grpc")
             .arg(format!("{}:{GRPC_PORT}", self.ip))
+            .args(&self.extra_args)
             .env("DAVIT_ADMIN_USER", ADMIN_USERNAME)
             .env("DAVIT_ADMIN_PASSWORD", &self.admin_password)
             .env("NO_COLOR", "1")
@@ -168,6 +178,10 @@ impl SingleNode {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    pub fn grpc_addr(&self) -> String {
+        format!("{}:{GRPC_PORT}", self.ip)
     }
 
     pub fn http_addr(&self) -> String {

@@ -314,6 +314,12 @@ region = "test"
         }
     }
 
+    /// A login token of the first admin (not every test file that includes this module uses it).
+    #[allow(dead_code)]
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     pub fn node(&self, node_id: u64) -> &TestNode {
         &self.nodes[&node_id]
     }

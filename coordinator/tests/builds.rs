@@ -1,0 +1,612 @@
+//! Builds end to end with real parts: repositories served by `git daemon`, the real `davit`
+//! and `davit-agent` binaries as separate processes, the real Docker engine (with the
+//! locally built `davit/build-base` image). Faults are real too: SIGKILL and SIGSTOP of agents,
+//! SIGKILL of a coordinator while an agent streams its log.
+
+#[allow(dead_code)]
+mod single_node;
+#[allow(dead_code)]
+mod support;
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use single_node::SingleNode;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn peers_required() -> bool {
+    std::env::var("DAVIT_TEST_REQUIRE_PEERS").is_ok_and(|value| value == "1")
+}
+
+/// Whether the Docker engine is usable, with the build image built (by `.ci/build-images`).
+fn docker_ready(test: &str) -> bool {
+    let engine =
+        Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output().is_ok_and(|output| output.status.success());
+    if !engine {
+        if peers_required() {
+            panic!("{test}: the Docker engine is not reachable and DAVIT_TEST_REQUIRE_PEERS=1");
+        }
+        eprintln!("{test}: skipped, no Docker engine (set DAVIT_TEST_REQUIRE_PEERS=1 to make this a failure)");
+        return false;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/build-images");
+    let built = Command::new(&script).status().unwrap_or_else(|error| panic!("{test}: cannot run {}: {error}", script.display()));
+    assert!(built.success(), "{test}: .ci/build-images failed");
+    true
+}
+
+fn agent_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_davit")).with_file_name("davit-agent");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build -p davit-agent`, or run the whole suite with `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A bare repository served by `git daemon` on a loopback port.
+struct GitServer {
+    root: tempfile::TempDir,
+    port: u16,
+    daemon: Child,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind a free port").local_addr().expect("address").port()
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Davit Test")
+        .env("GIT_AUTHOR_EMAIL", "test@davit.invalid")
+        .env("GIT_COMMITTER_NAME", "Davit Test")
+        .env("GIT_COMMITTER_EMAIL", "test@davit.invalid")
+        .output()
+        .expect("run git");
+    assert!(output.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+impl GitServer {
+    /// Serve a repository named `name` whose first commit holds `files`.
+    fn start(name: &str, files: &[(&str, &str)]) -> (GitServer, String) {
+        let root = tempfile::Builder::new().prefix("davit-git-").tempdir().expect("temp dir");
+        let work = root.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        git(&work, &["init", "-q", "-b", "main"]);
+        for (path, content) in files {
+            let file = work.join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, content).unwrap();
+        }
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", "first"]);
+        let commit = git(&work, &["rev-parse", "HEAD"]);
+        let served = root.path().join("served");
+        std::fs::create_dir_all(&served).unwrap();
+        git(root.path(), &["clone", "-q", "--bare", work.to_str().unwrap(), served.join(format!("{name}.git")).to_str().unwrap()]);
+        let port = free_port();
+        let daemon = Command::new("git")
+            .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
+            .arg(format!("--base-path={}", served.display()))
+            .arg(&served)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start git daemon");
+        let server = GitServer { root, port, daemon };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "git daemon did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (server, commit)
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("git://127.0.0.1:{}/{name}.git", self.port)
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let _ = &self.root;
+    }
+}
+
+/// A `davit-agent` process with its own state directory.
+struct AgentProcess {
+    name: String,
+    state_dir: PathBuf,
+    coordinators: Vec<String>,
+    executor: String,
+    child: Option<Child>,
+    _root: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    fn register(name: &str, coordinators: &[String], token: &str, executor: &str) -> AgentProcess {
+        let root = tempfile::Builder::new().prefix(&format!("davit-agent-{name}-")).tempdir().expect("temp dir");
+        let state_dir = root.path().join("state");
+        let mut command = Command::new(agent_binary());
+        command.arg("--state-dir").arg(&state_dir);
+        for coordinator in coordinators {
+            command.arg("--coordinator").arg(coordinator);
+        }
+        let output =
+            command.args(["register", "--token", token, "--name", name, "--pool", "build"]).output().expect("run davit-agent register");
+        assert!(output.status.success(), "registering {name} failed: {}", String::from_utf8_lossy(&output.stderr));
+        AgentProcess {
+            name: name.into(),
+            state_dir,
+            coordinators: coordinators.to_vec(),
+            executor: executor.into(),
+            child: None,
+            _root: root,
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.state_dir.join("agent.log")
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("agent log");
+        let mut command = Command::new(agent_binary());
+        command.arg("--state-dir").arg(&self.state_dir);
+        for coordinator in &self.coordinators {
+            command.arg("--coordinator").arg(coordinator);
+        }
+        let child = command
+            .args(["run", "--executor", &self.executor, "--capacity", "1"])
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start davit-agent");
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal("CONT");
+        }
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("----- agent {} log -----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// REST calls the tests need, against any node.
+struct Api {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Api {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.client.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap_or_else(|error| panic!("{path}: {error}"));
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let (status, value) = self.call(reqwest::Method::POST, path, Some(body)).await;
+        assert!((200..300).contains(&status), "POST {path}: {status} {value}");
+        value
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, value) = self.call(reqwest::Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {value}");
+        value
+    }
+
+    async fn bytes(&self, path: &str) -> Vec<u8> {
+        let response = self.client.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await.expect("download");
+        assert!(response.status().is_success(), "GET {path}: {}", response.status());
+        response.bytes().await.expect("body").to_vec()
+    }
+
+    async fn registration_token(&self) -> String {
+        self.post("/api/v1/agents/registration-tokens", json!({"description": "tests"})).await["token"].as_str().unwrap().to_string()
+    }
+
+    /// A repository and a pipeline building it; returns the pipeline id.
+    async fn pipeline(&self, repo_url: &str, name: &str, build_command: &str, build: Value) -> u64 {
+        let repo = self.post("/api/v1/repos/connect", json!({"repo_url": repo_url, "branch": "main", "scm_type": "github"})).await;
+        let pipeline = self
+            .post(
+                "/api/v1/pipelines",
+                json!({"name": name, "repo_id": repo["repo_id"], "branch": "main", "build_command": build_command, "deploy_strategy": "rolling", "build": build}),
+            )
+            .await;
+        pipeline["pipeline_id"].as_u64().unwrap()
+    }
+
+    async fn deploy(&self, pipeline_id: u64, commit: &str) -> u64 {
+        let deployment = self
+            .post(
+                "/api/v1/deployments",
+                json!({"pipeline_id": pipeline_id.to_string(), "commit_hash": commit, "environment": "development"}),
+            )
+            .await;
+        deployment["deployment_id"].as_u64().unwrap()
+    }
+
+    async fn job(&self, deployment_id: u64) -> Value {
+        self.get(&format!("/api/v1/deployments/{deployment_id}/jobs")).await["items"][0].clone()
+    }
+
+    async fn wait_for_job(&self, deployment_id: u64, timeout: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.job(deployment_id).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; job: {job:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_for_agents(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let agents = self.get("/api/v1/agents").await;
+            let online = agents["items"].as_array().unwrap().iter().filter(|agent| agent["state"] == "online").count();
+            if online >= count {
+                return;
+            }
+            assert!(Instant::now() < deadline, "only {online} of {count} agents came online: {agents:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn deployment_status(&self, deployment_id: u64) -> String {
+        self.get(&format!("/api/v1/deployments/{deployment_id}")).await["status"].as_str().unwrap().to_string()
+    }
+}
+
+fn api_for(node: &SingleNode) -> Api {
+    Api { client: node.client.clone(), base: node.base_url(), token: node.admin_token.clone() }
+}
+
+const BUILD_SCRIPT: &str = "#!/bin/sh\nset -e\necho \"building $GREETING\"\necho \"token is $api_token\"\nmkdir -p out\nprintf 'binary %s\\n' \"$GREETING\" > out/app.bin\necho \"WARNING: tests skipped\"\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_build_from_git_daemon_stores_the_artifact_the_agent_hashed_and_a_rebuild_uploads_nothing() {
+    let test = "docker_build";
+    if !docker_ready(test) {
+        return;
+    }
+    let (git_server, commit) = GitServer::start("app", &[("build.sh", BUILD_SCRIPT), ("README", "app\n")]);
+    let node = SingleNode::start_with(test, &["--no-agent"]).await;
+    let api = api_for(&node);
+    let token = api.registration_token().await;
+    let mut agent = AgentProcess::register("docker-1", &[node.grpc_addr()], &token, "docker");
+    agent.start();
+    api.wait_for_agents(1).await;
+    api.post("/api/v1/configs/development", json!({"GREETING": "hello", "api_token": "s3cr3t-t0ken-value"})).await;
+    let pipeline_id = api.pipeline(&git_server.url("app"), "app", "sh build.sh", json!({"artifacts": ["out"]})).await;
+
+    let first = api.deploy(pipeline_id, &commit).await;
+    let job = api
+        .wait_for_job(first, Duration::from_secs(120), "the first build", |job| job["status"] != "queued" && job["status"] != "running")
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job:#}\n{}", node.log_tail(40));
+    assert_eq!(api.deployment_status(first).await, "success");
+    let steps: Vec<(&str, &str)> =
+        job["steps"].as_array().unwrap().iter().map(|step| (step["name"].as_str().unwrap(), step["state"].as_str().unwrap())).collect();
+    assert_eq!(steps, vec![("checkout", "succeeded"), ("build", "succeeded"), ("artifacts", "succeeded")]);
+
+    // The log: the build's lines, levels detected, the secret masked before it left the agent.
+    let logs = api.get(&format!("/api/v1/logs/{first}?job_id={}", job["job_id"])).await;
+    let lines: Vec<(&str, &str)> = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|line| line["step"] == 1)
+        .map(|line| (line["level"].as_str().unwrap(), line["message"].as_str().unwrap()))
+        .collect();
+    assert_eq!(lines, vec![("INFO", "building hello"), ("INFO", "token is ***"), ("WARNING", "WARNING: tests skipped")]);
+    let all = logs.to_string();
+    assert!(!all.contains("s3cr3t-t0ken-value"), "the secret reached the coordinator");
+
+    // The artifact the API serves hashes to the digest the agent computed and logged.
+    let artifacts = api.get(&format!("/api/v1/artifacts?pipeline_id={pipeline_id}")).await;
+    let artifact = artifacts["items"].as_array().unwrap().first().cloned().expect("an artifact was recorded");
+    let digest = artifact["digest"].as_str().unwrap().to_string();
+    let packed_line = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|line| line["message"].as_str().filter(|text| text.starts_with("packed ")))
+        .unwrap();
+    assert!(packed_line.contains(&format!("sha256:{digest}")), "{packed_line}");
+    let tar = api.bytes(&format!("/api/v1/artifacts/{}", artifact["artifact_id"])).await;
+    assert_eq!(hex(&Sha256::digest(&tar)), digest, "the downloaded artifact does not hash to its digest");
+    let mut archive = tar::Archive::new(tar.as_slice());
+    let mut names = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().display().to_string();
+        if name.ends_with("app.bin") {
+            let mut content = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut content).unwrap();
+            assert_eq!(content, "binary hello\n");
+        }
+        names.push(name);
+    }
+    assert!(names.iter().any(|name| name.ends_with("out/app.bin")), "{names:?}");
+
+    // The same commit again: same digest, nothing uploaded.
+    let second = api.deploy(pipeline_id, &commit).await;
+    let job = api
+        .wait_for_job(second, Duration::from_secs(120), "the second build", |job| job["status"] != "queued" && job["status"] != "running")
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let logs = api.get(&format!("/api/v1/logs/{second}")).await.to_string();
+    assert!(logs.contains(&format!("sha256:{digest} recorded as artifact")) && logs.contains("upload skipped"), "{logs}");
+    // No container of these jobs is left behind.
+    for deployment in [first, second] {
+        let job_id = api.job(deployment).await["job_id"].clone();
+        let leftovers = Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=davit.job={job_id}")]).output().unwrap();
+        assert!(String::from_utf8_lossy(&leftovers.stdout).trim().is_empty(), "containers of job {job_id} were left behind");
+    }
+    agent.kill();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_run_stops_its_container_within_5_seconds() {
+    let test = "cancel_build";
+    if !docker_ready(test) {
+        return;
+    }
+    let (git_server, commit) = GitServer::start("slow", &[("build.sh", "#!/bin/sh\necho started\nsleep 300\necho never\n")]);
+    let node = SingleNode::start_with(test, &["--no-agent"]).await;
+    let api = api_for(&node);
+    let token = api.registration_token().await;
+    let mut agent = AgentProcess::register("docker-cancel", &[node.grpc_addr()], &token, "docker");
+    agent.start();
+    api.wait_for_agents(1).await;
+    let pipeline_id = api.pipeline(&git_server.url("slow"), "slow", "sh build.sh", json!({})).await;
+    let deployment = api.deploy(pipeline_id, &commit).await;
+    let job =
+        api.wait_for_job(deployment, Duration::from_secs(60), "the build step to run", |job| job["steps"][1]["state"] == "running").await;
+    let label = format!("label=davit.job={}", job["job_id"]);
+    let running = || {
+        let output = Command::new("docker").args(["ps", "-q", "--filter", &label]).output().expect("docker ps");
+        !String::from_utf8_lossy(&output.stdout).trim().is_empty()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !running() {
+        assert!(Instant::now() < deadline, "the build container never appeared");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cancelled_at = Instant::now();
+    api.post(&format!("/api/v1/deployments/{deployment}/cancel"), json!({})).await;
+    while running() {
+        assert!(cancelled_at.elapsed() < Duration::from_secs(5), "the container still runs 5 s after the cancellation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("{test}: container gone {} ms after the cancellation", cancelled_at.elapsed().as_millis());
+    let job = api.wait_for_job(deployment, Duration::from_secs(10), "the job to end", |job| job["status"] == "cancelled").await;
+    assert_eq!(job["status"], "cancelled");
+    assert_eq!(api.deployment_status(deployment).await, "failed");
+    agent.kill();
+}
+
+/// The shell executor here: what is tested is the agent's loss and fencing, not the container.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agents_job_is_retried_on_another_agent_and_a_paused_agents_late_reports_are_refused() {
+    let test = "agent_loss";
+    let marker = format!("davit-agent-loss-{}", std::process::id());
+    let script = format!("#!/bin/sh\necho started {marker}\nsleep 8\necho finished\n");
+    let (git_server, commit) = GitServer::start("work", &[("build.sh", &script)]);
+    let grace = 3;
+    let node = SingleNode::start_with(test, &["--no-agent", "--lost-after-seconds", &grace.to_string()]).await;
+    let api = api_for(&node);
+    let token = api.registration_token().await;
+    let mut first = AgentProcess::register("first", &[node.grpc_addr()], &token, "shell");
+    let mut second = AgentProcess::register("second", &[node.grpc_addr()], &token, "shell");
+    first.start();
+    api.wait_for_agents(1).await;
+    let pipeline_id = api.pipeline(&git_server.url("work"), "work", "sh build.sh", json!({"max_retries": 2})).await;
+
+    // 1. kill -9 of the agent mid-build: another agent takes the job within the grace + a few s.
+    let deployment = api.deploy(pipeline_id, &commit).await;
+    let job =
+        api.wait_for_job(deployment, Duration::from_secs(30), "the build to start", |job| job["steps"][1]["state"] == "running").await;
+    let first_agent = job["agent_id"].as_u64().unwrap();
+    second.start();
+    api.wait_for_agents(2).await;
+    first.kill();
+    let killed_at = Instant::now();
+    let job = api
+        .wait_for_job(deployment, Duration::from_secs(grace + 15), "a second attempt", |job| {
+            job["attempt"] == 2 && job["status"] == "running"
+        })
+        .await;
+    let retried_after = killed_at.elapsed();
+    assert_ne!(job["agent_id"].as_u64().unwrap(), first_agent, "{job:#}");
+    assert!(retried_after < Duration::from_secs(grace + 5), "retried only after {retried_after:?}");
+    eprintln!("{test}: retried on another agent {} ms after kill -9 (grace {grace} s)", retried_after.as_millis());
+    assert_eq!(job["attempts"][0]["outcome"], "infrastructure", "{job:#}");
+    let job = api.wait_for_job(deployment, Duration::from_secs(60), "the retried build", |job| job["status"] == "succeeded").await;
+    assert_eq!(api.deployment_status(deployment).await, "success", "{job:#}");
+    let _ = Command::new("pkill").args(["-f", &marker]).status();
+
+    // 2. SIGSTOP of the agent mid-build: declared lost, the job moves; when the agent wakes
+    // and reports on its old attempt, the report is refused.
+    first.start();
+    api.wait_for_agents(2).await;
+    second.kill();
+    let deployment = api.deploy(pipeline_id, &commit).await;
+    let job =
+        api.wait_for_job(deployment, Duration::from_secs(30), "the build to start", |job| job["steps"][1]["state"] == "running").await;
+    assert_eq!(job["attempt"], 1);
+    let paused_agent = job["agent_id"].as_u64().unwrap();
+    first.signal("STOP");
+    second.start();
+    let job = api
+        .wait_for_job(deployment, Duration::from_secs(grace + 15), "the job to move", |job| {
+            job["attempt"] == 2 && job["status"] == "running"
+        })
+        .await;
+    assert_ne!(job["agent_id"].as_u64().unwrap(), paused_agent);
+    first.signal("CONT");
+    let job = api.wait_for_job(deployment, Duration::from_secs(60), "the retried build", |job| job["status"] == "succeeded").await;
+    // The woken agent's build finished too (its process kept running), but its attempt no longer
+    // holds the lease: its result and log were refused, and the job shows attempt 2's success.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !first.log().contains("refused") && !first.log().contains("cancelling job") {
+        assert!(Instant::now() < deadline, "the woken agent never had a report refused:\n{}", first.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let attempts = job["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{job:#}");
+    assert_eq!(attempts[0]["outcome"], "infrastructure");
+    assert_eq!(attempts[1]["outcome"], "succeeded");
+    let _ = Command::new("pkill").args(["-f", &marker]).status();
+}
+
+/// 50 MB of build output while the coordinator the agent streams to is killed: the stored log is
+/// what the build printed, byte for byte, with the secret masked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coordinator_killed_during_a_50_mb_log_loses_and_doubles_nothing() {
+    let test = "log_failover";
+    let lines = 500_000u32;
+    // Every 1000th line carries the secret.
+    let script = format!(
+        "#!/bin/sh\nawk -v secret=\"$DB_PASSWORD\" 'BEGIN {{ for (i = 0; i < {lines}; i++) {{ s = (i % 1000 == 0) ? secret : \"-\"; printf \"line %07d %s %s\\n\", i, s, \"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789ab\" }} }}'\n"
+    );
+    let (git_server, commit) = GitServer::start("loud", &[("build.sh", &script)]);
+    let mut cluster = support::TestCluster::start(test, support::ClusterOptions::new(davit_coordinator::store::BackendKind::Redb)).await;
+    let leader = cluster.wait_for_agreed_leader(&[1, 2, 3], Duration::from_secs(30)).await;
+    // The agent talks to a follower first; that follower is killed mid-stream.
+    let victim = [1, 2, 3].into_iter().find(|node| *node != leader).unwrap();
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|node| *node != victim).collect();
+    let api = Api { client: cluster.client.clone(), base: cluster.node(leader).base_url(), token: cluster.token().to_string() };
+    let token = api.registration_token().await;
+    let mut coordinators = vec![cluster.node(victim).grpc_addr()];
+    coordinators.extend(others.iter().map(|node| cluster.node(*node).grpc_addr()));
+    let mut agent = AgentProcess::register("loud", &coordinators, &token, "shell");
+    agent.start();
+    api.wait_for_agents(1).await;
+    api.post("/api/v1/configs/development", json!({"db_password": "hunter2-correct-horse"})).await;
+    let pipeline_id = api.pipeline(&git_server.url("loud"), "loud", "sh build.sh", json!({})).await;
+    let deployment = api.deploy(pipeline_id, &commit).await;
+    let job =
+        api.wait_for_job(deployment, Duration::from_secs(30), "the build to start", |job| job["steps"][1]["state"] == "running").await;
+    let job_id = job["job_id"].as_u64().unwrap();
+    // Kill the victim once part of the log is stored.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = api.get(&format!("/api/v1/logs/{deployment}?job_id={job_id}&limit=10000")).await;
+        if logs["lines"].as_array().unwrap().len() >= 5000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the log never started arriving");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.kill_node(victim);
+    eprintln!("{test}: killed node {victim} while the agent was streaming to it");
+    let api = Api { client: cluster.client.clone(), base: cluster.node(others[0]).base_url(), token: api.token.clone() };
+    let job = api
+        .wait_for_job(deployment, Duration::from_secs(180), "the build to end", |job| {
+            job["status"] != "running" && job["status"] != "queued"
+        })
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job:#}");
+    let stored = api.bytes(&format!("/api/v1/logs/{deployment}?job_id={job_id}&step=1&format=raw")).await;
+    let mut expected = Vec::with_capacity(50 << 20);
+    for i in 0..lines {
+        let secret = if i % 1000 == 0 { "***" } else { "-" };
+        writeln!(expected, "line {i:07} {secret} 0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789ab")
+            .unwrap();
+    }
+    assert!(expected.len() > 40 << 20, "the build prints about 50 MB");
+    if stored != expected {
+        let first_difference = stored.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(stored.len().min(expected.len()));
+        panic!(
+            "stored log differs from the build's output: {} bytes stored, {} expected, first difference at byte {first_difference}: {:?}",
+            stored.len(),
+            expected.len(),
+            String::from_utf8_lossy(&stored[first_difference.saturating_sub(100)..(first_difference + 100).min(stored.len())])
+        );
+    }
+    agent.kill();
+}
+
+/// `davit up` alone runs a build end to end with its embedded agent.
+#[tokio::test(flavor = "multi_thread")]
+async fn davit_up_builds_with_its_embedded_agent() {
+    let test = "embedded_agent";
+    let (git_server, commit) =
+        GitServer::start("hello", &[("build.sh", "#!/bin/sh\necho hello from the embedded agent\nmkdir -p dist\necho ok > dist/result\n")]);
+    let docker = docker_ready(test);
+    let node = SingleNode::start_with(test, &["--agent-executor", if docker { "docker" } else { "shell" }]).await;
+    let api = api_for(&node);
+    api.wait_for_agents(1).await;
+    let agents = api.get("/api/v1/agents").await;
+    assert_eq!(agents["items"][0]["name"], "embedded", "{agents:#}");
+    assert_eq!(agents["items"][0]["executors"][0], if docker { "docker" } else { "shell" });
+    let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+    assert!(log.contains("embedded agent:"), "davit up does not say which executor its agent uses:\n{log}");
+    let pipeline_id = api.pipeline(&git_server.url("hello"), "hello", "sh build.sh", json!({"artifacts": ["dist"]})).await;
+    let deployment = api.deploy(pipeline_id, &commit).await;
+    let job = api
+        .wait_for_job(deployment, Duration::from_secs(120), "the build", |job| job["status"] != "queued" && job["status"] != "running")
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job:#}\n{}", node.log_tail(40));
+    let logs = api.get(&format!("/api/v1/logs/{deployment}")).await.to_string();
+    assert!(logs.contains("hello from the embedded agent"), "{logs}");
+    let artifacts = api.get(&format!("/api/v1/artifacts?pipeline_id={pipeline_id}")).await;
+    assert_eq!(artifacts["items"].as_array().unwrap().len(), 1, "{artifacts:#}");
+}
