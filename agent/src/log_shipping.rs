@@ -79,7 +79,7 @@ impl LineSplitter {
         }
         self.partial.drain(..start);
         // A line without an end for this long is cut (at a character boundary) so that memory stays bounded.
-        while self.partial.len() >= MAX_LINE_BYTES {
+        while self.partial.len() > MAX_LINE_BYTES {
             let mut cut = MAX_LINE_BYTES;
             while cut > 0 && (self.partial[cut] & 0xC0) == 0x80 {
                 cut -= 1;

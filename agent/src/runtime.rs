@@ -65,6 +65,32 @@ pub async fn choose_executor(choice: &ExecutorChoice) -> anyhow::Result<Executor
     }
 }
 
+/// Marker files of the jobs this agent runs (`<state_dir>/jobs/<job id>`): what a killed
+/// agent left behind is found and removed at its next start.
+fn job_marker(config: &AgentConfig, job_id: u64) -> std::path::PathBuf {
+    config.state_dir.join("jobs").join(job_id.to_string())
+}
+
+async fn clean_up_after_crash(config: &AgentConfig, executor: &Executor) {
+    let Ok(entries) = std::fs::read_dir(config.state_dir.join("jobs")) else { return };
+    for entry in entries.flatten() {
+        let Some(job_id) = entry.file_name().to_str().and_then(|name| name.parse::<u64>().ok()) else { continue };
+        tracing::info!(job_id, "removing what the previous run of this agent left of job {job_id}");
+        if let Executor::Docker(docker) = executor {
+            docker.remove_job_containers(job_id).await;
+        }
+        if let Ok(workspaces) = std::fs::read_dir(config.state_dir.join("work")) {
+            for workspace in workspaces.flatten() {
+                let name = workspace.file_name().to_string_lossy().to_string();
+                if name.starts_with(&format!("job-{job_id}-")) || name.starts_with(&format!("artifacts-{job_id}-")) {
+                    let _ = std::fs::remove_dir_all(workspace.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+}
+
 /// Order coordinators: this agent's region first, then the rest, each group in the given order.
 pub fn preferred_order(coordinators: &[(String, String)], region: Option<&str>) -> Vec<String> {
     let mut ordered: Vec<&(String, String)> = coordinators.iter().collect();
@@ -88,6 +114,7 @@ impl AgentRuntime {
         let (coordinator, watcher) = watch::channel(None);
         let shipper = LogShipper::start(config.state_dir.join("spool"), watcher)?;
         std::fs::create_dir_all(config.state_dir.join("work"))?;
+        clean_up_after_crash(&config, &executor).await;
         let shared = Arc::new(Shared {
             jobs: Mutex::new(HashMap::new()),
             results: Mutex::new(BTreeMap::new()),
@@ -280,6 +307,12 @@ impl AgentRuntime {
             jobs.insert(job_id, RunningJob { attempt, cancel: CancellationToken::new() });
         }
         let cancel = self.shared.jobs.lock().expect("jobs lock")[&job_id].cancel.clone();
+        let marker = job_marker(&self.config, job_id);
+        if let Err(error) =
+            std::fs::create_dir_all(self.config.state_dir.join("jobs")).and_then(|()| std::fs::write(&marker, attempt.to_string()))
+        {
+            tracing::warn!(%error, "cannot record the running job in the state directory");
+        }
         self.shared.send(agent_message::Message::Accept(pb::AcceptJob { job_id, attempt }));
         tracing::info!(job_id, attempt, deployment_id = offer.deployment_id, "job started");
         let (messages, mut forward) = mpsc::unbounded_channel();
@@ -303,6 +336,7 @@ impl AgentRuntime {
         let shipper = self.shipper.clone();
         tokio::spawn(async move {
             let Ended { outcome, reason } = run_job(&context).await;
+            let _ = std::fs::remove_file(&marker);
             let log_chunks = match shipper.finish(job_id, attempt).await {
                 Ok(chunks) => chunks,
                 Err(refused) => {

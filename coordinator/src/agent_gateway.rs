@@ -686,7 +686,13 @@ impl AgentService for AgentGrpc {
             }),
         });
         gateway.sessions.lock().expect("sessions lock").insert(agent.agent_id, session.clone());
-        gateway.announce(agent.agent_id, Some(&hello)).await?;
+        if let Err(status) = gateway.announce(agent.agent_id, Some(&hello)).await {
+            let mut sessions = gateway.sessions.lock().expect("sessions lock");
+            if sessions.get(&agent.agent_id).is_some_and(|current| current.session_id == session.session_id) {
+                sessions.remove(&agent.agent_id);
+            }
+            return Err(status);
+        }
         session.send(coordinator_message::Message::Welcome(gateway.welcome(agent.agent_id)));
         tracing::info!(agent_id = agent.agent_id, name = %agent.name, "agent session opened");
         tokio::spawn(gateway.clone().run_session(session, hello, inbound));

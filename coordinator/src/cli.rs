@@ -356,17 +356,36 @@ impl ApiClient {
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let response = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
         check(response).await
     }
 
     async fn post(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let response = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.token).json(&body).send().await?;
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
         check(response).await
     }
 
     async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let response = self.http.delete(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await?;
+        let response = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
         check(response).await
     }
 }
@@ -505,7 +524,7 @@ enum TokenCommand {
         #[arg(long)]
         description: Option<String>,
         /// How long the token can be used, e.g. 30m, 24h, 7d (1 minute to 365 days).
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = parse_token_lifetime)]
         expires_in: Duration,
         /// The coordinators' gRPC address (host:port) agents connect to. The REST API cannot tell
         /// it, so by default it is the --server host with the --server port plus one (davit's
@@ -579,7 +598,7 @@ async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
 }
 
 fn print_agent(agent: &crate::api::agents::AgentView) {
-    let labels = agent.labels.iter().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(", ");
+    let labels = agent.labels.iter().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(" ");
     let mut fields = vec![
         ("state", agent.state.clone()),
         ("version", or_dash(agent.version.clone())),
@@ -595,10 +614,10 @@ fn print_agent(agent: &crate::api::agents::AgentView) {
     }
     println!("Agent {} ({})", agent.agent_id, agent.name);
     for (name, value) in fields {
-        println!("  {name:<12} {value}");
+        println!("  {name:<13} {value}");
     }
     if agent.running_jobs.is_empty() {
-        println!("  {:<12} none", "running jobs");
+        println!("  {:<13} none", "running jobs");
     } else {
         println!("  running jobs:");
         let rows = agent
@@ -686,6 +705,16 @@ async fn registration_tokens(command: TokenCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--expires-in`: a humantime duration within what the API accepts, so that a wrong value is a
+/// usage error (exit 2) that names the flag rather than the API's field.
+fn parse_token_lifetime(text: &str) -> Result<Duration, String> {
+    let lifetime = humantime::parse_duration(text).map_err(|error| format!("{error} (use e.g. 30m, 24h or 7d)"))?;
+    if !(Duration::from_secs(60)..=Duration::from_secs(31_536_000)).contains(&lifetime) {
+        return Err("a registration token must live between 1m and 365d".into());
+    }
+    Ok(lifetime)
 }
 
 /// The gRPC address agents should use when only the REST address is known: same host, port
@@ -825,6 +854,15 @@ mod agent_command_tests {
         assert_eq!(grpc_address_of("http://[::1]:7700").unwrap(), "[::1]:7701");
         assert!(grpc_address_of("127.0.0.1:7700").is_err(), "a bare host:port is not a URL");
         assert!(grpc_address_of("not a url").is_err());
+    }
+
+    #[test]
+    fn token_lifetimes_are_checked_before_asking_the_server() {
+        assert_eq!(parse_token_lifetime("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_token_lifetime("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_token_lifetime("59s").unwrap_err().contains("between 1m and 365d"));
+        assert!(parse_token_lifetime("366d").is_err());
+        assert!(parse_token_lifetime("soon").unwrap_err().contains("24h"));
     }
 
     #[test]

@@ -286,11 +286,13 @@ impl Api {
     async fn wait_for_job(&self, deployment_id: u64, timeout: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let job = self.job(deployment_id).await;
-            if done(&job) {
+            // A cluster that just lost a node may answer 503 for a moment: ask again.
+            let (status, jobs) = self.call(reqwest::Method::GET, &format!("/api/v1/deployments/{deployment_id}/jobs"), None).await;
+            let job = jobs["items"][0].clone();
+            if status == 200 && done(&job) {
                 return job;
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; job: {job:#}");
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; last answer {status}: {jobs:#}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

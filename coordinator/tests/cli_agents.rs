@@ -53,12 +53,17 @@ impl Ran {
 
 /// `davit <args> --server <node> --token <admin token>`.
 fn davit(node: &SingleNode, args: &[&str]) -> Ran {
+    davit_as(node, &node.admin_token, args)
+}
+
+/// `davit <args> --server <node> --token <token>`.
+fn davit_as(node: &SingleNode, token: &str, args: &[&str]) -> Ran {
     let output = Command::new(env!("CARGO_BIN_EXE_davit"))
         .args(args)
         .arg("--server")
         .arg(node.base_url())
         .arg("--token")
-        .arg(&node.admin_token)
+        .arg(token)
         .env_remove("DAVIT_SERVER")
         .env_remove("DAVIT_TOKEN")
         .env_remove("DAVIT_USERNAME")
@@ -289,8 +294,17 @@ async fn agents_and_tokens_through_the_cli_with_a_real_agent() {
     let usage = davit(&node, &["agents", "token", "create", "--expires-in", "soon"]);
     assert_eq!(usage.code, 2, "{}", usage.describe());
     let too_short = davit(&node, &["agents", "token", "create", "--expires-in", "10s"]);
-    assert_eq!(too_short.code, 1, "{}", too_short.describe());
-    assert!(too_short.stderr.contains("expires_in_seconds"), "{}", too_short.describe());
+    assert_eq!(too_short.code, 2, "{}", too_short.describe());
+    assert!(too_short.stderr.contains("between 1m and 365d"), "{}", too_short.describe());
+    let (_, viewer_token) = node.create_user("viewer", "viewer-password-1", "viewer").await;
+    let forbidden = davit_as(&node, &viewer_token, &["agents", "token", "create"]);
+    assert_eq!(forbidden.code, 1, "{}", forbidden.describe());
+    assert!(forbidden.stderr.contains("403") && forbidden.stderr.contains("(code forbidden)"), "{}", forbidden.describe());
+    let viewer_list = davit_as(&node, &viewer_token, &["agents", "list", "--json"]).success("agents list as a viewer").json("agents list");
+    assert!(find_agent(&viewer_list, AGENT_NAME).is_some(), "{viewer_list}");
+    let unauthorized = davit_as(&node, "not-a-valid-token", &["agents", "list"]);
+    assert_eq!(unauthorized.code, 1, "{}", unauthorized.describe());
+    assert!(unauthorized.stderr.contains("401"), "{}", unauthorized.describe());
 
     // Deregister: gone from the list.
     davit(&node, &["agents", "deregister", &agent_id.to_string()]).success("agents deregister");

@@ -157,8 +157,9 @@ pub struct CreateRegistrationTokenRequest {
     #[schema(example = "eu-west build fleet")]
     pub description: Option<String>,
     /// Lifetime in seconds (default 86400, at most 31536000).
+    #[serde(default, deserialize_with = "super::extract::optional_whole_number")]
     #[schema(minimum = 60, maximum = 31_536_000)]
-    pub expires_in_seconds: Option<u64>,
+    pub expires_in_seconds: Option<u32>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -195,7 +196,7 @@ async fn create_registration_token(
     JsonBody(request): JsonBody<CreateRegistrationTokenRequest>,
 ) -> Result<(StatusCode, Json<CreatedRegistrationToken>), ApiError> {
     caller.require(Role::Admin, "creating an agent registration token")?;
-    let lifetime = request.expires_in_seconds.unwrap_or(86_400);
+    let lifetime = u64::from(request.expires_in_seconds.unwrap_or(86_400));
     if !(60..=31_536_000).contains(&lifetime) {
         return Err(ApiError::invalid_field("expires_in_seconds", "expires_in_seconds must be between 60 and 31536000"));
     }

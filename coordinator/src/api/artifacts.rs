@@ -522,3 +522,53 @@ async fn delete_artifact(State(state): State<AppState>, caller: Caller, Path(art
     // blob present and is about to record it.
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_byte_ranges() {
+        use ByteRange::{Part, Unsatisfiable, Whole};
+        let cases: &[(Option<&str>, u64, ByteRange)] = &[
+            (None, 100, Whole),
+            (Some("bytes=0-9"), 100, Part { first: 0, last: 9 }),
+            (Some("bytes=90-"), 100, Part { first: 90, last: 99 }),
+            (Some("bytes=90-1000"), 100, Part { first: 90, last: 99 }),
+            (Some("bytes=0-99999999999999999999999"), 100, Part { first: 0, last: 99 }),
+            (Some("bytes=-10"), 100, Part { first: 90, last: 99 }),
+            (Some("bytes=-1000"), 100, Part { first: 0, last: 99 }),
+            (Some("Bytes = 5-5"), 100, Part { first: 5, last: 5 }),
+            (Some("bytes=100-"), 100, Unsatisfiable),
+            (Some("bytes=100-200"), 100, Unsatisfiable),
+            (Some("bytes=99999999999999999999999-"), 100, Unsatisfiable),
+            (Some("bytes=-0"), 100, Unsatisfiable),
+            (Some("bytes=-5"), 0, Unsatisfiable),
+            (Some("bytes=0-"), 0, Unsatisfiable),
+            (Some("bytes=9-5"), 100, Whole),
+            (Some("bytes=0-1,5-6"), 100, Whole),
+            (Some("items=0-5"), 100, Whole),
+            (Some("bytes=a-5"), 100, Whole),
+            (Some("bytes=5-b"), 100, Whole),
+            (Some("bytes=-"), 100, Whole),
+            (Some("bytes=5"), 100, Whole),
+            (Some("bytes=+1-5"), 100, Whole),
+            (Some(""), 100, Whole),
+        ];
+        for (header, total_len, expected) in cases {
+            assert_eq!(byte_range(*header, *total_len), *expected, "{header:?} of {total_len}");
+        }
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let etag = entity_tag("abc");
+        assert_eq!(etag, "\"sha256:abc\"");
+        for matching in ["\"sha256:abc\"", "W/\"sha256:abc\"", "*", "\"x\", \"sha256:abc\"", " \"x\" ,W/\"sha256:abc\" "] {
+            assert!(none_match(matching, &etag), "{matching}");
+        }
+        for other in ["\"sha256:abd\"", "sha256:abc", "", "\"x\""] {
+            assert!(!none_match(other, &etag), "{other}");
+        }
+    }
+}

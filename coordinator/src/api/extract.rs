@@ -121,6 +121,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         if bytes.is_empty() {
             return Err(ApiError::bad_request("the request needs a JSON body"));
         }
+        // Every request body of this API is a JSON object; serde would also take a struct's
+        // fields from an array, which no client means.
+        if bytes.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request("the request body must be a JSON object ({...})"));
+        }
         let deserializer = &mut serde_json::Deserializer::from_slice(&bytes);
         serde_path_to_error::deserialize(deserializer).map(JsonBody).map_err(|error| {
             let path = error.path().to_string();

@@ -49,7 +49,7 @@ pub struct PipelineView {
 pub struct BuildFields {
     /// Image of the build container (default `davit/build-base:latest`); it must exist on the agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "maven:3-eclipse-temurin-21")]
+    #[schema(value_type = Option<schema::ImageReference>, example = "maven:3-eclipse-temurin-21")]
     pub image: Option<String>,
     /// Run after the build command, in the same workspace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,26 +60,30 @@ pub struct BuildFields {
     pub package_command: Option<String>,
     /// Workspace-relative files or directories packed (tar + zstd) into the build's artifact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = json!(["target/app.jar"]))]
+    #[schema(value_type = Option<Vec<schema::WorkspacePath>>, max_items = 100, example = json!(["target/app.jar"]))]
     pub artifacts: Option<Vec<String>>,
     /// A Dockerfile in the repository to build into an image, exported as an artifact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(example = "Dockerfile")]
+    #[schema(value_type = Option<schema::OptionalWorkspacePath>, example = "Dockerfile")]
     pub dockerfile: Option<String>,
     /// Time limit of a build in seconds (default 3600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "super::extract::optional_whole_number")]
     #[schema(minimum = 1, maximum = 86400)]
-    pub timeout_seconds: Option<u64>,
+    pub timeout_seconds: Option<u32>,
     /// Retries after an infrastructure failure such as a lost agent (default 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "super::extract::optional_whole_number")]
     #[schema(minimum = 0, maximum = 10)]
     pub max_retries: Option<u32>,
     /// At most this many builds of the pipeline run at once (default unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "super::extract::optional_whole_number")]
     #[schema(minimum = 1, maximum = 1000)]
     pub concurrency: Option<u32>,
     /// Labels an agent must carry to run the builds, such as `{"region": "eu-west"}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::AgentLabels>)]
     pub agent_labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
@@ -91,7 +95,7 @@ impl From<BuildSettings> for BuildFields {
             package_command: build.package_command,
             artifacts: (!build.artifacts.is_empty()).then_some(build.artifacts),
             dockerfile: build.dockerfile,
-            timeout_seconds: build.timeout_seconds,
+            timeout_seconds: build.timeout_seconds.map(|seconds| seconds.min(u64::from(u32::MAX)) as u32),
             max_retries: build.max_retries,
             concurrency: build.concurrency,
             agent_labels: (!build.agent_labels.is_empty()).then_some(build.agent_labels),
@@ -99,25 +103,40 @@ impl From<BuildSettings> for BuildFields {
     }
 }
 
+/// Mirrors `schema::WORKSPACE_PATH_PATTERN`: `.`, or `/`-separated segments of letters, digits,
+/// `_`, `-`, `.` that do not start with `.` (so never `..`), optionally ending in `/`.
 fn validate_workspace_path(field: &str, path: &str) -> Result<(), ApiError> {
-    let escapes = path.split('/').any(|part| part == "..");
-    if path.is_empty() || path.len() > 1000 || path.starts_with('/') || escapes || path.contains('\0') {
-        return Err(ApiError::invalid_field(
+    let segment_ok = |segment: &str| {
+        segment.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            && segment.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    };
+    let trimmed = path.strip_suffix('/').unwrap_or(path);
+    let valid = path == "." || (path.len() <= 1000 && !trimmed.is_empty() && trimmed.split('/').all(segment_ok));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(
             field,
-            format!("{field} entries must be relative paths inside the repository, without '..' (got {path:?})"),
-        ));
+            format!(
+                "{field} entries must be paths inside the repository like dist or target/app.jar: letters, digits, '_', '-', '.', no segment starting with '.' (got {path:?})"
+            ),
+        ))
     }
-    Ok(())
+}
+
+/// Mirrors `schema::IMAGE_PATTERN`.
+fn validate_image(image: &str) -> Result<(), ApiError> {
+    let valid = image.len() <= 255
+        && image.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/:@-".contains(&b));
+    if valid { Ok(()) } else { Err(ApiError::invalid_field("image", "image must be a Docker image reference such as alpine:3.20")) }
 }
 
 /// Check the request's build fields and lay them over `current` (a field left out keeps its value).
 fn merge_build_fields(current: BuildSettings, fields: BuildFields) -> Result<BuildSettings, ApiError> {
     let mut build = current;
     if let Some(image) = fields.image {
-        let valid = !image.is_empty() && image.len() <= 255 && image.bytes().all(|b| b.is_ascii_graphic());
-        if !valid {
-            return Err(ApiError::invalid_field("image", "image must be a Docker image reference such as alpine:3.20"));
-        }
+        validate_image(&image)?;
         build.image = Some(image);
     }
     for (field, value, target) in [
@@ -150,7 +169,7 @@ fn merge_build_fields(current: BuildSettings, fields: BuildFields) -> Result<Bui
         if !(1..=86_400).contains(&timeout) {
             return Err(ApiError::invalid_field("timeout_seconds", "timeout_seconds must be between 1 and 86400"));
         }
-        build.timeout_seconds = Some(timeout);
+        build.timeout_seconds = Some(u64::from(timeout));
     }
     if let Some(retries) = fields.max_retries {
         if retries > 10 {

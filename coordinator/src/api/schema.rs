@@ -48,6 +48,12 @@ macro_rules! solid {
     };
 }
 
+/// Workspace-relative paths (`pipelines::validate_workspace_path`): no absolute paths, no `..`.
+pub const WORKSPACE_PATH_PATTERN: &str = concat!(r"^(\.|[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*/?)", end!());
+/// The same, or empty.
+pub const OPTIONAL_WORKSPACE_PATH_PATTERN: &str = concat!(r"^(\.|[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*/?)?", end!());
+/// Docker image references (`pipelines::validate_image`).
+pub const IMAGE_PATTERN: &str = concat!(r"^[a-z0-9][A-Za-z0-9._/:@-]*", end!());
 /// Ids in the seed's forms: `12`, `"12"`, `"repo12"`. Mirrors `extract::parse_id`.
 pub const ID_PATTERN: &str = concat!(r"^[A-Za-z_]*0*[1-9][0-9]{0,18}", end!());
 /// `next_cursor` values: the last id of a page, or empty for the first page.
@@ -183,6 +189,44 @@ string_schema!(
 string_schema!(CommitHash, Some(COMMIT_PATTERN), Some(4), Some(40), "A git commit id: 4 to 40 hexadecimal characters.");
 string_schema!(WebhookSecret, None, None, Some(100), "At most 100 characters; shown as `***` once set.");
 string_schema!(BuildCommand, None, None, Some(10_000), "At most 10000 characters.");
+string_schema!(
+    WorkspacePath,
+    Some(WORKSPACE_PATH_PATTERN),
+    Some(1),
+    Some(1000),
+    "A path inside the repository: `.`, or segments of letters, digits, '_', '-', '.' separated by '/', none starting with '.'."
+);
+string_schema!(
+    OptionalWorkspacePath,
+    Some(OPTIONAL_WORKSPACE_PATH_PATTERN),
+    None,
+    Some(1000),
+    "A path inside the repository (as for artifacts), or empty to clear the setting."
+);
+string_schema!(
+    ImageReference,
+    Some(IMAGE_PATTERN),
+    Some(1),
+    Some(255),
+    "A Docker image reference such as `alpine:3.20` or `registry.local/team/app@sha256:...`."
+);
+
+/// `agent_labels` of a pipeline: up to 20 labels an agent must carry.
+pub struct AgentLabels;
+
+impl PartialSchema for AgentLabels {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some("Labels an agent must carry, such as {\"region\": \"eu-west\"}; keys 1 to 63, values 1 to 255 characters."))
+            .max_properties(Some(20))
+            .property_names(Some(key_names(63, Some(LABEL_PATTERN))))
+            .additional_properties(Some(string(Some(LABEL_PATTERN), Some(1), Some(255), "A label value.")))
+            .into()
+    }
+}
+
+impl ToSchema for AgentLabels {}
 
 /// The role names of `Role`.
 #[derive(serde::Serialize, ToSchema)]
