@@ -349,6 +349,96 @@ mod tests {
         }
     }
 
+    /// The IO half against a real single node: records go through Raft, blobs wait out their
+    /// grace period, and a blob referenced again is spared.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_real_node_deletes_expired_records_then_their_blobs() {
+        use crate::blob_store::DirBlobStore;
+        use crate::state::records::{DeployStrategy, ScmType};
+        let dir = tempfile::tempdir().unwrap();
+        let config: crate::config::NodeConfig = toml::from_str(&format!(
+            "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1:2\"\ndata_dir = {:?}\n\
+             [raft]\nheartbeat_interval_ms = 50\nelection_timeout_min_ms = 150\nelection_timeout_max_ms = 300\n",
+            dir.path().join("data")
+        ))
+        .unwrap();
+        let node = Node::start(config).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !node.is_leader() {
+            assert!(std::time::Instant::now() < deadline, "the node did not lead within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let blobs: Arc<dyn BlobStore> = Arc::new(DirBlobStore::open(&dir.path().join("blobs")).unwrap());
+        let propose = |command: Command| {
+            let node = node.clone();
+            async move {
+                let (outcome, _) = node.propose(&Requester::system(), command).await.unwrap();
+                outcome.result.unwrap().id.unwrap()
+            }
+        };
+        let repo_id = propose(Command::ConnectRepository {
+            name: "repo".into(),
+            repo_url: "https://github.com/org/repo".into(),
+            branch: "main".into(),
+            scm_type: ScmType::Github,
+            webhook_secret: None,
+        })
+        .await;
+        let pipeline_id = propose(Command::CreatePipeline {
+            name: "build".into(),
+            repo_id,
+            branch: None,
+            build_command: None,
+            deploy_strategy: DeployStrategy::Rolling,
+            environment: "staging".into(),
+            build: Default::default(),
+        })
+        .await;
+        let digest = |n: u64| format!("{n:064x}");
+        let record = |n: u64| Command::RecordArtifact {
+            pipeline_id,
+            version: format!("v{n}"),
+            artifact_path: blob_key(&digest(n)),
+            digest: digest(n),
+            size_bytes: 1,
+            produced_by: None,
+        };
+        // Blob 1 is referenced twice, blob 2 once, blob 3 never; a stranger under artifacts/.
+        let first = propose(record(1)).await;
+        let second = propose(record(1)).await;
+        let third = propose(record(2)).await;
+        for key in [blob_key(&digest(1)), blob_key(&digest(2)), blob_key(&digest(3)), "artifacts/notes.txt".to_string()] {
+            blobs.put(&key, b"x".to_vec()).await.unwrap();
+        }
+
+        let retention =
+            ArtifactRetention::new(node.clone(), blobs.clone(), RetentionSettings { artifact_days: 30, interval_seconds: 3600 });
+        let now = crate::auth::now_millis();
+        let report = retention.run_once(now).await.unwrap();
+        assert_eq!(report, RetentionReport { blobs_in_grace: 1, ..Default::default() }, "nothing is 30 days old yet");
+
+        let later = now + 31 * DAY_MS;
+        let report = retention.run_once(later).await.unwrap();
+        assert_eq!(report.artifacts_deleted, vec![first, second, third]);
+        // Blob 3 has been unreferenced since the first run; 1 and 2 only since now.
+        assert_eq!(report.blobs_deleted, vec![blob_key(&digest(3))]);
+        assert_eq!(report.blobs_in_grace, 2);
+        let report = retention.run_once(later + BLOB_GRACE_MS - 1).await.unwrap();
+        assert!(report.artifacts_deleted.is_empty() && report.blobs_deleted.is_empty());
+
+        // Blob 2's bytes are recorded again. A new leader (here with a longer retention) starts
+        // the grace periods over, and spares what a record refers to.
+        propose(record(2)).await;
+        let new_leader =
+            ArtifactRetention::new(node.clone(), blobs.clone(), RetentionSettings { artifact_days: 365, interval_seconds: 3600 });
+        let report = new_leader.run_once(later + BLOB_GRACE_MS).await.unwrap();
+        assert_eq!(report, RetentionReport { blobs_in_grace: 1, ..Default::default() });
+        let report = new_leader.run_once(later + 2 * BLOB_GRACE_MS).await.unwrap();
+        assert_eq!(report, RetentionReport { blobs_deleted: vec![blob_key(&digest(1))], ..Default::default() });
+        let left = blobs.list("artifacts/").await.unwrap();
+        assert_eq!(left, vec!["artifacts/notes.txt".to_string(), blob_key(&digest(2))]);
+    }
+
     #[test]
     fn the_retention_section_has_defaults() {
         let settings: RetentionSettings = toml::from_str("").unwrap();

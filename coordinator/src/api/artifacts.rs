@@ -359,13 +359,14 @@ async fn download_artifact(
     } else {
         decompressed_bytes(&state, &artifact).await?
     };
+    let success = response.status().is_success();
     let response_headers = response.headers_mut();
     response_headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex digests are valid header values"));
     if let Ok(value) = HeaderValue::from_str(&format!("sha256:{}", artifact.digest)) {
         response_headers.insert("x-davit-digest", value);
     }
     response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static(if raw { "bytes" } else { "none" }));
-    if !not_modified {
+    if success {
         let version: String = artifact.version.chars().filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c)).collect();
         let extension = match (raw, artifact.kind.is_some()) {
             (false, _) => "",

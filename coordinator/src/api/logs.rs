@@ -70,7 +70,7 @@ pub struct DeploymentLogQuery {
     #[param(value_type = Option<schema::LogLevelName>)]
     pub log_level: Option<String>,
     /// Only lines printed by this step of a job (its index among the job's steps).
-    #[param(minimum = 0, maximum = 4_294_967_295_u64)]
+    #[param(value_type = Option<u64>, minimum = 0, maximum = 4_294_967_295_u64)]
     pub step: Option<u32>,
     /// At most this many lines (default 1000, at most 10000), oldest first. JSON form only:
     /// `format=raw` and `follow=true` return every line.
