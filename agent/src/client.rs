@@ -40,6 +40,10 @@ pub async fn channel(address: &str, ca_file: Option<&Path>) -> anyhow::Result<Ch
         .map_err(|e| anyhow::anyhow!("coordinator address {address:?} is not valid: {e}"))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
+        // Windows above the 1 MiB default so that artifact downloads are not throttled to one
+        // message per round trip.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(32 << 20)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);

@@ -1,5 +1,10 @@
 //! Checking out the exact commit of a job with the real `git`, restricted to the protocols the
 //! operator allows (`GIT_ALLOW_PROTOCOL`), never prompting for credentials.
+//!
+//! A checkout is on every build's critical path, and each git process costs several
+//! milliseconds to start on a busy host, so it runs as few as it can: the workspace's empty
+//! repository is written directly (what `git init` + `git remote add` would write), then one
+//! `git fetch` of the commit and one `git checkout`; HEAD is read from the file.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -54,6 +59,46 @@ async fn git(workspace: &Path, arguments: &[&str], allowed: &str, output: &Outpu
     Ok(status.success())
 }
 
+/// A git config value in double quotes, with `\\` and `"` escaped (git-config(1), "Syntax").
+fn config_value(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// Write an empty non-bare repository in `workspace` with `url` as its `origin`: the files
+/// `git init` and `git remote add origin <url>` would leave (gitrepository-layout(5)), without
+/// two processes. Automatic gc and maintenance are off: the repository lives for one build.
+fn write_empty_repository(workspace: &Path, url: &str) -> std::io::Result<()> {
+    let git_dir = workspace.join(".git");
+    for directory in ["objects/info", "objects/pack", "refs/heads", "refs/tags"] {
+        std::fs::create_dir_all(git_dir.join(directory))?;
+    }
+    std::fs::write(git_dir.join("HEAD"), "ref: refs/heads/main\n")?;
+    let config = format!(
+        "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n\tlogallrefupdates = true\n\
+         [gc]\n\tauto = 0\n[maintenance]\n\tauto = false\n\
+         [remote \"origin\"]\n\turl = {}\n\tfetch = +refs/heads/*:refs/remotes/origin/*\n",
+        config_value(url)
+    );
+    std::fs::write(git_dir.join("config"), config)
+}
+
+/// The commit HEAD points at: a detached HEAD holds it; otherwise ask git.
+async fn head_commit(workspace: &Path) -> Result<String, CheckoutError> {
+    if let Ok(head) = std::fs::read_to_string(workspace.join(".git/HEAD")) {
+        let head = head.trim();
+        if head.len() >= 40 && head.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(head.to_string());
+        }
+    }
+    let head = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(workspace)
+        .output()
+        .await
+        .map_err(|e| CheckoutError::Infrastructure(format!("git rev-parse: {e}")))?;
+    Ok(String::from_utf8_lossy(&head.stdout).trim().to_string())
+}
+
 /// Clone `url` into the empty directory `workspace` at `commit` (full or abbreviated SHA).
 pub async fn checkout(
     url: &str,
@@ -72,13 +117,13 @@ pub async fn checkout(
     if commit.is_empty() || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(CheckoutError::Job(format!("commit {commit:?} is not a hexadecimal SHA")));
     }
-    let allowed = protocols.join(":");
-    std::fs::create_dir_all(workspace).map_err(|e| CheckoutError::Infrastructure(format!("cannot create the workspace: {e}")))?;
-    for arguments in [vec!["init", "-q"], vec!["remote", "add", "origin", url]] {
-        if !git(workspace, &arguments, &allowed, output).await? {
-            return Err(CheckoutError::Infrastructure(format!("git {} failed in the workspace", arguments.join(" "))));
-        }
+    if url.chars().any(char::is_control) {
+        return Err(CheckoutError::Job(format!("repository URL {url:?} contains control characters")));
     }
+    let allowed = protocols.join(":");
+    std::fs::create_dir_all(workspace)
+        .and_then(|()| write_empty_repository(workspace, url))
+        .map_err(|e| CheckoutError::Infrastructure(format!("cannot create the workspace's repository: {e}")))?;
     // A full SHA can be fetched alone on servers that allow it; otherwise fetch every branch and
     // tag and find the commit among them (also how abbreviated SHAs resolve).
     let fetched_alone = commit.len() == 40 && git(workspace, &["fetch", "-q", "--depth", "1", "origin", commit], &allowed, output).await?;
@@ -94,13 +139,7 @@ pub async fn checkout(
     if !git(workspace, &["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", &target], &allowed, output).await? {
         return Err(CheckoutError::Job(format!("commit {commit} is not in {url}")));
     }
-    let head = Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .current_dir(workspace)
-        .output()
-        .await
-        .map_err(|e| CheckoutError::Infrastructure(format!("git rev-parse: {e}")))?;
-    Ok(String::from_utf8_lossy(&head.stdout).trim().to_string())
+    head_commit(workspace).await
 }
 
 #[cfg(test)]
@@ -162,5 +201,39 @@ mod tests {
         let head = checkout(&url, &first[..10], workspace.path(), &["file".to_string()], &output).await.unwrap();
         assert_eq!(head, first);
         assert_eq!(std::fs::read_to_string(workspace.path().join("file.txt")).unwrap(), "one");
+
+        // A full SHA is fetched alone; the workspace is an ordinary repository to git.
+        let second = String::from_utf8(
+            std::process::Command::new("git").args(["rev-parse", "HEAD"]).current_dir(origin.path()).output().unwrap().stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_string();
+        let workspace = tempfile::tempdir().unwrap();
+        let head = checkout(&url, &second, workspace.path(), &["file".to_string()], &output).await.unwrap();
+        assert_eq!(head, second);
+        assert_eq!(std::fs::read_to_string(workspace.path().join("file.txt")).unwrap(), "two");
+        let in_workspace = |args: &[&str]| {
+            let output = std::process::Command::new("git").args(args).current_dir(workspace.path()).output().unwrap();
+            assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+            String::from_utf8(output.stdout).unwrap().trim().to_string()
+        };
+        assert_eq!(in_workspace(&["rev-parse", "HEAD"]), second);
+        assert_eq!(in_workspace(&["remote", "get-url", "origin"]), url);
+        assert_eq!(in_workspace(&["status", "--porcelain"]), "");
+    }
+
+    #[test]
+    fn the_written_repository_reads_back_its_origin_exactly() {
+        let workspace = tempfile::tempdir().unwrap();
+        let url = r#"https://example.com/a "quoted" \path; # not a comment"#;
+        write_empty_repository(workspace.path(), url).unwrap();
+        let output = std::process::Command::new("git")
+            .args(["config", "--get", "remote.origin.url"])
+            .current_dir(workspace.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(String::from_utf8(output.stdout).unwrap().trim_end_matches('\n'), url);
     }
 }

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use davit_proto::agent::{self as pb, ArtifactMeta, ArtifactUpload, JobOffer, JobOutcome, StepState, StepUpdate, artifact_upload};
-use tokio::io::AsyncReadExt;
+use davit_proto::agent::{self as pb, ArtifactMeta, JobOffer, JobOutcome, StepState, StepUpdate};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +16,7 @@ use crate::executor::{ErrorKind, Executor, Limits, StepOutcome, StepRequest};
 use crate::job_spec::{ARTIFACTS_STEP, BuildSpec, CHECKOUT_STEP, IMAGE_STEP, JobSpec};
 use crate::log_shipping::{LogShipper, now_millis, secrets_of};
 use crate::masking::Masker;
+use crate::upload::{Source, Speculation, upload};
 
 /// Where a job's messages to the coordinator go (the session, whichever it is at the moment).
 pub type Messages = mpsc::UnboundedSender<pb::agent_message::Message>;
@@ -40,7 +40,7 @@ pub struct Ended {
 }
 
 impl Ended {
-    fn new(outcome: JobOutcome, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(outcome: JobOutcome, reason: impl Into<String>) -> Self {
         Ended { outcome, reason: reason.into() }
     }
 }
@@ -229,7 +229,7 @@ async fn run_build(run: &Run<'_>, build: &BuildSpec, names: &[String], workspace
         index += 1;
         let started = now_millis();
         run.step(index, ARTIFACTS_STEP, StepState::Running, started, 0);
-        let result = artifacts(run, build, workspace, &scratch, packed, index).await;
+        let result = artifacts(run, build, workspace, packed, index).await;
         let _ = std::fs::remove_dir_all(&scratch);
         if let Err(ended) = result {
             run.step(index, ARTIFACTS_STEP, StepState::Failed, started, -1);
@@ -300,47 +300,54 @@ async fn artifacts(
     run: &Run<'_>,
     build: &BuildSpec,
     workspace: &std::path::Path,
-    scratch: &std::path::Path,
     mut packed: Vec<(&'static str, crate::packing::PackedArtifact)>,
     index: usize,
 ) -> Result<(), Ended> {
     let (output, collector) = run.output(index);
     let result = async {
+        let mut speculation = None;
+        let mut uploads: Vec<(&'static str, String, u64, Source)> = packed
+            .drain(..)
+            .map(|(name, artifact)| (name, artifact.digest, artifact.uncompressed_bytes, Source::File(artifact.path)))
+            .collect();
         if !build.artifacts.is_empty() {
-            let paths = build.artifacts.clone();
-            let (source, destination) = (workspace.to_path_buf(), scratch.join("files.tar.zst"));
+            // First pass: the digest alone, so that a stored artifact costs no compression.
+            let (root, paths) = (workspace.to_path_buf(), build.artifacts.clone());
+            speculation = Some(Speculation::start(root.clone(), paths.clone()));
             let started = Instant::now();
-            let artifact = tokio::task::spawn_blocking(move || crate::packing::pack(&source, &paths, &destination))
+            let (digest, length) = tokio::task::spawn_blocking(move || crate::packing::digest(&root, &paths))
                 .await
-                .map_err(|e| Ended::new(JobOutcome::Infrastructure, format!("packing panicked: {e}")))?
+                .map_err(|e| Ended::new(JobOutcome::Infrastructure, format!("hashing panicked: {e}")))?
                 .map_err(|e| Ended::new(JobOutcome::Failed, format!("packing the artifacts failed: {e}")))?;
             say(
                 &output,
                 format!(
-                    "packed {} into sha256:{} ({} bytes, {} compressed) in {} ms",
+                    "hashed {} into sha256:{digest} ({length} bytes of tar) in {} ms",
                     build.artifacts.join(", "),
-                    artifact.digest,
-                    artifact.uncompressed_bytes,
-                    artifact.compressed_bytes,
                     started.elapsed().as_millis()
                 ),
             )
             .await;
-            packed.push(("files", artifact));
+            uploads.push(("files", digest, length, Source::Workspace { root: workspace.to_path_buf(), paths: build.artifacts.clone() }));
         }
-        for (name, artifact) in &packed {
+        for (name, digest, length, source) in &uploads {
             let meta = ArtifactMeta {
                 job_id: run.context.offer.job_id,
                 attempt: run.context.offer.attempt,
                 name: name.to_string(),
                 version: build.artifact_version.clone(),
-                digest: artifact.digest.clone(),
-                uncompressed_bytes: artifact.uncompressed_bytes,
+                digest: digest.clone(),
+                uncompressed_bytes: *length,
             };
-            let recorded = upload(run.context, &meta, &artifact.path).await?;
-            let how = if recorded.uploaded { "uploaded" } else { "already stored; upload skipped" };
-            say(&output, format!("artifact {} sha256:{} recorded as artifact {} ({how})", name, artifact.digest, recorded.artifact_id))
-                .await;
+            let started = Instant::now();
+            let speculated = if matches!(source, Source::Workspace { .. }) { speculation.take() } else { None };
+            let uploaded = upload(run.context, &meta, source, speculated).await?;
+            let how = if uploaded.recorded.uploaded {
+                format!("uploaded, {} bytes compressed, in {} ms", uploaded.sent_bytes, started.elapsed().as_millis())
+            } else {
+                "already stored; upload skipped".to_string()
+            };
+            say(&output, format!("artifact {name} sha256:{digest} recorded as artifact {} ({how})", uploaded.recorded.artifact_id)).await;
         }
         Ok(())
     }
@@ -348,67 +355,6 @@ async fn artifacts(
     drop(output);
     let _ = collector.await;
     result
-}
-
-/// Upload (or just record, when the digest is already stored) an artifact, retrying through
-/// coordinator changes.
-async fn upload(context: &JobContext, meta: &ArtifactMeta, path: &std::path::Path) -> Result<pb::ArtifactRecorded, Ended> {
-    let mut coordinator = context.coordinator.clone();
-    let mut last_error = String::new();
-    for attempt in 0..10 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-        }
-        let Some(current) = coordinator.borrow_and_update().clone() else {
-            let _ = tokio::time::timeout(Duration::from_secs(5), coordinator.changed()).await;
-            continue;
-        };
-        let mut client = current.client();
-        let stored = match client.has_artifact(current.authorize(pb::HasArtifactRequest { digest: meta.digest.clone() })).await {
-            Ok(response) => response.into_inner().stored,
-            Err(status) => {
-                last_error = status.message().to_string();
-                continue;
-            }
-        };
-        let result = if stored {
-            client.record_artifact(current.authorize(meta.clone())).await
-        } else {
-            let (sender, receiver) = mpsc::channel(4);
-            let reader_path = path.to_path_buf();
-            let first = ArtifactUpload { part: Some(artifact_upload::Part::Meta(meta.clone())) };
-            tokio::spawn(async move {
-                if sender.send(first).await.is_err() {
-                    return;
-                }
-                let Ok(mut file) = tokio::fs::File::open(&reader_path).await else { return };
-                loop {
-                    let mut buffer = vec![0u8; 1 << 20];
-                    match file.read(&mut buffer).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(read) => {
-                            buffer.truncate(read);
-                            if sender.send(ArtifactUpload { part: Some(artifact_upload::Part::Data(buffer)) }).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-            client.upload_artifact(current.authorize(tokio_stream::wrappers::ReceiverStream::new(receiver))).await
-        };
-        match result {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status) if matches!(status.code(), tonic::Code::FailedPrecondition) => {
-                return Err(Ended::new(JobOutcome::Cancelled, format!("the coordinator refused the artifact: {}", status.message())));
-            }
-            Err(status) if matches!(status.code(), tonic::Code::InvalidArgument) => {
-                return Err(Ended::new(JobOutcome::Failed, format!("the coordinator refused the artifact: {}", status.message())));
-            }
-            Err(status) => last_error = status.message().to_string(),
-        }
-    }
-    Err(Ended::new(JobOutcome::Infrastructure, format!("could not upload artifact sha256:{}: {last_error}", meta.digest)))
 }
 
 #[cfg(test)]

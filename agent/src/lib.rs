@@ -14,3 +14,4 @@ pub mod log_shipping;
 pub mod masking;
 pub mod packing;
 pub mod runtime;
+pub mod upload;

@@ -55,17 +55,47 @@ const MAX_SYMLINK_HOPS: usize = 40;
 /// same digest on every run and host. The file is written beside `dest`, fsynced and renamed into
 /// place, so `dest` never holds a partial artifact.
 pub fn pack(workspace: &Path, paths: &[String], dest: &Path) -> Result<PackedArtifact, PackError> {
-    let workspace =
-        fs::canonicalize(workspace).map_err(|error| PackError(format!("workspace {} cannot be opened: {error}", workspace.display())))?;
+    let workspace = canonical_workspace(workspace)?;
     let output = OutputFile::prepare(dest)?;
     let plan = plan_entries(&workspace, paths, &output.paths_to_skip())?;
-    output.write(|stream| {
-        for (archive_path, entry) in &plan {
-            write_entry(stream, archive_path, entry)?;
-        }
-        // A tar ends with two zero blocks.
-        stream.write_bytes(&[0; 2 * TAR_BLOCK])
-    })
+    output.write(|stream| write_plan(stream, &plan))
+}
+
+/// The digest and length of the tar stream [`pack`] makes of `paths`, without compressing or
+/// writing anything: the first pass of an upload, so that the coordinator can be asked whether it
+/// already has the artifact before a byte is compressed. Blocking.
+pub fn digest(workspace: &Path, paths: &[String]) -> Result<(String, u64), PackError> {
+    let workspace = canonical_workspace(workspace)?;
+    let plan = plan_entries(&workspace, paths, &[])?;
+    let mut stream = ChunkStream::hash_only()?;
+    write_plan(&mut stream, &plan)?;
+    let (digest, length, _) = stream.finish()?;
+    Ok((digest.expect("a hashing stream returns its digest"), length))
+}
+
+/// Packs `paths` like [`pack`] but writes the compressed stream into `output` (for example an
+/// upload in progress) instead of a file, without hashing it again: the digest comes from
+/// [`digest`] and whoever receives the stream verifies it (the coordinator does). Returns the
+/// length of the tar stream and the output. Blocking.
+pub fn pack_into<W: Write + Send + 'static>(workspace: &Path, paths: &[String], output: W) -> Result<(u64, W), PackError> {
+    let workspace = canonical_workspace(workspace)?;
+    let plan = plan_entries(&workspace, paths, &[])?;
+    let mut stream = ChunkStream::compress_only(output)?;
+    write_plan(&mut stream, &plan)?;
+    let (_, length, output) = stream.finish()?;
+    Ok((length, output.expect("a compressing stream returns its output")))
+}
+
+fn canonical_workspace(workspace: &Path) -> Result<PathBuf, PackError> {
+    fs::canonicalize(workspace).map_err(|error| PackError(format!("workspace {} cannot be opened: {error}", workspace.display())))
+}
+
+fn write_plan<W: Write + Send + 'static>(stream: &mut ChunkStream<W>, plan: &Plan) -> Result<(), PackError> {
+    for (archive_path, entry) in plan {
+        write_entry(stream, archive_path, entry)?;
+    }
+    // A tar ends with two zero blocks.
+    stream.write_bytes(&[0; 2 * TAR_BLOCK])
 }
 
 /// Compresses an existing tar file (for example a `docker save` export) into `dest`; the digest is
@@ -462,7 +492,7 @@ fn prepend(pending: &mut VecDeque<OsString>, path: &Path) {
 // ---------------------------------------------------------------------------------------------
 // Writing: tar headers and contents into chunks, hashed and compressed on other threads.
 
-fn write_entry(stream: &mut ChunkStream, archive_path: &[u8], entry: &PlannedEntry) -> Result<(), PackError> {
+fn write_entry<W: Write + Send + 'static>(stream: &mut ChunkStream<W>, archive_path: &[u8], entry: &PlannedEntry) -> Result<(), PackError> {
     let shown = String::from_utf8_lossy(archive_path);
     match &entry.kind {
         PlannedKind::Directory { mode } => {
@@ -490,8 +520,8 @@ fn write_entry(stream: &mut ChunkStream, archive_path: &[u8], entry: &PlannedEnt
     }
 }
 
-fn write_header(
-    stream: &mut ChunkStream,
+fn write_header<W: Write + Send + 'static>(
+    stream: &mut ChunkStream<W>,
     entry_type: tar::EntryType,
     path: &[u8],
     link_target: &[u8],
@@ -519,7 +549,11 @@ fn write_header(
 
 /// A GNU long-name (or long-link) entry: a pseudo-file whose contents are the NUL-terminated name of
 /// the entry that follows. Written the way GNU tar and the tar crate write it.
-fn write_long_name(stream: &mut ChunkStream, entry_type: tar::EntryType, name: &[u8]) -> Result<(), PackError> {
+fn write_long_name<W: Write + Send + 'static>(
+    stream: &mut ChunkStream<W>,
+    entry_type: tar::EntryType,
+    name: &[u8],
+) -> Result<(), PackError> {
     let mut header = tar::Header::new_gnu();
     copy_truncated(&mut header.as_old_mut().name, b"././@LongLink");
     header.set_mode(0o644);
@@ -571,7 +605,7 @@ impl OutputFile {
         vec![self.dest.clone(), self.temporary.clone()]
     }
 
-    fn write(self, produce: impl FnOnce(&mut ChunkStream) -> Result<(), PackError>) -> Result<PackedArtifact, PackError> {
+    fn write(self, produce: impl FnOnce(&mut ChunkStream<WritebackFile>) -> Result<(), PackError>) -> Result<PackedArtifact, PackError> {
         let file = File::create(&self.temporary)
             .map_err(|error| PackError(format!("cannot create artifact file {}: {error}", self.temporary.display())))?;
         let result = self.write_and_commit(file, produce);
@@ -584,11 +618,13 @@ impl OutputFile {
     fn write_and_commit(
         &self,
         file: File,
-        produce: impl FnOnce(&mut ChunkStream) -> Result<(), PackError>,
+        produce: impl FnOnce(&mut ChunkStream<WritebackFile>) -> Result<(), PackError>,
     ) -> Result<PackedArtifact, PackError> {
-        let mut stream = ChunkStream::start(file)?;
+        let mut stream = ChunkStream::start(WritebackFile::new(file))?;
         produce(&mut stream)?;
-        let (digest, uncompressed_bytes, file) = stream.finish()?;
+        let (digest, uncompressed_bytes, output) = stream.finish()?;
+        let digest = digest.expect("a hashing stream returns its digest");
+        let file = output.expect("a compressing stream returns its output").file;
         let write_error = |error: io::Error| PackError(format!("cannot write artifact file {}: {error}", self.dest.display()));
         file.sync_all().map_err(write_error)?;
         let compressed_bytes = file.metadata().map_err(write_error)?.len();
@@ -603,8 +639,9 @@ impl OutputFile {
 type Chunk = Arc<Vec<u8>>;
 
 /// The writing end of the pipeline. Bytes go into `chunk` (always `CHUNK_BYTES` long; `filled`
-/// says how much is data); a full chunk is shared with the hashing and the compressing thread.
-struct ChunkStream {
+/// says how much is data); a full chunk is shared with the hashing thread and, unless the stream
+/// only hashes, the compressing thread, which writes zstd's output into a `W`.
+struct ChunkStream<W> {
     chunk: Vec<u8>,
     filled: usize,
     /// Chunks sent recently, oldest first, so that their buffers can be reused once both threads
@@ -612,30 +649,69 @@ struct ChunkStream {
     in_flight: VecDeque<Chunk>,
     to_hasher: Option<SyncSender<Chunk>>,
     to_compressor: Option<SyncSender<Chunk>>,
-    hasher: Option<JoinHandle<(String, u64)>>,
-    compressor: Option<JoinHandle<io::Result<File>>>,
+    hasher: Option<JoinHandle<String>>,
+    compressor: Option<JoinHandle<io::Result<W>>>,
+    /// Whether the stream hashes and whether it compresses (at least one of them).
+    hashing: bool,
+    compressing: bool,
+    /// Tar bytes shipped so far.
+    length: u64,
 }
 
-impl ChunkStream {
-    fn start(file: File) -> Result<ChunkStream, PackError> {
+impl ChunkStream<io::Sink> {
+    /// A stream that only hashes the tar bytes.
+    fn hash_only() -> Result<Self, PackError> {
+        Self::start_threads(true, None)
+    }
+}
+
+impl<W: Write + Send + 'static> ChunkStream<W> {
+    /// A stream that hashes the tar bytes and writes their zstd compression into `output`.
+    fn start(output: W) -> Result<Self, PackError> {
+        Self::start_threads(true, Some(output))
+    }
+
+    /// A stream that only compresses into `output` (its digest is known and checked elsewhere).
+    fn compress_only(output: W) -> Result<Self, PackError> {
+        Self::start_threads(false, Some(output))
+    }
+
+    fn start_threads(hashing: bool, output: Option<W>) -> Result<Self, PackError> {
         let workers = thread::available_parallelism().map(|count| count.get()).unwrap_or(1) as u32;
-        let (to_hasher, hasher_input) = mpsc::sync_channel(QUEUED_CHUNKS);
-        let (to_compressor, compressor_input) = mpsc::sync_channel(QUEUED_CHUNKS);
         let spawn_error = |error: io::Error| PackError(format!("cannot start a packing thread: {error}"));
-        let hasher =
-            thread::Builder::new().name("davit-pack-sha256".to_string()).spawn(move || hash_chunks(hasher_input)).map_err(spawn_error)?;
-        let compressor = thread::Builder::new()
-            .name("davit-pack-zstd".to_string())
-            .spawn(move || compress_chunks(compressor_input, file, workers))
-            .map_err(spawn_error)?;
+        let (to_hasher, hasher) = if hashing {
+            let (to_hasher, hasher_input) = mpsc::sync_channel(QUEUED_CHUNKS);
+            let hasher = thread::Builder::new()
+                .name("davit-pack-sha256".to_string())
+                .spawn(move || hash_chunks(hasher_input))
+                .map_err(spawn_error)?;
+            (Some(to_hasher), Some(hasher))
+        } else {
+            (None, None)
+        };
+        let compressing = output.is_some();
+        let (to_compressor, compressor) = match output {
+            Some(output) => {
+                let (to_compressor, compressor_input) = mpsc::sync_channel(QUEUED_CHUNKS);
+                let compressor = thread::Builder::new()
+                    .name("davit-pack-zstd".to_string())
+                    .spawn(move || compress_chunks(compressor_input, output, workers))
+                    .map_err(spawn_error)?;
+                (Some(to_compressor), Some(compressor))
+            }
+            None => (None, None),
+        };
         Ok(ChunkStream {
             chunk: vec![0; CHUNK_BYTES],
             filled: 0,
             in_flight: VecDeque::new(),
-            to_hasher: Some(to_hasher),
-            to_compressor: Some(to_compressor),
-            hasher: Some(hasher),
-            compressor: Some(compressor),
+            to_hasher,
+            to_compressor,
+            hasher,
+            compressor,
+            hashing,
+            compressing,
+            length: 0,
         })
     }
 
@@ -702,10 +778,18 @@ impl ChunkStream {
         chunk.truncate(self.filled);
         self.filled = 0;
         let chunk = Arc::new(chunk);
-        let sent = match (&self.to_hasher, &self.to_compressor) {
-            (Some(to_hasher), Some(to_compressor)) => to_hasher.send(chunk.clone()).is_ok() && to_compressor.send(chunk.clone()).is_ok(),
-            _ => false,
+        self.length += chunk.len() as u64;
+        // A queue closed early means its thread stopped, which only the compressor does (on a
+        // write error); a stream without a hasher or a compressor has no queue to begin with.
+        let hashed = match &self.to_hasher {
+            Some(to_hasher) => to_hasher.send(chunk.clone()).is_ok(),
+            None => !self.hashing,
         };
+        let compressed = match &self.to_compressor {
+            Some(to_compressor) => to_compressor.send(chunk.clone()).is_ok(),
+            None => !self.compressing,
+        };
+        let sent = hashed && compressed;
         if !sent {
             // A thread stopped early, which only the compressor does, on a write error: report it.
             return Err(self.stop().err().unwrap_or_else(|| PackError("artifact compression stopped unexpectedly".to_string())));
@@ -730,32 +814,37 @@ impl ChunkStream {
         vec![0; CHUNK_BYTES]
     }
 
-    /// Ships the last chunk and waits for both threads; returns (digest, tar length, compressed file).
-    fn finish(mut self) -> Result<(String, u64, File), PackError> {
+    /// Ships the last chunk and waits for the threads; returns (digest, tar length, the
+    /// compressor's output — `None` for a stream that only hashes).
+    fn finish(mut self) -> Result<(Option<String>, u64, Option<W>), PackError> {
         self.ship()?;
         self.stop()
     }
+}
 
-    /// Closes both queues and waits for the threads, so that none outlives the call that started it.
-    fn stop(&mut self) -> Result<(String, u64, File), PackError> {
+impl<W> ChunkStream<W> {
+    /// Closes the queues and waits for the threads, so that none outlives the call that started it.
+    fn stop(&mut self) -> Result<(Option<String>, u64, Option<W>), PackError> {
         self.to_hasher = None;
         self.to_compressor = None;
         let hashed = self.hasher.take().map(JoinHandle::join);
-        let compressed = self.compressor.take().map(JoinHandle::join);
-        let file = match compressed {
-            Some(Ok(Ok(file))) => file,
+        let output = match self.compressor.take().map(JoinHandle::join) {
+            Some(Ok(Ok(output))) => Some(output),
             Some(Ok(Err(error))) => return Err(PackError(format!("cannot write the compressed artifact: {error}"))),
             Some(Err(_)) => return Err(PackError("the artifact compression thread panicked".to_string())),
-            None => return Err(PackError("the artifact stream was already closed".to_string())),
+            None if self.compressing => return Err(PackError("the artifact stream was already closed".to_string())),
+            None => None,
         };
         match hashed {
-            Some(Ok((digest, bytes))) => Ok((digest, bytes, file)),
-            _ => Err(PackError("the artifact hashing thread panicked".to_string())),
+            Some(Ok(digest)) => Ok((Some(digest), self.length, output)),
+            Some(Err(_)) => Err(PackError("the artifact hashing thread panicked".to_string())),
+            None if self.hashing => Err(PackError("the artifact stream was already closed".to_string())),
+            None => Ok((None, self.length, output)),
         }
     }
 }
 
-impl Drop for ChunkStream {
+impl<W> Drop for ChunkStream<W> {
     fn drop(&mut self) {
         if self.hasher.is_some() || self.compressor.is_some() {
             let _ = self.stop();
@@ -763,33 +852,32 @@ impl Drop for ChunkStream {
     }
 }
 
-fn hash_chunks(chunks: Receiver<Chunk>) -> (String, u64) {
+fn hash_chunks(chunks: Receiver<Chunk>) -> String {
     let mut hasher = Sha256::new();
-    let mut bytes = 0u64;
     for chunk in chunks {
         hasher.update(chunk.as_slice());
-        bytes += chunk.len() as u64;
     }
-    (hex::encode(hasher.finalize()), bytes)
+    hex::encode(hasher.finalize())
 }
 
 /// zstd's multithreaded mode compresses jobs of several MiB on its own worker pool; this thread
 /// only feeds it and writes out what comes back. The frame carries a content checksum so that a
 /// receiver detects corruption in the compressed bytes themselves.
-fn compress_chunks(chunks: Receiver<Chunk>, file: File, workers: u32) -> io::Result<File> {
-    let mut encoder = zstd::stream::write::Encoder::new(WritebackFile::new(file), ZSTD_LEVEL)?;
+fn compress_chunks<W: Write>(chunks: Receiver<Chunk>, output: W, workers: u32) -> io::Result<W> {
+    let mut encoder = zstd::stream::write::Encoder::new(output, ZSTD_LEVEL)?;
     encoder.multithread(workers)?;
     encoder.include_checksum(true)?;
     for chunk in chunks {
         encoder.write_all(chunk.as_slice())?;
     }
-    Ok(encoder.finish()?.file)
+    encoder.finish()
 }
 
 /// Starts the kernel's writeback of the artifact every few MiB while it is being written, so that
 /// the final fsync waits only for the last few MiB instead of the whole file (the technique of
 /// RocksDB's `bytes_per_sync`). The hint is advisory: if the kernel refuses it, writing goes on.
-struct WritebackFile {
+/// The coordinator writes received uploads through it too.
+pub struct WritebackFile {
     file: File,
     written: u64,
     writeback_started_at: u64,
@@ -800,8 +888,13 @@ struct WritebackFile {
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
 impl WritebackFile {
-    fn new(file: File) -> WritebackFile {
+    pub fn new(file: File) -> WritebackFile {
         WritebackFile { file, written: 0, writeback_started_at: 0, writeback_works: true }
+    }
+
+    /// The file, for its final `sync_all`.
+    pub fn into_file(self) -> File {
+        self.file
     }
 }
 
@@ -942,6 +1035,40 @@ mod tests {
         fs::set_permissions(workspace.path().join("dist/app"), fs::Permissions::from_mode(0o644)).unwrap();
         let (_out, changed_mode) = pack_tree(workspace.path(), &["dist"]);
         assert_ne!(original.digest, changed_mode.digest);
+    }
+
+    /// The two passes of an upload agree with `pack`: the digest pass gives pack's digest and
+    /// length without compressing, and the streaming pass (which does not hash) writes a stream
+    /// that decompresses to the same tar, as the receiving side's Verifier checks. A writer
+    /// that fails stops it.
+    #[test]
+    fn digest_pass_and_streaming_pack_agree_with_pack() {
+        let workspace = tempfile::tempdir().unwrap();
+        build_tree(workspace.path(), false);
+        let paths = ["dist".to_string(), "notes.txt".to_string()];
+        let (_out, packed) = pack_tree(workspace.path(), &["dist", "notes.txt"]);
+        assert_eq!(digest(workspace.path(), &paths).unwrap(), (packed.digest.clone(), packed.uncompressed_bytes));
+
+        let (length, bytes) = pack_into(workspace.path(), &paths, Vec::new()).unwrap();
+        assert_eq!(length, packed.uncompressed_bytes);
+        let mut verifier = Verifier::new();
+        for piece in bytes.chunks(4096) {
+            verifier.update(piece).unwrap();
+        }
+        assert_eq!(verifier.finish().unwrap(), (packed.digest, packed.uncompressed_bytes));
+
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let error = pack_into(workspace.path(), &paths, Broken).err().expect("a failing writer fails the pack");
+        assert!(error.0.contains("gone"), "{error}");
+        assert!(digest(workspace.path(), &["missing".to_string()]).is_err());
     }
 
     #[test]

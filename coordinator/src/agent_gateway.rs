@@ -55,7 +55,47 @@ struct SessionState {
     draining: bool,
     /// Jobs offered to (or reported by) the agent: job id -> attempt.
     jobs: HashMap<u64, u32>,
+    /// Attempts the agent reported a result for: job id -> (attempt, when). Until its
+    /// `FinishJob` is applied such a job still reads as leased to the agent, and a
+    /// reconciliation then must not offer it again (the agent would run it twice).
+    finished: HashMap<u64, (u32, Instant)>,
     last_heartbeat: Instant,
+}
+
+/// How long a reported result keeps its attempt from being offered again, at least: far longer
+/// than a `FinishJob` takes to apply. A finished attempt never becomes leased again (a retry is
+/// a new attempt), so forgetting it later is safe.
+const FINISHED_REMEMBERED: Duration = Duration::from_secs(60);
+
+impl SessionState {
+    fn new(capacity: u32, draining: bool) -> Self {
+        SessionState { capacity, draining, jobs: HashMap::new(), finished: HashMap::new(), last_heartbeat: Instant::now() }
+    }
+
+    /// Whether `attempt` of `job_id` is to be offered now; if so it counts as offered.
+    fn take_offer(&mut self, job_id: u64, attempt: u32) -> bool {
+        let finished = self.finished.get(&job_id).is_some_and(|(reported, _)| *reported == attempt);
+        if finished || self.jobs.get(&job_id) == Some(&attempt) {
+            return false;
+        }
+        self.jobs.insert(job_id, attempt);
+        true
+    }
+
+    /// The agent reported the attempt's result: it no longer holds the job, and is not offered
+    /// that attempt again.
+    fn report_finished(&mut self, job_id: u64, attempt: u32) {
+        if self.jobs.get(&job_id) == Some(&attempt) {
+            self.jobs.remove(&job_id);
+        }
+        self.finished.insert(job_id, (attempt, Instant::now()));
+    }
+
+    /// Forget reported results that are old and no longer leased (`leased`: job id -> attempt).
+    fn forget_finished(&mut self, leased: &HashMap<u64, u32>) {
+        self.finished
+            .retain(|job_id, (attempt, reported_at)| reported_at.elapsed() < FINISHED_REMEMBERED || leased.get(job_id) == Some(attempt));
+    }
 }
 
 struct Session {
@@ -185,20 +225,26 @@ impl AgentGateway {
         self.sessions.lock().expect("sessions lock").get(&agent_id).cloned()
     }
 
-    /// Jobs leased to `agent_id` in this node's applied state: job id -> (attempt, accepted).
+    /// Jobs leased to `agent_id` in this node's applied state.
     fn leased_jobs(&self, agent_id: u64) -> Result<Vec<Job>, Status> {
+        Ok(self.leases_by_agent()?.remove(&agent_id).unwrap_or_default())
+    }
+
+    /// Every running job in this node's applied state, by the agent holding its lease: one
+    /// pass over the running jobs, whatever the number of sessions to reconcile.
+    fn leases_by_agent(&self) -> Result<HashMap<u64, Vec<Job>>, Status> {
         let state = self.node.state();
-        let mut jobs = Vec::new();
+        let mut by_agent: HashMap<u64, Vec<Job>> = HashMap::new();
         for job_id in
             index_ids(&state, index::JOBS_BY_STATUS, job_status_name(JobStatus::Running)).map_err(|e| Status::internal(e.to_string()))?
         {
             if let Some(job) = load_id::<Job>(&state, Table::Jobs, job_id).map_err(|e| Status::internal(e.to_string()))?
-                && job.lease.as_ref().is_some_and(|lease| lease.agent_id == agent_id)
+                && let Some(agent_id) = job.lease.as_ref().map(|lease| lease.agent_id)
             {
-                jobs.push(job);
+                by_agent.entry(agent_id).or_default().push(job);
             }
         }
-        Ok(jobs)
+        Ok(by_agent)
     }
 
     /// The offer of a job: its spec and its environment's configuration with secrets opened.
@@ -235,12 +281,8 @@ impl AgentGateway {
 
     async fn offer(&self, session: &Session, job: &Job) {
         let Some(lease) = &job.lease else { return };
-        {
-            let mut state = session.state.lock().expect("session lock");
-            if state.jobs.get(&job.job_id) == Some(&lease.attempt) {
-                return;
-            }
-            state.jobs.insert(job.job_id, lease.attempt);
+        if !session.state.lock().expect("session lock").take_offer(job.job_id, lease.attempt) {
+            return;
         }
         match self.offer_for(job).await {
             Ok(offer) => {
@@ -258,17 +300,45 @@ impl AgentGateway {
     /// not yet offered, cancel what it holds that is no longer leased to it.
     async fn reconcile(&self, session: &Arc<Session>) {
         let Ok(leased) = self.leased_jobs(session.agent_id) else { return };
+        self.reconcile_with(session, leased).await;
+    }
+
+    /// [`Self::reconcile`] for many sessions, reading the running jobs once for all of them.
+    async fn reconcile_all(&self, sessions: Vec<Arc<Session>>) {
+        let Ok(mut by_agent) = self.leases_by_agent() else { return };
+        for session in sessions {
+            let leased = by_agent.remove(&session.agent_id).unwrap_or_default();
+            self.reconcile_with(&session, leased).await;
+        }
+    }
+
+    /// Reconcile a session with the jobs leased to its agent.
+    async fn reconcile_with(&self, session: &Arc<Session>, leased: Vec<Job>) {
         let leased_attempts: HashMap<u64, u32> =
             leased.iter().filter_map(|job| job.lease.as_ref().map(|lease| (job.job_id, lease.attempt))).collect();
-        let held: Vec<(u64, u32)> =
-            session.state.lock().expect("session lock").jobs.iter().map(|(job, attempt)| (*job, *attempt)).collect();
+        let held: Vec<(u64, u32)> = {
+            let mut state = session.state.lock().expect("session lock");
+            state.forget_finished(&leased_attempts);
+            state.jobs.iter().map(|(job, attempt)| (*job, *attempt)).collect()
+        };
         for (job_id, attempt) in held {
             if leased_attempts.get(&job_id) != Some(&attempt) {
                 self.cancel(session, job_id, attempt, "the job is no longer leased to this agent (cancelled, or retried elsewhere)");
             }
         }
         for job in &leased {
-            self.offer(session, job).await;
+            let attempt = job.lease.as_ref().map(|lease| lease.attempt);
+            if attempt.is_some() && session.state.lock().expect("session lock").jobs.get(&job.job_id).copied() == attempt {
+                continue;
+            }
+            // `leased` may have been read a while ago (a sweep reads it once for every
+            // session): a job the agent finished meanwhile must not be offered again.
+            let Ok(Some(current)) = load_id::<Job>(&self.node.state(), Table::Jobs, job.job_id) else { continue };
+            let still_leased = current.status == JobStatus::Running
+                && current.lease.as_ref().is_some_and(|lease| lease.agent_id == session.agent_id && Some(lease.attempt) == attempt);
+            if still_leased {
+                self.offer(session, &current).await;
+            }
         }
     }
 
@@ -310,8 +380,8 @@ impl AgentGateway {
                 },
                 _ = full_sweep.tick() => self.sessions.lock().expect("sessions lock").values().cloned().collect(),
             };
-            for session in sessions {
-                self.reconcile(&session).await;
+            if !sessions.is_empty() {
+                self.reconcile_all(sessions).await;
             }
         }
     }
@@ -456,12 +526,7 @@ impl AgentGateway {
         };
         let reason = (!result.reason.is_empty()).then_some(result.reason.clone());
         // The agent is done with it: no cancellation should chase the finished job.
-        {
-            let mut state = session.state.lock().expect("session lock");
-            if state.jobs.get(&result.job_id) == Some(&result.attempt) {
-                state.jobs.remove(&result.job_id);
-            }
-        }
+        session.state.lock().expect("session lock").report_finished(result.job_id, result.attempt);
         let outcome = self.propose(Command::FinishJob { job_id: result.job_id, attempt: result.attempt, end, reason }).await?;
         Ok(match outcome.result {
             Ok(_) => pb::ResultAck { job_id: result.job_id, attempt: result.attempt, accepted: true, reason: String::new() },
@@ -540,26 +605,50 @@ impl AgentGateway {
         self.fleet.notify_here();
     }
 
+    /// Receive an upload into a file under `upload_dir`, verifying the digest and length of the
+    /// decompressed tar while the bytes arrive: a blocking thread decompresses, hashes and writes
+    /// each message while the next one is received. The file is fsynced before this returns.
     async fn receive_upload(&self, meta: &ArtifactMeta, inbound: &mut Streaming<ArtifactUpload>) -> Result<(PathBuf, u64), Status> {
         std::fs::create_dir_all(&self.upload_dir).map_err(|e| Status::internal(format!("upload directory: {e}")))?;
         let path = self.upload_dir.join(format!("{}-{}.tar.zst", meta.digest, crate::auth::random_secret(8).to_ascii_lowercase()));
-        let mut file = tokio::fs::File::create(&path).await.map_err(|e| Status::internal(format!("upload file: {e}")))?;
-        let mut verifier = davit_agent::packing::Verifier::new();
-        let mut received = 0u64;
-        let result: Result<(), Status> = async {
+        let (to_writer, mut received_parts) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let writer = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || -> Result<(String, u64, u64), Status> {
+                let file = std::fs::File::create(&path).map_err(|e| Status::internal(format!("upload file: {e}")))?;
+                // Writeback starts every few MiB, so the final fsync waits only for the tail.
+                let mut file = davit_agent::packing::WritebackFile::new(file);
+                let mut verifier = davit_agent::packing::Verifier::new();
+                let mut received = 0u64;
+                while let Some(data) = received_parts.blocking_recv() {
+                    received += data.len() as u64;
+                    verifier.update(&data).map_err(|e| Status::invalid_argument(format!("artifact stream is not valid zstd: {e}")))?;
+                    std::io::Write::write_all(&mut file, &data).map_err(|e| Status::internal(e.to_string()))?;
+                }
+                let (digest, size) =
+                    verifier.finish().map_err(|e| Status::invalid_argument(format!("artifact stream is truncated or corrupt: {e}")))?;
+                file.into_file().sync_all().map_err(|e| Status::internal(e.to_string()))?;
+                Ok((digest, size, received))
+            }
+        });
+        let receiving: Result<(), Status> = async {
             while let Some(part) = inbound.next().await {
                 match part?.part {
                     Some(artifact_upload::Part::Data(data)) => {
-                        received += data.len() as u64;
-                        verifier.update(&data).map_err(|e| Status::invalid_argument(format!("artifact stream is not valid zstd: {e}")))?;
-                        tokio::io::AsyncWriteExt::write_all(&mut file, &data).await.map_err(|e| Status::internal(e.to_string()))?;
+                        if to_writer.send(data).await.is_err() {
+                            // The writer stopped on an error, which it returns below.
+                            break;
+                        }
                     }
                     _ => return Err(Status::invalid_argument("only the first upload message may carry metadata")),
                 }
             }
-            tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| Status::internal(e.to_string()))?;
-            let (digest, size) =
-                verifier.finish().map_err(|e| Status::invalid_argument(format!("artifact stream is truncated or corrupt: {e}")))?;
+            Ok(())
+        }
+        .await;
+        drop(to_writer);
+        let written = writer.await.map_err(|e| Status::internal(format!("the upload writer panicked: {e}")))?;
+        let result = receiving.and(written).and_then(|(digest, size, received)| {
             if digest != meta.digest {
                 return Err(Status::invalid_argument(format!(
                     "digest mismatch: the agent announced sha256:{} but the bytes received hash to sha256:{digest}",
@@ -572,15 +661,15 @@ impl AgentGateway {
                     meta.uncompressed_bytes
                 )));
             }
-            Ok(())
+            Ok(received)
+        });
+        match result {
+            Ok(received) => Ok((path, received)),
+            Err(status) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                Err(status)
+            }
         }
-        .await;
-        if let Err(status) = result {
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(status);
-        }
-        file.sync_all().await.map_err(|e| Status::internal(e.to_string()))?;
-        Ok((path, received))
     }
 
     async fn record_artifact(&self, meta: &ArtifactMeta, uploaded: bool) -> Result<ArtifactRecorded, Status> {
@@ -678,12 +767,7 @@ impl AgentService for AgentGrpc {
             agent_id: agent.agent_id,
             session_id: gateway.next_session_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             outbox,
-            state: Mutex::new(SessionState {
-                capacity: hello.capacity.max(1),
-                draining: hello.draining,
-                jobs: HashMap::new(),
-                last_heartbeat: Instant::now(),
-            }),
+            state: Mutex::new(SessionState::new(hello.capacity.max(1), hello.draining)),
         });
         gateway.sessions.lock().expect("sessions lock").insert(agent.agent_id, session.clone());
         if let Err(status) = gateway.announce(agent.agent_id, Some(&hello)).await {
@@ -743,13 +827,24 @@ impl AgentService for AgentGrpc {
         gateway.check_lease(meta.job_id, meta.attempt)?;
         let started = Instant::now();
         let (path, received) = gateway.receive_upload(&meta, &mut inbound).await?;
+        let verified = started.elapsed();
         let key = blob_key(&meta.digest);
-        let stored = gateway.blobs.put_file(&key, &path).await;
-        let _ = tokio::fs::remove_file(&path).await;
-        stored.map_err(|e| Status::internal(e.to_string()))?;
+        gateway.blobs.adopt_file(&key, &path).await.map_err(|e| Status::internal(e.to_string()))?;
+        let stored = started.elapsed();
         metrics::counter!("davit_artifact_upload_bytes_total").increment(received);
-        metrics::histogram!("davit_artifact_upload_seconds").record(started.elapsed().as_secs_f64());
-        Ok(Response::new(gateway.record_artifact(&meta, true).await?))
+        metrics::histogram!("davit_artifact_upload_seconds").record(stored.as_secs_f64());
+        let recorded = gateway.record_artifact(&meta, true).await?;
+        tracing::info!(
+            job_id = meta.job_id,
+            digest = %meta.digest,
+            compressed_bytes = received,
+            uncompressed_bytes = meta.uncompressed_bytes,
+            received_and_verified_ms = verified.as_millis() as u64,
+            stored_ms = (stored - verified).as_millis() as u64,
+            recorded_ms = (started.elapsed() - stored).as_millis() as u64,
+            "artifact uploaded"
+        );
+        Ok(Response::new(recorded))
     }
 
     async fn record_artifact(&self, request: Request<ArtifactMeta>) -> Result<Response<ArtifactRecorded>, Status> {
@@ -796,36 +891,70 @@ impl AgentGateway {
         if chunk.sequence == 0 || chunk.sequence > u64::from(u32::MAX) {
             return Err(Status::invalid_argument("log chunk sequences start at 1"));
         }
-        if chunk_checksum(chunk.lines.iter().map(|line| line.text.as_str())) != chunk.sha256 {
-            return Err(Status::data_loss(format!("log chunk {} of job {} failed its checksum; resend it", chunk.sequence, chunk.job_id)));
-        }
-        let sequence = log_segments::chunk_sequence(chunk.attempt, chunk.sequence);
-        if chunk.sequence > 1
-            && !log_segments::segment_exists(&self.node, job.deployment_id, job.job_id, sequence - 1).map_err(status_of)?
-        {
+        let attempt = chunk.attempt;
+        // The checksum and the encoding take a few milliseconds of CPU per 512 KiB chunk: off
+        // the runtime's workers, so that they keep serving sessions and Raft meanwhile.
+        let (job_id, chunk_number) = (job.job_id, chunk.sequence);
+        let prepared = log_segments::run_cpu_bound(move || {
+            if chunk_checksum(chunk.lines.iter().map(|line| line.text.as_str())) != chunk.sha256 {
+                return None;
+            }
+            let lines: Vec<LogLine> = chunk
+                .lines
+                .into_iter()
+                .map(|line| LogLine {
+                    timestamp: line.timestamp,
+                    level: level_of(line.level),
+                    job_id,
+                    message: line.text,
+                    step: Some(line.step),
+                })
+                .collect();
+            let bytes: usize = lines.iter().map(|line| line.message.len() + 1).sum();
+            Some((log_segments::EncodedSegment::new(&lines), bytes))
+        })
+        .await
+        .map_err(status_of)?;
+        let Some((segment, bytes)) = prepared else {
+            return Err(Status::data_loss(format!("log chunk {chunk_number} of job {job_id} failed its checksum; resend it")));
+        };
+        let sequence = log_segments::chunk_sequence(attempt, chunk_number);
+        if chunk_number > 1 && !log_segments::segment_exists(&self.node, job.deployment_id, job_id, sequence - 1).map_err(status_of)? {
             return Err(Status::failed_precondition(format!(
-                "log chunk {} of job {} arrived before chunk {}; resend from the last acknowledged chunk",
-                chunk.sequence,
-                chunk.job_id,
-                chunk.sequence - 1
+                "log chunk {chunk_number} of job {job_id} arrived before chunk {}; resend from the last acknowledged chunk",
+                chunk_number - 1
             )));
         }
-        let lines: Vec<LogLine> = chunk
-            .lines
-            .into_iter()
-            .map(|line| LogLine {
-                timestamp: line.timestamp,
-                level: level_of(line.level),
-                job_id: job.job_id,
-                message: line.text,
-                step: Some(line.step),
-            })
-            .collect();
-        let bytes: usize = lines.iter().map(|line| line.message.len() + 1).sum();
-        log_segments::store_chunk(&self.node, self.blobs.as_ref(), job.deployment_id, job.job_id, sequence, &lines)
+        log_segments::store_chunk(&self.node, self.blobs.as_ref(), job.deployment_id, job_id, sequence, segment)
             .await
             .map_err(status_of)?;
         metrics::counter!("davit_log_ingest_bytes_total").increment(bytes as u64);
-        Ok(LogAck { job_id: job.job_id, attempt: chunk.attempt, sequence: chunk.sequence, refused: String::new() })
+        Ok(LogAck { job_id, attempt, sequence: chunk_number, refused: String::new() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (found by `benches/` dispatch): a reconciliation that read the running jobs
+    /// before an agent's `FinishJob` was applied offered the finished attempt again, and a real
+    /// agent would have run the job twice.
+    #[test]
+    fn a_finished_attempt_is_not_offered_again() {
+        let mut state = SessionState::new(1, false);
+        assert!(state.take_offer(7, 1));
+        assert!(!state.take_offer(7, 1), "offered once");
+        state.report_finished(7, 1);
+        assert!(state.jobs.is_empty(), "no cancellation chases a finished job");
+        // Still leased to the agent in the state the reconciliation read: not offered again.
+        state.forget_finished(&HashMap::from([(7, 1)]));
+        assert!(!state.take_offer(7, 1));
+        // A retry is a new attempt, offered as usual.
+        assert!(state.take_offer(7, 2));
+        // Recent reports are kept even once the job reads as no longer leased.
+        state.report_finished(7, 2);
+        state.forget_finished(&HashMap::new());
+        assert!(!state.take_offer(7, 2));
     }
 }

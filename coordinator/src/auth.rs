@@ -40,6 +40,37 @@ pub fn hash_password(password: &str) -> Result<String, AuthError> {
     argon2().hash_password(password.as_bytes()).map(|hash| hash.to_string()).map_err(|e| AuthError::Hash(e.to_string()))
 }
 
+/// At most this many password hashes are computed at once (one per core): each takes 19 MiB
+/// and a core for tens of milliseconds, so a burst of logins queues instead of exhausting the
+/// node's memory.
+static HASHING: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map(std::num::NonZeroUsize::get).unwrap_or(1))
+});
+
+/// Run a password hash off the async runtime, a bounded number at a time.
+async fn hashing<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, AuthError> {
+    let _permit = HASHING.acquire().await.map_err(|e| AuthError::Hash(e.to_string()))?;
+    tokio::task::spawn_blocking(work).await.map_err(|e| AuthError::Hash(e.to_string()))
+}
+
+/// [`hash_password`] for async callers.
+pub async fn hash_password_async(password: String) -> Result<String, AuthError> {
+    hashing(move || hash_password(&password)).await?
+}
+
+/// [`verify_password`] for async callers. Without a stored hash (an unknown user) it checks
+/// against a dummy hash and answers false, so the answer takes as long either way and does not
+/// reveal which usernames exist.
+pub async fn verify_password_async(password: String, stored_hash: Option<String>) -> Result<bool, AuthError> {
+    static DUMMY_HASH: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| hash_password("davit-dummy-password").expect("hashing works"));
+    hashing(move || {
+        let known = stored_hash.is_some();
+        verify_password(&password, stored_hash.as_deref().unwrap_or(&DUMMY_HASH)) && known
+    })
+    .await
+}
+
 pub fn verify_password(password: &str, stored_hash: &str) -> bool {
     match PasswordHash::new(stored_hash) {
         Ok(hash) => argon2::Argon2::default().verify_password(password.as_bytes(), &hash).is_ok(),

@@ -37,6 +37,14 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Store the contents of a local file under `key` without holding it in memory; durable
     /// when this returns. The file itself is left in place.
     async fn put_file(&self, key: &str, source: &Path) -> Result<(), BlobError>;
+    /// Store a local file under `key`, taking it over: durable when this returns, and `source`
+    /// is gone afterwards whatever the result. A store on the same filesystem moves the file
+    /// instead of copying it.
+    async fn adopt_file(&self, key: &str, source: &Path) -> Result<(), BlobError> {
+        let stored = self.put_file(key, source).await;
+        let _ = tokio::fs::remove_file(source).await;
+        stored
+    }
     /// Read `key` from byte `offset` on, streaming; `None` if there is no such blob.
     async fn open(&self, key: &str, offset: u64) -> Result<Option<BlobReader>, BlobError>;
     /// Delete `key`; deleting a missing key is not an error.
@@ -124,6 +132,33 @@ impl BlobStore for DirBlobStore {
                 let mut input = std::fs::File::open(&source)?;
                 std::io::copy(&mut input, file).map(|_| ())
             })
+        })
+        .await
+        .expect("blob writer panicked")
+        .map_err(io_error(&owned_key))
+    }
+
+    async fn adopt_file(&self, key: &str, source: &Path) -> Result<(), BlobError> {
+        let path = self.path(key)?;
+        let source = source.to_path_buf();
+        let owned_key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let adopted = (|| {
+                // The contents must be durable before the name that publishes them.
+                std::fs::File::open(&source)?.sync_all()?;
+                let directory = path.parent().expect("blob paths have a parent");
+                std::fs::create_dir_all(directory)?;
+                match std::fs::rename(&source, &path) {
+                    Ok(()) => std::fs::File::open(directory)?.sync_all(),
+                    Err(error) if error.kind() == std::io::ErrorKind::CrossesDevices => Self::write_atomically(&path, |file| {
+                        let mut input = std::fs::File::open(&source)?;
+                        std::io::copy(&mut input, file).map(|_| ())
+                    }),
+                    Err(error) => Err(error),
+                }
+            })();
+            let _ = std::fs::remove_file(&source);
+            adopted
         })
         .await
         .expect("blob writer panicked")
@@ -225,5 +260,24 @@ mod tests {
         for bad in ["../escape", "a//b", "UPPER", "", "a/./b"] {
             assert!(matches!(store.put(bad, vec![]).await, Err(BlobError::BadKey(_))), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn adopting_a_file_moves_it_into_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirBlobStore::open(&dir.path().join("blobs")).unwrap();
+        let source = dir.path().join("upload.tar.zst");
+        std::fs::write(&source, b"compressed").unwrap();
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&source).unwrap());
+        store.adopt_file("artifacts/sha256/ef/ef01", &source).await.unwrap();
+        let stored = dir.path().join("blobs/artifacts/sha256/ef/ef01");
+        assert_eq!(std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&stored).unwrap()), inode, "moved, not copied");
+        assert_eq!(store.get("artifacts/sha256/ef/ef01").await.unwrap().unwrap(), b"compressed");
+        assert!(!source.exists(), "the source is taken over");
+        // A bad key refuses before touching anything; a missing source is an error.
+        std::fs::write(&source, b"again").unwrap();
+        assert!(matches!(store.adopt_file("../escape", &source).await, Err(BlobError::BadKey(_))));
+        assert!(store.adopt_file("artifacts/sha256/ef/ef02", &dir.path().join("missing")).await.is_err());
+        assert!(store.get("artifacts/sha256/ef/ef02").await.unwrap().is_none());
     }
 }

@@ -16,6 +16,7 @@ pub mod observability;
 pub mod raft;
 pub mod retention;
 pub mod scheduler;
+pub mod scm;
 pub mod secrets;
 pub mod server;
 pub mod state;

@@ -11,7 +11,7 @@ use davit_proto::cluster::cluster_service_client::ClusterServiceClient;
 use davit_proto::cluster::{AdminRequest, ProposeRequest, ReadIndexRequest};
 use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::config::NodeConfig;
 use crate::raft::log_store::LogStore;
@@ -96,6 +96,7 @@ pub struct Node {
     committed_index: Arc<std::sync::atomic::AtomicU64>,
     quorum_timeout: Duration,
     events: tokio::sync::broadcast::Sender<crate::state::events::StateEvent>,
+    proposals: mpsc::UnboundedSender<PendingProposal>,
 }
 
 impl Node {
@@ -130,7 +131,8 @@ impl Node {
         let raft_config = Arc::new(raft_config.validate()?);
         let raft = Raft::new(config.node_id, raft_config, NetworkFactory::new(channels.clone()), log_store, state_machine).await?;
         let quorum_timeout = Duration::from_millis(config.raft.quorum_timeout_ms);
-        let node = Arc::new(Node { config, raft, backend, channels, applied_index, committed_index, quorum_timeout, events });
+        let proposals = ProposalBatcher::spawn(raft.clone(), config.node_id);
+        let node = Arc::new(Node { config, raft, backend, channels, applied_index, committed_index, quorum_timeout, events, proposals });
         node.bootstrap_if_new().await?;
         Ok(node)
     }
@@ -242,23 +244,20 @@ impl Node {
         result
     }
 
-    /// Stamp and propose on this node, which must be the leader.
+    /// Stamp and propose on this node, which must be the leader. Proposals that arrive while
+    /// earlier writes are in flight share one Raft entry (see [`ProposalBatcher`]).
     pub async fn propose_as_leader(&self, requester: Requester, command: Command) -> Result<(Outcome, u64), NodeError> {
         let proposal = Proposal { time: crate::auth::now_millis(), actor: requester.user_id, command, source: requester.source };
-        let write = self.raft.client_write(proposal);
-        match tokio::time::timeout(self.quorum_timeout, write).await {
+        let (reply, outcome) = oneshot::channel();
+        self.proposals.send(PendingProposal { proposal, reply }).map_err(|_| NodeError::Internal("the node is shutting down".into()))?;
+        match tokio::time::timeout(self.quorum_timeout, outcome).await {
             Err(_) => Err(NodeError::Unavailable(format!(
                 "the write was not committed within {} ms: node {} cannot reach a majority of voters. It may still commit later; check before retrying",
                 self.quorum_timeout.as_millis(),
                 self.id()
             ))),
-            Ok(Ok(response)) => Ok((response.data, response.log_id.index)),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => Err(NodeError::Unavailable(format!(
-                "node {} stopped being the leader (new leader: {:?}); retry",
-                self.id(),
-                forward.leader_id
-            ))),
-            Ok(Err(error)) => Err(NodeError::Internal(error.to_string())),
+            Ok(Err(_)) => Err(NodeError::Internal("the write was dropped before it was proposed".into())),
+            Ok(Ok(result)) => result,
         }
     }
 
@@ -472,6 +471,90 @@ impl From<NodeError> for tonic::Status {
             NodeError::Unavailable(message) => tonic::Status::unavailable(message),
             NodeError::Invalid(message) => tonic::Status::invalid_argument(message),
             NodeError::Internal(message) => tonic::Status::internal(message),
+        }
+    }
+}
+
+/// A proposal waiting for the leader's next Raft write, and where its outcome goes.
+struct PendingProposal {
+    proposal: Proposal,
+    reply: oneshot::Sender<Result<(Outcome, u64), NodeError>>,
+}
+
+/// Group commit for proposals. openraft 0.9 writes each `client_write` as its own log append
+/// and waits for that append to be durable before it takes the next, so one proposal per entry
+/// means one durable commit per write whatever the concurrency. The batcher keeps at most
+/// [`ProposalBatcher::WRITES_IN_FLIGHT`] writes in openraft; whatever arrives meanwhile is
+/// proposed together as one [`Command::Batch`] entry, applied in order with an outcome per
+/// proposal. A lone proposal (an idle leader) is written as it is, without waiting.
+struct ProposalBatcher;
+
+impl ProposalBatcher {
+    const WRITES_IN_FLIGHT: usize = 2;
+    const MAX_PROPOSALS: usize = 256;
+
+    fn spawn(raft: Raft, node_id: NodeId) -> mpsc::UnboundedSender<PendingProposal> {
+        let (sender, mut receiver) = mpsc::unbounded_channel::<PendingProposal>();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(Self::WRITES_IN_FLIGHT));
+            loop {
+                let permit = in_flight.clone().acquire_owned().await.expect("the semaphore is never closed");
+                let Some(first) = receiver.recv().await else { return };
+                let mut pending = vec![first];
+                while pending.len() < Self::MAX_PROPOSALS
+                    && let Ok(next) = receiver.try_recv()
+                {
+                    pending.push(next);
+                }
+                // A caller that gave up (its timeout passed) while queued is not written.
+                pending.retain(|proposal| !proposal.reply.is_closed());
+                if pending.is_empty() {
+                    continue;
+                }
+                let raft = raft.clone();
+                tokio::spawn(async move {
+                    Self::write(&raft, node_id, pending).await;
+                    drop(permit);
+                });
+            }
+        });
+        sender
+    }
+
+    async fn write(raft: &Raft, node_id: NodeId, pending: Vec<PendingProposal>) {
+        metrics::histogram!("davit_proposal_batch").record(pending.len() as f64);
+        let (mut proposals, replies): (Vec<Proposal>, Vec<_>) =
+            pending.into_iter().map(|pending| (pending.proposal, pending.reply)).unzip();
+        let batched = proposals.len() > 1;
+        let entry = if batched {
+            Proposal { time: crate::auth::now_millis(), actor: None, command: Command::Batch { proposals }, source: None }
+        } else {
+            proposals.pop().expect("at least one proposal")
+        };
+        match raft.client_write(entry).await {
+            Ok(response) => {
+                let index = response.log_id.index;
+                let outcomes = if batched { response.data.batch } else { vec![response.data] };
+                let mut outcomes = outcomes.into_iter();
+                for reply in replies {
+                    let result = outcomes
+                        .next()
+                        .map(|outcome| (outcome, index))
+                        .ok_or_else(|| NodeError::Internal(format!("the batch at log index {index} returned too few outcomes")));
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                for reply in replies {
+                    let _ = reply.send(Err(match &error {
+                        RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => NodeError::Unavailable(format!(
+                            "node {node_id} stopped being the leader (new leader: {:?}); retry",
+                            forward.leader_id
+                        )),
+                        error => NodeError::Internal(error.to_string()),
+                    }));
+                }
+            }
         }
     }
 }

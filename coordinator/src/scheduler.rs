@@ -2,8 +2,13 @@
 //! fairly between pipelines and within each pipeline's concurrency, and watches agents'
 //! heartbeats to declare the silent ones lost (their jobs are then retried elsewhere).
 //! `plan_assignments` and `lost_agents` are pure; `Scheduler` carries out one round at a time.
+//!
+//! A round costs O(queued + running jobs + present agents) in memory: the agents' records are
+//! kept in [`AgentRecords`] (reloaded per agent on `AgentChanged`), and every state event that
+//! arrived while a round ran is answered by one next round, so the cost follows the rate of
+//! rounds, not of events.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +35,8 @@ pub struct QueuedJob {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
     pub agent_id: u64,
-    pub labels: BTreeMap<String, String>,
+    /// Shared with the scheduler's copy of the agent: a round does not copy every agent's labels.
+    pub labels: Arc<BTreeMap<String, String>>,
     pub free: u32,
 }
 
@@ -112,33 +118,108 @@ pub fn lost_agents(connected: &[u64], last_heard: &HashMap<u64, Duration>, leade
         .collect()
 }
 
+/// The scheduler's copy of the agents' records, so that a round does not read and decode every
+/// agent. An agent's record changes only through commands that raise `AgentChanged` (connected,
+/// lost, deregistered), except registration, which leaves it offline (nothing to schedule
+/// on, nothing to lose) until it connects. A changed agent is reloaded before the next round;
+/// everything is reloaded after a missed event, when this node becomes leader, and every
+/// [`AgentRecords::RELOAD_ALL_EVERY`] as a safety net.
+#[derive(Default)]
+struct AgentRecords {
+    agents: HashMap<u64, KnownAgent>,
+    stale: HashSet<u64>,
+    loaded_at: Option<Instant>,
+}
+
+struct KnownAgent {
+    agent: Agent,
+    /// The labels jobs are matched against: the agent's own and `executor=<its executors>`.
+    offered: Arc<BTreeMap<String, String>>,
+}
+
+impl KnownAgent {
+    fn new(agent: Agent) -> Self {
+        let mut offered = agent.labels.clone();
+        offered.insert("executor".into(), agent.executors.join(","));
+        KnownAgent { agent, offered: Arc::new(offered) }
+    }
+}
+
+impl AgentRecords {
+    const RELOAD_ALL_EVERY: Duration = Duration::from_secs(30);
+
+    fn invalidate(&mut self, agent_id: u64) {
+        self.stale.insert(agent_id);
+    }
+
+    fn invalidate_all(&mut self) {
+        self.loaded_at = None;
+    }
+
+    /// Bring the copy up to date with the applied state.
+    fn refresh(&mut self, node: &Node) -> anyhow::Result<()> {
+        if self.loaded_at.is_none_or(|loaded_at| loaded_at.elapsed() > Self::RELOAD_ALL_EVERY) {
+            let mut agents = HashMap::new();
+            for (_, bytes) in node.backend.scan(Table::Agents, crate::store::prefix_range(&[]), usize::MAX, false)? {
+                let agent: Agent = crate::state::codec::decode(Table::Agents, &bytes)?;
+                agents.insert(agent.agent_id, KnownAgent::new(agent));
+            }
+            self.agents = agents;
+            self.stale.clear();
+            self.loaded_at = Some(Instant::now());
+            return Ok(());
+        }
+        let state = node.state();
+        for agent_id in std::mem::take(&mut self.stale) {
+            match load_id::<Agent>(&state, Table::Agents, agent_id)? {
+                Some(agent) => self.agents.insert(agent_id, KnownAgent::new(agent)),
+                None => self.agents.remove(&agent_id),
+            };
+        }
+        Ok(())
+    }
+}
+
 pub struct Scheduler {
     node: Arc<Node>,
     fleet: Arc<Fleet>,
     /// When this node last became leader (leases get a grace from then).
     leader_since: Option<Instant>,
     lease_grace: Duration,
+    agents: AgentRecords,
 }
 
 impl Scheduler {
     pub fn new(node: Arc<Node>, fleet: Arc<Fleet>, lease_grace: Duration) -> Self {
-        Scheduler { node, fleet, leader_since: None, lease_grace }
+        Scheduler { node, fleet, leader_since: None, lease_grace, agents: AgentRecords::default() }
     }
 
     /// Run for as long as the node lives: a round whenever work or the fleet changes, and at
-    /// least every second.
+    /// least every second. Events that arrive while a round runs are answered together by the
+    /// next one.
     pub async fn run(mut self) {
         let mut events = self.node.subscribe();
         let fleet_changed = self.fleet.changed();
         loop {
-            tokio::select! {
-                event = events.recv() => {
-                    if matches!(event, Ok(StateEvent::JobsAssigned { .. })) {
-                        continue;
-                    }
+            let mut due = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(event) => self.note(&event),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => self.missed_events(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = fleet_changed.notified() => true,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+            };
+            loop {
+                match events.try_recv() {
+                    Ok(event) => due |= self.note(&event),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => due |= self.missed_events(),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::broadcast::error::TryRecvError::Closed) => return,
                 }
-                _ = fleet_changed.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if !due {
+                continue;
             }
             if let Err(error) = self.round().await {
                 tracing::warn!(%error, "scheduler round failed");
@@ -147,13 +228,34 @@ impl Scheduler {
         }
     }
 
+    /// Take note of an applied change; whether it calls for a round. Assignments are the
+    /// scheduler's own doing and free nothing.
+    fn note(&mut self, event: &StateEvent) -> bool {
+        match event {
+            StateEvent::JobsAssigned { .. } => false,
+            StateEvent::AgentChanged { agent_id } => {
+                self.agents.invalidate(*agent_id);
+                true
+            }
+            StateEvent::WorkChanged | StateEvent::JobsChanged { .. } | StateEvent::DeploymentChanged { .. } => true,
+        }
+    }
+
+    /// Events were dropped (the scheduler fell behind): nothing cached can be trusted.
+    fn missed_events(&mut self) -> bool {
+        self.agents.invalidate_all();
+        true
+    }
+
     /// One round: declare silent agents lost, then assign what can be assigned.
     pub async fn round(&mut self) -> anyhow::Result<usize> {
         if !self.node.is_leader() {
             self.leader_since = None;
+            self.agents.invalidate_all();
             return Ok(0);
         }
         let leader_since = *self.leader_since.get_or_insert_with(Instant::now);
+        self.agents.refresh(&self.node)?;
         self.expire_silent_agents(leader_since.elapsed()).await?;
         let started = Instant::now();
         let (queued, mut candidates, running, concurrency) = self.view()?;
@@ -183,8 +285,7 @@ impl Scheduler {
         let mut connected = Vec::new();
         let mut heard = self.fleet.last_heard();
         let now = crate::auth::now_millis();
-        for (_, bytes) in self.node.backend.scan(Table::Agents, crate::store::prefix_range(&[]), usize::MAX, false)? {
-            let agent: Agent = crate::state::codec::decode(Table::Agents, &bytes)?;
+        for KnownAgent { agent, .. } in self.agents.agents.values() {
             if matches!(agent.state, AgentState::Online | AgentState::Draining) {
                 connected.push(agent.agent_id);
                 // A session that just (re)connected counts as heard from at its connection,
@@ -241,16 +342,14 @@ impl Scheduler {
             if presence.draining {
                 continue;
             }
-            let Some(agent) = load_id::<Agent>(&state, Table::Agents, presence.agent_id)? else { continue };
+            let Some(KnownAgent { agent, offered }) = self.agents.agents.get(&presence.agent_id) else { continue };
             if agent.state != AgentState::Online {
                 continue;
             }
             let busy = running_per_agent.get(&agent.agent_id).copied().unwrap_or(0);
             let free = presence.capacity.saturating_sub(busy);
             if free > 0 {
-                let mut labels = agent.labels.clone();
-                labels.insert("executor".into(), agent.executors.join(","));
-                candidates.push(Candidate { agent_id: agent.agent_id, labels, free });
+                candidates.push(Candidate { agent_id: agent.agent_id, labels: offered.clone(), free });
             }
         }
         Ok((queued, candidates, running_per_pipeline, concurrency))
@@ -270,7 +369,7 @@ mod tests {
     }
 
     fn agent(agent_id: u64, free: u32, offered: &[(&str, &str)]) -> Candidate {
-        Candidate { agent_id, labels: labels(offered), free }
+        Candidate { agent_id, labels: Arc::new(labels(offered)), free }
     }
 
     #[test]

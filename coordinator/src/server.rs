@@ -52,6 +52,13 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
     })
 }
 
+/// The gRPC listener's connections with TCP_NODELAY. tonic applies `Server::tcp_nodelay` only to
+/// listeners it binds itself; without it, a small message (an offer right after a result's
+/// acknowledgement, a Raft append) waits up to 40 ms for the peer's delayed ACK.
+fn incoming_with_nodelay(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     let http_listener = bind(&config.http_addr, "HTTP").await?;
     let grpc_listener = bind(&config.grpc_addr, "gRPC").await?;
@@ -78,7 +85,12 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     tokio::spawn(scheduler.run());
     tokio::spawn(crate::retention::ArtifactRetention::new(node.clone(), blobs.clone(), node.config.retention.clone()).run());
 
-    let mut grpc = tonic::transport::Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(Duration::from_secs(10)));
+    // HTTP/2 flow-control windows well above hyper's 1 MiB default, so that an artifact upload
+    // (1 MiB messages) or a log stream is not throttled to one message per round trip.
+    let mut grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20));
     if let Some(tls) = &tls {
         grpc = grpc.tls_config(tls.tonic_server())?;
     }
@@ -92,7 +104,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
         )
         .add_service(ConfigServiceServer::new(ConfigGrpc::new(node.clone(), secrets.clone())));
     tokio::spawn(async move {
-        if let Err(error) = grpc.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc_listener)).await {
+        if let Err(error) = grpc.serve_with_incoming(incoming_with_nodelay(grpc_listener)).await {
             tracing::error!(%error, "gRPC server stopped");
         }
     });
@@ -103,7 +115,11 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
         None => {
             tokio::spawn(async move {
                 let service = app.into_make_service_with_connect_info::<SocketAddr>();
-                if let Err(error) = axum::serve(http_listener, service).await {
+                // TCP_NODELAY: Server-Sent Events and small answers go out at once.
+                let listener = axum::serve::ListenerExt::tap_io(http_listener, |stream: &mut tokio::net::TcpStream| {
+                    let _ = stream.set_nodelay(true);
+                });
+                if let Err(error) = axum::serve(listener, service).await {
                     tracing::error!(%error, "HTTP server stopped");
                 }
             });
@@ -198,6 +214,7 @@ async fn serve_https(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor,
                 continue;
             }
         };
+        let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let app = app.clone().layer(axum::Extension(axum::extract::ConnectInfo(remote_addr)));
         tokio::spawn(async move {
@@ -239,13 +256,8 @@ async fn initialize_cluster(node: Arc<Node>, credentials_file: PathBuf, credenti
             (Ok(username), Ok(password)) if !username.is_empty() && password.len() >= 8 => (username, password),
             _ => ("admin".to_string(), auth::random_secret(20)),
         };
-        let password_hash = match tokio::task::spawn_blocking({
-            let password = password.clone();
-            move || auth::hash_password(&password)
-        })
-        .await
-        {
-            Ok(Ok(hash)) => hash,
+        let password_hash = match auth::hash_password_async(password.clone()).await {
+            Ok(hash) => hash,
             other => {
                 tracing::error!(?other, "cannot hash the first admin's password");
                 return;

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use single_node::{ADMIN_USERNAME, SingleNode, expect_field_error, expect_status};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/webhooks");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/webhooks");
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(format!("{FIXTURES}/{name}")).unwrap_or_else(|error| panic!("read the fixture {FIXTURES}/{name}: {error}"))

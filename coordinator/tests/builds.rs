@@ -97,8 +97,10 @@ impl GitServer {
         std::fs::create_dir_all(&served).unwrap();
         git(root.path(), &["clone", "-q", "--bare", work.to_str().unwrap(), served.join(format!("{name}.git")).to_str().unwrap()]);
         let port = free_port();
-        let daemon = Command::new("git")
-            .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
+        // `git-daemon` itself, not the `git daemon` wrapper: killing the wrapper would leave the
+        // daemon it forked running after the test.
+        let daemon = Command::new(Path::new(&git(root.path(), &["--exec-path"])).join("git-daemon"))
+            .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
             .arg(format!("--base-path={}", served.display()))
             .arg(&served)
             .stdout(Stdio::null())
@@ -368,7 +370,7 @@ async fn docker_build_from_git_daemon_stores_the_artifact_the_agent_hashed_and_a
         .as_array()
         .unwrap()
         .iter()
-        .find_map(|line| line["message"].as_str().filter(|text| text.starts_with("packed ")))
+        .find_map(|line| line["message"].as_str().filter(|text| text.starts_with("hashed ")))
         .unwrap();
     assert!(packed_line.contains(&format!("sha256:{digest}")), "{packed_line}");
     let tar = api.bytes(&format!("/api/v1/artifacts/{}", artifact["artifact_id"])).await;

@@ -116,8 +116,9 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
     documented_routes().split_for_parts().1
 }
 
-/// Every `/api/v1` route with its OpenAPI description. Artifact uploads get their own, larger
-/// body limit, so they are merged after the JSON limit is applied to the rest.
+/// Every `/api/v1` route with its OpenAPI description. Artifact uploads and webhook deliveries
+/// (GitHub sends up to 25 MB) get their own, larger body limits, so they are merged after the
+/// JSON limit is applied to the rest.
 fn documented_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(users::routes())
@@ -131,5 +132,6 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(cluster::routes())
         .merge(agents::routes())
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .merge(repos::webhook_routes().layer(DefaultBodyLimit::max(crate::scm::events::MAX_PAYLOAD_BYTES)))
         .merge(artifacts::routes())
 }

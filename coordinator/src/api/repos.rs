@@ -16,6 +16,7 @@ use super::extract::{Caller, JsonBody, Page, Paged, Path, Query, RawBody, page_o
 use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
+use crate::scm::events::{self, ScmEvent};
 use crate::state::Command;
 use crate::state::apply::{index, load_id};
 use crate::state::command::RepositoryPatch;
@@ -23,11 +24,16 @@ use crate::state::records::{Repository, Role, ScmType};
 use crate::store::Table;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(connect_repository))
-        .routes(routes!(list_repositories))
-        .routes(routes!(get_repository, update_repository, delete_repository))
-        .routes(routes!(webhook))
+    OpenApiRouter::new().routes(routes!(connect_repository)).routes(routes!(list_repositories)).routes(routes!(
+        get_repository,
+        update_repository,
+        delete_repository
+    ))
+}
+
+/// The webhook endpoint, under its own body limit (see `api::documented_routes`).
+pub fn webhook_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(webhook))
 }
 
 /// The sealing context of a repository's webhook secret.
@@ -277,23 +283,6 @@ async fn delete_repository(State(state): State<AppState>, caller: Caller, Path(i
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The URLs a provider's payload names its repository by.
-fn payload_urls(payload: &serde_json::Value) -> Vec<String> {
-    let pointers = [
-        "/repository/html_url",
-        "/repository/clone_url",
-        "/repository/ssh_url",
-        "/repository/git_http_url",
-        "/repository/git_ssh_url",
-        "/repository/homepage",
-        "/project/web_url",
-        "/project/git_http_url",
-        "/project/git_ssh_url",
-        "/repository/links/html/href",
-    ];
-    pointers.iter().filter_map(|pointer| payload.pointer(pointer)?.as_str().map(str::to_string)).collect()
-}
-
 fn normalize_url(url: &str) -> String {
     url.trim_end_matches('/').trim_end_matches(".git").to_ascii_lowercase()
 }
@@ -341,22 +330,109 @@ pub fn verify_signature(scm_type: ScmType, secret: &str, headers: &HeaderMap, bo
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WebhookAccepted {
     pub repo_id: u64,
-    pub event: Option<String>,
+    /// The provider's event name, from its event header (e.g. `push`, `Push Hook`, `repo:push`).
+    pub event: String,
+    /// The provider's delivery id, when it sent one.
     pub delivery: Option<String>,
+    /// What the delivery means: one entry per change (a Bitbucket push can carry several).
+    pub changes: Vec<WebhookChange>,
+}
+
+#[derive(Debug, Serialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookChangeKind {
+    Push,
+    Tag,
+    PullRequest,
+    Ignored,
+}
+
+/// One change a delivery reports, as understood; fields that do not apply are null.
+#[derive(Debug, Serialize, ToSchema, PartialEq, Eq)]
+pub struct WebhookChange {
+    pub kind: WebhookChangeKind,
+    /// The pushed branch, or a pull request's source branch.
+    pub branch: Option<String>,
+    pub tag: Option<String>,
+    /// The new head of the branch or tag, or the pull request's head commit.
+    pub commit: Option<String>,
+    /// The previous head of a pushed branch (null when the push created it).
+    pub before: Option<String>,
+    pub pull_request: Option<u64>,
+    /// `opened`, `synchronized`, `reopened`, `closed` or `merged`.
+    pub action: Option<String>,
+    pub target_branch: Option<String>,
+    /// The provider's trial-merge ref the checks of a pull request run on (none on Bitbucket).
+    pub merge_ref: Option<String>,
+    /// Why nothing will run for this change.
+    pub reason: Option<String>,
+}
+
+impl From<&events::Outcome> for WebhookChange {
+    fn from(outcome: &events::Outcome) -> Self {
+        let empty = |kind| WebhookChange {
+            kind,
+            branch: None,
+            tag: None,
+            commit: None,
+            before: None,
+            pull_request: None,
+            action: None,
+            target_branch: None,
+            merge_ref: None,
+            reason: None,
+        };
+        match outcome {
+            events::Outcome::Ignored(ignored) => {
+                WebhookChange { reason: Some(ignored.reason.clone()), ..empty(WebhookChangeKind::Ignored) }
+            }
+            events::Outcome::Event(ScmEvent::Push(push)) => WebhookChange {
+                branch: Some(push.branch.clone()),
+                commit: Some(push.after.clone()),
+                before: push.before.clone(),
+                ..empty(WebhookChangeKind::Push)
+            },
+            events::Outcome::Event(ScmEvent::TagPush(tag)) => {
+                WebhookChange { tag: Some(tag.tag.clone()), commit: Some(tag.commit.clone()), ..empty(WebhookChangeKind::Tag) }
+            }
+            events::Outcome::Event(ScmEvent::PullRequest(pull)) => WebhookChange {
+                branch: Some(pull.source_branch.clone()),
+                commit: pull.head_commit.clone(),
+                pull_request: Some(pull.number),
+                action: Some(pull.action.as_str().to_string()),
+                target_branch: Some(pull.target_branch.clone()),
+                merge_ref: pull.merge_ref.clone(),
+                ..empty(WebhookChangeKind::PullRequest)
+            },
+        }
+    }
+}
+
+/// A body that is not a delivery: 400 saying what is wrong (413 when it is too large).
+fn webhook_parse_error(error: events::ParseError) -> ApiError {
+    match error {
+        events::ParseError::TooLarge { .. } => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", error.to_string()),
+        error => ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", error.to_string()),
+    }
 }
 
 /// Receive a webhook from GitHub, GitLab or Bitbucket. The payload names the repository; the
 /// delivery is authenticated with that repository's webhook secret, the way its provider signs
 /// (`X-Hub-Signature-256` for GitHub, `X-Gitlab-Token` for GitLab, `X-Hub-Signature` for
-/// Bitbucket). The event header is reported back, not required: the signature decides.
+/// Bitbucket), and only then parsed as the event its provider's event header names. The answer
+/// says what the delivery means: pushes, tags and pull request changes, or why it is ignored.
+/// GitHub deliveries may be JSON or form-encoded (the JSON in the `payload` field).
 #[utoipa::path(post, path = "/api/v1/repos/webhook", tag = "repositories",
     params(
-        ("X-GitHub-Event" = Option<String>, Header, description = "GitHub's event name, e.g. push"),
+        ("X-GitHub-Event" = Option<String>, Header, description = "GitHub's event name, e.g. push (required for GitHub repositories)"),
         ("X-GitHub-Delivery" = Option<String>, Header, description = "GitHub's delivery id"),
         ("X-Hub-Signature-256" = Option<String>, Header, description = "GitHub: sha256=<HMAC-SHA256 of the body with the webhook secret>"),
-        ("X-Gitlab-Event" = Option<String>, Header, description = "GitLab's event name, e.g. Push Hook"),
+        ("X-Gitlab-Event" = Option<String>, Header, description = "GitLab's event name, e.g. Push Hook (required for GitLab repositories)"),
         ("X-Gitlab-Token" = Option<String>, Header, description = "GitLab: the webhook secret itself"),
-        ("X-Event-Key" = Option<String>, Header, description = "Bitbucket's event name, e.g. repo:push"),
+        ("Idempotency-Key" = Option<String>, Header, description = "GitLab's delivery id, kept across retries (17.4+)"),
+        ("X-Gitlab-Event-UUID" = Option<String>, Header, description = "GitLab's event id (14.8+), used when Idempotency-Key is absent"),
+        ("X-Event-Key" = Option<String>, Header, description = "Bitbucket's event name, e.g. repo:push (required for Bitbucket repositories)"),
+        ("X-Request-UUID" = Option<String>, Header, description = "Bitbucket's delivery id"),
         ("X-Hub-Signature" = Option<String>, Header, description = "Bitbucket: sha256=<HMAC-SHA256 of the body with the webhook secret>")
     ),
     request_body(content = Object, content_type = "application/json", description = "The provider's event payload, as it sent it"),
@@ -367,22 +443,13 @@ async fn webhook(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
-    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::to_string);
-    let (event, delivery) = if let Some(event) = header("x-github-event") {
-        (Some(event), header("x-github-delivery"))
-    } else if let Some(event) = header("x-gitlab-event") {
-        (Some(event), header("x-gitlab-event-uuid").or_else(|| header("x-gitlab-webhook-uuid")))
-    } else if let Some(event) = header("x-event-key") {
-        (Some(event), header("x-request-uuid").or_else(|| header("x-hook-uuid")))
-    } else {
-        (None, None)
-    };
-    let payload: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("webhook body is not JSON: {e}")))?;
-    if !payload.is_object() {
-        return Err(ApiError::bad_request("a webhook payload is a JSON object"));
-    }
-    let urls: Vec<String> = payload_urls(&payload).iter().map(|url| normalize_url(url)).collect();
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let content_type = header("content-type");
+    // The secret that signs a delivery belongs to the repository its payload names, so only the
+    // repository URLs are read before the signature check; the event is parsed after it.
+    let payload = events::payload_json(&body, content_type).map_err(webhook_parse_error)?;
+    let urls: Vec<String> = events::repository_urls(&payload).map_err(webhook_parse_error)?.iter().map(|url| normalize_url(url)).collect();
+    drop(payload);
     state.node.read_barrier().await?;
     let repository = if urls.is_empty() { None } else { find_repository_by_urls(&state, &urls)? };
     let repository = repository.ok_or_else(|| ApiError::not_found("no connected repository matches this webhook's repository URL"))?;
@@ -393,7 +460,18 @@ async fn webhook(
     if !verify_signature(repository.scm_type, &secret, &headers, &body) {
         return Err(ApiError::unauthorized("webhook signature does not match the repository's webhook secret"));
     }
-    Ok((StatusCode::ACCEPTED, Json(WebhookAccepted { repo_id: repository.repo_id, event, delivery })))
+    let event = header(events::event_header(repository.scm_type));
+    let parsed = events::parse_delivery(repository.scm_type, event, &body, content_type).map_err(webhook_parse_error)?;
+    let delivery = events::delivery_id_headers(repository.scm_type).iter().find_map(|name| header(name)).map(str::to_string);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(WebhookAccepted {
+            repo_id: repository.repo_id,
+            event: event.unwrap_or_default().trim().to_string(),
+            delivery,
+            changes: parsed.outcomes.iter().map(WebhookChange::from).collect(),
+        }),
+    ))
 }
 
 #[cfg(test)]
@@ -414,9 +492,8 @@ mod tests {
 
     #[test]
     fn github_signature_is_verified_over_the_exact_bytes() {
-        // The shared fixtures sit beside the clone; their exact bytes are what is signed.
-        let body = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/webhooks/github-push.json"))
-            .expect("the github-push.json fixture in shared/fixtures/webhooks");
+        // The fixture's exact bytes are what is signed.
+        let body = include_bytes!("../../tests/fixtures/webhooks/github-push.json").to_vec();
         let mut mac = HmacSha256::new_from_slice(b"secret_key").unwrap();
         mac.update(&body);
         let signature = format!("sha256={}", crate::state::apply::hex(&mac.finalize().into_bytes()));
@@ -430,5 +507,49 @@ mod tests {
         let mut gitlab = HeaderMap::new();
         gitlab.insert("x-gitlab-token", "secret_key".parse().unwrap());
         assert!(verify_signature(ScmType::Gitlab, "secret_key", &gitlab, b"{}"));
+    }
+
+    #[test]
+    fn githubs_published_test_vector_verifies() {
+        // docs.github.com, "Validating webhook deliveries" -> "Testing the webhook payload validation".
+        let mut headers = HeaderMap::new();
+        let signature = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        headers.insert("x-hub-signature-256", signature.parse().unwrap());
+        assert!(verify_signature(ScmType::Github, "It's a Secret to Everybody", &headers, b"Hello, World!"));
+        assert!(!verify_signature(ScmType::Github, "It's a Secret to Everybody", &headers, b"Hello, World?"));
+    }
+
+    #[test]
+    fn the_response_reports_what_the_delivery_means() {
+        let pull = events::parse_delivery(
+            ScmType::Github,
+            Some("pull_request"),
+            include_bytes!("../../tests/fixtures/webhooks/github-pull_request-synchronize.json"),
+            Some("application/json"),
+        )
+        .unwrap();
+        let change = WebhookChange::from(&pull.outcomes[0]);
+        assert_eq!(change.kind, WebhookChangeKind::PullRequest);
+        assert_eq!((change.pull_request, change.action.as_deref()), (Some(2), Some("synchronized")));
+        assert_eq!(change.branch.as_deref(), Some("changes"));
+        assert_eq!(change.target_branch.as_deref(), Some("master"));
+        assert_eq!(change.commit.as_deref(), Some("ec26c3e57ca3a959ca5aad62de7213c562f8c821"));
+        assert_eq!(change.merge_ref.as_deref(), Some("refs/pull/2/merge"));
+        let json = serde_json::to_value(&change).unwrap();
+        assert_eq!(json["kind"], "pull_request");
+
+        let deleted = events::parse_delivery(
+            ScmType::Github,
+            Some("push"),
+            include_bytes!("../../tests/fixtures/webhooks/github-push-tag-deleted.json"),
+            None,
+        )
+        .unwrap();
+        let change = WebhookChange::from(&deleted.outcomes[0]);
+        assert_eq!(change.kind, WebhookChangeKind::Ignored);
+        assert!(change.reason.as_deref().is_some_and(|reason| reason.contains("simple-tag")));
+
+        let error = webhook_parse_error(events::parse_delivery(ScmType::Gitlab, Some("Push Hook"), b"[1]", None).unwrap_err());
+        assert_eq!((error.status, error.code), (StatusCode::BAD_REQUEST, "invalid_webhook"));
     }
 }

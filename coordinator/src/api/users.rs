@@ -118,13 +118,10 @@ async fn login(
         Some(user_id) => load_id(&node.state(), Table::Users, *user_id)?,
         None => None,
     };
-    // Hash even for an unknown user so response time does not reveal which usernames exist.
-    let stored_hash = user.as_ref().map(|user| user.password_hash.clone()).unwrap_or_else(|| DUMMY_HASH.clone());
-    let password = request.password.clone();
-    let verified = tokio::task::spawn_blocking(move || auth::verify_password(&password, &stored_hash))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        && user.is_some();
+    // Hashes even for an unknown user so response time does not reveal which usernames exist.
+    let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
+    let verified =
+        auth::verify_password_async(request.password.clone(), stored_hash).await.map_err(|e| ApiError::internal(e.to_string()))?;
     let requester = crate::node::Requester { user_id: user.as_ref().map(|user| user.user_id), source: source.0 };
     let record =
         Command::RecordLogin { username: request.username.clone(), user_id: user.as_ref().map(|user| user.user_id), succeeded: verified };
@@ -140,9 +137,6 @@ async fn login(
         auth::issue_token(&key, user.user_id, &user.username, user.role, now / 1000).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(Json(LoginResponse { token, expires_in: auth::TOKEN_LIFETIME_SECONDS }))
 }
-
-static DUMMY_HASH: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| auth::hash_password("davit-dummy-password").expect("hashing works"));
 
 /// The caller's own user record.
 #[utoipa::path(get, path = "/api/v1/auth/me", tag = "auth", security(("bearer" = [])),
@@ -174,10 +168,7 @@ fn validate_password(password: &str) -> Result<(), ApiError> {
 }
 
 async fn hash(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || auth::hash_password(&password))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))
+    auth::hash_password_async(password).await.map_err(|e| ApiError::internal(e.to_string()))
 }
 
 fn load_user(state: &AppState, user_id: u64) -> Result<User, ApiError> {

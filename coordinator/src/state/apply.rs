@@ -125,6 +125,19 @@ fn not_found(what: &str, id: u64) -> Outcome {
 /// Apply one proposal. Rejected commands change nothing; accepted ones (that are audited)
 /// also append one hash-chained audit entry.
 pub fn apply(state: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResult<Outcome> {
+    if let Command::Batch { proposals } = &proposal.command {
+        let mut outcomes = Vec::with_capacity(proposals.len());
+        for inner in proposals {
+            outcomes.push(if matches!(inner.command, Command::Batch { .. }) {
+                Outcome::rejected(RejectionCode::Invalid, "batches do not nest")
+            } else {
+                apply(state, inner, log_index)?
+            });
+        }
+        let mut outcome = Outcome::applied(None, outcomes.iter().filter(|outcome| outcome.result.is_ok()).count() as u64);
+        outcome.batch = outcomes;
+        return Ok(outcome);
+    }
     let (outcome, writes) = {
         let mut child = Txn::new(state);
         let outcome = execute(&mut child, proposal)?;
@@ -174,6 +187,8 @@ fn append_audit(txn: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResu
 fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
     let now = proposal.time;
     match &proposal.command {
+        // `apply` takes batches apart; one reaching here was nested in another.
+        Command::Batch { .. } => Ok(Outcome::rejected(RejectionCode::Invalid, "batches do not nest")),
         Command::InitializeCluster { token_signing_key } => {
             if txn.get(Table::StateMeta, meta_keys::TOKEN_SIGNING_KEY)?.is_some() {
                 return Ok(Outcome::rejected(RejectionCode::Conflict, "the cluster is already initialized"));

@@ -88,6 +88,13 @@ pub enum JobEnd {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
+    /// Several proposals that reached the leader together, written as one Raft entry (one
+    /// durable commit) and applied in order, each with its own outcome, audit entry and
+    /// events, exactly as if each had been an entry of its own. A rejected one changes
+    /// nothing and does not affect the others. Batches do not nest.
+    Batch {
+        proposals: Vec<Proposal>,
+    },
     /// The first command of a new cluster: the key every node signs and checks user tokens
     /// with, drawn by the leader. Applying it again changes nothing.
     InitializeCluster {
@@ -315,6 +322,7 @@ impl Command {
     /// The audit log's name for the action.
     pub fn action(&self) -> &'static str {
         match self {
+            Command::Batch { .. } => "batch",
             Command::InitializeCluster { .. } => "cluster.initialize",
             Command::CreateUser { .. } => "user.create",
             Command::UpdateUser { .. } => "user.update",
@@ -362,7 +370,8 @@ impl Command {
     pub fn is_audited(&self) -> bool {
         !matches!(
             self,
-            Command::RecordLogSegment { .. }
+            Command::Batch { .. }
+                | Command::RecordLogSegment { .. }
                 | Command::RenewLease { .. }
                 | Command::AssignJobs { .. }
                 | Command::AcceptJob { .. }
@@ -374,7 +383,7 @@ impl Command {
     /// A summary for the audit log that never contains a secret value or a password hash.
     pub fn audit_details(&self) -> String {
         match self {
-            Command::InitializeCluster { .. } => String::new(),
+            Command::Batch { .. } | Command::InitializeCluster { .. } => String::new(),
             Command::CreateUser { username, role, .. } => {
                 format!("username={username} role={role:?}")
             }
@@ -427,6 +436,9 @@ impl Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
     pub result: Result<Applied, Rejection>,
+    /// For a [`Command::Batch`]: the outcome of each of its proposals, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batch: Vec<Outcome>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -454,9 +466,9 @@ pub struct Rejection {
 
 impl Outcome {
     pub fn applied(id: Option<u64>, affected: u64) -> Self {
-        Outcome { result: Ok(Applied { id, affected }) }
+        Outcome { result: Ok(Applied { id, affected }), batch: Vec::new() }
     }
     pub fn rejected(code: RejectionCode, message: impl Into<String>) -> Self {
-        Outcome { result: Err(Rejection { code, message: message.into() }) }
+        Outcome { result: Err(Rejection { code, message: message.into() }), batch: Vec::new() }
     }
 }

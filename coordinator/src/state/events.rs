@@ -25,6 +25,9 @@ pub fn events_of(command: &Command, outcome: &Outcome) -> Vec<StateEvent> {
         return Vec::new();
     };
     match command {
+        Command::Batch { proposals } => {
+            proposals.iter().zip(&outcome.batch).flat_map(|(proposal, outcome)| events_of(&proposal.command, outcome)).collect()
+        }
         Command::CreateDeployment { .. } | Command::EnqueueJob { .. } => vec![StateEvent::WorkChanged],
         Command::AssignJob { job_id, .. } => vec![StateEvent::JobsAssigned { job_ids: vec![*job_id] }],
         Command::AssignJobs { assignments, .. } if applied.affected > 0 => {

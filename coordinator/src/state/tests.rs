@@ -207,6 +207,41 @@ fn the_audit_log_is_hash_chained() {
     assert!(!entries[0].details.contains("sealed"), "webhook secret leaked into the audit log");
 }
 
+/// A batch entry behaves exactly like its proposals written one entry each: same rows, same
+/// audit chain, same outcomes, a rejected member changing nothing and not stopping the rest.
+#[test]
+fn a_batch_applies_like_its_proposals_one_by_one() {
+    let user = |name: &str, time: i64| Proposal {
+        time,
+        actor: Some(1),
+        command: Command::CreateUser { username: name.into(), email: format!("{name}@x"), password_hash: "h".into(), role: Role::Viewer },
+        source: Some("10.0.0.1".into()),
+    };
+    let members = vec![
+        user("ann", 5),
+        user("ann", 6),
+        Proposal { command: Command::DeletePipeline { pipeline_id: 9 }, ..user("x", 7) },
+        user("bob", 8),
+    ];
+
+    let mut one_by_one = Txn::new(&EmptyState);
+    let separate: Vec<Outcome> = members.iter().map(|proposal| apply(&mut one_by_one, proposal, 3).unwrap()).collect();
+
+    let mut batched = Txn::new(&EmptyState);
+    let batch = Proposal { time: 9, actor: None, command: Command::Batch { proposals: members.clone() }, source: None };
+    let outcome = apply(&mut batched, &batch, 3).unwrap();
+    assert_eq!(outcome.batch, separate);
+    assert_eq!(outcome.result.unwrap().affected, 2, "two of the four members apply");
+    assert_eq!(separate[1].result.clone().unwrap_err().code, RejectionCode::Conflict);
+    assert_eq!(one_by_one.into_batch(), batched.into_batch());
+
+    let mut nested = Txn::new(&EmptyState);
+    let outer = Proposal { command: Command::Batch { proposals: vec![batch.clone(), user("cy", 9)] }, ..batch };
+    let outcome = apply(&mut nested, &outer, 4).unwrap();
+    assert_eq!(outcome.batch[0].result.clone().unwrap_err().message, "batches do not nest");
+    assert!(outcome.batch[1].result.is_ok());
+}
+
 #[test]
 fn apply_is_deterministic() {
     let run = || {

@@ -1,0 +1,328 @@
+//! Sending an artifact to the coordinator, whose digest the agent already knows: ask whether
+//! the coordinator has it (then only record it), else stream it over `UploadArtifact`, retrying
+//! through coordinator changes.
+//!
+//! Workspace files are uploaded in two passes: the caller hashes the tar stream first
+//! ([`packing::digest`], no compression), so that an artifact the coordinator already stores
+//! costs no compression and no upload; only otherwise is the tar packed again, compressed and
+//! streamed straight into the upload ([`packing::pack_into`], which does not hash again: the
+//! coordinator verifies the digest of what it receives) — no file is written, and the
+//! coordinator verifies and stores the bytes while the agent is still compressing. The second
+//! pass starts speculatively beside the first ([`Speculation`]), holding its output in memory
+//! until the coordinator's answer, so that no core idles while the digest is computed. An artifact
+//! that already is a file (an exported image) is streamed from that file.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use davit_proto::agent::{self as pb, ArtifactMeta, ArtifactUpload, JobOutcome, artifact_upload};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::jobs::{Ended, JobContext};
+use crate::packing;
+
+/// What the upload messages carry: 1 MiB of compressed bytes each.
+const MESSAGE_BYTES: usize = 1 << 20;
+/// Messages queued between the producer and the gRPC call.
+const QUEUED_MESSAGES: usize = 8;
+
+/// Where an artifact's compressed bytes come from.
+pub enum Source {
+    /// A `.tar.zst` file already made.
+    File(PathBuf),
+    /// Workspace paths, packed again (deterministically) while they are uploaded.
+    Workspace { root: PathBuf, paths: Vec<String> },
+}
+
+/// The artifact as the coordinator recorded it, and how many compressed bytes were sent
+/// (0 when the coordinator already had it).
+pub struct Uploaded {
+    pub recorded: pb::ArtifactRecorded,
+    pub sent_bytes: u64,
+}
+
+/// Upload (or just record, when the digest is already stored) the artifact `meta` describes,
+/// retrying through coordinator changes.
+pub async fn upload(
+    context: &JobContext,
+    meta: &ArtifactMeta,
+    source: &Source,
+    mut speculation: Option<Speculation>,
+) -> Result<Uploaded, Ended> {
+    let mut coordinator = context.coordinator.clone();
+    let mut last_error = String::new();
+    for attempt in 0..10 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+        }
+        let Some(current) = coordinator.borrow_and_update().clone() else {
+            let _ = tokio::time::timeout(Duration::from_secs(5), coordinator.changed()).await;
+            continue;
+        };
+        let mut client = current.client();
+        let stored = match client.has_artifact(current.authorize(pb::HasArtifactRequest { digest: meta.digest.clone() })).await {
+            Ok(response) => response.into_inner().stored,
+            Err(status) => {
+                last_error = status.message().to_string();
+                continue;
+            }
+        };
+        let result = if stored {
+            if let Some(speculation) = speculation.take() {
+                speculation.abort();
+            }
+            client.record_artifact(current.authorize(meta.clone())).await.map(|response| (response, 0))
+        } else if let Some(speculation) = speculation.take() {
+            let (receiver, task) = speculation.go();
+            let first = ArtifactUpload { part: Some(artifact_upload::Part::Meta(meta.clone())) };
+            let stream = tokio_stream::StreamExt::chain(tokio_stream::once(first), tokio_stream::wrappers::ReceiverStream::new(receiver));
+            let (produced, answered) = tokio::join!(task, client.upload_artifact(current.authorize(stream)));
+            let produced =
+                produced.map_err(|error| ProduceError::Pack(format!("packing panicked: {error}"))).and_then(|packed| checked(meta, packed));
+            match (produced, answered) {
+                (Ok(sent), answer) => answer.map(|response| (response, sent)),
+                (Err(ProduceError::Pack(message)), _) => return Err(Ended::new(JobOutcome::Failed, message)),
+                (Err(ProduceError::Stopped), Err(status)) => Err(status),
+                (Err(ProduceError::Stopped), Ok(_)) => Err(tonic::Status::aborted("the upload ended before all bytes were sent")),
+            }
+        } else {
+            let (sender, receiver) = mpsc::channel(QUEUED_MESSAGES);
+            let producer = produce(meta.clone(), source, sender);
+            let call = client.upload_artifact(current.authorize(tokio_stream::wrappers::ReceiverStream::new(receiver)));
+            // Both run until the producer has sent everything; a coordinator that answers early
+            // (a refusal) ends the call, which makes the producer's next send fail.
+            let (produced, answered) = tokio::join!(producer, call);
+            match (produced, answered) {
+                (Ok(sent), answer) => answer.map(|response| (response, sent)),
+                (Err(ProduceError::Pack(message)), _) => return Err(Ended::new(JobOutcome::Failed, message)),
+                (Err(ProduceError::Stopped), Err(status)) => Err(status),
+                (Err(ProduceError::Stopped), Ok(_)) => Err(tonic::Status::aborted("the upload ended before all bytes were sent")),
+            }
+        };
+        match result {
+            Ok((response, sent_bytes)) => return Ok(Uploaded { recorded: response.into_inner(), sent_bytes }),
+            Err(status) if matches!(status.code(), tonic::Code::FailedPrecondition) => {
+                return Err(Ended::new(JobOutcome::Cancelled, format!("the coordinator refused the artifact: {}", status.message())));
+            }
+            Err(status) if matches!(status.code(), tonic::Code::InvalidArgument) => {
+                return Err(Ended::new(JobOutcome::Failed, format!("the coordinator refused the artifact: {}", status.message())));
+            }
+            Err(status) => last_error = status.message().to_string(),
+        }
+    }
+    Err(Ended::new(JobOutcome::Infrastructure, format!("could not upload artifact sha256:{}: {last_error}", meta.digest)))
+}
+
+enum ProduceError {
+    /// The artifact cannot be packed, or packs to other bytes than it hashed to: the job fails.
+    Pack(String),
+    /// The call ended (the coordinator refused or went away): its status says why.
+    Stopped,
+}
+
+/// Send the metadata, then the compressed bytes; returns how many compressed bytes were sent.
+async fn produce(meta: ArtifactMeta, source: &Source, sender: mpsc::Sender<ArtifactUpload>) -> Result<u64, ProduceError> {
+    sender.send(ArtifactUpload { part: Some(artifact_upload::Part::Meta(meta.clone())) }).await.map_err(|_| ProduceError::Stopped)?;
+    match source {
+        Source::File(path) => {
+            let mut file = tokio::fs::File::open(path)
+                .await
+                .map_err(|error| ProduceError::Pack(format!("cannot open the packed artifact {}: {error}", path.display())))?;
+            let mut sent = 0u64;
+            loop {
+                let mut buffer = vec![0u8; MESSAGE_BYTES];
+                let read = file
+                    .read(&mut buffer)
+                    .await
+                    .map_err(|error| ProduceError::Pack(format!("cannot read the packed artifact {}: {error}", path.display())))?;
+                if read == 0 {
+                    return Ok(sent);
+                }
+                buffer.truncate(read);
+                sent += read as u64;
+                sender.send(ArtifactUpload { part: Some(artifact_upload::Part::Data(buffer)) }).await.map_err(|_| ProduceError::Stopped)?;
+            }
+        }
+        Source::Workspace { root, paths } => {
+            let (root, paths) = (root.clone(), paths.clone());
+            let gate = Arc::new(Gate::open());
+            let packed = tokio::task::spawn_blocking(move || pack_through(&root, &paths, UploadWriter::new(sender, gate)))
+                .await
+                .map_err(|error| ProduceError::Pack(format!("packing panicked: {error}")))?;
+            checked(&meta, packed)
+        }
+    }
+}
+
+/// Pack into `writer` and flush it: the tar's length and the compressed bytes sent.
+fn pack_through(root: &std::path::Path, paths: &[String], writer: UploadWriter) -> Result<(u64, u64), packing::PackError> {
+    let (length, mut writer) = packing::pack_into(root, paths, writer)?;
+    writer.flush().map_err(|error| packing::PackError(error.to_string()))?;
+    Ok((length, writer.sent))
+}
+
+/// What a packing pass's result means for the upload. The coordinator checks the digest of what
+/// it received; a changed length is caught here already.
+fn checked(meta: &ArtifactMeta, packed: Result<(u64, u64), packing::PackError>) -> Result<u64, ProduceError> {
+    match packed {
+        Ok((length, sent)) if length == meta.uncompressed_bytes => Ok(sent),
+        Ok((length, _)) => Err(ProduceError::Pack(format!(
+            "the artifact changed while it was uploaded (its tar was {} bytes when hashed and {length} when packed); \
+             make sure nothing in the job writes to its artifact paths in the background",
+            meta.uncompressed_bytes
+        ))),
+        Err(error) if error.0.contains(UPLOAD_STOPPED) => Err(ProduceError::Stopped),
+        Err(error) => Err(ProduceError::Pack(format!("packing the artifacts failed: {error}"))),
+    }
+}
+
+/// Compression of workspace paths started while their digest is still being computed, so that
+/// the other cores are not idle during the first pass. Nothing leaves the agent before the
+/// coordinator has said it lacks the artifact ([`Speculation::go`]); until then the compressed
+/// bytes wait in memory, at most [`SPECULATION_BUFFER`] of them (the compressor then waits). If
+/// the coordinator has it, [`Speculation::abort`] stops the compression and nothing is sent.
+pub struct Speculation {
+    gate: GateGuard,
+    receiver: mpsc::Receiver<ArtifactUpload>,
+    task: PackTask,
+}
+
+/// A packing pass on the blocking pool: the tar's length and the compressed bytes sent.
+type PackTask = tokio::task::JoinHandle<Result<(u64, u64), packing::PackError>>;
+
+/// Compressed bytes a speculation may hold before the answer.
+const SPECULATION_BUFFER: usize = 32 << 20;
+
+impl Speculation {
+    pub fn start(root: PathBuf, paths: Vec<String>) -> Speculation {
+        let (sender, receiver) = mpsc::channel(QUEUED_MESSAGES);
+        let gate = Arc::new(Gate::closed());
+        let writer = UploadWriter::new(sender, gate.clone());
+        let task = tokio::task::spawn_blocking(move || pack_through(&root, &paths, writer));
+        Speculation { gate: GateGuard(gate), receiver, task }
+    }
+
+    /// The coordinator lacks the artifact: release what was held and stream the rest.
+    fn go(self) -> (mpsc::Receiver<ArtifactUpload>, PackTask) {
+        self.gate.0.decide(true);
+        (self.receiver, self.task)
+    }
+
+    /// The coordinator has the artifact: stop compressing (the pass ends with an error nobody reads).
+    fn abort(self) {
+        self.gate.0.decide(false);
+    }
+}
+
+/// Decides "abort" when dropped undecided (the job ended before the answer), so that the
+/// compressor never waits forever.
+struct GateGuard(Arc<Gate>);
+
+impl Drop for GateGuard {
+    fn drop(&mut self) {
+        self.0.decide(false);
+    }
+}
+
+/// Whether bytes may be sent yet: undecided (hold them), go, or abort.
+struct Gate {
+    decision: std::sync::Mutex<Option<bool>>,
+    decided: std::sync::Condvar,
+}
+
+impl Gate {
+    fn open() -> Gate {
+        Gate { decision: std::sync::Mutex::new(Some(true)), decided: std::sync::Condvar::new() }
+    }
+
+    fn closed() -> Gate {
+        Gate { decision: std::sync::Mutex::new(None), decided: std::sync::Condvar::new() }
+    }
+
+    /// The first decision stands.
+    fn decide(&self, go: bool) {
+        let mut decision = self.decision.lock().expect("gate lock");
+        if decision.is_none() {
+            *decision = Some(go);
+        }
+        self.decided.notify_all();
+    }
+
+    fn current(&self) -> Option<bool> {
+        *self.decision.lock().expect("gate lock")
+    }
+
+    fn wait(&self) -> bool {
+        let decision = self.decision.lock().expect("gate lock");
+        self.decided.wait_while(decision, |decision| decision.is_none()).expect("gate lock").expect("decided")
+    }
+}
+
+const UPLOAD_STOPPED: &str = "the upload stopped";
+
+/// A blocking writer that turns zstd's output into upload messages of [`MESSAGE_BYTES`]; behind
+/// a closed [`Gate`] it holds them until the gate decides.
+struct UploadWriter {
+    sender: mpsc::Sender<ArtifactUpload>,
+    gate: Arc<Gate>,
+    buffer: Vec<u8>,
+    held: Vec<Vec<u8>>,
+    held_bytes: usize,
+    sent: u64,
+}
+
+impl UploadWriter {
+    fn new(sender: mpsc::Sender<ArtifactUpload>, gate: Arc<Gate>) -> Self {
+        UploadWriter { sender, gate, buffer: Vec::with_capacity(MESSAGE_BYTES), held: Vec::new(), held_bytes: 0, sent: 0 }
+    }
+
+    fn stopped() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::BrokenPipe, UPLOAD_STOPPED)
+    }
+
+    fn send(&mut self, data: Vec<u8>) -> std::io::Result<()> {
+        self.sent += data.len() as u64;
+        self.sender.blocking_send(ArtifactUpload { part: Some(artifact_upload::Part::Data(data)) }).map_err(|_| Self::stopped())
+    }
+
+    /// Pass on (or hold) the current message. With `wait`, an undecided gate is waited for
+    /// whatever is held (the end of the stream); otherwise only once the hold is full.
+    fn send_buffer(&mut self, wait: bool) -> std::io::Result<()> {
+        if !self.buffer.is_empty() {
+            let data = std::mem::replace(&mut self.buffer, Vec::with_capacity(MESSAGE_BYTES));
+            self.held_bytes += data.len();
+            self.held.push(data);
+        }
+        let decision = match self.gate.current() {
+            None if wait || self.held_bytes >= SPECULATION_BUFFER => self.gate.wait(),
+            None => return Ok(()),
+            Some(decision) => decision,
+        };
+        if !decision {
+            return Err(Self::stopped());
+        }
+        for data in std::mem::take(&mut self.held) {
+            self.send(data)?;
+        }
+        self.held_bytes = 0;
+        Ok(())
+    }
+}
+
+impl Write for UploadWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let taken = data.len().min(MESSAGE_BYTES - self.buffer.len());
+        self.buffer.extend_from_slice(&data[..taken]);
+        if self.buffer.len() == MESSAGE_BYTES {
+            self.send_buffer(false)?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_buffer(true)
+    }
+}
