@@ -84,6 +84,12 @@ pub fn free_addresses(count: usize) -> anyhow::Result<Vec<String>> {
 
 /// CPU seconds a process has used, from /proc/<pid>/stat (utime + stime, in clock ticks).
 pub fn process_cpu_seconds(pid: &str) -> f64 {
+    stat_ticks(pid, 2)
+}
+
+/// The sum of `count` clock-tick fields of /proc/<pid>/stat from utime on (utime, stime,
+/// cutime, cstime), in seconds; 0 if the process is gone.
+fn stat_ticks(pid: &str, count: usize) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -91,10 +97,9 @@ pub fn process_cpu_seconds(pid: &str) -> f64 {
     let Some((_, fields)) = stat.rsplit_once(')') else {
         return 0.0;
     };
-    let fields: Vec<&str> = fields.split_whitespace().collect();
-    let ticks = |index: usize| fields.get(index).and_then(|value| value.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of the line, 12th and 13th after the name.
-    (ticks(11) + ticks(12)) / clock_ticks_per_second()
+    // utime is field 14 of the line, the 12th after the name; stime, cutime, cstime follow.
+    let ticks: f64 = fields.split_whitespace().skip(11).take(count).filter_map(|value| value.parse::<f64>().ok()).sum();
+    ticks / clock_ticks_per_second()
 }
 
 /// Resident set size of a process in bytes, from `VmRSS` in /proc/<pid>/status.
@@ -478,16 +483,7 @@ impl ResultsSection {
 /// CPU seconds (user + system) a process has used so far, plus those of the children it has
 /// waited for (cutime + cstime): an agent's git and shell processes count towards the agent.
 pub fn process_tree_cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some((_, fields)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = fields.split_whitespace().collect();
-    let ticks = |index: usize| fields.get(index).and_then(|value| value.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime, stime, cutime and cstime are fields 14 to 17 of the line, 12th to 15th after the name.
-    (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / clock_ticks_per_second()
+    stat_ticks(pid, 4)
 }
 
 /// CPU seconds the whole machine has spent busy and in all, so far (the `cpu` line of
@@ -507,4 +503,22 @@ pub fn machine_cpu_seconds() -> (f64, f64) {
 /// The 1-minute load average now.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().next().unwrap_or("unknown").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_are_read_from_proc() {
+        let started = Instant::now();
+        let mut spin = 0u64;
+        while started.elapsed() < Duration::from_millis(300) {
+            spin = spin.wrapping_add(std::hint::black_box(1));
+        }
+        let own = process_cpu_seconds("self");
+        assert!(own >= 0.1, "this process used {own} CPU seconds after spinning ({spin})");
+        assert!(process_tree_cpu_seconds("self") >= own);
+        assert_eq!(process_cpu_seconds("no-such-process"), 0.0);
+    }
 }
