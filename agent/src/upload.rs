@@ -326,3 +326,39 @@ impl Write for UploadWriter {
         self.send_buffer(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(message: ArtifactUpload) -> Vec<u8> {
+        match message.part {
+            Some(artifact_upload::Part::Data(data)) => data,
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+
+    /// Behind a closed gate nothing is sent, however much is written; "go" releases what was
+    /// held, in order; "abort" stops the writer without sending anything.
+    #[test]
+    fn a_speculative_writer_sends_nothing_before_the_answer() {
+        let (sender, mut receiver) = mpsc::channel(64);
+        let gate = Arc::new(Gate::closed());
+        let mut writer = UploadWriter::new(sender, gate.clone());
+        writer.write_all(&vec![7u8; 3 * MESSAGE_BYTES + 10]).unwrap();
+        assert!(receiver.try_recv().is_err(), "bytes left before the coordinator answered");
+        gate.decide(true);
+        writer.flush().unwrap();
+        let received: Vec<u8> = std::iter::from_fn(|| receiver.try_recv().ok()).flat_map(data).collect();
+        assert_eq!(received, vec![7u8; 3 * MESSAGE_BYTES + 10]);
+        assert_eq!(writer.sent, received.len() as u64);
+
+        let (sender, mut receiver) = mpsc::channel(64);
+        let gate = Arc::new(Gate::closed());
+        let mut writer = UploadWriter::new(sender, gate.clone());
+        writer.write_all(&vec![1u8; 2 * MESSAGE_BYTES]).unwrap();
+        drop(GateGuard(gate));
+        assert_eq!(writer.flush().unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+        assert!(receiver.try_recv().is_err(), "an aborted speculation sent bytes");
+    }
+}

@@ -311,6 +311,25 @@ fn ignored(reason: impl Into<String>) -> Vec<Outcome> {
 
 /// A commit id: 4 to 64 hexadecimal digits (full SHA-1 or SHA-256, or an abbreviation), or
 /// `None` for git's all-zero "no commit".
+/// A pull request's head commit: checked when present, required when the action runs checks.
+/// `fields` names the commit object and its id field for the error.
+fn head_commit(
+    what: &str,
+    action: PullRequestAction,
+    id: Option<&str>,
+    fields: (&'static str, &'static str),
+    why: &str,
+) -> Result<Option<String>, ParseError> {
+    let head = match id {
+        Some(id) => commit_id(what, fields.1, id)?,
+        None => None,
+    };
+    if head.is_none() && action.runs_checks() {
+        return Err(ParseError::Invalid { what: what.into(), field: fields.0, problem: format!("is missing; {why}") });
+    }
+    Ok(head)
+}
+
 fn commit_id(what: &str, field: &'static str, value: &str) -> Result<Option<String>, ParseError> {
     let valid = (4..=64).contains(&value.len()) && value.bytes().all(|byte| byte.is_ascii_hexdigit());
     if !valid {
@@ -612,17 +631,13 @@ fn gitlab(event: &str, payload: &[u8]) -> Result<Vec<Outcome>, ParseError> {
                     return Ok(ignored(format!("merge request !{} was {shown}; only new code or closing starts runs", request.iid)));
                 }
             };
-            let head_commit = match &request.last_commit {
-                Some(commit) => commit_id(what, "object_attributes.last_commit.id", &commit.id)?,
-                None => None,
-            };
-            if head_commit.is_none() && action.runs_checks() {
-                return Err(ParseError::Invalid {
-                    what: what.into(),
-                    field: "object_attributes.last_commit",
-                    problem: "is missing; GitLab sends the head commit of an open merge request".into(),
-                });
-            }
+            let head_commit = head_commit(
+                what,
+                action,
+                request.last_commit.as_ref().map(|commit| commit.id.as_str()),
+                ("object_attributes.last_commit", "object_attributes.last_commit.id"),
+                "GitLab sends the head commit of an open merge request",
+            )?;
             let merge_commit = match (&request.merge_commit_sha, action) {
                 (Some(sha), PullRequestAction::Merged) => commit_id(what, "object_attributes.merge_commit_sha", sha)?,
                 _ => None,
@@ -741,17 +756,13 @@ fn bitbucket(event: &str, payload: &[u8]) -> Result<Vec<Outcome>, ParseError> {
                 "pullrequest:fulfilled" => PullRequestAction::Merged,
                 _ => PullRequestAction::Closed,
             };
-            let head_commit = match &pull.source.commit {
-                Some(commit) => commit_id(what, "pullrequest.source.commit.hash", &commit.hash)?,
-                None => None,
-            };
-            if head_commit.is_none() && action.runs_checks() {
-                return Err(ParseError::Invalid {
-                    what: what.into(),
-                    field: "pullrequest.source.commit",
-                    problem: "is missing; Bitbucket sends the head commit of an open pull request".into(),
-                });
-            }
+            let head_commit = head_commit(
+                what,
+                action,
+                pull.source.commit.as_ref().map(|commit| commit.hash.as_str()),
+                ("pullrequest.source.commit", "pullrequest.source.commit.hash"),
+                "Bitbucket sends the head commit of an open pull request",
+            )?;
             let merge_commit = match (&pull.merge_commit, action) {
                 (Some(commit), PullRequestAction::Merged) => commit_id(what, "pullrequest.merge_commit.hash", &commit.hash)?,
                 _ => None,

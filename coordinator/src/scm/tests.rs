@@ -421,6 +421,8 @@ fn bodies_that_are_not_deliveries_are_errors_naming_the_problem() {
     let no_commit =
         edited("bitbucket-pullrequest-created.json", |value| value["pullrequest"]["source"]["commit"] = serde_json::Value::Null);
     assert!(error(ScmType::Bitbucket, "pullrequest:created", &no_commit).contains("pullrequest.source.commit"));
+    let no_head = edited("gitlab-merge_request.json", |value| value["object_attributes"]["last_commit"] = serde_json::Value::Null);
+    assert!(error(ScmType::Gitlab, "Merge Request Hook", &no_head).contains("object_attributes.last_commit"));
     let no_changes = edited("bitbucket-repo-push.json", |value| value["push"]["changes"] = "x".into());
     assert!(error(ScmType::Bitbucket, "repo:push", &no_changes).contains("push.changes"));
 }
