@@ -229,7 +229,7 @@ async fn run_build(run: &Run<'_>, build: &BuildSpec, names: &[String], workspace
         index += 1;
         let started = now_millis();
         run.step(index, ARTIFACTS_STEP, StepState::Running, started, 0);
-        let result = artifacts(run, build, workspace, packed, index).await;
+        let result = artifacts(run, build, workspace, &scratch, packed, index).await;
         let _ = std::fs::remove_dir_all(&scratch);
         if let Err(ended) = result {
             run.step(index, ARTIFACTS_STEP, StepState::Failed, started, -1);
@@ -300,6 +300,7 @@ async fn artifacts(
     run: &Run<'_>,
     build: &BuildSpec,
     workspace: &std::path::Path,
+    scratch: &std::path::Path,
     mut packed: Vec<(&'static str, crate::packing::PackedArtifact)>,
     index: usize,
 ) -> Result<(), Ended> {
@@ -313,7 +314,7 @@ async fn artifacts(
         if !build.artifacts.is_empty() {
             // First pass: the digest alone, so that a stored artifact costs no compression.
             let (root, paths) = (workspace.to_path_buf(), build.artifacts.clone());
-            speculation = Some(Speculation::start(root.clone(), paths.clone()));
+            speculation = Some(Speculation::start(root.clone(), paths.clone(), scratch.to_path_buf()));
             let started = Instant::now();
             let (digest, length) = tokio::task::spawn_blocking(move || crate::packing::digest(&root, &paths))
                 .await

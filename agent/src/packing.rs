@@ -108,9 +108,12 @@ pub fn pack_tar_file(tar: &Path, dest: &Path) -> Result<PackedArtifact, PackErro
 
 /// Incremental verification on the receiving side: feed the `.tar.zst` bytes as they arrive, in
 /// pieces of any size, then `finish` gives the SHA-256 and length of the decompressed tar. Memory
-/// stays bounded by zstd's window limit (at most 128 MiB, 2 MiB for archives made by `pack`).
+/// stays bounded by zstd's window limit (at most 128 MiB, 2 MiB for archives made by `pack`) plus
+/// a few pieces queued for hashing. Decompression runs in the caller's thread and SHA-256 on a
+/// thread of its own, so that verifying a large upload uses two cores: hashing costs more than
+/// decompressing, and alone on one core it would make the receiver slower than the sender.
 pub struct Verifier {
-    decoder: Option<zstd::stream::write::Decoder<'static, HashingWriter>>,
+    decoder: Option<zstd::stream::write::Decoder<'static, HashingThread>>,
     compressed_bytes: u64,
     failed: bool,
 }
@@ -123,7 +126,7 @@ impl Default for Verifier {
 
 impl Verifier {
     pub fn new() -> Verifier {
-        // The decoder is created on the first piece so that `new` cannot fail.
+        // The decoder (and its hashing thread) start on the first piece, so that `new` cannot fail.
         Verifier { decoder: None, compressed_bytes: 0, failed: false }
     }
 
@@ -134,7 +137,8 @@ impl Verifier {
         let decoder = match &mut self.decoder {
             Some(decoder) => decoder,
             None => {
-                let decoder = zstd::stream::write::Decoder::new(HashingWriter::default())
+                let hashing = HashingThread::start().map_err(|error| PackError(format!("cannot start the hashing thread: {error}")))?;
+                let decoder = zstd::stream::write::Decoder::new(hashing)
                     .map_err(|error| PackError(format!("cannot start zstd decompression: {error}")))?;
                 self.decoder.insert(decoder)
             }
@@ -162,25 +166,71 @@ impl Verifier {
         let hashing = decoder.finish().map_err(|error| {
             PackError(format!("artifact stream is truncated or corrupt after {} compressed bytes: {error}", self.compressed_bytes))
         })?;
-        Ok((hex::encode(hashing.hasher.finalize()), hashing.bytes))
+        hashing.finish()
     }
 }
 
-#[derive(Default)]
-struct HashingWriter {
-    hasher: Sha256,
-    bytes: u64,
+/// A writer that collects decompressed bytes into chunks and hashes them on its own thread.
+/// Dropped unfinished (a failed verification), it closes the queue and the thread ends.
+struct HashingThread {
+    chunk: Vec<u8>,
+    to_hasher: Option<SyncSender<Vec<u8>>>,
+    hasher: Option<JoinHandle<(String, u64)>>,
 }
 
-impl Write for HashingWriter {
+impl HashingThread {
+    fn start() -> io::Result<HashingThread> {
+        let (to_hasher, chunks) = mpsc::sync_channel::<Vec<u8>>(QUEUED_CHUNKS);
+        let hasher = thread::Builder::new().name("davit-verify-sha256".to_string()).spawn(move || {
+            let mut hasher = Sha256::new();
+            let mut bytes = 0u64;
+            for chunk in chunks {
+                hasher.update(&chunk);
+                bytes += chunk.len() as u64;
+            }
+            (hex::encode(hasher.finalize()), bytes)
+        })?;
+        Ok(HashingThread { chunk: Vec::with_capacity(CHUNK_BYTES), to_hasher: Some(to_hasher), hasher: Some(hasher) })
+    }
+
+    fn send_chunk(&mut self) -> io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK_BYTES));
+        let sent = self.to_hasher.as_ref().is_some_and(|to_hasher| to_hasher.send(chunk).is_ok());
+        if sent { Ok(()) } else { Err(io::Error::other("the hashing thread stopped")) }
+    }
+
+    fn finish(mut self) -> Result<(String, u64), PackError> {
+        self.send_chunk().map_err(|error| PackError(error.to_string()))?;
+        self.to_hasher = None;
+        let hasher = self.hasher.take().expect("joined once");
+        hasher.join().map_err(|_| PackError("the hashing thread panicked".to_string()))
+    }
+}
+
+impl Write for HashingThread {
     fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
-        self.hasher.update(buffer);
-        self.bytes += buffer.len() as u64;
-        Ok(buffer.len())
+        let taken = buffer.len().min(CHUNK_BYTES - self.chunk.len());
+        self.chunk.extend_from_slice(&buffer[..taken]);
+        if self.chunk.len() == CHUNK_BYTES {
+            self.send_chunk()?;
+        }
+        Ok(taken)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl Drop for HashingThread {
+    fn drop(&mut self) {
+        self.to_hasher = None;
+        if let Some(hasher) = self.hasher.take() {
+            let _ = hasher.join();
+        }
     }
 }
 

@@ -182,8 +182,11 @@ fn checked(meta: &ArtifactMeta, packed: Result<(u64, u64), packing::PackError>) 
 /// Compression of workspace paths started while their digest is still being computed, so that
 /// the other cores are not idle during the first pass. Nothing leaves the agent before the
 /// coordinator has said it lacks the artifact ([`Speculation::go`]); until then the compressed
-/// bytes wait in memory, at most [`SPECULATION_BUFFER`] of them (the compressor then waits). If
-/// the coordinator has it, [`Speculation::abort`] stops the compression and nothing is sent.
+/// bytes wait: the first [`SPECULATION_MEMORY`] of them in memory, the rest in an unlinked file
+/// in the job's scratch directory (so the compressor never stalls on the answer, which costs a
+/// whole core's idle time while the digest pass finishes; if that file cannot be written, the
+/// compressor waits instead). If the coordinator has the artifact, [`Speculation::abort`] stops
+/// the compression and nothing is sent.
 pub struct Speculation {
     gate: GateGuard,
     receiver: mpsc::Receiver<ArtifactUpload>,
@@ -193,14 +196,15 @@ pub struct Speculation {
 /// A packing pass on the blocking pool: the tar's length and the compressed bytes sent.
 type PackTask = tokio::task::JoinHandle<Result<(u64, u64), packing::PackError>>;
 
-/// Compressed bytes a speculation may hold before the answer.
-const SPECULATION_BUFFER: usize = 32 << 20;
+/// Compressed bytes a speculation holds in memory before the answer; more go to a spill file.
+const SPECULATION_MEMORY: usize = 32 << 20;
 
 impl Speculation {
-    pub fn start(root: PathBuf, paths: Vec<String>) -> Speculation {
+    /// Starts compressing `paths` under `root`; held bytes beyond memory spill into `spill_directory`.
+    pub fn start(root: PathBuf, paths: Vec<String>, spill_directory: PathBuf) -> Speculation {
         let (sender, receiver) = mpsc::channel(QUEUED_MESSAGES);
         let gate = Arc::new(Gate::closed());
-        let writer = UploadWriter::new(sender, gate.clone());
+        let writer = UploadWriter::new(sender, gate.clone()).holding(SPECULATION_MEMORY, Some(spill_directory));
         let task = tokio::task::spawn_blocking(move || pack_through(&root, &paths, writer));
         Speculation { gate: GateGuard(gate), receiver, task }
     }
@@ -264,19 +268,49 @@ impl Gate {
 const UPLOAD_STOPPED: &str = "the upload stopped";
 
 /// A blocking writer that turns zstd's output into upload messages of [`MESSAGE_BYTES`]; behind
-/// a closed [`Gate`] it holds them until the gate decides.
+/// a closed [`Gate`] it holds them until the gate decides: in memory up to `memory_limit`, then
+/// in a spill file when it has a directory for one, else by waiting for the decision.
 struct UploadWriter {
     sender: mpsc::Sender<ArtifactUpload>,
     gate: Arc<Gate>,
     buffer: Vec<u8>,
     held: Vec<Vec<u8>>,
     held_bytes: usize,
+    memory_limit: usize,
+    spill: Spill,
     sent: u64,
+}
+
+/// Where held bytes beyond the memory limit go.
+enum Spill {
+    /// No spill file may be made: the writer waits for the decision instead.
+    Unavailable,
+    /// A directory to make one in, when needed.
+    Possible(PathBuf),
+    /// An open (already unlinked) file holding `bytes` bytes, to be sent after those in memory.
+    Holding { file: std::fs::File, bytes: u64 },
 }
 
 impl UploadWriter {
     fn new(sender: mpsc::Sender<ArtifactUpload>, gate: Arc<Gate>) -> Self {
-        UploadWriter { sender, gate, buffer: Vec::with_capacity(MESSAGE_BYTES), held: Vec::new(), held_bytes: 0, sent: 0 }
+        UploadWriter {
+            sender,
+            gate,
+            buffer: Vec::with_capacity(MESSAGE_BYTES),
+            held: Vec::new(),
+            held_bytes: 0,
+            memory_limit: SPECULATION_MEMORY,
+            spill: Spill::Unavailable,
+            sent: 0,
+        }
+    }
+
+    /// Hold at most `memory_limit` bytes in memory before the decision, the rest in a file in
+    /// `spill_directory` (none: wait for the decision once memory is full).
+    fn holding(mut self, memory_limit: usize, spill_directory: Option<PathBuf>) -> Self {
+        self.memory_limit = memory_limit;
+        self.spill = spill_directory.map_or(Spill::Unavailable, Spill::Possible);
+        self
     }
 
     fn stopped() -> std::io::Error {
@@ -288,28 +322,101 @@ impl UploadWriter {
         self.sender.blocking_send(ArtifactUpload { part: Some(artifact_upload::Part::Data(data)) }).map_err(|_| Self::stopped())
     }
 
-    /// Pass on (or hold) the current message. With `wait`, an undecided gate is waited for
-    /// whatever is held (the end of the stream); otherwise only once the hold is full.
+    /// Pass on (or hold) the current message. With `wait` (the end of the stream) an undecided
+    /// gate is waited for; otherwise only once nothing more can be held.
     fn send_buffer(&mut self, wait: bool) -> std::io::Result<()> {
-        if !self.buffer.is_empty() {
-            let data = std::mem::replace(&mut self.buffer, Vec::with_capacity(MESSAGE_BYTES));
-            self.held_bytes += data.len();
-            self.held.push(data);
+        let mut data = std::mem::replace(&mut self.buffer, Vec::with_capacity(MESSAGE_BYTES));
+        if self.gate.current().is_none() {
+            data = self.keep(data).err().unwrap_or_default();
+            if data.is_empty() && !wait {
+                return Ok(());
+            }
         }
-        let decision = match self.gate.current() {
-            None if wait || self.held_bytes >= SPECULATION_BUFFER => self.gate.wait(),
-            None => return Ok(()),
-            Some(decision) => decision,
-        };
-        if !decision {
+        if !self.gate.wait() {
             return Err(Self::stopped());
         }
+        // What was held is older than `data`, which could not be held.
+        self.release()?;
+        if !data.is_empty() {
+            self.send(data)?;
+        }
+        Ok(())
+    }
+
+    /// Holds `data` until the decision, in memory or else in the spill file; gives it back
+    /// when there is no room for it.
+    fn keep(&mut self, data: Vec<u8>) -> Result<(), Vec<u8>> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.held_bytes + data.len() <= self.memory_limit && !matches!(self.spill, Spill::Holding { .. }) {
+            self.held_bytes += data.len();
+            self.held.push(data);
+            return Ok(());
+        }
+        self.spill_write(data)
+    }
+
+    /// Appends `data` to the spill file (made on first use); gives the data back if it cannot.
+    fn spill_write(&mut self, data: Vec<u8>) -> Result<(), Vec<u8>> {
+        use std::io::Write as _;
+        if let Spill::Possible(directory) = &self.spill {
+            match spill_file(directory) {
+                Ok(file) => self.spill = Spill::Holding { file, bytes: 0 },
+                Err(error) => {
+                    tracing::debug!(%error, "cannot make a spill file; the compressor waits for the coordinator's answer instead");
+                    self.spill = Spill::Unavailable;
+                }
+            }
+        }
+        match &mut self.spill {
+            Spill::Holding { file, bytes } => match file.write_all(&data) {
+                Ok(()) => {
+                    *bytes += data.len() as u64;
+                    Ok(())
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "the spill file is full; the compressor waits for the coordinator's answer instead");
+                    // A short write may have left part of `data` behind the held bytes; it is
+                    // never read (only `bytes` are), and the next write goes where it started.
+                    use std::io::Seek as _;
+                    let _ = file.seek(std::io::SeekFrom::Start(*bytes));
+                    Err(data)
+                }
+            },
+            _ => Err(data),
+        }
+    }
+
+    /// Sends what was held, in order: memory first, then the spill file.
+    fn release(&mut self) -> std::io::Result<()> {
+        use std::io::{Read as _, Seek as _};
         for data in std::mem::take(&mut self.held) {
             self.send(data)?;
         }
         self.held_bytes = 0;
+        if let Spill::Holding { mut file, bytes } = std::mem::replace(&mut self.spill, Spill::Unavailable) {
+            file.rewind()?;
+            let mut remaining = bytes;
+            while remaining > 0 {
+                let mut data = vec![0; MESSAGE_BYTES.min(usize::try_from(remaining).unwrap_or(MESSAGE_BYTES))];
+                file.read_exact(&mut data)?;
+                remaining -= data.len() as u64;
+                self.send(data)?;
+            }
+        }
         Ok(())
     }
+}
+
+/// An anonymous file in `directory`: created, then unlinked at once, so that nothing is left
+/// behind whatever happens to the job.
+fn spill_file(directory: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(directory)?;
+    let path = directory.join(format!("upload-spill-{}-{}", std::process::id(), rand::random::<u64>()));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
 }
 
 impl Write for UploadWriter {
@@ -360,5 +467,59 @@ mod tests {
         drop(GateGuard(gate));
         assert_eq!(writer.flush().unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
         assert!(receiver.try_recv().is_err(), "an aborted speculation sent bytes");
+    }
+
+    fn patterned(length: usize) -> Vec<u8> {
+        (0..length).map(|index| (index / 1000 % 251) as u8).collect()
+    }
+
+    /// Beyond its memory limit a speculation keeps writing into a spill file (the compressor does
+    /// not wait); on "go" memory and then the file are sent, so the bytes arrive in order.
+    #[test]
+    fn a_speculation_spills_to_disk_and_sends_everything_in_order() {
+        let directory = tempfile::tempdir().unwrap();
+        let (sender, mut receiver) = mpsc::channel(64);
+        let gate = Arc::new(Gate::closed());
+        let mut writer = UploadWriter::new(sender, gate.clone()).holding(MESSAGE_BYTES, Some(directory.path().join("spill")));
+        let written = patterned(5 * MESSAGE_BYTES + 123);
+        writer.write_all(&written).unwrap();
+        assert!(receiver.try_recv().is_err(), "bytes left before the coordinator answered");
+        assert!(matches!(writer.spill, Spill::Holding { bytes, .. } if bytes == 4 * MESSAGE_BYTES as u64));
+        assert_eq!(std::fs::read_dir(directory.path().join("spill")).unwrap().count(), 0, "the spill file must be unlinked");
+        gate.decide(true);
+        writer.write_all(&written[..77]).unwrap();
+        writer.flush().unwrap();
+        let received: Vec<u8> = std::iter::from_fn(|| receiver.try_recv().ok()).flat_map(data).collect();
+        assert_eq!(received.len(), written.len() + 77);
+        assert!(received[..written.len()] == written[..] && received[written.len()..] == written[..77], "bytes arrived out of order");
+        assert_eq!(writer.sent, received.len() as u64);
+    }
+
+    /// Without a usable spill directory, a full memory hold makes the writer wait for the answer
+    /// (still sending nothing before it), then everything goes out in order.
+    #[test]
+    fn without_a_spill_file_a_full_speculation_waits_for_the_answer() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let (sender, mut receiver) = mpsc::channel(64);
+        let gate = Arc::new(Gate::closed());
+        let unusable = file.path().join("not-a-directory");
+        let mut writer = UploadWriter::new(sender, gate.clone()).holding(MESSAGE_BYTES, Some(unusable));
+        let written = patterned(3 * MESSAGE_BYTES);
+        let writing = std::thread::spawn({
+            let written = written.clone();
+            move || {
+                writer.write_all(&written).unwrap();
+                writer.flush().unwrap();
+                writer.sent
+            }
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!writing.is_finished(), "the writer should wait for the answer");
+        assert!(receiver.try_recv().is_err(), "bytes left before the coordinator answered");
+        gate.decide(true);
+        let sent = writing.join().unwrap();
+        let received: Vec<u8> = std::iter::from_fn(|| receiver.try_recv().ok()).flat_map(data).collect();
+        assert!(received == written, "bytes arrived out of order");
+        assert_eq!(sent, written.len() as u64);
     }
 }
