@@ -8,7 +8,7 @@
 //! streamed straight into the upload ([`packing::pack_into`], which does not hash again: the
 //! coordinator verifies the digest of what it receives) — no file is written, and the
 //! coordinator verifies and stores the bytes while the agent is still compressing. The second
-//! pass starts speculatively beside the first ([`Speculation`]), holding its output in memory
+//! pass starts speculatively beside the first ([`Speculation`]), holding its output (in memory, then on disk)
 //! until the coordinator's answer, so that no core idles while the digest is computed. An artifact
 //! that already is a file (an exported image) is streamed from that file.
 
