@@ -8,6 +8,7 @@ pub mod blob_store;
 pub mod cli;
 pub mod cluster_service;
 pub mod config;
+pub mod deploy;
 pub mod fleet;
 pub mod grpc_api;
 pub mod log_segments;
