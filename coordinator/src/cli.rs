@@ -220,6 +220,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         raft: RaftTuning { election_timeout_min_ms: 150, election_timeout_max_ms: 300, heartbeat_interval_ms: 50, ..Default::default() },
         agents: crate::config::AgentSettings { lost_after_seconds: args.lost_after_seconds, ..Default::default() },
         retention: Default::default(),
+        public_url: None,
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;
