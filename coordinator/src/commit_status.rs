@@ -29,6 +29,10 @@ pub const QUEUE_CAPACITY: usize = 10_000;
 pub const MAX_IN_FLIGHT: usize = 16;
 /// How often the leader looks at its runs even without a state event (a safety net).
 const OBSERVE_INTERVAL: Duration = Duration::from_secs(2);
+/// At most one pass per this interval: under a burst of state events (a fleet finishing jobs)
+/// the runs are read a few times a second, not once per event; a status a quarter second later
+/// changes nothing for the people reading it.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(250);
 /// New deployments read per pass; more are read at the next pass.
 const NEW_DEPLOYMENTS_PER_PASS: usize = 1000;
 
@@ -318,6 +322,7 @@ impl CommitStatusReporter {
             if let Err(error) = self.observe(&mut watch) {
                 tracing::warn!(%error, "commit statuses: reading deployments failed; trying again at the next event");
             }
+            tokio::time::sleep(MIN_PASS_INTERVAL).await;
         }
     }
 
@@ -524,6 +529,14 @@ impl CommitStatusReporter {
     #[cfg(test)]
     fn queue_len(&self) -> usize {
         self.queue.lock().expect("commit status queue lock").len()
+    }
+
+    /// The newest state waiting or in flight for any key, for tests that must know the watcher
+    /// has seen a change.
+    #[cfg(test)]
+    fn newest_queued_states(&self) -> Vec<CommitState> {
+        let queue = self.queue.lock().expect("commit status queue lock");
+        queue.slots.values().flat_map(|slot| [&slot.queued, &slot.sending]).flatten().map(|pending| pending.report.version.state).collect()
     }
 }
 
@@ -948,6 +961,12 @@ mod tests {
         test.set_status(deployment_id, DeploymentStatus::Success).await;
         assert_eq!(test.deployment_status(deployment_id), DeploymentStatus::Success);
         assert_eq!(reporter.counts.sent.load(Ordering::Relaxed), 0);
+        // The watcher has queued success (behind the failing "running" in flight, at worst).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !reporter.newest_queued_states().contains(&CommitState::Succeeded) {
+            assert!(Instant::now() < deadline, "success was not queued: {:?}", reporter.newest_queued_states());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
 
         // The provider comes back answering 500 twice, then accepts.
         let provider = FakeProvider::default();
