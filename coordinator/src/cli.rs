@@ -102,6 +102,10 @@ struct UpArgs {
     /// An agent silent this long is lost and its jobs are retried elsewhere.
     #[arg(long, default_value_t = 60)]
     lost_after_seconds: u64,
+    /// The external URL of this node (e.g. a tunnel's https URL), for the webhook URL given when
+    /// a repository is connected and the links of commit statuses. Default: http://<--http>.
+    #[arg(long, env = "DAVIT_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -220,6 +224,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         raft: RaftTuning { election_timeout_min_ms: 150, election_timeout_max_ms: 300, heartbeat_interval_ms: 50, ..Default::default() },
         agents: crate::config::AgentSettings { lost_after_seconds: args.lost_after_seconds, ..Default::default() },
         retention: Default::default(),
+        public_url: args.public_url.clone(),
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;
@@ -230,6 +235,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("Davit is up.");
     println!("  dashboard and REST API: http://{}", server.http_addr);
     println!("  gRPC (agents, integrations): {}", server.grpc_addr);
+    if let Some(public_url) = &server.node.config.public_url {
+        println!("  public URL (webhooks, commit status links): {public_url}");
+    }
     report_credentials(&server).await;
     let agent_shutdown = tokio_util::sync::CancellationToken::new();
     let agent = if args.no_agent {

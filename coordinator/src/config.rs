@@ -48,6 +48,11 @@ pub struct NodeConfig {
     pub agents: AgentSettings,
     #[serde(default)]
     pub retention: RetentionSettings,
+    /// The dashboard's external base URL (e.g. `https://davit.example.com`), used in the webhook
+    /// URL a repository's connection answers with and in the links of commit statuses. Default:
+    /// `http://<http_addr>` (`https://` with `[tls]`), which only suits a node reachable there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 /// The `[retention]` section: how long artifacts are kept (see `retention.rs`).
@@ -187,11 +192,28 @@ impl NodeConfig {
                 self.node_id
             ));
         }
+        if let Some(public_url) = &self.public_url {
+            let rest = public_url.strip_prefix("https://").or_else(|| public_url.strip_prefix("http://"));
+            if rest.is_none_or(|rest| rest.trim_end_matches('/').is_empty() || rest.contains(['?', '#']))
+                || public_url.contains(|c: char| c.is_whitespace() || c.is_control())
+            {
+                return Err(format!("public_url {public_url:?} must be an http:// or https:// URL such as https://davit.example.com"));
+            }
+        }
         let raft = &self.raft;
         if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms || raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
             return Err("raft timeouts must satisfy heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into());
         }
         Ok(())
+    }
+
+    /// The external base URL of the dashboard and API, without a trailing slash: `public_url`, or
+    /// the HTTP listener's address.
+    pub fn public_base_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("{}://{}", if self.tls.is_some() { "https" } else { "http" }, self.http_addr),
+        }
     }
 
     /// Whether this node is (or will be) one of several: then blobs and the master key must be
@@ -248,5 +270,22 @@ mod tests {
         std::fs::write(&path, "node_id = 1\nhttp_adr = \"x\"\n").unwrap();
         let error = NodeConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("http_adr"), "{error}");
+        std::fs::write(
+            &path,
+            "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1:2\"\ndata_dir = \"d\"\npublic_url = \"davit.example.com\"\n",
+        )
+        .unwrap();
+        let error = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("public_url"), "{error}");
+    }
+
+    #[test]
+    fn the_public_url_defaults_to_the_http_listener() {
+        let mut config: NodeConfig =
+            toml::from_str("node_id = 1\nhttp_addr = \"10.0.0.5:8080\"\ngrpc_addr = \"10.0.0.5:9090\"\ndata_dir = \"d\"\n").unwrap();
+        assert_eq!(config.public_base_url(), "http://10.0.0.5:8080");
+        config.public_url = Some("https://davit.example.com/".into());
+        config.validate().unwrap();
+        assert_eq!(config.public_base_url(), "https://davit.example.com");
     }
 }

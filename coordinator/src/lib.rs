@@ -7,6 +7,7 @@ pub mod auth;
 pub mod blob_store;
 pub mod cli;
 pub mod cluster_service;
+pub mod commit_status;
 pub mod config;
 pub mod deploy;
 pub mod fleet;

@@ -382,6 +382,8 @@ mod tests {
             branch: "main".into(),
             scm_type: ScmType::Github,
             webhook_secret: None,
+            api_url: None,
+            access_token: None,
         })
         .await;
         let pipeline_id = propose(Command::CreatePipeline {

@@ -138,7 +138,9 @@ async fn secrets_are_never_on_disk_in_clear_and_every_node_reads_the_same() {
     let pipeline_secret = format!("s3cr3t-VALUE-{unique}-pipeline-token");
     let webhook_secret = format!("s3cr3t-VALUE-{unique}-webhook");
     let rotated_webhook_secret = format!("s3cr3t-VALUE-{unique}-webhook-rotated");
+    let access_token = format!("s3cr3t-VALUE-{unique}-access-token");
     let secrets = vec![
+        access_token.clone(),
         db_password.clone(),
         api_key.clone(),
         marked.clone(),
@@ -156,7 +158,7 @@ async fn secrets_are_never_on_disk_in_clear_and_every_node_reads_the_same() {
             2,
             Method::POST,
             "/api/v1/repos/connect",
-            &json!({"repo_url": "https://github.com/org/repo", "branch": "main", "scm_type": "github", "webhook_secret": webhook_secret}),
+            &json!({"repo_url": "https://github.com/org/repo", "branch": "main", "scm_type": "github", "webhook_secret": webhook_secret, "access_token": access_token}),
             201,
         )
         .await;
@@ -200,7 +202,7 @@ async fn secrets_are_never_on_disk_in_clear_and_every_node_reads_the_same() {
             200,
         )
         .await;
-    // Rotating the webhook secret and moving the repository re-seals it.
+    // Rotating the webhook secret and moving the repository re-seals it (and the access token).
     client
         .write(
             1,
@@ -238,6 +240,7 @@ async fn secrets_are_never_on_disk_in_clear_and_every_node_reads_the_same() {
     }
     let (repo_view, _) = client.read(3, &format!("/api/v1/repos/{repo_id}")).await;
     assert_eq!(repo_view["webhook_secret"], "***");
+    assert_eq!(repo_view["access_token"], "***");
     assert_eq!(repo_view["repo_url"], "https://github.com/org/repo-moved");
     let (pipeline_view, _) = client.read(1, &format!("/api/v1/pipelines/{pipeline_id}")).await;
     assert_eq!(pipeline_view["name"], "production-pipeline");

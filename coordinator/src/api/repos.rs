@@ -41,6 +41,12 @@ fn secret_context(repo_url: &str) -> String {
     format!("repository-webhook-secret:{repo_url}")
 }
 
+/// The sealing context of a repository's provider access token (commit statuses); distinct
+/// from the webhook secret's, so that one sealed value cannot be passed off as the other.
+pub fn access_token_context(repo_url: &str) -> String {
+    format!("repository-access-token:{repo_url}")
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RepositoryView {
     pub repo_id: u64,
@@ -54,6 +60,12 @@ pub struct RepositoryView {
     pub user_id: Option<u64>,
     pub created_at: String,
     pub updated_at: String,
+    /// The provider's API base URL; null for the provider's public API.
+    #[serde(default)]
+    pub api_url: Option<String>,
+    /// `"***"` when an access token is set (commit statuses are then reported); never returned.
+    #[serde(default)]
+    pub access_token: Option<String>,
 }
 
 impl From<Repository> for RepositoryView {
@@ -68,7 +80,58 @@ impl From<Repository> for RepositoryView {
             user_id: repository.user_id,
             created_at: timestamp(repository.created_at),
             updated_at: timestamp(repository.updated_at),
+            api_url: repository.api_url,
+            access_token: repository.access_token.map(|_| "***".to_string()),
         }
+    }
+}
+
+/// What `POST /api/v1/repos/connect` answers: the repository (the seed's fields, unchanged) and
+/// what to set up on the provider's side.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConnectedRepositoryView {
+    #[serde(flatten)]
+    pub repository: RepositoryView,
+    /// The URL to paste into the provider's webhook settings.
+    pub webhook_url: String,
+    /// The events to tick there, in the provider's words.
+    pub webhook_events: Vec<String>,
+    /// How to set the webhook up, step by step, in one paragraph.
+    pub webhook_instructions: String,
+}
+
+/// The provider's webhook events Davit acts on, named as its settings page names them.
+pub fn webhook_events(scm_type: ScmType) -> Vec<String> {
+    let events: &[&str] = match scm_type {
+        ScmType::Github => &["Pushes", "Pull requests"],
+        ScmType::Gitlab => &["Push events", "Tag push events", "Merge request events"],
+        ScmType::Bitbucket => {
+            &["Repository: Push", "Pull request: Created", "Pull request: Updated", "Pull request: Merged", "Pull request: Declined"]
+        }
+    };
+    events.iter().map(|event| event.to_string()).collect()
+}
+
+/// Where to click on the provider, and what the secret is called there.
+pub fn webhook_instructions(scm_type: ScmType, webhook_url: &str, has_secret: bool) -> String {
+    let secret = if has_secret {
+        "the same webhook secret as here"
+    } else {
+        "a webhook secret, and set the same one here (PUT /api/v1/repos/{id} with webhook_secret): deliveries without a valid signature are refused"
+    };
+    match scm_type {
+        ScmType::Github => format!(
+            "In the repository's Settings > Webhooks > Add webhook: Payload URL {webhook_url}, content type application/json, \
+             Secret: {secret}; choose \"Let me select individual events\" and tick Pushes and Pull requests."
+        ),
+        ScmType::Gitlab => format!(
+            "In the project's Settings > Webhooks > Add new webhook: URL {webhook_url}, Secret token: {secret}; \
+             tick Push events, Tag push events and Merge request events."
+        ),
+        ScmType::Bitbucket => format!(
+            "In the repository's Repository settings > Webhooks > Add webhook: URL {webhook_url}, Secret: {secret}; \
+             choose \"Choose from a full list of triggers\" and tick Repository Push and Pull Request Created, Updated, Merged and Declined."
+        ),
     }
 }
 
@@ -137,6 +200,63 @@ pub struct ConnectRequest {
     /// Defaults to the last part of the URL.
     #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
+    /// The provider's API base URL for GitHub Enterprise (`https://host/api/v3`) or self-managed
+    /// GitLab (`https://host/api/v4`); none or `""` for the provider's public API.
+    #[serde(default)]
+    #[schema(value_type = Option<schema::ApiUrl>, example = "https://ghe.example.com/api/v3")]
+    pub api_url: Option<String>,
+    /// A provider access token allowed to set commit statuses (GitHub `repo:status`, GitLab
+    /// `api`, Bitbucket `repository:write`); sealed before it is stored, never returned. Without one
+    /// no commit status is reported.
+    #[serde(default)]
+    #[schema(value_type = Option<schema::AccessToken>)]
+    pub access_token: Option<String>,
+}
+
+/// Check an API base URL: `http(s)://host[/path]`, no query or fragment, at most 255 characters.
+/// `""` is accepted (it means the provider's public API). Mirrors `schema::API_URL_PATTERN`.
+pub fn validate_api_url(url: &str) -> Result<(), ApiError> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    let error = || {
+        ApiError::invalid_field(
+            "api_url",
+            format!(
+                "api_url {url:?} must be the provider's API base URL, such as https://ghe.example.com/api/v3 (GitHub Enterprise) \
+                 or https://gitlab.example.com/api/v4 (self-managed GitLab), without a query or fragment"
+            ),
+        )
+    };
+    if url.chars().count() > 255 || url.contains(|c: char| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
+        return Err(error());
+    }
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")).ok_or_else(error)?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(error());
+    }
+    Ok(())
+}
+
+/// Check an access token: at most 2000 characters, no whitespace or control characters (a
+/// pasted token with a trailing newline is the usual mistake). Mirrors `schema::ACCESS_TOKEN_PATTERN`.
+pub fn validate_access_token(token: &str) -> Result<(), ApiError> {
+    if token.chars().count() > 2000 {
+        return Err(ApiError::invalid_field("access_token", "access_token must be at most 2000 characters"));
+    }
+    if token.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::invalid_field(
+            "access_token",
+            "access_token must not contain whitespace or control characters; paste the token alone, without spaces or a line break",
+        ));
+    }
+    Ok(())
+}
+
+/// The API base URL to store: trailing slashes dropped, `""` meaning none.
+fn normalized_api_url(url: &str) -> String {
+    url.trim_end_matches('/').to_string()
 }
 
 fn validate_name(name: &str) -> Result<(), ApiError> {
@@ -157,13 +277,13 @@ fn load_repository(state: &AppState, repo_id: u64) -> Result<Repository, ApiErro
 
 /// Connect a code repository (developer).
 #[utoipa::path(post, path = "/api/v1/repos/connect", tag = "repositories", request_body = ConnectRequest, security(("bearer" = [])),
-    responses((status = 201, body = RepositoryView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+    responses((status = 201, body = ConnectedRepositoryView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn connect_repository(
     State(state): State<AppState>,
     caller: Caller,
     JsonBody(request): JsonBody<ConnectRequest>,
-) -> Result<(StatusCode, Json<RepositoryView>), ApiError> {
+) -> Result<(StatusCode, Json<ConnectedRepositoryView>), ApiError> {
     caller.require(Role::Developer, "connecting a repository")?;
     validate_repo_url(&request.repo_url)?;
     let branch = request.branch.unwrap_or_else(|| "main".into());
@@ -173,14 +293,43 @@ async fn connect_repository(
     if let Some(secret) = &request.webhook_secret {
         validate_webhook_secret(secret)?;
     }
+    if let Some(url) = &request.api_url {
+        validate_api_url(url)?;
+    }
+    if let Some(token) = &request.access_token {
+        validate_access_token(token)?;
+    }
+    let api_url = request.api_url.as_deref().map(normalized_api_url).filter(|url| !url.is_empty());
+    let access_token = request
+        .access_token
+        .filter(|token| !token.is_empty())
+        .map(|token| state.secrets.seal(&token, &access_token_context(&request.repo_url)));
     let webhook_secret = request
         .webhook_secret
         .filter(|secret| !secret.is_empty())
         .map(|secret| state.secrets.seal(&secret, &secret_context(&request.repo_url)));
-    let command = Command::ConnectRepository { name, repo_url: request.repo_url, branch, scm_type: request.scm_type, webhook_secret };
+    let command = Command::ConnectRepository {
+        name,
+        repo_url: request.repo_url,
+        branch,
+        scm_type: request.scm_type,
+        webhook_secret,
+        api_url,
+        access_token,
+    };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let repo_id = applied_id(outcome)?.expect("connect returns the id");
-    Ok((StatusCode::CREATED, Json(load_repository(&state, repo_id)?.into())))
+    let repository = load_repository(&state, repo_id)?;
+    let webhook_url = format!("{}/api/v1/repos/webhook", state.node.config.public_base_url());
+    Ok((
+        StatusCode::CREATED,
+        Json(ConnectedRepositoryView {
+            webhook_events: webhook_events(repository.scm_type),
+            webhook_instructions: webhook_instructions(repository.scm_type, &webhook_url, repository.webhook_secret.is_some()),
+            webhook_url,
+            repository: repository.into(),
+        }),
+    ))
 }
 
 /// List connected repositories.
@@ -219,6 +368,14 @@ pub struct UpdateRepositoryRequest {
     /// A new secret; `""` removes it.
     #[schema(value_type = Option<schema::WebhookSecret>)]
     pub webhook_secret: Option<String>,
+    /// A new API base URL; `""` goes back to the provider's public API.
+    #[serde(default)]
+    #[schema(value_type = Option<schema::ApiUrl>)]
+    pub api_url: Option<String>,
+    /// A new provider access token; `""` removes it (and with it commit statuses).
+    #[serde(default)]
+    #[schema(value_type = Option<schema::AccessToken>)]
+    pub access_token: Option<String>,
 }
 
 /// Update a repository (developer).
@@ -246,6 +403,12 @@ async fn update_repository(
     if let Some(secret) = &request.webhook_secret {
         validate_webhook_secret(secret)?;
     }
+    if let Some(url) = &request.api_url {
+        validate_api_url(url)?;
+    }
+    if let Some(token) = &request.access_token {
+        validate_access_token(token)?;
+    }
     state.node.read_barrier().await?;
     let current = load_repository(&state, repo_id)?;
     let url = request.repo_url.clone().unwrap_or_else(|| current.repo_url.clone());
@@ -259,12 +422,25 @@ async fn update_repository(
         }
         (None, _) => None,
     };
+    // The access token is bound to the URL the same way.
+    let access_token = match (&request.access_token, &current.access_token) {
+        (Some(token), _) if token.is_empty() => Some(String::new()),
+        (Some(token), _) => Some(state.secrets.seal(token, &access_token_context(&url))),
+        (None, Some(sealed)) if url != current.repo_url => {
+            let clear =
+                state.secrets.open(sealed, &access_token_context(&current.repo_url)).map_err(|e| ApiError::internal(e.to_string()))?;
+            Some(state.secrets.seal(&clear, &access_token_context(&url)))
+        }
+        (None, _) => None,
+    };
     let patch = RepositoryPatch {
         name: request.name,
         repo_url: request.repo_url,
         branch: request.branch,
         scm_type: request.scm_type,
         webhook_secret,
+        api_url: request.api_url.as_deref().map(normalized_api_url),
+        access_token,
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::UpdateRepository { repo_id, patch }).await?;
     applied_id(outcome)?;
@@ -488,6 +664,59 @@ mod tests {
         }
         assert_eq!(name_from_url("https://github.com/org/repo.git"), "repo");
         assert_eq!(name_from_url("git@github.com:org/api"), "api");
+    }
+
+    #[test]
+    fn api_urls_and_access_tokens_are_checked() {
+        for good in ["", "https://api.github.com", "https://ghe.example.com/api/v3", "http://gitlab.internal:8080/api/v4/"] {
+            validate_api_url(good).unwrap();
+        }
+        for bad in ["api.github.com", "ftp://x/api", "https://", "https:///api", "https://h/api?x=1", "https://h/a#b", "https://h /api"] {
+            let error = validate_api_url(bad).unwrap_err();
+            assert_eq!((error.status, error.field.as_deref()), (StatusCode::BAD_REQUEST, Some("api_url")), "{bad}");
+            assert!(error.message.contains("api/v3"), "{}", error.message);
+        }
+        validate_access_token("ghp_abcdefghijklmnopqrstuvwxyz0123456789").unwrap();
+        validate_access_token("").unwrap();
+        for bad in ["glpat-abc\n".to_string(), "two words".to_string(), "x".repeat(2001)] {
+            assert_eq!(validate_access_token(&bad).unwrap_err().field.as_deref(), Some("access_token"));
+        }
+        assert_eq!(normalized_api_url("https://gitlab.example.com/api/v4/"), "https://gitlab.example.com/api/v4");
+    }
+
+    #[test]
+    fn the_connect_answer_says_what_to_set_up_on_the_provider() {
+        assert_eq!(webhook_events(ScmType::Github), ["Pushes", "Pull requests"]);
+        assert_eq!(webhook_events(ScmType::Gitlab), ["Push events", "Tag push events", "Merge request events"]);
+        assert!(webhook_events(ScmType::Bitbucket).contains(&"Repository: Push".to_string()));
+        let url = "https://davit.example.com/api/v1/repos/webhook";
+        for scm_type in [ScmType::Github, ScmType::Gitlab, ScmType::Bitbucket] {
+            let text = webhook_instructions(scm_type, url, false);
+            assert!(text.contains(url) && text.contains("webhook_secret"), "{text}");
+            assert!(!webhook_instructions(scm_type, url, true).contains("PUT"));
+        }
+        // The seed's fields stay at the top level of the answer.
+        let view = ConnectedRepositoryView {
+            repository: RepositoryView {
+                repo_id: 1,
+                name: "repo".into(),
+                repo_url: "https://github.com/org/repo".into(),
+                branch: "main".into(),
+                scm_type: ScmType::Github,
+                webhook_secret: Some("***".into()),
+                user_id: Some(1),
+                created_at: "t".into(),
+                updated_at: "t".into(),
+                api_url: None,
+                access_token: Some("***".into()),
+            },
+            webhook_url: url.into(),
+            webhook_events: webhook_events(ScmType::Github),
+            webhook_instructions: webhook_instructions(ScmType::Github, url, true),
+        };
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!((json["repo_id"].as_u64(), json["repo_url"].as_str()), (Some(1), Some("https://github.com/org/repo")));
+        assert_eq!((json["access_token"].as_str(), json["webhook_url"].as_str()), (Some("***"), Some(url)));
     }
 
     #[test]

@@ -112,6 +112,12 @@ pub const REPO_URL_PATTERN: &str = concat!(
     "*",
     end!()
 );
+/// A provider's API base URL (`repos::validate_api_url`): `http(s)://host[/path]` without a query
+/// or fragment, or empty for the provider's default.
+pub const API_URL_PATTERN: &str =
+    concat!(r"^(?:https?://[^/?#", control!(), whitespace!(), "]+(?:/[^?#", control!(), whitespace!(), "]*)?)?", end!());
+/// A provider access token (`repos::validate_access_token`): no whitespace or control characters.
+pub const ACCESS_TOKEN_PATTERN: &str = concat!("^", solid!(), "*", end!());
 /// Standard base64 with padding and canonical trailing bits, whitespace around it allowed.
 pub const BASE64_PATTERN: &str = concat!(
     "^[",
@@ -188,6 +194,20 @@ string_schema!(
 );
 string_schema!(CommitHash, Some(COMMIT_PATTERN), Some(4), Some(40), "A git commit id: 4 to 40 hexadecimal characters.");
 string_schema!(WebhookSecret, None, None, Some(100), "At most 100 characters; shown as `***` once set.");
+string_schema!(
+    ApiUrl,
+    Some(API_URL_PATTERN),
+    None,
+    Some(255),
+    "The provider's API base URL, such as https://ghe.example.com/api/v3 or https://gitlab.example.com/api/v4; empty for the provider's public API."
+);
+string_schema!(
+    AccessToken,
+    Some(ACCESS_TOKEN_PATTERN),
+    None,
+    Some(2000),
+    "A provider access token (no whitespace, at most 2000 characters); sealed before it is stored and shown as `***` once set."
+);
 string_schema!(BuildCommand, None, None, Some(10_000), "At most 10000 characters.");
 string_schema!(
     WorkspacePath,

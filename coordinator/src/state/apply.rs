@@ -314,7 +314,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             0 => Ok(not_found("API token", *token_id)),
             affected => Ok(Outcome::applied(Some(*token_id), affected)),
         },
-        Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret } => {
+        Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret, api_url, access_token } => {
             if repo_url.trim().is_empty() {
                 return Ok(Outcome::rejected(RejectionCode::Invalid, "repo_url must not be empty"));
             }
@@ -335,6 +335,8 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 user_id: proposal.actor,
                 created_at: now,
                 updated_at: now,
+                api_url: api_url.clone(),
+                access_token: access_token.clone(),
             };
             store(txn, Table::Repositories, id_key(repo_id), &repository);
             txn.put(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, repo_url, repo_id), Vec::new());
@@ -371,6 +373,12 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             }
             if let Some(secret) = &patch.webhook_secret {
                 repository.webhook_secret = (!secret.is_empty()).then(|| secret.clone());
+            }
+            if let Some(api_url) = &patch.api_url {
+                repository.api_url = (!api_url.is_empty()).then(|| api_url.clone());
+            }
+            if let Some(token) = &patch.access_token {
+                repository.access_token = (!token.is_empty()).then(|| token.clone());
             }
             repository.updated_at = now;
             store(txn, Table::Repositories, id_key(*repo_id), &repository);

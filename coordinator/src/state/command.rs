@@ -38,6 +38,12 @@ pub struct RepositoryPatch {
     pub scm_type: Option<ScmType>,
     /// Sealed by the API layer; `Some("")` clears it.
     pub webhook_secret: Option<String>,
+    /// The provider's API base URL; `Some("")` goes back to the provider's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+    /// The provider access token, sealed by the API layer; `Some("")` clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
 }
 
 /// Changes to a pipeline; `None` leaves a field as it is.
@@ -138,6 +144,12 @@ pub enum Command {
         branch: String,
         scm_type: ScmType,
         webhook_secret: Option<String>,
+        /// The provider's API base URL; `None` for the provider's default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        api_url: Option<String>,
+        /// The provider access token, sealed by the API layer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        access_token: Option<String>,
     },
     UpdateRepository {
         repo_id: u64,
@@ -389,11 +401,13 @@ impl Command {
             }
             Command::RecordLogin { username, .. } => format!("username={username}"),
             Command::UpdateRepository { repo_id, patch } => format!(
-                "repo_id={repo_id} name={:?} repo_url={:?} branch={:?} webhook_secret_changed={}",
+                "repo_id={repo_id} name={:?} repo_url={:?} branch={:?} webhook_secret_changed={} api_url={:?} access_token_changed={}",
                 patch.name,
                 patch.repo_url,
                 patch.branch,
-                patch.webhook_secret.is_some()
+                patch.webhook_secret.is_some(),
+                patch.api_url,
+                patch.access_token.is_some()
             ),
             Command::UpdateUser { user_id, role, password_hash, .. } => {
                 format!("user_id={user_id} role={role:?} password_changed={}", password_hash.is_some())
@@ -401,8 +415,11 @@ impl Command {
             Command::CreateApiToken { user_id, name, .. } => {
                 format!("user_id={user_id} name={name}")
             }
-            Command::ConnectRepository { repo_url, branch, scm_type, .. } => {
-                format!("repo_url={repo_url} branch={branch} scm_type={scm_type:?}")
+            Command::ConnectRepository { repo_url, branch, scm_type, api_url, access_token, .. } => {
+                format!(
+                    "repo_url={repo_url} branch={branch} scm_type={scm_type:?} api_url={api_url:?} access_token_set={}",
+                    access_token.is_some()
+                )
             }
             Command::SetConfigurations { environment, pipeline_id, entries } => {
                 let keys: Vec<&str> = entries.iter().map(|entry| entry.key.as_str()).collect();

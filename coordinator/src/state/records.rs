@@ -62,6 +62,14 @@ pub struct Repository {
     pub user_id: Option<u64>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// The provider's API base URL (GitHub Enterprise `https://host/api/v3`, self-managed GitLab
+    /// `https://host/api/v4`); `None` means the provider's public API (`scm::status::default_api_base`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
+    /// The provider access token commit statuses are sent with. Sealed (encrypted) by the API
+    /// layer before it is proposed, like `webhook_secret`; never stored or returned in clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -27,6 +27,8 @@ fn seed_pipeline(txn: &mut Txn) -> u64 {
             branch: "main".into(),
             scm_type: ScmType::Github,
             webhook_secret: Some("sealed".into()),
+            api_url: None,
+            access_token: None,
         },
     ));
     id(propose(
