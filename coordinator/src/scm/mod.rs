@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod glob;
+pub mod trigger;
 
 #[cfg(test)]
 mod tests;
