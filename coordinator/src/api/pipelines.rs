@@ -456,3 +456,46 @@ async fn delete_pipeline(State(state): State<AppState>, caller: Caller, Path(pip
     applied_id(outcome)?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_events_are_checked_and_kept() {
+        let fields = BuildFields {
+            trigger_events: Some(vec!["push".into(), "tag".into(), "pull_request".into()]),
+            preview_environments: Some(true),
+            ..BuildFields::default()
+        };
+        let build = merge_build_fields(BuildSettings::default(), fields).unwrap();
+        assert_eq!(build.trigger_events, Some(vec![TriggerEvent::Push, TriggerEvent::Tag, TriggerEvent::PullRequest]));
+        assert!(build.preview_environments && build.triggers_on(TriggerEvent::Tag));
+        let view = BuildFields::from(build.clone());
+        assert_eq!(view.trigger_events.as_deref(), Some(&["push".to_string(), "tag".to_string(), "pull_request".to_string()][..]));
+        // Left out, the events stay as they were; the default runs pushes and pull requests only.
+        assert_eq!(merge_build_fields(build, BuildFields::default()).unwrap().trigger_events.unwrap().len(), 3);
+        let default = BuildSettings::default();
+        assert!(default.triggers_on(TriggerEvent::Push) && default.triggers_on(TriggerEvent::PullRequest));
+        assert!(!default.triggers_on(TriggerEvent::Tag));
+
+        for (bad, message) in [(vec!["merge"], "not \"merge\""), (vec!["push", "push"], "twice")] {
+            let fields =
+                BuildFields { trigger_events: Some(bad.iter().map(|event| event.to_string()).collect()), ..BuildFields::default() };
+            let error = merge_build_fields(BuildSettings::default(), fields).unwrap_err();
+            assert_eq!(error.field.as_deref(), Some("trigger_events"));
+            assert!(error.message.contains(message), "{}", error.message);
+        }
+    }
+
+    #[test]
+    fn pipeline_branches_may_be_patterns() {
+        for good in ["main", "release/*", "feature/**", "v*.x"] {
+            validate_branch_pattern("branch", good).unwrap();
+        }
+        for bad in ["", "-x", "a..b", "release/?", "a b", "[abc]"] {
+            assert_eq!(validate_branch_pattern("branch", bad).unwrap_err().field.as_deref(), Some("branch"), "{bad:?}");
+        }
+        assert!(super::super::repos::validate_branch("branch", "release/*").is_err(), "a repository's branch is a name, not a pattern");
+    }
+}
