@@ -89,7 +89,7 @@ pub struct BuildFields {
     /// `["push", "pull_request"]`; tags only when listed). Pushes and pull requests match the
     /// pipeline's branch pattern (a pull request by its target branch); tags match any tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<schema::TriggerEventName>>, max_items = 3, example = json!(["push", "tag", "pull_request"]))]
+    #[schema(value_type = Option<Vec<schema::TriggerEventName>>, example = json!(["push", "tag", "pull_request"]))]
     pub trigger_events: Option<Vec<String>>,
     /// Pull requests deploy into a preview environment of their own, `pr-<number>`, removed
     /// (with its running deployments cancelled) when the pull request is closed or merged.
@@ -136,8 +136,8 @@ fn validate_workspace_path(field: &str, path: &str) -> Result<(), ApiError> {
     }
 }
 
-/// `trigger_events`: each of `push`, `tag`, `pull_request` at most once (an empty list turns
-/// source-control triggers off).
+/// `trigger_events`: any of `push`, `tag`, `pull_request`; one listed twice counts once (an
+/// empty list turns source-control triggers off).
 fn parse_trigger_events(events: &[String]) -> Result<Vec<TriggerEvent>, ApiError> {
     let mut parsed = Vec::with_capacity(events.len());
     for event in events {
@@ -152,10 +152,9 @@ fn parse_trigger_events(events: &[String]) -> Result<Vec<TriggerEvent>, ApiError
                 ));
             }
         };
-        if parsed.contains(&trigger) {
-            return Err(ApiError::invalid_field("trigger_events", format!("trigger_events lists {event:?} twice")));
+        if !parsed.contains(&trigger) {
+            parsed.push(trigger);
         }
-        parsed.push(trigger);
     }
     Ok(parsed)
 }
@@ -479,13 +478,12 @@ mod tests {
         assert!(default.triggers_on(TriggerEvent::Push) && default.triggers_on(TriggerEvent::PullRequest));
         assert!(!default.triggers_on(TriggerEvent::Tag));
 
-        for (bad, message) in [(vec!["merge"], "not \"merge\""), (vec!["push", "push"], "twice")] {
-            let fields =
-                BuildFields { trigger_events: Some(bad.iter().map(|event| event.to_string()).collect()), ..BuildFields::default() };
-            let error = merge_build_fields(BuildSettings::default(), fields).unwrap_err();
-            assert_eq!(error.field.as_deref(), Some("trigger_events"));
-            assert!(error.message.contains(message), "{}", error.message);
-        }
+        let fields = BuildFields { trigger_events: Some(vec!["merge".into()]), ..BuildFields::default() };
+        let error = merge_build_fields(BuildSettings::default(), fields).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("trigger_events"));
+        assert!(error.message.contains("not \"merge\""), "{}", error.message);
+        let fields = BuildFields { trigger_events: Some(vec!["tag".into(), "tag".into()]), ..BuildFields::default() };
+        assert_eq!(merge_build_fields(BuildSettings::default(), fields).unwrap().trigger_events, Some(vec![TriggerEvent::Tag]));
     }
 
     #[test]
