@@ -727,4 +727,62 @@ mod tests {
         assert!(!same_commit("abcdef1234", "abcdef"), "six digits are too few to trust");
         assert!(!same_commit("abcdef1234", "abcdef1299"));
     }
+
+    #[test]
+    fn the_command_and_its_report_keep_their_wire_format() {
+        // Other nodes (and the Raft log) read these bytes: the names and tags are fixed.
+        let command = Command::RecordScmChanges {
+            repo_id: 3,
+            source: ScmSource::Webhook { delivery: Some("d-1".into()) },
+            changes: vec![
+                push("main", "aaaa1111"),
+                ScmChange::Tag { tag: "v1".into(), commit: "bbbb2222".into() },
+                pull_request(7, ScmPullRequestAction::Synchronized, "cccc3333"),
+            ],
+        };
+        let json = serde_json::to_value(&command).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "type": "record_scm_changes",
+                "repo_id": 3,
+                "source": {"kind": "webhook", "delivery": "d-1"},
+                "changes": [
+                    {"kind": "push", "branch": "main", "before": null, "after": "aaaa1111"},
+                    {"kind": "tag", "tag": "v1", "commit": "bbbb2222"},
+                    {"kind": "pull_request", "number": 7, "action": "synchronized", "source_branch": "feature", "target_branch": "main",
+                     "head_commit": "cccc3333", "merge_ref": "refs/pull/7/merge"}
+                ]
+            })
+        );
+        assert_eq!(serde_json::from_value::<Command>(json).unwrap(), command);
+        let poll: ScmSource = serde_json::from_str(r#"{"kind": "poll", "baseline": true}"#).unwrap();
+        assert_eq!(poll, ScmSource::Poll { baseline: true });
+
+        // A deployment and build settings written before these fields existed still decode.
+        let old_settings: BuildSettings = serde_json::from_str(r#"{"image": "alpine:3.20"}"#).unwrap();
+        assert_eq!((old_settings.trigger_events, old_settings.preview_environments), (None, false));
+        assert_eq!(serde_json::to_string(&BuildSettings::default()).unwrap(), "{}", "defaults add no bytes to stored records");
+    }
+
+    #[test]
+    fn state_events_follow_what_the_command_did() {
+        use crate::state::events::{StateEvent, events_of};
+        let mut txn = Txn::new(&EmptyState);
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        pipeline(&mut txn, repo_id, "previews", None, BuildSettings { preview_environments: true, ..BuildSettings::default() });
+        let mut run = |txn: &mut Txn, time: i64, change: ScmChange| {
+            let command = Command::RecordScmChanges { repo_id, source: ScmSource::Poll { baseline: false }, changes: vec![change] };
+            let proposal = Proposal { time, actor: None, command: command.clone(), source: None };
+            let outcome = apply(txn, &proposal, time as u64).unwrap();
+            events_of(&command, &outcome)
+        };
+        assert_eq!(run(&mut txn, 10, pull_request(4, ScmPullRequestAction::Opened, "aaaa0001")), vec![StateEvent::WorkChanged]);
+        let deployment_id = txn.scan_prefix(Table::Deployments, b"").unwrap().len() as u64;
+        assert_eq!(
+            run(&mut txn, 20, pull_request(4, ScmPullRequestAction::Closed, "aaaa0001")),
+            vec![StateEvent::DeploymentChanged { deployment_id }, StateEvent::WorkChanged]
+        );
+        assert!(run(&mut txn, 30, push("unmatched/branch", "bbbb0002")).is_empty(), "nothing queued, nothing to wake");
+    }
 }
