@@ -771,7 +771,7 @@ mod tests {
         let mut txn = Txn::new(&EmptyState);
         let repo_id = connect(&mut txn, "https://github.com/org/repo");
         pipeline(&mut txn, repo_id, "previews", None, BuildSettings { preview_environments: true, ..BuildSettings::default() });
-        let mut run = |txn: &mut Txn, time: i64, change: ScmChange| {
+        let run = |txn: &mut Txn, time: i64, change: ScmChange| {
             let command = Command::RecordScmChanges { repo_id, source: ScmSource::Poll { baseline: false }, changes: vec![change] };
             let proposal = Proposal { time, actor: None, command: command.clone(), source: None };
             let outcome = apply(txn, &proposal, time as u64).unwrap();
