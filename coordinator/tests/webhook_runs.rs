@@ -29,6 +29,8 @@ fn sha256_signature(secret: &str, body: &[u8]) -> String {
 struct Hooks<'a> {
     node: &'a SingleNode,
     token: String,
+    /// How long each delivery took to answer.
+    latencies: std::sync::Mutex<Vec<Duration>>,
 }
 
 impl Hooks<'_> {
@@ -55,7 +57,10 @@ impl Hooks<'_> {
         for (name, value) in headers {
             request = request.header(*name, value);
         }
-        self.node.send(request).await
+        let started = Instant::now();
+        let reply = self.node.send(request).await;
+        self.latencies.lock().unwrap().push(started.elapsed());
+        reply
     }
 
     async fn deployment_count(&self) -> usize {
@@ -90,7 +95,7 @@ impl Hooks<'_> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_starts_the_runs_it_should() {
     let node = SingleNode::start("webhook-runs").await;
-    let hooks = Hooks { node: &node, token: node.admin_token.clone() };
+    let hooks = Hooks { node: &node, token: node.admin_token.clone(), latencies: Default::default() };
 
     // GitHub: the fixtures' repository, with a pipeline for its branch, one for tags and one for
     // release branches (which none of the fixtures touch).
@@ -118,16 +123,13 @@ async fn every_fixture_starts_the_runs_it_should() {
     expect_status(&hooks.deliver("/api/v1/repos/webhook", &push, &unsigned).await, 401, "an unsigned push");
     assert_eq!(hooks.deployment_count().await, 0, "refused deliveries run nothing");
 
-    // The push to master runs the master pipeline on the pushed commit, answering fast.
-    let started = Instant::now();
+    // The push to master runs the master pipeline on the pushed commit.
     let reply = hooks.deliver("/api/v1/repos/webhook", &push, &github_headers("push", "gh-push-1", &push)).await;
-    let elapsed = started.elapsed();
     let run = hooks.single_run(&reply, github_main, "6113728f27ae82c7b1a177c8d03f9e96e0adf246", "the GitHub push").await;
     assert_eq!(run["scm"]["event"], "push");
     assert_eq!(run["scm"]["git_ref"], "refs/heads/master");
     assert_eq!(run["scm"]["delivery"], "gh-push-1");
     assert_eq!(run["environment"], "staging");
-    assert!(elapsed < Duration::from_millis(1000), "a delivery took {elapsed:?}");
     let change = &reply.json["changes"][0];
     assert!(change["reason"].as_str().unwrap().contains("does not run on push events"), "the tags pipeline says why: {change}");
 
@@ -249,4 +251,12 @@ async fn every_fixture_starts_the_runs_it_should() {
 
     // Every run above, and nothing else.
     assert_eq!(hooks.deployment_count().await, 8);
+
+    // Providers give up after about 10 s and expect an answer at once: each delivery is one Raft
+    // write. The median is checked against 100 ms (not every delivery: the test machine is shared).
+    let mut latencies = hooks.latencies.lock().unwrap().clone();
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    eprintln!("webhook deliveries answered in {latencies:?}");
+    assert!(median < Duration::from_millis(100), "the median delivery took {median:?}: {latencies:?}");
 }
