@@ -924,7 +924,11 @@ fn build_spec(txn: &Txn, pipeline: &Pipeline, commit: &str, checkout: Checkout) 
         pipeline_name: pipeline.name.clone(),
         repository_url: repository.repo_url.clone(),
         commit: commit.to_string(),
-        branch: checkout.branch.or_else(|| pipeline.branch.clone()).or(Some(repository.branch.clone())),
+        // A pipeline's branch may be a pattern (`release/*`), which names no branch to build.
+        branch: checkout
+            .branch
+            .or_else(|| pipeline.branch.clone().filter(|branch| !branch.contains('*')))
+            .or(Some(repository.branch.clone())),
         fetch_ref: checkout.fetch_ref,
         image: build.image.clone().unwrap_or_else(|| DEFAULT_BUILD_IMAGE.to_string()),
         steps,
