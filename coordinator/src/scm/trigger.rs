@@ -14,7 +14,6 @@ use crate::node::{Node, Requester};
 use crate::state::command::{ScmChange, ScmPullRequestAction, ScmReport};
 use crate::state::txn::StateRead;
 use crate::state::{Command, ScmSource};
-use crate::store::StoreResult;
 
 impl From<PullRequestAction> for ScmPullRequestAction {
     fn from(action: PullRequestAction) -> Self {
@@ -100,6 +99,59 @@ pub async fn submit(
 
 /// The last commit recorded per ref (`refs/heads/main`, `refs/tags/v1`) of a repository, read
 /// from this node's applied state (no read barrier: the poller compares and lets `apply` decide).
-pub fn known_heads(state: &dyn StateRead, repo_id: u64) -> StoreResult<BTreeMap<String, String>> {
-    crate::state::scm::known_heads(state, repo_id)
+/// A storage error reads as "nothing known" (and is logged): the poller then submits every head it
+/// sees, and `apply`, which reads the replicated table itself, still runs only the new ones.
+pub fn known_heads(state: &dyn StateRead, repo_id: u64) -> BTreeMap<String, String> {
+    crate::state::scm::known_heads(state, repo_id).unwrap_or_else(|error| {
+        tracing::warn!(repo_id, %error, "cannot read the known heads of the repository; treating them all as new");
+        BTreeMap::new()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scm::events::{Outcome, parse_delivery};
+    use crate::state::records::ScmType;
+
+    fn events_of(provider: ScmType, event: &str, body: &[u8]) -> Vec<ScmChange> {
+        let delivery = parse_delivery(provider, Some(event), body, None).unwrap();
+        delivery
+            .outcomes
+            .iter()
+            .filter_map(|outcome| match outcome {
+                Outcome::Event(event) => Some(ScmChange::from(event)),
+                Outcome::Ignored(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parsed_events_become_the_changes_apply_reads() {
+        let pull =
+            events_of(ScmType::Github, "pull_request", include_bytes!("../../tests/fixtures/webhooks/github-pull_request-opened.json"));
+        assert_eq!(
+            pull,
+            vec![ScmChange::PullRequest {
+                number: 2,
+                action: ScmPullRequestAction::Opened,
+                source_branch: "changes".into(),
+                target_branch: "master".into(),
+                head_commit: Some("ec26c3e57ca3a959ca5aad62de7213c562f8c821".into()),
+                merge_ref: Some("refs/pull/2/merge".into()),
+            }]
+        );
+        let push = events_of(ScmType::Bitbucket, "repo:push", include_bytes!("../../tests/fixtures/webhooks/bitbucket-repo-push.json"));
+        assert_eq!(
+            push,
+            vec![ScmChange::Push {
+                branch: "main".into(),
+                before: Some("a51241ae1f00cbe728930db48e890b18fd527f99".into()),
+                after: "c14c1bb05dfb1fdcdf06b31485fff61b0ea44277".into(),
+            }]
+        );
+        let deleted = events_of(ScmType::Github, "push", include_bytes!("../../tests/fixtures/webhooks/github-push-tag-deleted.json"));
+        assert!(deleted.is_empty(), "a deletion reaches no change");
+        assert!(known_heads(&crate::state::txn::EmptyState, 1).is_empty());
+    }
 }
