@@ -614,3 +614,90 @@ async fn davit_up_builds_with_its_embedded_agent() {
     let artifacts = api.get(&format!("/api/v1/artifacts?pipeline_id={pipeline_id}")).await;
     assert_eq!(artifacts["items"].as_array().unwrap().len(), 1, "{artifacts:#}");
 }
+
+/// A pull request's webhook starts a build on the provider's merge of the request, not on its
+/// head: `git daemon` serves a repository laid out like GitHub's (`refs/pull/7/head` and the
+/// trial merge `refs/pull/7/merge`, on no branch), the signed `pull_request` delivery names the
+/// head, and the embedded agent fetches the merge ref, logs what it resolved to, and builds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_request_webhook_builds_the_merge_ref() {
+    use hmac::{KeyInit, Mac};
+    let test = "pull_request_merge";
+    let (git_server, _) = GitServer::start(
+        "app",
+        &[("build.sh", "#!/bin/sh\nset -e\necho \"main says $(cat main.txt)\"\ncat feature.txt\n"), ("main.txt", "v1\n")],
+    );
+    let work = git_server.root.path().join("work");
+    git(&work, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(work.join("feature.txt"), "feature file present\n").unwrap();
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "-q", "-m", "feature"]);
+    let head = git(&work, &["rev-parse", "HEAD"]);
+    git(&work, &["checkout", "-q", "main"]);
+    std::fs::write(work.join("main.txt"), "v2\n").unwrap();
+    git(&work, &["commit", "-q", "-am", "main moves on"]);
+    git(&work, &["merge", "-q", "--no-ff", "-m", "Merge pull request #7", "feature"]);
+    let merge = git(&work, &["rev-parse", "HEAD"]);
+    let bare = git_server.root.path().join("served/app.git");
+    git(&work, &["push", "-q", bare.to_str().unwrap(), &format!("{head}:refs/pull/7/head"), &format!("{merge}:refs/pull/7/merge")]);
+
+    let node = SingleNode::start_with(test, &["--agent-executor", "shell"]).await;
+    let api = api_for(&node);
+    api.wait_for_agents(1).await;
+    let secret = "merge-ref-secret";
+    let repo = api
+        .post(
+            "/api/v1/repos/connect",
+            json!({"repo_url": git_server.url("app"), "branch": "main", "scm_type": "github", "webhook_secret": secret}),
+        )
+        .await;
+    let repo_id = repo["repo_id"].as_u64().unwrap();
+    let pipeline = api
+        .post(
+            "/api/v1/pipelines",
+            json!({"name": "checks", "repo_id": repo_id, "build_command": "sh build.sh", "deploy_strategy": "rolling", "environment": "development"}),
+        )
+        .await;
+
+    // GitHub's opened payload, pointed at this repository's pull request #7.
+    let mut payload: Value = serde_json::from_slice(
+        &std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/webhooks/github-pull_request-opened.json")).unwrap(),
+    )
+    .unwrap();
+    payload["number"] = json!(7);
+    payload["pull_request"]["number"] = json!(7);
+    payload["pull_request"]["head"]["sha"] = json!(head);
+    payload["pull_request"]["head"]["ref"] = json!("feature");
+    payload["pull_request"]["base"]["ref"] = json!("main");
+    let body = serde_json::to_vec(&payload).unwrap();
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(&body);
+    let signature = format!("sha256={}", hex(&mac.finalize().into_bytes()));
+    let reply = node
+        .send(
+            node.client
+                .post(node.url(&format!("/api/v1/repos/{repo_id}/webhook")))
+                .header("content-type", "application/json")
+                .header("x-github-event", "pull_request")
+                .header("x-github-delivery", "merge-ref-1")
+                .header("x-hub-signature-256", signature)
+                .body(body),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let deployment_id = reply.json["deployments"][0].as_u64().unwrap_or_else(|| panic!("no run: {}", reply.text()));
+    let deployment = api.get(&format!("/api/v1/deployments/{deployment_id}")).await;
+    assert_eq!(deployment["pipeline_id"], pipeline["pipeline_id"]);
+    assert_eq!(deployment["commit_hash"], head, "the run names the pull request's head");
+    assert_eq!(deployment["scm"]["git_ref"], "refs/pull/7/merge");
+
+    let job = api
+        .wait_for_job(deployment_id, Duration::from_secs(120), "the pull request's build", |job| {
+            job["status"] != "queued" && job["status"] != "running"
+        })
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job:#}\n{}", node.log_tail(40));
+    let logs = api.get(&format!("/api/v1/logs/{deployment_id}")).await.to_string();
+    assert!(logs.contains(&format!("refs/pull/7/merge resolved to commit {merge} (head commit {head})")), "{logs}");
+    assert!(logs.contains("main says v2") && logs.contains("feature file present"), "the build ran on the merge: {logs}");
+}

@@ -5,6 +5,7 @@
 pub mod events;
 pub mod glob;
 pub mod status;
+pub mod trigger;
 
 #[cfg(test)]
 mod tests;

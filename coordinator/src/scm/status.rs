@@ -94,12 +94,14 @@ pub fn commit_state(deployment: &Deployment, jobs: &[Job]) -> CommitState {
     }
 }
 
-/// The commit whose status a deployment reports.
-// The trigger helper adds `deployment.scm: Option<ScmOrigin>`; for a pull request its
-// `head_commit` (the pull request's own head, not the provider's trial merge) is the commit the
-// provider shows checks on, and must be returned here instead. The lead wires it.
+/// The commit whose status a deployment reports: for a run started by source control, the commit
+/// the provider announced (a pull request's own head, where the provider shows its checks — the
+/// run itself builds the trial merge); otherwise the deployed commit.
 pub fn reported_commit(deployment: &Deployment) -> String {
-    deployment.commit_hash.clone()
+    match &deployment.scm {
+        Some(origin) if !origin.head_commit.is_empty() => origin.head_commit.clone(),
+        _ => deployment.commit_hash.clone(),
+    }
 }
 
 /// The path of a repository on its provider, from its clone URL: `owner/repo` on GitHub and
@@ -489,6 +491,7 @@ mod tests {
             status_reason: None,
             created_at: 0,
             updated_at: 0,
+            scm: None,
         }
     }
 
@@ -541,6 +544,21 @@ mod tests {
         assert_eq!(commit_state(&failed, &[job(JobStatus::Cancelled, Some("cancelled"))]), CommitState::Cancelled);
         assert_eq!(commit_state(&failed, &[]), CommitState::Cancelled);
         assert_eq!(reported_commit(&failed), SHA);
+        // A pull request's run reports on the pull request's head, not on the merge it built.
+        let head = "0123456789abcdef0123456789abcdef01234567";
+        let pull_request = Deployment {
+            scm: Some(crate::state::records::ScmOrigin {
+                repo_id: 1,
+                source: "webhook".into(),
+                event: "pull_request".into(),
+                git_ref: "refs/pull/7/merge".into(),
+                head_commit: head.into(),
+                pull_request: Some(7),
+                delivery: None,
+            }),
+            ..failed
+        };
+        assert_eq!(reported_commit(&pull_request), head);
     }
 
     #[test]
