@@ -220,6 +220,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         raft: RaftTuning { election_timeout_min_ms: 150, election_timeout_max_ms: 300, heartbeat_interval_ms: 50, ..Default::default() },
         agents: crate::config::AgentSettings { lost_after_seconds: args.lost_after_seconds, ..Default::default() },
         retention: Default::default(),
+        // A developer's own machine: their forge, their webhook receiver and their repositories
+        // on disk are local, so `up` allows what `serve` refuses by default (and says so).
+        outbound: crate::outbound::OutboundSettings { allow_private_networks: true, allow_file_urls: true, ..Default::default() },
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;
@@ -230,6 +233,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("Davit is up.");
     println!("  dashboard and REST API: http://{}", server.http_addr);
     println!("  gRPC (agents, integrations): {}", server.grpc_addr);
+    println!(
+        "  outbound: developer mode allows loopback, private and link-local addresses and file:// URLs for repositories, provider APIs and notifications (`davit serve` refuses them unless [outbound] allows them)"
+    );
     report_credentials(&server).await;
     let agent_shutdown = tokio_util::sync::CancellationToken::new();
     let agent = if args.no_agent {
@@ -240,7 +246,6 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         if runtime.executor_name() == "shell" {
             println!("    (Docker is not usable here, so builds run as plain processes; start Docker and restart to build in containers)");
         }
-        println!("  outbound: this developer instance lets builds fetch from file:// and private/loopback addresses");
         Some(tokio::spawn(runtime.run(agent_shutdown.clone())))
     };
     println!("Stop with Ctrl-C; data stays in the data directory.");

@@ -48,6 +48,10 @@ pub struct NodeConfig {
     pub agents: AgentSettings,
     #[serde(default)]
     pub retention: RetentionSettings,
+    /// Which internal hosts and ranges the coordinator may connect to on a user's behalf
+    /// (repositories, provider APIs, notification webhooks); see `outbound.rs`.
+    #[serde(default)]
+    pub outbound: crate::outbound::OutboundSettings,
 }
 
 /// The `[retention]` section: how long artifacts are kept (see `retention.rs`).
@@ -191,6 +195,7 @@ impl NodeConfig {
         if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms || raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
             return Err("raft timeouts must satisfy heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into());
         }
+        crate::outbound::OutboundPolicy::new(&self.outbound)?;
         Ok(())
     }
 
@@ -248,5 +253,16 @@ mod tests {
         std::fs::write(&path, "node_id = 1\nhttp_adr = \"x\"\n").unwrap();
         let error = NodeConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("http_adr"), "{error}");
+        let valid = "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1:2\"\ndata_dir = \"d\"\n";
+        std::fs::write(&path, format!("{valid}[outbound]\nallow_ranges = [\"10.0.0.1/8\"]\n")).unwrap();
+        let error = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("[outbound] allow_ranges entry \"10.0.0.1/8\" has bits set after the prefix"), "{error}");
+        std::fs::write(&path, format!("{valid}[outbound]\nallow_privat_networks = true\n")).unwrap();
+        let error = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("allow_privat_networks"), "{error}");
+        std::fs::write(&path, format!("{valid}[outbound]\nallow_hosts = [\"git.internal\"]\nallow_ranges = [\"10.20.0.0/16\"]\n")).unwrap();
+        let config = NodeConfig::load(&path).unwrap();
+        assert_eq!(config.outbound.allow_hosts, ["git.internal"]);
+        assert!(!config.outbound.allow_private_networks && !config.outbound.allow_file_urls, "serve allows nothing internal by default");
     }
 }

@@ -70,6 +70,8 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     let credentials_file = config.data_dir.join("initial-admin.json");
     let prometheus = crate::observability::prometheus();
     let agent_settings = config.agents.clone();
+    let outbound = Arc::new(crate::outbound::OutboundPolicy::new(&config.outbound).map_err(anyhow::Error::msg)?);
+    tracing::info!(allowed = %outbound.describe(), "outbound connections");
     let node = Node::start(config).await?;
     let fleet = crate::fleet::Fleet::new();
     let gateway = crate::agent_gateway::AgentGateway::new(
@@ -110,7 +112,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     });
 
     tracing::info!(blob_store = %blobs.describe(), master_key = secrets.active_key_id(), "storage ready");
-    let app = router(AppState { node: node.clone(), prometheus, secrets, blobs });
+    let app = router(AppState { node: node.clone(), prometheus, secrets, blobs, outbound });
     match &tls {
         None => {
             tokio::spawn(async move {

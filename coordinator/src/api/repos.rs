@@ -16,6 +16,7 @@ use super::extract::{Caller, JsonBody, Page, Paged, Path, Query, RawBody, page_o
 use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
+use crate::outbound::UrlKind;
 use crate::scm::events::{self, ScmEvent};
 use crate::state::Command;
 use crate::state::apply::{index, load_id};
@@ -166,6 +167,7 @@ async fn connect_repository(
 ) -> Result<(StatusCode, Json<RepositoryView>), ApiError> {
     caller.require(Role::Developer, "connecting a repository")?;
     validate_repo_url(&request.repo_url)?;
+    state.outbound.check_url("repo_url", &request.repo_url, UrlKind::Repository).await?;
     let branch = request.branch.unwrap_or_else(|| "main".into());
     validate_branch("branch", &branch)?;
     let name = request.name.unwrap_or_else(|| name_from_url(&request.repo_url));
@@ -236,6 +238,7 @@ async fn update_repository(
     let repo_id = parse_id("id", &id)?;
     if let Some(url) = &request.repo_url {
         validate_repo_url(url)?;
+        state.outbound.check_url("repo_url", url, UrlKind::Repository).await?;
     }
     if let Some(branch) = &request.branch {
         validate_branch("branch", branch)?;
