@@ -31,8 +31,9 @@ pub const MAX_REDIRECTS: usize = 5;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundSettings {
-    /// Allow loopback, private (RFC 1918, CGNAT, IPv6 unique local), link-local and unspecified
-    /// addresses. `davit up` sets it: on a developer's own machine those are the user's own.
+    /// Allow loopback, private (RFC 1918, CGNAT, IPv6 unique local), link-local, unspecified and
+    /// the other non-public (multicast, documentation...) addresses. `davit up` sets it: on a
+    /// developer's own machine those are the user's own.
     pub allow_private_networks: bool,
     /// Host names always allowed, whatever they resolve to (exact names, case-insensitive):
     /// a self-hosted forge on a private network, for example.
@@ -76,16 +77,11 @@ impl AddressClass {
         }
     }
 
-    /// Whether `allow_private_networks` covers this class.
+    /// Whether `allow_private_networks` covers this class: every class but public. The
+    /// special-purpose ranges are included so that a developer's machine, where the setting is
+    /// meant, never refuses an address `davit serve` would only refuse for being internal.
     fn is_private_network(self) -> bool {
-        matches!(
-            self,
-            AddressClass::Loopback
-                | AddressClass::Private
-                | AddressClass::SharedAddressSpace
-                | AddressClass::LinkLocal
-                | AddressClass::Unspecified
-        )
+        self != AddressClass::Public
     }
 }
 
@@ -336,16 +332,16 @@ enum HostMeaning {
 /// WHATWG URL parser's (reqwest: percent-decoding, IDNA mapping such as full-width digits,
 /// its own IPv4 forms), and bracketed IPv6 with or without a zone. An address found by any of
 /// them is what the host means; otherwise it is a name.
-fn host_meaning(host: &str) -> Result<HostMeaning, String> {
-    if host.is_empty() {
-        return Err("it has no host".into());
-    }
+fn host_meaning(host: &str) -> HostMeaning {
     if let Some(inner) = host.strip_prefix('[') {
-        let inner = inner.strip_suffix(']').ok_or("its IPv6 address has no closing ]")?;
-        // A zone (`fe80::1%eth0`, `%25` in URLs) only scopes a link-local address.
+        // A zone (`fe80::1%eth0`, `%25` in URLs) only scopes a link-local address. A bracket left
+        // open is read as far as it goes: what no parser can read is a name that resolves nowhere.
+        let inner = inner.strip_suffix(']').unwrap_or(inner);
         let without_zone = inner.split('%').next().unwrap_or(inner);
-        let address: Ipv6Addr = without_zone.parse().map_err(|_| format!("[{inner}] is not an IPv6 address"))?;
-        return Ok(HostMeaning::Addresses(vec![IpAddr::V6(address)]));
+        if let Ok(address) = without_zone.parse::<Ipv6Addr>() {
+            return HostMeaning::Addresses(vec![IpAddr::V6(address)]);
+        }
+        return host_meaning(without_zone);
     }
     let lower = host.to_lowercase();
     let mut addresses = BTreeSet::new();
@@ -373,7 +369,7 @@ fn host_meaning(host: &str) -> Result<HostMeaning, String> {
         // resolver makes of it is checked by resolving it.
         Err(_) => {}
     }
-    if addresses.is_empty() { Ok(HostMeaning::Name(name)) } else { Ok(HostMeaning::Addresses(addresses.into_iter().collect())) }
+    if addresses.is_empty() { HostMeaning::Name(name) } else { HostMeaning::Addresses(addresses.into_iter().collect()) }
 }
 
 /// Whether a name means this host whatever DNS says (RFC 6761 reserves `localhost`).
@@ -407,7 +403,7 @@ fn url_target(url: &str) -> Result<UrlTarget, String> {
             // scp-like `user@host:path`, the form git and ssh accept without a scheme. The host
             // ends at the first colon, or after `]` for a bracketed IPv6 address.
             let authority_end = match url.find('[') {
-                Some(open) if !url[..open].contains(':') => url[open..].find("]:").map(|close| open + close + 1),
+                Some(open) if !url[..open].contains(':') => url[open..].find("]:").map(|close| open + close + 1).or_else(|| url.find(':')),
                 _ => url.find(':'),
             };
             let authority_end = authority_end.ok_or("it is neither scheme://host/path nor user@host:path")?;
@@ -416,6 +412,9 @@ fn url_target(url: &str) -> Result<UrlTarget, String> {
     };
     if scheme == "file" {
         return Ok(UrlTarget { scheme, hosts: Vec::new(), port: None });
+    }
+    if authority.is_empty() {
+        return Err("it has no host".into());
     }
     let after_last_at = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
     let after_first_at = authority.split_once('@').map_or(authority, |(_, host)| host);
@@ -580,13 +579,14 @@ impl OutboundPolicy {
             _ => 22,
         };
         for host in &target.hosts {
-            match host_meaning(host).map_err(malformed)? {
+            match host_meaning(host) {
                 HostMeaning::Addresses(addresses) => {
                     for address in addresses {
                         self.check_address(address).map_err(|class| self.refusal(field, host, "is the address", address, class))?;
                     }
                 }
-                HostMeaning::Name(name) if self.is_allowed_host(&name) => {}
+                // No host after the userinfo: nothing can be connected to, so nothing to refuse.
+                HostMeaning::Name(name) if name.is_empty() || self.is_allowed_host(&name) => {}
                 HostMeaning::Name(name) => {
                     let addresses = resolve(&name, target.port.unwrap_or(default_port)).await;
                     if addresses.is_empty() && is_loopback_name(&name) {

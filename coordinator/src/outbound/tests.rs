@@ -164,8 +164,11 @@ async fn other_refusals_say_what_to_do() {
     let error = policy.check_url("api_base_url", "ssh://git@github.com/org/repo", UrlKind::Http).await.unwrap_err();
     assert!(matches!(error, OutboundError::UnsupportedScheme { .. }), "{error}");
     assert_eq!(ApiError::from(error).code, "invalid_field");
+    // A bracket left open is still read as the address it holds.
     let error = policy.check_url("repo_url", "https://[::1/x", UrlKind::Repository).await.unwrap_err();
-    assert!(matches!(error, OutboundError::Malformed { .. }), "{error}");
+    assert!(error.to_string().contains("::1, a loopback address"), "{error}");
+    let error = policy.check_url("repo_url", "git@[0x7f.1:x", UrlKind::Repository).await.unwrap_err();
+    assert!(error.to_string().contains("127.0.0.1, a loopback address"), "{error}");
     let error = policy.check_url("repo_url", "https:///x", UrlKind::Repository).await.unwrap_err();
     assert!(error.to_string().contains("no host"), "{error}");
     let allowed = OutboundPolicy::new(&OutboundSettings { allow_file_urls: true, ..Default::default() }).unwrap();
@@ -222,8 +225,9 @@ async fn allow_lists_let_an_admin_reach_a_private_forge() {
     for url in ["http://127.0.0.1/x", "http://10.0.0.1/x", "http://169.254.169.254/x", "http://[::1]/x", "git@localhost:x", "http://0/x"] {
         developer.check_url("repo_url", url, UrlKind::Repository).await.unwrap_or_else(|error| panic!("{url}: {error}"));
     }
-    // Multicast and documentation ranges are never a forge, even on a developer's machine.
-    developer.check_url("repo_url", "http://224.0.0.1/x", UrlKind::Repository).await.unwrap_err();
+    // Only a range allows a special-purpose address on `serve`.
+    OutboundPolicy::public_only().check_url("repo_url", "http://224.0.0.1/x", UrlKind::Repository).await.unwrap_err();
+    allowing_ranges(&["224.0.0.0/4"]).check_url("repo_url", "http://224.0.0.1/x", UrlKind::Repository).await.unwrap();
     assert!(developer.describe().contains("loopback, private and link-local"));
 }
 
