@@ -332,3 +332,40 @@ fn urlencode(text: &str) -> String {
         })
         .collect()
 }
+
+/// Over TLS the peer check still sees the address reached (reqwest's TLS connection passes the
+/// TCP connection's info through): allowed, the request goes through; refused, it does not.
+#[tokio::test]
+async fn the_peer_check_sees_through_tls() {
+    let directory = tempfile::tempdir().unwrap();
+    crate::tls::generate_cluster_certs(directory.path(), &[(1, vec!["127.0.0.1".into()])]).unwrap();
+    let files = crate::tls::TlsFiles {
+        ca_file: directory.path().join("ca.pem"),
+        cert_file: directory.path().join("node-1.pem"),
+        key_file: directory.path().join("node-1-key.pem"),
+    };
+    let material = crate::tls::TlsMaterial::load(&files).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(material.rustls_http_server().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "reached over TLS" }));
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else { return };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let ca = reqwest::Certificate::from_pem(material.ca_pem()).unwrap();
+    let url = format!("https://{address}/");
+    let allowing = allowing_ranges(&["127.0.0.1/32"]).http_client_builder().add_root_certificate(ca.clone()).build().unwrap();
+    assert_eq!(allowing.get(&url).send().await.unwrap().text().await.unwrap(), "reached over TLS");
+    let refusing = Arc::new(OutboundPolicy::public_only()).http_client_builder().add_root_certificate(ca).build().unwrap();
+    let chain = error_chain(&refusing.get(&url).send().await.unwrap_err());
+    assert!(chain.contains("127.0.0.1, a loopback address"), "{chain}");
+}
