@@ -333,15 +333,17 @@ enum HostMeaning {
 /// its own IPv4 forms), and bracketed IPv6 with or without a zone. An address found by any of
 /// them is what the host means; otherwise it is a name.
 fn host_meaning(host: &str) -> HostMeaning {
-    if let Some(inner) = host.strip_prefix('[') {
-        // A zone (`fe80::1%eth0`, `%25` in URLs) only scopes a link-local address. A bracket left
-        // open is read as far as it goes: what no parser can read is a name that resolves nowhere.
-        let inner = inner.strip_suffix(']').unwrap_or(inner);
+    let mut host = host;
+    if host.starts_with('[') {
+        // A zone (`fe80::1%eth0`, `%25` in URLs) only scopes a link-local address. Brackets
+        // doubled or left open are read as far as they go (no recursion: the text may be long).
+        let inner = host.trim_start_matches('[');
+        let inner = inner.split(']').next().unwrap_or(inner);
         let without_zone = inner.split('%').next().unwrap_or(inner);
         if let Ok(address) = without_zone.parse::<Ipv6Addr>() {
             return HostMeaning::Addresses(vec![IpAddr::V6(address)]);
         }
-        return host_meaning(without_zone);
+        host = without_zone;
     }
     let lower = host.to_lowercase();
     let mut addresses = BTreeSet::new();
@@ -377,7 +379,7 @@ fn is_loopback_name(name: &str) -> bool {
     name == "localhost" || name.ends_with(".localhost") || name == "localhost.localdomain"
 }
 
-/// The host of a URL, every way it can be read. `None` for `file://`.
+/// The host of a URL, every way it can be read (no hosts for `file://`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct UrlTarget {
     scheme: String,

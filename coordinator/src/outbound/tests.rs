@@ -169,6 +169,11 @@ async fn other_refusals_say_what_to_do() {
     assert!(error.to_string().contains("::1, a loopback address"), "{error}");
     let error = policy.check_url("repo_url", "git@[0x7f.1:x", UrlKind::Repository).await.unwrap_err();
     assert!(error.to_string().contains("127.0.0.1, a loopback address"), "{error}");
+    let error = policy.check_url("repo_url", "http://[[[127.0.0.1]]]/x", UrlKind::Repository).await.unwrap_err();
+    assert!(error.to_string().contains("127.0.0.1, a loopback address"), "{error}");
+    // A megabyte of brackets is read in one pass, not one call per bracket.
+    let brackets = format!("http://{}/x", "[".repeat(1 << 20));
+    policy.check_url("target", &brackets, UrlKind::Http).await.unwrap();
     let error = policy.check_url("repo_url", "https:///x", UrlKind::Repository).await.unwrap_err();
     assert!(error.to_string().contains("no host"), "{error}");
     let allowed = OutboundPolicy::new(&OutboundSettings { allow_file_urls: true, ..Default::default() }).unwrap();
