@@ -522,6 +522,48 @@ impl OutboundPolicy {
         if self.allow_file_urls { "https:ssh:git:file" } else { "https:ssh:git" }
     }
 
+    /// For the coordinator's own git (polling with `git ls-remote`): check a repository URL at
+    /// the moment of use and return the `-c` arguments that pin an http(s) host to the
+    /// addresses just checked (curl's resolve list, git 2.37+), so a DNS answer that changes
+    /// between the check and git's own lookup cannot send git elsewhere. ssh:// and git://
+    /// resolve inside ssh and git, so for them (and for address literals, allowed hosts and
+    /// names that do not resolve) this only checks. Run git with these arguments first and
+    /// `GIT_ALLOW_PROTOCOL=git_allowed_protocols()` in its environment.
+    pub async fn git_arguments_for(&self, field: &str, url: &str) -> Result<Vec<String>, OutboundError> {
+        self.check_url(field, url, UrlKind::Repository).await?;
+        let Ok(target) = url_target(url) else { return Ok(Vec::new()) };
+        let port = match (target.scheme.as_str(), target.port) {
+            (_, Some(port)) => port,
+            ("https", None) => 443,
+            ("http", None) => 80,
+            _ => return Ok(Vec::new()),
+        };
+        let mut arguments = Vec::new();
+        for host in &target.hosts {
+            let HostMeaning::Name(name) = host_meaning(host) else { continue };
+            if name.is_empty() || self.is_allowed_host(&name) {
+                continue;
+            }
+            let addresses = resolve(&name, port).await;
+            if addresses.is_empty() {
+                continue;
+            }
+            for address in &addresses {
+                self.check_address(*address).map_err(|class| self.refusal(field, host, "resolves to", *address, class))?;
+            }
+            let pinned: Vec<String> = addresses
+                .iter()
+                .map(|address| match address {
+                    IpAddr::V4(v4) => v4.to_string(),
+                    IpAddr::V6(v6) => format!("[{v6}]"),
+                })
+                .collect();
+            arguments.push("-c".to_string());
+            arguments.push(format!("http.curloptResolve={name}:{port}:{}", pinned.join(",")));
+        }
+        Ok(arguments)
+    }
+
     /// The startup line that says what `[outbound]` allows beyond public addresses.
     pub fn describe(&self) -> String {
         let mut allowed = Vec::new();

@@ -374,3 +374,42 @@ async fn the_peer_check_sees_through_tls() {
     let chain = error_chain(&refusing.get(&url).send().await.unwrap_err());
     assert!(chain.contains("127.0.0.1, a loopback address"), "{chain}");
 }
+
+/// The pin is what real git uses: a URL naming a host that does not resolve reaches the local
+/// server only through the resolve list `git_arguments_for` returns for `localhost`.
+#[tokio::test]
+async fn git_is_pinned_to_the_addresses_checked() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            (StatusCode::NOT_FOUND, "no repository here")
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let refused = OutboundPolicy::public_only().git_arguments_for("repo_url", &format!("http://localhost:{port}/org/repo.git")).await;
+    assert!(refused.unwrap_err().to_string().contains("a loopback address"));
+    let policy = allowing_ranges(&["127.0.0.0/8", "::1/128"]);
+    let arguments = policy.git_arguments_for("repo_url", &format!("http://localhost:{port}/org/repo.git")).await.unwrap();
+    assert_eq!(arguments.first().map(String::as_str), Some("-c"), "{arguments:?}");
+    assert!(arguments[1].starts_with(&format!("http.curloptResolve=localhost:{port}:")), "{arguments:?}");
+    assert!(policy.git_arguments_for("repo_url", "ssh://git@github.com/org/repo.git").await.unwrap().is_empty());
+
+    // Point the pin at a name that resolves nowhere: only the pin can bring git to the server.
+    let pin = arguments[1].replacen("localhost", "davit-pinned.invalid", 1);
+    let output = tokio::process::Command::new("git")
+        .args(["-c", &pin, "ls-remote", &format!("http://davit-pinned.invalid:{port}/org/repo.git")])
+        .env("GIT_ALLOW_PROTOCOL", "http")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .await
+        .expect("run git");
+    assert!(!output.status.success(), "the stand-in server has no repository");
+    assert!(requests.load(Ordering::SeqCst) > 0, "git did not reach the pinned address: {}", String::from_utf8_lossy(&output.stderr));
+}
