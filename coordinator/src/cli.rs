@@ -225,6 +225,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         agents: crate::config::AgentSettings { lost_after_seconds: args.lost_after_seconds, ..Default::default() },
         retention: Default::default(),
         public_url: args.public_url.clone(),
+        // A developer's own machine: their forge, their webhook receiver and their repositories
+        // on disk are local, so `up` allows what `serve` refuses by default (and says so).
+        outbound: crate::outbound::OutboundSettings { allow_private_networks: true, allow_file_urls: true, ..Default::default() },
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;
@@ -238,6 +241,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     if let Some(public_url) = &server.node.config.public_url {
         println!("  public URL (webhooks, commit status links): {public_url}");
     }
+    println!(
+        "  outbound: developer mode allows loopback, private and link-local addresses and file:// URLs for repositories, provider APIs and notifications (`davit serve` refuses them unless [outbound] allows them)"
+    );
     report_credentials(&server).await;
     let agent_shutdown = tokio_util::sync::CancellationToken::new();
     let agent = if args.no_agent {
@@ -248,7 +254,6 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         if runtime.executor_name() == "shell" {
             println!("    (Docker is not usable here, so builds run as plain processes; start Docker and restart to build in containers)");
         }
-        println!("  outbound: this developer instance lets builds fetch from file:// and private/loopback addresses");
         Some(tokio::spawn(runtime.run(agent_shutdown.clone())))
     };
     println!("Stop with Ctrl-C; data stays in the data directory.");

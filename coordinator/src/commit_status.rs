@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::node::Node;
+use crate::outbound::OutboundPolicy;
 use crate::scm::status::{self, CommitState, StatusRequest, StatusUpdate};
 use crate::secrets::MasterKeys;
 use crate::state::apply::{index, index_ids, load_id, status_name};
@@ -243,12 +244,15 @@ pub struct DeliveryCounts {
 /// The reporter's HTTP client, the only one it uses. Short timeouts: a slow provider only delays
 /// its own reports. No redirects: a status API has no reason to send one, and following it would
 /// carry the token elsewhere.
-// outbound policy: the lead wires crate::outbound here
-pub fn status_http_client() -> reqwest::Client {
-    reqwest::Client::builder()
+pub fn status_http_client(outbound: &Arc<OutboundPolicy>) -> reqwest::Client {
+    // The outbound policy's client: its resolver, peer-address check and redirect policy refuse
+    // internal addresses (a provider API base URL pointing at the metadata service, say) when it
+    // connects, not only when the URL was saved. Refusing every redirect only narrows it.
+    outbound
+        .http_client_builder()
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(15))
-        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("davit/", env!("CARGO_PKG_VERSION")))
         .build()
         .expect("a reqwest client with these settings always builds")
@@ -276,13 +280,13 @@ pub struct CommitStatusReporter {
 }
 
 impl CommitStatusReporter {
-    pub fn new(node: Arc<Node>, secrets: Arc<MasterKeys>, policy: RetryPolicy) -> Arc<Self> {
+    pub fn new(node: Arc<Node>, secrets: Arc<MasterKeys>, outbound: &Arc<OutboundPolicy>, policy: RetryPolicy) -> Arc<Self> {
         let public_base_url = node.config.public_base_url();
         Arc::new(CommitStatusReporter {
             node,
             secrets,
             public_base_url,
-            client: status_http_client(),
+            client: status_http_client(outbound),
             queue: Mutex::new(ReportQueue::new(QUEUE_CAPACITY, policy)),
             wake: tokio::sync::Notify::new(),
             origin: Instant::now(),
@@ -833,6 +837,12 @@ mod tests {
         }
     }
 
+    /// The stand-in providers listen on 127.0.0.1, which a real node refuses unless allowed.
+    fn loopback_allowed() -> Arc<OutboundPolicy> {
+        let settings = crate::outbound::OutboundSettings { allow_ranges: vec!["127.0.0.0/8".into()], ..Default::default() };
+        Arc::new(OutboundPolicy::new(&settings).unwrap())
+    }
+
     fn header<'a>(received: &'a Received, name: &str) -> Option<&'a str> {
         received.headers.get(name).and_then(|value| value.to_str().ok())
     }
@@ -844,7 +854,7 @@ mod tests {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let provider = FakeProvider::default();
         provider.serve(listener).await;
-        let reporter = CommitStatusReporter::new(test.node.clone(), test.secrets.clone(), fast_retries());
+        let reporter = CommitStatusReporter::new(test.node.clone(), test.secrets.clone(), &loopback_allowed(), fast_retries());
         reporter.start();
 
         let (_, github) = test
@@ -944,7 +954,7 @@ mod tests {
         let test = TestNode::start().await;
         // A port nobody listens on yet: connections are refused.
         let address = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        let reporter = CommitStatusReporter::new(test.node.clone(), test.secrets.clone(), fast_retries());
+        let reporter = CommitStatusReporter::new(test.node.clone(), test.secrets.clone(), &loopback_allowed(), fast_retries());
         reporter.start();
         let (_, pipeline_id) = test
             .repository(ScmType::Github, "https://github.com/octo-org/outage", Some(format!("http://{address}")), Some("ghp_outage"))

@@ -53,6 +53,10 @@ pub struct NodeConfig {
     /// `http://<http_addr>` (`https://` with `[tls]`), which only suits a node reachable there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// Which internal hosts and ranges the coordinator may connect to on a user's behalf
+    /// (repositories, provider APIs, notification webhooks); see `outbound.rs`.
+    #[serde(default)]
+    pub outbound: crate::outbound::OutboundSettings,
 }
 
 /// The `[retention]` section: how long artifacts are kept (see `retention.rs`).
@@ -204,6 +208,7 @@ impl NodeConfig {
         if raft.election_timeout_min_ms <= raft.heartbeat_interval_ms || raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
             return Err("raft timeouts must satisfy heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into());
         }
+        crate::outbound::OutboundPolicy::new(&self.outbound)?;
         Ok(())
     }
 
@@ -277,6 +282,17 @@ mod tests {
         .unwrap();
         let error = NodeConfig::load(&path).unwrap_err().to_string();
         assert!(error.contains("public_url"), "{error}");
+        let valid = "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1:2\"\ndata_dir = \"d\"\n";
+        std::fs::write(&path, format!("{valid}[outbound]\nallow_ranges = [\"10.0.0.1/8\"]\n")).unwrap();
+        let error = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("[outbound] allow_ranges entry \"10.0.0.1/8\" has bits set after the prefix"), "{error}");
+        std::fs::write(&path, format!("{valid}[outbound]\nallow_privat_networks = true\n")).unwrap();
+        let error = NodeConfig::load(&path).unwrap_err().to_string();
+        assert!(error.contains("allow_privat_networks"), "{error}");
+        std::fs::write(&path, format!("{valid}[outbound]\nallow_hosts = [\"git.internal\"]\nallow_ranges = [\"10.20.0.0/16\"]\n")).unwrap();
+        let config = NodeConfig::load(&path).unwrap();
+        assert_eq!(config.outbound.allow_hosts, ["git.internal"]);
+        assert!(!config.outbound.allow_private_networks && !config.outbound.allow_file_urls, "serve allows nothing internal by default");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod grpc_api;
 pub mod log_segments;
 pub mod node;
 pub mod observability;
+pub mod outbound;
 pub mod raft;
 pub mod retention;
 pub mod scheduler;

@@ -70,6 +70,8 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     let credentials_file = config.data_dir.join("initial-admin.json");
     let prometheus = crate::observability::prometheus();
     let agent_settings = config.agents.clone();
+    let outbound = Arc::new(crate::outbound::OutboundPolicy::new(&config.outbound).map_err(anyhow::Error::msg)?);
+    tracing::info!(allowed = %outbound.describe(), "outbound connections");
     let node = Node::start(config).await?;
     let fleet = crate::fleet::Fleet::new();
     let gateway = crate::agent_gateway::AgentGateway::new(
@@ -84,7 +86,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
         crate::scheduler::Scheduler::new(node.clone(), fleet.clone(), Duration::from_secs(agent_settings.lost_after_seconds.max(1)));
     tokio::spawn(scheduler.run());
     tokio::spawn(crate::retention::ArtifactRetention::new(node.clone(), blobs.clone(), node.config.retention.clone()).run());
-    crate::commit_status::CommitStatusReporter::new(node.clone(), secrets.clone(), Default::default()).start();
+    crate::commit_status::CommitStatusReporter::new(node.clone(), secrets.clone(), &outbound, Default::default()).start();
 
     // HTTP/2 flow-control windows well above hyper's 1 MiB default, so that an artifact upload
     // (1 MiB messages) or a log stream is not throttled to one message per round trip.
@@ -111,7 +113,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     });
 
     tracing::info!(blob_store = %blobs.describe(), master_key = secrets.active_key_id(), "storage ready");
-    let app = router(AppState { node: node.clone(), prometheus, secrets, blobs });
+    let app = router(AppState { node: node.clone(), prometheus, secrets, blobs, outbound });
     match &tls {
         None => {
             tokio::spawn(async move {

@@ -531,7 +531,10 @@ async fn a_coordinator_killed_during_a_50_mb_log_loses_and_doubles_nothing() {
         "#!/bin/sh\nawk -v secret=\"$DB_PASSWORD\" 'BEGIN {{ for (i = 0; i < {lines}; i++) {{ s = (i % 1000 == 0) ? secret : \"-\"; printf \"line %07d %s %s\\n\", i, s, \"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789ab\" }} }}'\n"
     );
     let (git_server, commit) = GitServer::start("loud", &[("build.sh", &script)]);
-    let mut cluster = support::TestCluster::start(test, support::ClusterOptions::new(davit_coordinator::store::BackendKind::Redb)).await;
+    // The repository is served on loopback, which `davit serve` refuses unless the config allows it.
+    let mut options = support::ClusterOptions::new(davit_coordinator::store::BackendKind::Redb);
+    options.outbound_allow_ranges = vec!["127.0.0.0/8".into()];
+    let mut cluster = support::TestCluster::start(test, options).await;
     let leader = cluster.wait_for_agreed_leader(&[1, 2, 3], Duration::from_secs(30)).await;
     // The agent talks to a follower first; that follower is killed mid-stream.
     let victim = [1, 2, 3].into_iter().find(|node| *node != leader).unwrap();
@@ -603,6 +606,11 @@ async fn davit_up_builds_with_its_embedded_agent() {
     assert_eq!(agents["items"][0]["executors"][0], if docker { "docker" } else { "shell" });
     let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
     assert!(log.contains("embedded agent:"), "davit up does not say which executor its agent uses:\n{log}");
+    // `up` allows loopback repositories (this one is on 127.0.0.1) and says so when it starts.
+    assert!(
+        log.contains("outbound: developer mode allows loopback, private and link-local addresses"),
+        "davit up does not say what it allows:\n{log}"
+    );
     let pipeline_id = api.pipeline(&git_server.url("hello"), "hello", "sh build.sh", json!({"artifacts": ["dist"]})).await;
     let deployment = api.deploy(pipeline_id, &commit).await;
     let job = api

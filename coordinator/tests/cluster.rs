@@ -454,3 +454,36 @@ async fn transfer_leader_moves_leadership_to_the_named_node() {
     let stored = cluster.read(first_leader, "after-transfer", false).await.expect("read");
     assert_eq!(stored.len(), 2, "both writes made after the transfers are there: {stored:?}");
 }
+
+/// `davit serve` without an `[outbound]` section refuses repository URLs that point inside the
+/// network (here the cloud metadata address and a loopback git daemon) with a 400 that says
+/// which address it is and how an admin allows it, and still connects public ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_refuses_internal_repository_urls_by_default() {
+    let cluster = TestCluster::start("outbound", ClusterOptions::new(BackendKind::Redb)).await;
+    let leader = cluster.wait_for_agreed_leader(&ALL_THREE, ELECTION_DEADLINE).await;
+    let connect = |repo_url: &str| {
+        cluster
+            .client
+            .post(cluster.url(leader, "/api/v1/repos/connect"))
+            .bearer_auth(cluster.token())
+            .json(&serde_json::json!({"repo_url": repo_url, "scm_type": "github"}))
+            .send()
+    };
+    for (repo_url, address, class) in [
+        ("http://169.254.169.254/x", "169.254.169.254", "link-local"),
+        ("git://0x7f.1:9418/repo.git", "127.0.0.1", "loopback"),
+        ("git@[::ffff:10.0.0.1]:org/repo.git", "::ffff:10.0.0.1", "private-network"),
+    ] {
+        let response = connect(repo_url).await.expect("connect request");
+        assert_eq!(response.status(), 400, "{repo_url}");
+        let body: serde_json::Value = response.json().await.expect("a JSON error");
+        assert_eq!(body["error"]["code"], "outbound_refused", "{repo_url}: {body}");
+        assert_eq!(body["error"]["field"], "repo_url", "{repo_url}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&format!("{address}, a {class} address")), "{repo_url}: {message}");
+        assert!(message.contains("[outbound] allow_hosts = [") && message.contains("allow_ranges = ["), "{repo_url}: {message}");
+    }
+    let public = connect("https://github.com/org/outbound-public").await.expect("connect request");
+    assert_eq!(public.status(), 201, "a public repository URL: {}", public.text().await.unwrap_or_default());
+}

@@ -44,6 +44,9 @@ pub struct AppState {
     pub prometheus: metrics_exporter_prometheus::PrometheusHandle,
     pub secrets: Arc<MasterKeys>,
     pub blobs: Arc<dyn BlobStore>,
+    /// What the coordinator may connect to on a user's behalf: handlers check URLs with it
+    /// when they are saved, and its `http_client()` checks again when it connects.
+    pub outbound: Arc<crate::outbound::OutboundPolicy>,
 }
 
 #[derive(OpenApi)]

@@ -17,6 +17,7 @@ use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
 use crate::node::Requester;
+use crate::outbound::UrlKind;
 use crate::scm::events::{self, ScmEvent};
 use crate::scm::trigger::{self, Triggered};
 use crate::state::Command;
@@ -308,6 +309,7 @@ async fn connect_repository(
 ) -> Result<(StatusCode, Json<ConnectedRepositoryView>), ApiError> {
     caller.require(Role::Developer, "connecting a repository")?;
     validate_repo_url(&request.repo_url)?;
+    state.outbound.check_url("repo_url", &request.repo_url, UrlKind::Repository).await?;
     let branch = request.branch.unwrap_or_else(|| "main".into());
     validate_branch("branch", &branch)?;
     let name = request.name.unwrap_or_else(|| name_from_url(&request.repo_url));
@@ -317,6 +319,9 @@ async fn connect_repository(
     }
     if let Some(url) = &request.api_url {
         validate_api_url(url)?;
+        if !url.is_empty() {
+            state.outbound.check_url("api_url", url, UrlKind::Http).await?;
+        }
     }
     if let Some(token) = &request.access_token {
         validate_access_token(token)?;
@@ -415,6 +420,7 @@ async fn update_repository(
     let repo_id = parse_id("id", &id)?;
     if let Some(url) = &request.repo_url {
         validate_repo_url(url)?;
+        state.outbound.check_url("repo_url", url, UrlKind::Repository).await?;
     }
     if let Some(branch) = &request.branch {
         validate_branch("branch", branch)?;
@@ -427,6 +433,9 @@ async fn update_repository(
     }
     if let Some(url) = &request.api_url {
         validate_api_url(url)?;
+        if !url.is_empty() {
+            state.outbound.check_url("api_url", url, UrlKind::Http).await?;
+        }
     }
     if let Some(token) = &request.access_token {
         validate_access_token(token)?;

@@ -47,13 +47,24 @@ pub struct ClusterOptions {
     /// Serve HTTPS and gRPC over TLS, with mutual TLS between the nodes (certificates from
     /// `davit_coordinator::tls::generate_cluster_certs`, as `davit cluster certs` makes them).
     pub tls: bool,
+    /// `[outbound] allow_ranges` of every node. Empty (the default, as for `davit serve`
+    /// without an `[outbound]` section): repositories on loopback are refused, so tests that
+    /// serve one with `git daemon` on 127.0.0.1 allow `127.0.0.0/8` here.
+    pub outbound_allow_ranges: Vec<String>,
 }
 
 impl ClusterOptions {
     /// Snapshots every few hundred entries, so that most tests also cross snapshot and log
     /// compaction boundaries while they run.
     pub fn new(storage: BackendKind) -> Self {
-        Self { storage, snapshot_every: 400, keep_after_snapshot: 100, quorum_timeout_ms: 3000, tls: false }
+        Self {
+            storage,
+            snapshot_every: 400,
+            keep_after_snapshot: 100,
+            quorum_timeout_ms: 3000,
+            tls: false,
+            outbound_allow_ranges: Vec::new(),
+        }
     }
 }
 
@@ -274,6 +285,10 @@ region = "test"
             config.push_str(&format!(
                 "\n[tls]\nca_file = \"../certs/ca.pem\"\ncert_file = \"../certs/node-{node_id}.pem\"\nkey_file = \"../certs/node-{node_id}-key.pem\"\n"
             ));
+        }
+        if !self.options.outbound_allow_ranges.is_empty() {
+            let ranges: Vec<String> = self.options.outbound_allow_ranges.iter().map(|range| format!("{range:?}")).collect();
+            config.push_str(&format!("\n[outbound]\nallow_ranges = [{}]\n", ranges.join(", ")));
         }
         std::fs::write(node.config_path(), config).expect("write the node config");
         self.nodes.insert(node_id, node);
