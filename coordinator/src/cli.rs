@@ -102,6 +102,10 @@ struct UpArgs {
     /// An agent silent this long is lost and its jobs are retried elsewhere.
     #[arg(long, default_value_t = 60)]
     lost_after_seconds: u64,
+    /// How often repositories without a webhook secret are polled for new commits, in seconds
+    /// (0: only those that set their own interval).
+    #[arg(long, default_value_t = 60)]
+    poll_interval_seconds: u64,
 }
 
 #[derive(Args, Clone)]
@@ -220,6 +224,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         raft: RaftTuning { election_timeout_min_ms: 150, election_timeout_max_ms: 300, heartbeat_interval_ms: 50, ..Default::default() },
         agents: crate::config::AgentSettings { lost_after_seconds: args.lost_after_seconds, ..Default::default() },
         retention: Default::default(),
+        scm: crate::config::ScmSettings { poll_interval_seconds: args.poll_interval_seconds, ..Default::default() },
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;

@@ -382,6 +382,7 @@ mod tests {
             branch: "main".into(),
             scm_type: ScmType::Github,
             webhook_secret: None,
+            poll_interval_seconds: None,
         })
         .await;
         let pipeline_id = propose(Command::CreatePipeline {

@@ -17,6 +17,7 @@ use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
 use crate::scm::events::{self, ScmEvent};
+use crate::scm::polling;
 use crate::state::Command;
 use crate::state::apply::{index, load_id};
 use crate::state::command::RepositoryPatch;
@@ -54,6 +55,25 @@ pub struct RepositoryView {
     pub user_id: Option<u64>,
     pub created_at: String,
     pub updated_at: String,
+    /// The repository's own polling interval in seconds (0: never); null follows the node's
+    /// default, which polls only repositories without a webhook secret.
+    #[schema(value_type = Option<schema::PollInterval>)]
+    pub poll_interval_seconds: Option<u64>,
+    /// How often the repository is actually polled with `git ls-remote`, in seconds; null when
+    /// it is not polled.
+    pub polled_every_seconds: Option<u64>,
+}
+
+impl RepositoryView {
+    /// The view, with the polling interval this node's `[scm]` default gives the repository.
+    fn of(repository: Repository, scm: &crate::config::ScmSettings) -> Self {
+        let polled_every_seconds = polling::effective_poll_interval(
+            repository.poll_interval_seconds,
+            repository.webhook_secret.is_some(),
+            scm.poll_interval_seconds,
+        );
+        Self { polled_every_seconds, ..Self::from(repository) }
+    }
 }
 
 impl From<Repository> for RepositoryView {
@@ -68,6 +88,8 @@ impl From<Repository> for RepositoryView {
             user_id: repository.user_id,
             created_at: timestamp(repository.created_at),
             updated_at: timestamp(repository.updated_at),
+            poll_interval_seconds: repository.poll_interval_seconds,
+            polled_every_seconds: None,
         }
     }
 }
@@ -137,6 +159,20 @@ pub struct ConnectRequest {
     /// Defaults to the last part of the URL.
     #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
+    /// Poll the repository with `git ls-remote` this often, in seconds (10 to 86400; 0 never).
+    /// Without it, a repository without a webhook secret is polled at the node's default interval
+    /// and one with a secret is not polled.
+    #[schema(value_type = Option<schema::PollInterval>, example = 60)]
+    pub poll_interval_seconds: Option<u64>,
+}
+
+fn check_poll_interval(seconds: Option<u64>) -> Result<(), ApiError> {
+    match seconds {
+        Some(seconds) => {
+            polling::validate_poll_interval(seconds).map_err(|message| ApiError::invalid_field("poll_interval_seconds", message))
+        }
+        None => Ok(()),
+    }
 }
 
 fn validate_name(name: &str) -> Result<(), ApiError> {
@@ -148,6 +184,10 @@ fn validate_webhook_secret(secret: &str) -> Result<(), ApiError> {
         return Err(ApiError::invalid_field("webhook_secret", "webhook_secret must be at most 100 characters"));
     }
     Ok(())
+}
+
+fn view(state: &AppState, repository: Repository) -> RepositoryView {
+    RepositoryView::of(repository, &state.node.config.scm)
 }
 
 fn load_repository(state: &AppState, repo_id: u64) -> Result<Repository, ApiError> {
@@ -173,14 +213,22 @@ async fn connect_repository(
     if let Some(secret) = &request.webhook_secret {
         validate_webhook_secret(secret)?;
     }
+    check_poll_interval(request.poll_interval_seconds)?;
     let webhook_secret = request
         .webhook_secret
         .filter(|secret| !secret.is_empty())
         .map(|secret| state.secrets.seal(&secret, &secret_context(&request.repo_url)));
-    let command = Command::ConnectRepository { name, repo_url: request.repo_url, branch, scm_type: request.scm_type, webhook_secret };
+    let command = Command::ConnectRepository {
+        name,
+        repo_url: request.repo_url,
+        branch,
+        scm_type: request.scm_type,
+        webhook_secret,
+        poll_interval_seconds: request.poll_interval_seconds,
+    };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let repo_id = applied_id(outcome)?.expect("connect returns the id");
-    Ok((StatusCode::CREATED, Json(load_repository(&state, repo_id)?.into())))
+    Ok((StatusCode::CREATED, Json(view(&state, load_repository(&state, repo_id)?))))
 }
 
 /// List connected repositories.
@@ -193,7 +241,7 @@ async fn list_repositories(
 ) -> Result<Json<Paged<RepositoryView>>, ApiError> {
     state.node.read_barrier().await?;
     let page = page_of::<Repository>(&state.node, Table::Repositories, &page, |_| true)?;
-    Ok(Json(Paged { items: page.items.into_iter().map(RepositoryView::from).collect(), next_cursor: page.next_cursor }))
+    Ok(Json(Paged { items: page.items.into_iter().map(|repository| view(&state, repository)).collect(), next_cursor: page.next_cursor }))
 }
 
 /// One repository.
@@ -202,7 +250,7 @@ async fn list_repositories(
 async fn get_repository(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> Result<Json<RepositoryView>, ApiError> {
     let repo_id = parse_id("id", &id)?;
     state.node.read_barrier().await?;
-    Ok(Json(load_repository(&state, repo_id)?.into()))
+    Ok(Json(view(&state, load_repository(&state, repo_id)?)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -219,6 +267,9 @@ pub struct UpdateRepositoryRequest {
     /// A new secret; `""` removes it.
     #[schema(value_type = Option<schema::WebhookSecret>)]
     pub webhook_secret: Option<String>,
+    /// A new polling interval in seconds (10 to 86400; 0 never polls).
+    #[schema(value_type = Option<schema::PollInterval>)]
+    pub poll_interval_seconds: Option<u64>,
 }
 
 /// Update a repository (developer).
@@ -246,6 +297,7 @@ async fn update_repository(
     if let Some(secret) = &request.webhook_secret {
         validate_webhook_secret(secret)?;
     }
+    check_poll_interval(request.poll_interval_seconds)?;
     state.node.read_barrier().await?;
     let current = load_repository(&state, repo_id)?;
     let url = request.repo_url.clone().unwrap_or_else(|| current.repo_url.clone());
@@ -265,10 +317,11 @@ async fn update_repository(
         branch: request.branch,
         scm_type: request.scm_type,
         webhook_secret,
+        poll_interval_seconds: request.poll_interval_seconds,
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::UpdateRepository { repo_id, patch }).await?;
     applied_id(outcome)?;
-    Ok(Json(load_repository(&state, repo_id)?.into()))
+    Ok(Json(view(&state, load_repository(&state, repo_id)?)))
 }
 
 /// Disconnect a repository and delete its pipelines (developer).

@@ -314,7 +314,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             0 => Ok(not_found("API token", *token_id)),
             affected => Ok(Outcome::applied(Some(*token_id), affected)),
         },
-        Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret } => {
+        Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret, poll_interval_seconds } => {
             if repo_url.trim().is_empty() {
                 return Ok(Outcome::rejected(RejectionCode::Invalid, "repo_url must not be empty"));
             }
@@ -335,6 +335,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 user_id: proposal.actor,
                 created_at: now,
                 updated_at: now,
+                poll_interval_seconds: *poll_interval_seconds,
             };
             store(txn, Table::Repositories, id_key(repo_id), &repository);
             txn.put(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, repo_url, repo_id), Vec::new());
@@ -371,6 +372,9 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             }
             if let Some(secret) = &patch.webhook_secret {
                 repository.webhook_secret = (!secret.is_empty()).then(|| secret.clone());
+            }
+            if let Some(seconds) = patch.poll_interval_seconds {
+                repository.poll_interval_seconds = Some(seconds);
             }
             repository.updated_at = now;
             store(txn, Table::Repositories, id_key(*repo_id), &repository);

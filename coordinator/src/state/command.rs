@@ -38,6 +38,9 @@ pub struct RepositoryPatch {
     pub scm_type: Option<ScmType>,
     /// Sealed by the API layer; `Some("")` clears it.
     pub webhook_secret: Option<String>,
+    /// The polling interval in seconds (`Some(0)`: never poll).
+    #[serde(default)]
+    pub poll_interval_seconds: Option<u64>,
 }
 
 /// Changes to a pipeline; `None` leaves a field as it is.
@@ -138,6 +141,9 @@ pub enum Command {
         branch: String,
         scm_type: ScmType,
         webhook_secret: Option<String>,
+        /// See `Repository::poll_interval_seconds`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        poll_interval_seconds: Option<u64>,
     },
     UpdateRepository {
         repo_id: u64,
@@ -389,11 +395,12 @@ impl Command {
             }
             Command::RecordLogin { username, .. } => format!("username={username}"),
             Command::UpdateRepository { repo_id, patch } => format!(
-                "repo_id={repo_id} name={:?} repo_url={:?} branch={:?} webhook_secret_changed={}",
+                "repo_id={repo_id} name={:?} repo_url={:?} branch={:?} webhook_secret_changed={} poll_interval_seconds={:?}",
                 patch.name,
                 patch.repo_url,
                 patch.branch,
-                patch.webhook_secret.is_some()
+                patch.webhook_secret.is_some(),
+                patch.poll_interval_seconds
             ),
             Command::UpdateUser { user_id, role, password_hash, .. } => {
                 format!("user_id={user_id} role={role:?} password_changed={}", password_hash.is_some())

@@ -62,6 +62,11 @@ pub struct Repository {
     pub user_id: Option<u64>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// How often the leader polls the repository with `git ls-remote`, in seconds; `Some(0)`
+    /// never. `None` follows the node's `[scm] poll_interval_seconds` when the repository has no
+    /// webhook secret, and does not poll when it has one (see `scm::polling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

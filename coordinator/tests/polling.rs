@@ -1,0 +1,136 @@
+//! Polling and branch deployments against a real repository served by `git daemon` and a real
+//! `davit up` process: a push to a repository without webhooks starts a run within one polling
+//! interval, the same commit delivered afterwards by a signed webhook runs nothing, and a
+//! deployment of a branch deploys the branch's head as `git ls-remote` reads it.
+
+#[allow(dead_code)]
+mod git_server;
+#[allow(dead_code)]
+mod single_node;
+
+use std::time::Duration;
+
+use git_server::GitServer;
+use serde_json::{Value, json};
+use single_node::{SingleNode, expect_field_error, expect_status};
+
+/// The node's default polling interval in these tests.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn start_node(name: &str) -> SingleNode {
+    SingleNode::start_with(name, &["--no-agent", "--poll-interval-seconds", &POLL_INTERVAL.as_secs().to_string()]).await
+}
+
+/// Connect `url` (without a webhook secret unless given) and create an active pipeline on
+/// `main`; returns (repository id, pipeline id).
+async fn repository_with_pipeline(node: &SingleNode, url: &str, webhook_secret: Option<&str>) -> (u64, u64) {
+    let mut body = json!({"repo_url": url, "branch": "main", "scm_type": "github"});
+    if let Some(secret) = webhook_secret {
+        body["webhook_secret"] = json!(secret);
+    }
+    let repo = node.post("/api/v1/repos/connect", &node.admin_token, &body).await;
+    expect_status(&repo, 201, "connect");
+    let repo_id = repo.json["repo_id"].as_u64().unwrap();
+    let pipeline = node
+        .post(
+            "/api/v1/pipelines",
+            &node.admin_token,
+            &json!({"name": "build", "repo_id": repo_id, "branch": "main", "build_command": "true", "deploy_strategy": "rolling", "environment": "development"}),
+        )
+        .await;
+    expect_status(&pipeline, 201, "pipeline");
+    (repo_id, pipeline.json["pipeline_id"].as_u64().unwrap())
+}
+
+async fn deployments(node: &SingleNode, pipeline_id: u64) -> Vec<Value> {
+    let reply = node.get(&format!("/api/v1/deployments?pipeline_id={pipeline_id}"), &node.admin_token).await;
+    expect_status(&reply, 200, "list deployments");
+    reply.json["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_deploys_its_current_head_and_a_missing_branch_or_repository_says_so() {
+    let (server, first) = GitServer::start("app");
+    let node = start_node("deploy-branch").await;
+    let (_, pipeline_id) = repository_with_pipeline(&node, &server.url(), Some("secret_key")).await;
+    let token = &node.admin_token;
+
+    let deployment =
+        node.post("/api/v1/deployments", token, &json!({"pipeline_id": pipeline_id, "branch": "main", "environment": "staging"})).await;
+    expect_status(&deployment, 201, "deploy main");
+    assert_eq!(deployment.json["commit_hash"], first);
+    assert_eq!(deployment.json["environment"], "staging");
+
+    let second = server.push_commit("release/1.0", "second");
+    let deployment =
+        node.post("/api/v1/deployments", token, &json!({"pipeline_id": pipeline_id.to_string(), "branch": "release/1.0"})).await;
+    expect_status(&deployment, 201, "deploy release/1.0");
+    assert_eq!(deployment.json["commit_hash"], second, "the branch's head now, not the pipeline's branch");
+    assert_eq!(deployment.json["environment"], "development", "the pipeline's environment by default");
+
+    // The seed's body still works as written.
+    let by_commit = node
+        .post(
+            "/api/v1/deployments",
+            token,
+            &json!({"pipeline_id": pipeline_id.to_string(), "commit_hash": "abc123def", "environment": "staging", "config_overrides": {"env": "staging"}}),
+        )
+        .await;
+    expect_status(&by_commit, 201, "deploy a commit");
+
+    let missing = node.post("/api/v1/deployments", token, &json!({"pipeline_id": pipeline_id, "branch": "nope"})).await;
+    expect_status(&missing, 404, "a branch that does not exist");
+    assert_eq!(missing.error_code(), Some("branch_not_found"));
+    assert!(missing.text().contains("nope"), "{}", missing.text());
+
+    let both = node.post("/api/v1/deployments", token, &json!({"pipeline_id": pipeline_id, "branch": "main", "commit_hash": first})).await;
+    expect_field_error(&both, "branch", "both commit_hash and branch");
+    let neither = node.post("/api/v1/deployments", token, &json!({"pipeline_id": pipeline_id})).await;
+    expect_field_error(&neither, "commit_hash", "neither commit_hash nor branch");
+    let bad_branch = node.post("/api/v1/deployments", token, &json!({"pipeline_id": pipeline_id, "branch": "a..b"})).await;
+    expect_field_error(&bad_branch, "branch", "an invalid branch name");
+
+    // A repository nobody answers for: git's reason, as a 404 on the repository.
+    let closed = format!("git://127.0.0.1:{}/gone.git", git_server::free_port());
+    let (_, unreachable_pipeline) = repository_with_pipeline(&node, &closed, Some("secret_key")).await;
+    let unreachable = node.post("/api/v1/deployments", token, &json!({"pipeline_id": unreachable_pipeline, "branch": "main"})).await;
+    expect_status(&unreachable, 404, "an unreachable repository");
+    assert_eq!(unreachable.error_code(), Some("repository_unreachable"));
+    assert_eq!(deployments(&node, unreachable_pipeline).await.len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_intervals_are_validated_and_shown() {
+    let node = start_node("poll-settings").await;
+    let token = &node.admin_token;
+    let connect = |url: &str, extra: Value| {
+        let mut body = json!({"repo_url": url, "scm_type": "github"});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let plain = node.post("/api/v1/repos/connect", token, &connect("https://git.example.com/org/plain", json!({}))).await;
+    expect_status(&plain, 201, "connect without a secret");
+    assert_eq!(plain.json["poll_interval_seconds"], Value::Null);
+    assert_eq!(plain.json["polled_every_seconds"], 1, "the node's default for a repository without webhooks");
+    let hooked = node
+        .post("/api/v1/repos/connect", token, &connect("https://git.example.com/org/hooked", json!({"webhook_secret": "s3cret"})))
+        .await;
+    expect_status(&hooked, 201, "connect with a secret");
+    assert_eq!(hooked.json["polled_every_seconds"], Value::Null, "webhooks, no polling");
+    let own =
+        node.post("/api/v1/repos/connect", token, &connect("https://git.example.com/org/own", json!({"poll_interval_seconds": 300}))).await;
+    expect_status(&own, 201, "connect with an interval");
+    assert_eq!((own.json["poll_interval_seconds"].as_u64(), own.json["polled_every_seconds"].as_u64()), (Some(300), Some(300)));
+    for bad in [json!(5), json!(86_401), json!(-1), json!("60")] {
+        let reply = node
+            .post("/api/v1/repos/connect", token, &connect("https://git.example.com/org/bad", json!({"poll_interval_seconds": bad})))
+            .await;
+        expect_field_error(&reply, "poll_interval_seconds", &format!("poll_interval_seconds {bad}"));
+    }
+    let repo_id = plain.json["repo_id"].as_u64().unwrap();
+    let never = node.put(&format!("/api/v1/repos/{repo_id}"), token, &json!({"poll_interval_seconds": 0})).await;
+    expect_status(&never, 200, "stop polling");
+    assert_eq!((never.json["poll_interval_seconds"].as_u64(), never.json["polled_every_seconds"].as_u64()), (Some(0), None));
+    let bad = node.put(&format!("/api/v1/repos/{repo_id}"), token, &json!({"poll_interval_seconds": 3})).await;
+    expect_field_error(&bad, "poll_interval_seconds", "PUT with 3 seconds");
+}
