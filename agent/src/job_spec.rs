@@ -20,6 +20,11 @@ pub struct BuildSpec {
     pub commit: String,
     #[serde(default)]
     pub branch: Option<String>,
+    /// A ref to fetch and build instead of `commit`, such as a pull request's trial merge
+    /// `refs/pull/7/merge`: the provider's merge of the request into its target, which has no
+    /// commit id until fetched. `commit` stays the pull request's head (what statuses name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_ref: Option<String>,
     /// Image of the build container (the Docker executor; the shell executor ignores it).
     pub image: String,
     pub steps: Vec<CommandStep>,

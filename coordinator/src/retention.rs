@@ -245,6 +245,7 @@ mod tests {
             rollback_of: None,
             config_overrides: BTreeMap::new(),
             status_reason: None,
+            scm: None,
             created_at: ended - 1000,
             updated_at: ended,
         }

@@ -84,6 +84,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
         crate::scheduler::Scheduler::new(node.clone(), fleet.clone(), Duration::from_secs(agent_settings.lost_after_seconds.max(1)));
     tokio::spawn(scheduler.run());
     tokio::spawn(crate::retention::ArtifactRetention::new(node.clone(), blobs.clone(), node.config.retention.clone()).run());
+    tokio::spawn(crate::scm::poller::Poller::new(node.clone()).run());
 
     // HTTP/2 flow-control windows well above hyper's 1 MiB default, so that an artifact upload
     // (1 MiB messages) or a log stream is not throttled to one message per round trip.

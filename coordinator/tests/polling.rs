@@ -8,7 +8,9 @@ mod git_server;
 #[allow(dead_code)]
 mod single_node;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use hmac::{KeyInit, Mac};
 
 use git_server::GitServer;
 use serde_json::{Value, json};
@@ -16,6 +18,8 @@ use single_node::{SingleNode, expect_field_error, expect_status};
 
 /// The node's default polling interval in these tests.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Room for a busy two-core machine on top of the interval and its 10 % jitter.
+const SLACK: Duration = Duration::from_secs(4);
 
 async fn start_node(name: &str) -> SingleNode {
     SingleNode::start_with(name, &["--no-agent", "--poll-interval-seconds", &POLL_INTERVAL.as_secs().to_string()]).await
@@ -133,4 +137,87 @@ async fn polling_intervals_are_validated_and_shown() {
     assert_eq!((never.json["poll_interval_seconds"].as_u64(), never.json["polled_every_seconds"].as_u64()), (Some(0), None));
     let bad = node.put(&format!("/api/v1/repos/{repo_id}"), token, &json!({"poll_interval_seconds": 3})).await;
     expect_field_error(&bad, "poll_interval_seconds", "PUT with 3 seconds");
+}
+/// Wait until `pipeline_id` has `count` deployments, or fail after `timeout`.
+async fn wait_for_deployments(node: &SingleNode, pipeline_id: u64, count: usize, timeout: Duration, what: &str) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = deployments(node, pipeline_id).await;
+        if found.len() >= count {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{what}: {} deployments after {timeout:?}: {found:#?}", found.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Wait until the node's log shows `text`, or fail after `timeout`.
+async fn wait_for_log(node: &SingleNode, text: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !std::fs::read_to_string(node.log_path()).unwrap_or_default().contains(text) {
+        assert!(Instant::now() < deadline, "the node never logged {text:?}:\n{}", node.log_tail(40));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// GitHub's push fixture, made to describe `before` -> `after` on `main` of the repository at
+/// `url`, signed with `secret` as GitHub signs (HMAC-SHA256 of the exact body).
+fn signed_github_push(url: &str, before: &str, after: &str, secret: &str) -> (Vec<u8>, String) {
+    let fixture = include_str!("fixtures/webhooks/github-push.json");
+    let mut payload: Value = serde_json::from_str(fixture).unwrap();
+    payload["ref"] = json!("refs/heads/main");
+    payload["before"] = json!(before);
+    payload["after"] = json!(after);
+    payload["head_commit"]["id"] = json!(after);
+    for field in ["html_url", "clone_url", "ssh_url", "svn_url", "url"] {
+        payload["repository"][field] = json!(format!("https://elsewhere.invalid/{field}"));
+    }
+    payload["repository"]["git_url"] = json!(url);
+    let body = serde_json::to_vec(&payload).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(&body);
+    let signature = mac.finalize().into_bytes().iter().map(|byte| format!("{byte:02x}")).collect::<String>();
+    (body, format!("sha256={signature}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_without_webhooks_runs_within_one_interval_and_the_same_commit_by_webhook_runs_nothing() {
+    let (server, first) = GitServer::start("polled");
+    let node = start_node("polling").await;
+    let (repo_id, pipeline_id) = repository_with_pipeline(&node, &server.url(), None).await;
+    let repository = node.get(&format!("/api/v1/repos/{repo_id}"), &node.admin_token).await;
+    assert_eq!(repository.json["polled_every_seconds"], 1, "{}", repository.text());
+
+    // The first poll records the heads that were there before Davit looked, and runs nothing.
+    wait_for_log(&node, "first poll: recorded the repository's heads", Duration::from_secs(20)).await;
+    assert_eq!(deployments(&node, pipeline_id).await.len(), 0, "the commit that was already there does not run");
+
+    let second = server.push_commit("main", "second");
+    let pushed_at = Instant::now();
+    let found = wait_for_deployments(&node, pipeline_id, 1, POLL_INTERVAL.mul_f64(1.1) + SLACK, "the pushed commit").await;
+    let latency = pushed_at.elapsed();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found[0]["commit_hash"], second);
+    eprintln!("push to run: {latency:?} with a {POLL_INTERVAL:?} polling interval");
+
+    // The same commit, delivered by a signed GitHub webhook: accepted, recognized, not run.
+    let secret = "webhook-secret";
+    let update = node.put(&format!("/api/v1/repos/{repo_id}"), &node.admin_token, &json!({"webhook_secret": secret})).await;
+    expect_status(&update, 200, "set a webhook secret");
+    let (body, signature) = signed_github_push(&server.url(), &first, &second, secret);
+    let request = node
+        .client
+        .post(node.url("/api/v1/repos/webhook"))
+        .header("content-type", "application/json")
+        .header("x-github-event", "push")
+        .header("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958")
+        .header("x-hub-signature-256", signature)
+        .body(body);
+    let delivered = node.send(request).await;
+    expect_status(&delivered, 202, "the webhook delivery");
+    assert_eq!(delivered.json["repo_id"], repo_id);
+    assert_eq!(delivered.json["changes"][0]["commit"], second);
+    assert_eq!(delivered.json["deployments"], json!([]), "{}", delivered.text());
+    tokio::time::sleep(POLL_INTERVAL * 2).await;
+    assert_eq!(deployments(&node, pipeline_id).await.len(), 1, "the commit ran once");
 }

@@ -11,14 +11,14 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::extract::{Caller, FlexibleId, JsonBody, Page, Paged, Path, Query, page_of, parse_id, validate_label};
-use super::repos::validate_branch;
+use super::repos::validate_branch_pattern;
 use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
 use crate::state::Command;
 use crate::state::apply::load_id;
 use crate::state::command::PipelinePatch;
-use crate::state::records::{BuildSettings, DeployStrategy, Pipeline, Role};
+use crate::state::records::{BuildSettings, DeployStrategy, Pipeline, Role, TriggerEvent};
 use crate::store::Table;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -85,6 +85,16 @@ pub struct BuildFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<schema::AgentLabels>)]
     pub agent_labels: Option<std::collections::BTreeMap<String, String>>,
+    /// Which source-control events start runs: `push`, `tag`, `pull_request` (default
+    /// `["push", "pull_request"]`; tags only when listed). Pushes and pull requests match the
+    /// pipeline's branch pattern (a pull request by its target branch); tags match any tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<schema::TriggerEventName>>, max_items = 3, example = json!(["push", "tag", "pull_request"]))]
+    pub trigger_events: Option<Vec<String>>,
+    /// Pull requests deploy into a preview environment of their own, `pr-<number>`, removed
+    /// (with its running deployments cancelled) when the pull request is closed or merged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_environments: Option<bool>,
 }
 
 impl From<BuildSettings> for BuildFields {
@@ -99,6 +109,8 @@ impl From<BuildSettings> for BuildFields {
             max_retries: build.max_retries,
             concurrency: build.concurrency,
             agent_labels: (!build.agent_labels.is_empty()).then_some(build.agent_labels),
+            trigger_events: build.trigger_events.map(|events| events.iter().map(|event| event.as_str().to_string()).collect()),
+            preview_environments: build.preview_environments.then_some(true),
         }
     }
 }
@@ -122,6 +134,30 @@ fn validate_workspace_path(field: &str, path: &str) -> Result<(), ApiError> {
             ),
         ))
     }
+}
+
+/// `trigger_events`: each of `push`, `tag`, `pull_request` at most once (an empty list turns
+/// source-control triggers off).
+fn parse_trigger_events(events: &[String]) -> Result<Vec<TriggerEvent>, ApiError> {
+    let mut parsed = Vec::with_capacity(events.len());
+    for event in events {
+        let trigger = match event.as_str() {
+            "push" => TriggerEvent::Push,
+            "tag" => TriggerEvent::Tag,
+            "pull_request" => TriggerEvent::PullRequest,
+            other => {
+                return Err(ApiError::invalid_field(
+                    "trigger_events",
+                    format!("trigger_events entries must be push, tag or pull_request, not {other:?}"),
+                ));
+            }
+        };
+        if parsed.contains(&trigger) {
+            return Err(ApiError::invalid_field("trigger_events", format!("trigger_events lists {event:?} twice")));
+        }
+        parsed.push(trigger);
+    }
+    Ok(parsed)
 }
 
 /// Mirrors `schema::IMAGE_PATTERN`.
@@ -192,6 +228,12 @@ fn merge_build_fields(current: BuildSettings, fields: BuildFields) -> Result<Bui
             validate_label("agent_labels", value, 255)?;
         }
         build.agent_labels = labels;
+    }
+    if let Some(events) = fields.trigger_events {
+        build.trigger_events = Some(parse_trigger_events(&events)?);
+    }
+    if let Some(preview) = fields.preview_environments {
+        build.preview_environments = preview;
     }
     Ok(build)
 }
@@ -278,7 +320,9 @@ pub struct CreatePipelineRequest {
     pub name: String,
     #[schema(example = "repo123")]
     pub repo_id: FlexibleId,
-    #[schema(value_type = Option<schema::Branch>, example = "main")]
+    /// The branches the pipeline builds: a name or a pattern (`*` within a path segment, `**`
+    /// across), such as `release/*`; the repository's branch when absent.
+    #[schema(value_type = Option<schema::BranchPattern>, example = "main")]
     pub branch: Option<String>,
     #[schema(value_type = Option<schema::BuildCommand>, example = "mvn clean package")]
     pub build_command: Option<String>,
@@ -304,7 +348,7 @@ async fn create_pipeline(
     validate_name(&request.name)?;
     let repo_id = request.repo_id.id("repo_id")?;
     if let Some(branch) = &request.branch {
-        validate_branch("branch", branch)?;
+        validate_branch_pattern("branch", branch)?;
     }
     if let Some(command) = &request.build_command {
         validate_build_command(command)?;
@@ -345,7 +389,7 @@ async fn get_pipeline(
 pub struct UpdatePipelineRequest {
     #[schema(value_type = Option<schema::Name>)]
     pub name: Option<String>,
-    #[schema(value_type = Option<schema::Branch>)]
+    #[schema(value_type = Option<schema::BranchPattern>)]
     pub branch: Option<String>,
     #[schema(value_type = Option<schema::BuildCommand>)]
     pub build_command: Option<String>,
@@ -375,7 +419,7 @@ async fn update_pipeline(
         validate_name(name)?;
     }
     if let Some(branch) = &request.branch {
-        validate_branch("branch", branch)?;
+        validate_branch_pattern("branch", branch)?;
     }
     if let Some(command) = &request.build_command {
         validate_build_command(command)?;

@@ -16,9 +16,12 @@ use super::extract::{Caller, JsonBody, Page, Paged, Path, Query, RawBody, page_o
 use super::schema;
 use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
+use crate::node::Requester;
 use crate::scm::events::{self, ScmEvent};
 use crate::scm::polling;
+use crate::scm::trigger::{self, Triggered};
 use crate::state::Command;
+use crate::state::ScmSource;
 use crate::state::apply::{index, load_id};
 use crate::state::command::RepositoryPatch;
 use crate::state::records::{Repository, Role, ScmType};
@@ -34,7 +37,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 /// The webhook endpoint, under its own body limit (see `api::documented_routes`).
 pub fn webhook_routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(webhook))
+    OpenApiRouter::new().routes(routes!(webhook)).routes(routes!(repository_webhook))
 }
 
 /// The sealing context of a repository's webhook secret.
@@ -131,16 +134,35 @@ pub fn name_from_url(url: &str) -> String {
 }
 
 pub fn validate_branch(field: &str, branch: &str) -> Result<(), ApiError> {
-    let valid = !branch.is_empty()
-        && branch.chars().count() <= 50
-        && !branch.starts_with(['-', '/'])
-        && !branch.contains("..")
-        && !branch.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c));
-    if valid {
+    if branch_name_is_valid(branch, false) {
         Ok(())
     } else {
         Err(ApiError::invalid_field(field, format!("{field} must be a valid git branch name of at most 50 characters")))
     }
+}
+
+/// A pipeline's branch: a branch name, or a pattern with `*` and `**` (`scm::glob`).
+/// Mirrors `schema::BRANCH_PATTERN_GLOB`.
+pub fn validate_branch_pattern(field: &str, pattern: &str) -> Result<(), ApiError> {
+    if branch_name_is_valid(pattern, true) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(
+            field,
+            format!(
+                "{field} must be a git branch name or a pattern such as release/* (at most 50 characters; * within a segment, ** across)"
+            ),
+        ))
+    }
+}
+
+fn branch_name_is_valid(branch: &str, stars_allowed: bool) -> bool {
+    let forbidden = if stars_allowed { "~^:?[\\" } else { "~^:?*[\\" };
+    !branch.is_empty()
+        && branch.chars().count() <= 50
+        && !branch.starts_with(['-', '/'])
+        && !branch.contains("..")
+        && !branch.chars().any(|c| c.is_whitespace() || c.is_control() || forbidden.contains(c))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -389,6 +411,10 @@ pub struct WebhookAccepted {
     pub delivery: Option<String>,
     /// What the delivery means: one entry per change (a Bitbucket push can carry several).
     pub changes: Vec<WebhookChange>,
+    /// The delivery id was already received in the last 72 hours: acknowledged, nothing ran.
+    pub duplicate: bool,
+    /// The runs (deployments) the delivery started, in order.
+    pub deployments: Vec<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema, PartialEq, Eq)]
@@ -417,7 +443,9 @@ pub struct WebhookChange {
     pub target_branch: Option<String>,
     /// The provider's trial-merge ref the checks of a pull request run on (none on Bitbucket).
     pub merge_ref: Option<String>,
-    /// Why nothing will run for this change.
+    /// The runs (deployments) this change started, one per matching pipeline.
+    pub deployments: Vec<u64>,
+    /// Why nothing (or not every pipeline) ran for this change.
     pub reason: Option<String>,
 }
 
@@ -433,6 +461,7 @@ impl From<&events::Outcome> for WebhookChange {
             action: None,
             target_branch: None,
             merge_ref: None,
+            deployments: Vec::new(),
             reason: None,
         };
         match outcome {
@@ -472,8 +501,10 @@ fn webhook_parse_error(error: events::ParseError) -> ApiError {
 /// Receive a webhook from GitHub, GitLab or Bitbucket. The payload names the repository; the
 /// delivery is authenticated with that repository's webhook secret, the way its provider signs
 /// (`X-Hub-Signature-256` for GitHub, `X-Gitlab-Token` for GitLab, `X-Hub-Signature` for
-/// Bitbucket), and only then parsed as the event its provider's event header names. The answer
-/// says what the delivery means: pushes, tags and pull request changes, or why it is ignored.
+/// Bitbucket), and only then parsed as the event its provider's event header names. Pushes, tag
+/// pushes and pull request changes start runs of the repository's matching pipelines (one Raft
+/// write); a delivery id already received in the last 72 hours is acknowledged and runs nothing.
+/// The answer says what each change started, or why it started nothing.
 /// GitHub deliveries may be JSON or form-encoded (the JSON in the `payload` field).
 #[utoipa::path(post, path = "/api/v1/repos/webhook", tag = "repositories",
     params(
@@ -493,36 +524,116 @@ fn webhook_parse_error(error: events::ParseError) -> ApiError {
         (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn webhook(
     State(state): State<AppState>,
+    source: super::extract::ClientAddress,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
-    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
-    let content_type = header("content-type");
+    let content_type = headers.get("content-type").and_then(|value| value.to_str().ok());
     // The secret that signs a delivery belongs to the repository its payload names, so only the
     // repository URLs are read before the signature check; the event is parsed after it.
     let payload = events::payload_json(&body, content_type).map_err(webhook_parse_error)?;
     let urls: Vec<String> = events::repository_urls(&payload).map_err(webhook_parse_error)?.iter().map(|url| normalize_url(url)).collect();
     drop(payload);
-    state.node.read_barrier().await?;
     let repository = if urls.is_empty() { None } else { find_repository_by_urls(&state, &urls)? };
     let repository = repository.ok_or_else(|| ApiError::not_found("no connected repository matches this webhook's repository URL"))?;
+    accept_delivery(&state, source, repository, &headers, &body).await
+}
+
+/// Receive a webhook for repository `id`, whatever repository URLs the payload names (a mirror,
+/// a renamed repository, a self-hosted server reached under another name). Otherwise exactly
+/// like `POST /api/v1/repos/webhook`.
+#[utoipa::path(post, path = "/api/v1/repos/{id}/webhook", tag = "repositories",
+    params(
+        ("id" = schema::IdText, Path, description = "repository id"),
+        ("X-GitHub-Event" = Option<String>, Header, description = "GitHub's event name, e.g. push (required for GitHub repositories)"),
+        ("X-GitHub-Delivery" = Option<String>, Header, description = "GitHub's delivery id"),
+        ("X-Hub-Signature-256" = Option<String>, Header, description = "GitHub: sha256=<HMAC-SHA256 of the body with the webhook secret>"),
+        ("X-Gitlab-Event" = Option<String>, Header, description = "GitLab's event name, e.g. Push Hook (required for GitLab repositories)"),
+        ("X-Gitlab-Token" = Option<String>, Header, description = "GitLab: the webhook secret itself"),
+        ("Idempotency-Key" = Option<String>, Header, description = "GitLab's delivery id, kept across retries (17.4+)"),
+        ("X-Gitlab-Event-UUID" = Option<String>, Header, description = "GitLab's event id (14.8+), used when Idempotency-Key is absent"),
+        ("X-Event-Key" = Option<String>, Header, description = "Bitbucket's event name, e.g. repo:push (required for Bitbucket repositories)"),
+        ("X-Request-UUID" = Option<String>, Header, description = "Bitbucket's delivery id"),
+        ("X-Hub-Signature" = Option<String>, Header, description = "Bitbucket: sha256=<HMAC-SHA256 of the body with the webhook secret>")
+    ),
+    request_body(content = Object, content_type = "application/json", description = "The provider's event payload, as it sent it"),
+    responses((status = 202, body = WebhookAccepted), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
+async fn repository_webhook(
+    State(state): State<AppState>,
+    source: super::extract::ClientAddress,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
+    let repo_id = parse_id("id", &id)?;
+    let repository = load_repository(&state, repo_id)?;
+    accept_delivery(&state, source, repository, &headers, &body).await
+}
+
+/// Authenticate a delivery for `repository`, parse it, and start what it asks for. The
+/// repository is read from this node's applied state without a read barrier, so that a delivery
+/// costs one Raft write and answers well within a provider's timeout; a repository connected a
+/// moment ago on another node may be missing here for that moment (404, and providers retry).
+async fn accept_delivery(
+    state: &AppState,
+    source: super::extract::ClientAddress,
+    repository: Repository,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let sealed = repository.webhook_secret.as_ref().ok_or_else(|| {
         ApiError::unauthorized(format!("repository {} has no webhook secret; set one to accept webhooks", repository.repo_id))
     })?;
     let secret = state.secrets.open(sealed, &secret_context(&repository.repo_url)).map_err(|e| ApiError::internal(e.to_string()))?;
-    if !verify_signature(repository.scm_type, &secret, &headers, &body) {
+    if !verify_signature(repository.scm_type, &secret, headers, body) {
         return Err(ApiError::unauthorized("webhook signature does not match the repository's webhook secret"));
     }
     let event = header(events::event_header(repository.scm_type));
-    let parsed = events::parse_delivery(repository.scm_type, event, &body, content_type).map_err(webhook_parse_error)?;
-    let delivery = events::delivery_id_headers(repository.scm_type).iter().find_map(|name| header(name)).map(str::to_string);
+    let parsed = events::parse_delivery(repository.scm_type, event, body, header("content-type")).map_err(webhook_parse_error)?;
+    let delivery = events::delivery_id_headers(repository.scm_type)
+        .iter()
+        .find_map(|name| header(name))
+        .map(str::trim)
+        .filter(|delivery| !delivery.is_empty())
+        .map(str::to_string);
+    let scm_events: Vec<ScmEvent> = parsed
+        .outcomes
+        .iter()
+        .filter_map(|outcome| match outcome {
+            events::Outcome::Event(event) => Some(event.clone()),
+            events::Outcome::Ignored(_) => None,
+        })
+        .collect();
+    let mut changes: Vec<WebhookChange> = parsed.outcomes.iter().map(WebhookChange::from).collect();
+    // A delivery with nothing to act on (a ping, a deletion) writes nothing; one with events is
+    // recorded even when none of them will run, so that its delivery id is remembered.
+    let triggered = if scm_events.is_empty() {
+        Triggered::default()
+    } else {
+        let requester = Requester { user_id: None, source: source.0 };
+        let source = ScmSource::Webhook { delivery: delivery.clone() };
+        trigger::submit(&state.node, &requester, repository.repo_id, source, scm_events).await?
+    };
+    let mut results = triggered.changes.iter();
+    for change in changes.iter_mut().filter(|change| change.kind != WebhookChangeKind::Ignored) {
+        if triggered.duplicate {
+            change.reason = Some("this delivery id was already received in the last 72 hours; nothing runs again".into());
+        } else if let Some(result) = results.next() {
+            change.deployments = result.deployments.clone();
+            change.reason = (!result.skipped.is_empty()).then(|| result.skipped.join("; "));
+        }
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(WebhookAccepted {
             repo_id: repository.repo_id,
             event: event.unwrap_or_default().trim().to_string(),
             delivery,
-            changes: parsed.outcomes.iter().map(WebhookChange::from).collect(),
+            changes,
+            duplicate: triggered.duplicate,
+            deployments: triggered.deployments,
         }),
     ))
 }

@@ -80,6 +80,18 @@ pub const BRANCH_PATTERN: &str = concat!(
     r"~^:?*\[\\]|\.(?!\.))*",
     end!()
 );
+/// Pipeline branch patterns (`repos::validate_branch_pattern`): a branch name in which `*` is
+/// also allowed.
+pub const BRANCH_PATTERN_GLOB: &str = concat!(
+    r"^(?:[^.\-/",
+    control!(),
+    whitespace!(),
+    r"~^:?\[\\]|\.(?!\.))(?:[^.",
+    control!(),
+    whitespace!(),
+    r"~^:?\[\\]|\.(?!\.))*",
+    end!()
+);
 /// Repository URLs (`repos::validate_repo_url`): `https`, `http`, `ssh` or `git` with a host
 /// and a path, `file://` with a path, or scp-like `user@host:path`.
 pub const REPO_URL_PATTERN: &str = concat!(
@@ -180,6 +192,13 @@ string_schema!(Name, Some(LABEL_PATTERN), Some(1), Some(100), "1 to 100 characte
 string_schema!(Version, Some(LABEL_PATTERN), Some(1), Some(50), "1 to 50 characters, not only whitespace, no control characters.");
 string_schema!(Branch, Some(BRANCH_PATTERN), Some(1), Some(50), "A git branch name of at most 50 characters.");
 string_schema!(
+    BranchPattern,
+    Some(BRANCH_PATTERN_GLOB),
+    Some(1),
+    Some(50),
+    "A git branch name or pattern of at most 50 characters: `*` matches within a path segment, `**` across (`release/*`)."
+);
+string_schema!(
     RepoUrl,
     Some(REPO_URL_PATTERN),
     Some(1),
@@ -246,6 +265,16 @@ pub enum ScmTypeName {
     Github,
     Gitlab,
     Bitbucket,
+}
+
+/// The event names of `TriggerEvent`.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum TriggerEventName {
+    Push,
+    Tag,
+    PullRequest,
 }
 
 /// The strategy names of `DeployStrategy`.

@@ -5,7 +5,9 @@
 
 pub mod events;
 pub mod glob;
+pub mod poller;
 pub mod polling;
+pub mod trigger;
 
 #[cfg(test)]
 mod tests;

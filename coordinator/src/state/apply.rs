@@ -55,7 +55,7 @@ pub fn index_prefix(name: &str, value: &str) -> Vec<u8> {
     key
 }
 
-fn index_key(name: &str, value: &str, id: u64) -> Vec<u8> {
+pub(super) fn index_key(name: &str, value: &str, id: u64) -> Vec<u8> {
     let mut key = index_prefix(name, value);
     key.extend_from_slice(&id_key(id));
     key
@@ -98,11 +98,11 @@ pub fn load_id<T: DeserializeOwned>(state: &dyn StateRead, table: Table, id: u64
     load(state, table, &id_key(id))
 }
 
-fn store<T: Serialize>(txn: &mut Txn, table: Table, key: impl Into<Vec<u8>>, value: &T) {
+pub(super) fn store<T: Serialize>(txn: &mut Txn, table: Table, key: impl Into<Vec<u8>>, value: &T) {
     txn.put(table, key, encode(value));
 }
 
-fn next_id(txn: &mut Txn, table: Table) -> StoreResult<u64> {
+pub(super) fn next_id(txn: &mut Txn, table: Table) -> StoreResult<u64> {
     let key = meta_keys::next_id(table);
     let id: u64 = load(txn, Table::StateMeta, &key)?.unwrap_or(1);
     store(txn, Table::StateMeta, key, &(id + 1));
@@ -118,7 +118,7 @@ pub fn recent_login_failures(state: &dyn StateRead, username: &str, now: Timesta
     Ok(failures.into_iter().filter(|at| now - at < LOGIN_LOCKOUT_WINDOW_MS).collect())
 }
 
-fn not_found(what: &str, id: u64) -> Outcome {
+pub(super) fn not_found(what: &str, id: u64) -> Outcome {
     Outcome::rejected(RejectionCode::NotFound, format!("{what} {id} not found"))
 }
 
@@ -393,6 +393,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             for pipeline_id in index_ids(txn, index::PIPELINES_BY_REPO, &repo_id.to_string())? {
                 affected += delete_pipeline(txn, pipeline_id)?;
             }
+            affected += super::scm::forget_repository(txn, *repo_id)?;
             Ok(Outcome::applied(Some(*repo_id), affected))
         }
         Command::CreatePipeline { name, repo_id, branch, build_command, deploy_strategy, environment, build } => {
@@ -477,36 +478,15 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             {
                 return Ok(not_found("deployment to roll back", *previous));
             }
-            let deployment_id = next_id(txn, Table::Deployments)?;
-            let deployment = Deployment {
-                deployment_id,
-                pipeline_id: *pipeline_id,
+            let new = NewDeployment {
                 commit_hash: commit_hash.clone(),
-                status: DeploymentStatus::Pending,
                 environment: environment.clone(),
-                start_time: None,
-                end_time: None,
-                triggered_by: proposal.actor,
-                rollback_of: *rollback_of,
                 config_overrides: config_overrides.clone(),
-                status_reason: None,
-                created_at: now,
-                updated_at: now,
+                rollback_of: *rollback_of,
+                scm: None,
+                checkout: Checkout::default(),
             };
-            store(txn, Table::Deployments, id_key(deployment_id), &deployment);
-            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string(), deployment_id), Vec::new());
-            txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, "pending", deployment_id), Vec::new());
-            let mut affected = 1;
-            // A rollback redeploys what was built; only a fresh deployment builds.
-            if rollback_of.is_none()
-                && let Some(spec) = build_spec(txn, &pipeline, commit_hash)?
-            {
-                let mut labels = pipeline.build.agent_labels.clone();
-                labels.insert("pool".into(), "build".into());
-                let max_attempts = 1 + pipeline.build.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
-                enqueue_job(txn, now, &deployment, "build", labels, spec, max_attempts)?;
-                affected += 1;
-            }
+            let (deployment_id, affected) = create_deployment(txn, proposal, &pipeline, new)?;
             Ok(Outcome::applied(Some(deployment_id), affected))
         }
         Command::SetDeploymentStatus { deployment_id, status, reason } => {
@@ -841,6 +821,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             let reason = reason.clone().unwrap_or_else(|| format!("the lease of attempt {attempt} ran out"));
             finish_job(txn, *job_id, *attempt, JobEnd::Infrastructure, Some(reason), now)
         }
+        Command::RecordScmChanges { repo_id, source, changes } => super::scm::record_changes(txn, proposal, *repo_id, source, changes),
         Command::CancelJob { job_id, reason } => {
             let Some(job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
@@ -866,9 +847,68 @@ pub fn holds_lease(state: &dyn StateRead, job_id: u64, attempt: u32) -> StoreRes
         .is_some_and(|job| job.status == JobStatus::Running && job.lease.as_ref().is_some_and(|lease| lease.attempt == attempt)))
 }
 
+/// What a new deployment is: everything `CreateDeployment` says, plus what a source-control
+/// trigger adds (its origin, and which ref the build checks out).
+pub(super) struct NewDeployment {
+    pub commit_hash: String,
+    pub environment: String,
+    pub config_overrides: std::collections::BTreeMap<String, String>,
+    pub rollback_of: Option<u64>,
+    pub scm: Option<ScmOrigin>,
+    pub checkout: Checkout,
+}
+
+/// Where the build's checkout comes from, beyond the commit.
+#[derive(Default)]
+pub(super) struct Checkout {
+    /// The branch being built; the pipeline's (or the repository's) branch when `None`.
+    pub branch: Option<String>,
+    /// A ref the agent fetches and builds instead of the exact commit (a pull request's merge ref).
+    pub fetch_ref: Option<String>,
+}
+
+/// Create a deployment of `pipeline` and queue its build job: the one code path behind
+/// `CreateDeployment` and source-control triggers. Returns the new id and the rows written.
+pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &Pipeline, new: NewDeployment) -> StoreResult<(u64, u64)> {
+    let now = proposal.time;
+    let pipeline_id = pipeline.pipeline_id;
+    let deployment_id = next_id(txn, Table::Deployments)?;
+    let deployment = Deployment {
+        deployment_id,
+        pipeline_id,
+        commit_hash: new.commit_hash,
+        status: DeploymentStatus::Pending,
+        environment: new.environment,
+        start_time: None,
+        end_time: None,
+        triggered_by: proposal.actor,
+        rollback_of: new.rollback_of,
+        config_overrides: new.config_overrides,
+        status_reason: None,
+        created_at: now,
+        updated_at: now,
+        scm: new.scm,
+    };
+    store(txn, Table::Deployments, id_key(deployment_id), &deployment);
+    txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string(), deployment_id), Vec::new());
+    txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, "pending", deployment_id), Vec::new());
+    let mut affected = 1;
+    // A rollback redeploys what was built; only a fresh deployment builds.
+    if deployment.rollback_of.is_none()
+        && let Some(spec) = build_spec(txn, pipeline, &deployment.commit_hash, new.checkout)?
+    {
+        let mut labels = pipeline.build.agent_labels.clone();
+        labels.insert("pool".into(), "build".into());
+        let max_attempts = 1 + pipeline.build.max_retries.unwrap_or(DEFAULT_MAX_RETRIES);
+        enqueue_job(txn, now, &deployment, "build", labels, spec, max_attempts)?;
+        affected += 1;
+    }
+    Ok((deployment_id, affected))
+}
+
 /// The build job's spec for `pipeline` at `commit`, or `None` when the pipeline has nothing to
 /// build (no commands, no image).
-fn build_spec(txn: &Txn, pipeline: &Pipeline, commit: &str) -> StoreResult<Option<serde_json::Value>> {
+fn build_spec(txn: &Txn, pipeline: &Pipeline, commit: &str, checkout: Checkout) -> StoreResult<Option<serde_json::Value>> {
     use davit_agent::job_spec::{BuildSpec, CommandStep, JobSpec};
     let build = &pipeline.build;
     let mut steps = Vec::new();
@@ -888,7 +928,8 @@ fn build_spec(txn: &Txn, pipeline: &Pipeline, commit: &str) -> StoreResult<Optio
         pipeline_name: pipeline.name.clone(),
         repository_url: repository.repo_url.clone(),
         commit: commit.to_string(),
-        branch: pipeline.branch.clone().or(Some(repository.branch.clone())),
+        branch: checkout.branch.or_else(|| pipeline.branch.clone()).or(Some(repository.branch.clone())),
+        fetch_ref: checkout.fetch_ref,
         image: build.image.clone().unwrap_or_else(|| DEFAULT_BUILD_IMAGE.to_string()),
         steps,
         artifacts: build.artifacts.clone(),
@@ -1053,7 +1094,7 @@ fn release_agent_jobs(txn: &mut Txn, agent_id: u64, reason: &str, now: Timestamp
     Ok(released)
 }
 
-fn cancel_deployment_jobs(txn: &mut Txn, deployment_id: u64, reason: &str, now: Timestamp) -> StoreResult<u64> {
+pub(super) fn cancel_deployment_jobs(txn: &mut Txn, deployment_id: u64, reason: &str, now: Timestamp) -> StoreResult<u64> {
     let mut cancelled = 0;
     for job_id in index_ids(txn, index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string())? {
         let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else { continue };
@@ -1065,7 +1106,13 @@ fn cancel_deployment_jobs(txn: &mut Txn, deployment_id: u64, reason: &str, now: 
     Ok(cancelled)
 }
 
-fn set_deployment_status(txn: &mut Txn, deployment: &mut Deployment, status: DeploymentStatus, reason: Option<String>, now: Timestamp) {
+pub(super) fn set_deployment_status(
+    txn: &mut Txn,
+    deployment: &mut Deployment,
+    status: DeploymentStatus,
+    reason: Option<String>,
+    now: Timestamp,
+) {
     let deployment_id = deployment.deployment_id;
     txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(deployment.status), deployment_id));
     txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(status), deployment_id), Vec::new());

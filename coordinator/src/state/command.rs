@@ -88,6 +88,82 @@ pub enum JobEnd {
     Cancelled,
 }
 
+/// How source-control changes reached the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScmSource {
+    /// A provider's webhook delivery, with its delivery id when the provider sent one.
+    Webhook {
+        #[serde(default)]
+        delivery: Option<String>,
+    },
+    /// The poller's `git ls-remote`. A baseline (the first look at a repository) records the
+    /// heads it saw and runs nothing: those commits were there before Davit was watching.
+    Poll {
+        #[serde(default)]
+        baseline: bool,
+    },
+}
+
+impl ScmSource {
+    /// The name a run's origin records: `webhook` or `poll`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ScmSource::Webhook { .. } => "webhook",
+            ScmSource::Poll { .. } => "poll",
+        }
+    }
+}
+
+/// What happened to a pull request, as far as runs are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScmPullRequestAction {
+    Opened,
+    /// New commits on the source branch.
+    Synchronized,
+    Reopened,
+    /// Closed without merging.
+    Closed,
+    Merged,
+}
+
+impl ScmPullRequestAction {
+    /// Opened, synchronized and reopened put code up for checks; closing and merging end it.
+    pub fn runs_checks(self) -> bool {
+        matches!(self, Self::Opened | Self::Synchronized | Self::Reopened)
+    }
+}
+
+/// One normalized change of a repository, whichever provider (or the poller) reported it.
+/// Converted from `scm::events::ScmEvent` in one place, `scm::trigger`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScmChange {
+    /// A branch moved to `after` (from `before`, `None` for a new branch). Without `refs/heads/`.
+    Push {
+        branch: String,
+        #[serde(default)]
+        before: Option<String>,
+        after: String,
+    },
+    /// A tag was created or moved. Without `refs/tags/`.
+    Tag { tag: String, commit: String },
+    PullRequest {
+        number: u64,
+        action: ScmPullRequestAction,
+        source_branch: String,
+        target_branch: String,
+        /// The source branch's head; present whenever the action runs checks.
+        #[serde(default)]
+        head_commit: Option<String>,
+        /// The provider's trial merge (`refs/pull/7/merge`, `refs/merge-requests/7/merge`);
+        /// none on Bitbucket, where the checks run on `head_commit`.
+        #[serde(default)]
+        merge_ref: Option<String>,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
@@ -322,6 +398,15 @@ pub enum Command {
         job_id: u64,
         reason: String,
     },
+    /// Changes of a connected repository seen by a webhook or the poller: de-duplicated (by
+    /// delivery id for 72 hours, and by the last head recorded per ref), then matched against the
+    /// repository's active pipelines; each match becomes a deployment, as `CreateDeployment`
+    /// would make it. Pull request closes tear down their preview environments.
+    RecordScmChanges {
+        repo_id: u64,
+        source: ScmSource,
+        changes: Vec<ScmChange>,
+    },
 }
 
 impl Command {
@@ -368,6 +453,7 @@ impl Command {
             Command::CompleteJob { .. } => "job.complete",
             Command::ExpireLease { .. } => "job.expire_lease",
             Command::CancelJob { .. } => "job.cancel",
+            Command::RecordScmChanges { .. } => "scm.changes",
         }
     }
 
@@ -426,6 +512,13 @@ impl Command {
                 format!("description={description} expires_at={expires_at}")
             }
             Command::EnqueueJob { deployment_id, name, .. } => format!("deployment_id={deployment_id} name={name}"),
+            Command::RecordScmChanges { repo_id, source, changes } => {
+                let delivery = match source {
+                    ScmSource::Webhook { delivery } => format!(" delivery={delivery:?}"),
+                    ScmSource::Poll { baseline } => format!(" baseline={baseline}"),
+                };
+                format!("repo_id={repo_id} source={}{delivery} changes={}", source.name(), changes.len())
+            }
             other => {
                 // Everything else carries ids and enums only.
                 let mut json = serde_json::to_value(other).unwrap_or_default();
@@ -454,6 +547,37 @@ pub struct Applied {
     pub id: Option<u64>,
     /// How many rows were written or deleted.
     pub affected: u64,
+    /// For [`Command::RecordScmChanges`]: what each change started, or why it started nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scm: Option<ScmReport>,
+}
+
+/// What a [`Command::RecordScmChanges`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScmReport {
+    /// The webhook delivery id was seen in the last 72 hours: nothing was done.
+    pub duplicate: bool,
+    /// One entry per change, in the command's order (empty for a duplicate).
+    pub changes: Vec<ScmChangeReport>,
+    /// Deployments of closed pull requests' preview environments that were cancelled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cancelled_deployments: Vec<u64>,
+}
+
+impl ScmReport {
+    /// Every deployment created, in order.
+    pub fn deployments(&self) -> Vec<u64> {
+        self.changes.iter().flat_map(|change| change.deployments.iter().copied()).collect()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScmChangeReport {
+    /// The deployments (runs) the change created, one per matching pipeline.
+    pub deployments: Vec<u64>,
+    /// Why the change started nothing (or, with some deployments, why other pipelines did not run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -473,7 +597,7 @@ pub struct Rejection {
 
 impl Outcome {
     pub fn applied(id: Option<u64>, affected: u64) -> Self {
-        Outcome { result: Ok(Applied { id, affected }), batch: Vec::new() }
+        Outcome { result: Ok(Applied { id, affected, scm: None }), batch: Vec::new() }
     }
     pub fn rejected(code: RejectionCode, message: impl Into<String>) -> Self {
         Outcome { result: Err(Rejection { code, message: message.into() }), batch: Vec::new() }

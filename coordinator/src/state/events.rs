@@ -46,6 +46,15 @@ pub fn events_of(command: &Command, outcome: &Outcome) -> Vec<StateEvent> {
             vec![StateEvent::AgentChanged { agent_id: *agent_id }, StateEvent::WorkChanged]
         }
         Command::DeletePipeline { .. } | Command::UpdatePipeline { .. } => vec![StateEvent::WorkChanged],
+        Command::RecordScmChanges { .. } => {
+            let Some(report) = &applied.scm else { return Vec::new() };
+            let mut events: Vec<StateEvent> =
+                report.cancelled_deployments.iter().map(|&deployment_id| StateEvent::DeploymentChanged { deployment_id }).collect();
+            if !report.deployments().is_empty() || !events.is_empty() {
+                events.push(StateEvent::WorkChanged);
+            }
+            events
+        }
         _ => Vec::new(),
     }
 }

@@ -6,10 +6,11 @@ pub mod codec;
 pub mod command;
 pub mod events;
 pub mod records;
+pub mod scm;
 pub mod txn;
 
 #[cfg(test)]
 mod tests;
 
 pub use apply::apply;
-pub use command::{Applied, Command, ConfigEntry, Outcome, Proposal, Rejection, RejectionCode};
+pub use command::{Applied, Command, ConfigEntry, Outcome, Proposal, Rejection, RejectionCode, ScmChange, ScmReport, ScmSource};

@@ -125,7 +125,45 @@ pub struct BuildSettings {
     /// Labels an agent must have to run the pipeline's builds (besides `pool=build`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub agent_labels: BTreeMap<String, String>,
+    /// Which source-control events start runs of the pipeline; `None` means
+    /// [`DEFAULT_TRIGGER_EVENTS`] (pushes and pull requests, not tags).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger_events: Option<Vec<TriggerEvent>>,
+    /// Pull requests deploy into an environment of their own, `pr-<number>`, removed when the
+    /// pull request is closed or merged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview_environments: bool,
 }
+
+impl BuildSettings {
+    /// Whether source-control events of this kind start runs of the pipeline.
+    pub fn triggers_on(&self, event: TriggerEvent) -> bool {
+        self.trigger_events.as_deref().unwrap_or(DEFAULT_TRIGGER_EVENTS).contains(&event)
+    }
+}
+
+/// A kind of source-control event a pipeline can be started by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerEvent {
+    Push,
+    Tag,
+    PullRequest,
+}
+
+impl TriggerEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerEvent::Push => "push",
+            TriggerEvent::Tag => "tag",
+            TriggerEvent::PullRequest => "pull_request",
+        }
+    }
+}
+
+/// Tags start nothing unless a pipeline asks for them: a tag usually marks a commit its branch
+/// pipeline has already built.
+pub const DEFAULT_TRIGGER_EVENTS: &[TriggerEvent] = &[TriggerEvent::Push, TriggerEvent::PullRequest];
 
 pub const DEFAULT_BUILD_IMAGE: &str = "davit/build-base:latest";
 pub const DEFAULT_BUILD_TIMEOUT_SECONDS: u64 = 3600;
@@ -169,6 +207,51 @@ pub struct Deployment {
     pub status_reason: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// The source-control event that started the run, when one did (not a person or rollback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scm: Option<ScmOrigin>,
+}
+
+/// Where a run started by source control came from. The commit-status reporter reads
+/// `head_commit` (the commit the provider shows the status on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScmOrigin {
+    pub repo_id: u64,
+    /// `webhook` or `poll`.
+    pub source: String,
+    /// `push`, `tag` or `pull_request`.
+    pub event: String,
+    /// The ref that moved: `refs/heads/<branch>`, `refs/tags/<tag>`, or for a pull request the
+    /// ref its checks run on (the provider's merge ref, or the source branch where there is none).
+    pub git_ref: String,
+    /// The pushed commit, or the pull request's head commit.
+    pub head_commit: String,
+    #[serde(default)]
+    pub pull_request: Option<u64>,
+    /// The provider's delivery id, for a webhook that sent one.
+    #[serde(default)]
+    pub delivery: Option<String>,
+}
+
+/// An environment with a record of its own: today the preview environments of pull requests
+/// (`pr-<number>`), created by their first run and deleted when the pull request closes. Other
+/// environments exist simply by being named by pipelines, deployments and configurations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Environment {
+    pub name: String,
+    /// The pipelines and pull requests whose preview lives here. Two repositories can both have
+    /// a pull request #7, so the record goes away only when the last of them closes.
+    #[serde(default)]
+    pub previews: Vec<PreviewOwner>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviewOwner {
+    pub repo_id: u64,
+    pub pipeline_id: u64,
+    pub pull_request: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

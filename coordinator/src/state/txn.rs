@@ -10,6 +10,13 @@ pub trait StateRead {
     fn get(&self, table: Table, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
     /// Every key/value whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> StoreResult<Vec<KeyValue>>;
+    /// The first `limit` key/values whose key starts with `prefix`, in key order: for work that
+    /// must stay bounded whatever the table's size (pruning in `apply`).
+    fn scan_prefix_first(&self, table: Table, prefix: &[u8], limit: usize) -> StoreResult<Vec<KeyValue>> {
+        let mut rows = self.scan_prefix(table, prefix)?;
+        rows.truncate(limit);
+        Ok(rows)
+    }
 }
 
 /// Reads straight from a backend.
@@ -21,6 +28,9 @@ impl StateRead for BackendRead<'_> {
     }
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> StoreResult<Vec<KeyValue>> {
         self.0.scan(table, prefix_range(prefix), usize::MAX, false)
+    }
+    fn scan_prefix_first(&self, table: Table, prefix: &[u8], limit: usize) -> StoreResult<Vec<KeyValue>> {
+        self.0.scan(table, prefix_range(prefix), limit, false)
     }
 }
 
@@ -99,6 +109,24 @@ impl StateRead for Txn<'_> {
         }
         Ok(merged.into_iter().collect())
     }
+
+    fn scan_prefix_first(&self, table: Table, prefix: &[u8], limit: usize) -> StoreResult<Vec<KeyValue>> {
+        // The overlay can hide at most as many base rows as it deletes under the prefix, so the
+        // base's first `limit + deletions` rows hold every base row of the merged first `limit`.
+        let start = (table, prefix.to_vec());
+        let in_prefix =
+            || self.writes.range(start.clone()..).take_while(|((write_table, key), _)| *write_table == table && key.starts_with(prefix));
+        let deletions = in_prefix().filter(|(_, value)| value.is_none()).count();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.base.scan_prefix_first(table, prefix, limit.saturating_add(deletions))?.into_iter().collect();
+        for ((_, key), value) in in_prefix() {
+            match value {
+                Some(value) => merged.insert(key.clone(), value.clone()),
+                None => merged.remove(key),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
 }
 
 #[cfg(test)]
@@ -122,6 +150,17 @@ mod tests {
         };
         parent.absorb(writes);
         assert_eq!(parent.scan_prefix(Table::Users, b"").unwrap().len(), 3);
+        let child = {
+            let mut child = Txn::new(&parent);
+            child.delete(Table::Users, b"a2".to_vec());
+            child.put(Table::Users, b"a0".to_vec(), b"v".to_vec());
+            child.into_writes()
+        };
+        let mut over = Txn::new(&parent);
+        over.absorb(child);
+        let first_two = over.scan_prefix_first(Table::Users, b"a", 2).unwrap();
+        assert_eq!(first_two, vec![(b"a0".to_vec(), b"v".to_vec()), (b"a3".to_vec(), b"w".to_vec())]);
+        assert_eq!(over.scan_prefix_first(Table::Users, b"a", 2).unwrap(), over.scan_prefix(Table::Users, b"a").unwrap()[..2]);
         assert!(parent.scan_prefix(Table::Pipelines, b"").unwrap().is_empty());
     }
 }
