@@ -125,7 +125,13 @@ async fn polling_intervals_are_validated_and_shown() {
         node.post("/api/v1/repos/connect", token, &connect("https://git.example.com/org/own", json!({"poll_interval_seconds": 300}))).await;
     expect_status(&own, 201, "connect with an interval");
     assert_eq!((own.json["poll_interval_seconds"].as_u64(), own.json["polled_every_seconds"].as_u64()), (Some(300), Some(300)));
-    for bad in [json!(5), json!(86_401), json!(-1), json!("60")] {
+    // JSON Schema's integers include `600.0`.
+    let whole = node
+        .post("/api/v1/repos/connect", token, &connect("https://git.example.com/org/whole", json!({"poll_interval_seconds": 600.0})))
+        .await;
+    expect_status(&whole, 201, "connect with 600.0 seconds");
+    assert_eq!(whole.json["poll_interval_seconds"], 600);
+    for bad in [json!(5), json!(86_401), json!(-1), json!("60"), json!(60.5)] {
         let reply = node
             .post("/api/v1/repos/connect", token, &connect("https://git.example.com/org/bad", json!({"poll_interval_seconds": bad})))
             .await;

@@ -194,7 +194,13 @@ impl utoipa::PartialSchema for CreateDeploymentBody {
     }
 }
 
-impl ToSchema for CreateDeploymentBody {}
+impl ToSchema for CreateDeploymentBody {
+    /// The components the request's fields refer to (`ConfigOverrides`, ...), which the
+    /// document must carry for the references in the schema above to resolve.
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <CreateDeploymentRequest as ToSchema>::schemas(schemas);
+    }
+}
 
 /// Which commit a request deploys: the one it names, or the head of a branch to look up.
 enum Revision {

@@ -185,7 +185,8 @@ pub struct ConnectRequest {
     /// Without it, a repository without a webhook secret is polled at the node's default interval
     /// and one with a secret is not polled.
     #[schema(value_type = Option<schema::PollInterval>, example = 60)]
-    pub poll_interval_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "super::extract::optional_whole_number")]
+    pub poll_interval_seconds: Option<u32>,
 }
 
 fn check_poll_interval(seconds: Option<u64>) -> Result<(), ApiError> {
@@ -235,7 +236,7 @@ async fn connect_repository(
     if let Some(secret) = &request.webhook_secret {
         validate_webhook_secret(secret)?;
     }
-    check_poll_interval(request.poll_interval_seconds)?;
+    check_poll_interval(request.poll_interval_seconds.map(u64::from))?;
     let webhook_secret = request
         .webhook_secret
         .filter(|secret| !secret.is_empty())
@@ -246,7 +247,7 @@ async fn connect_repository(
         branch,
         scm_type: request.scm_type,
         webhook_secret,
-        poll_interval_seconds: request.poll_interval_seconds,
+        poll_interval_seconds: request.poll_interval_seconds.map(u64::from),
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let repo_id = applied_id(outcome)?.expect("connect returns the id");
@@ -291,7 +292,8 @@ pub struct UpdateRepositoryRequest {
     pub webhook_secret: Option<String>,
     /// A new polling interval in seconds (10 to 86400; 0 never polls).
     #[schema(value_type = Option<schema::PollInterval>)]
-    pub poll_interval_seconds: Option<u64>,
+    #[serde(default, deserialize_with = "super::extract::optional_whole_number")]
+    pub poll_interval_seconds: Option<u32>,
 }
 
 /// Update a repository (developer).
@@ -319,7 +321,7 @@ async fn update_repository(
     if let Some(secret) = &request.webhook_secret {
         validate_webhook_secret(secret)?;
     }
-    check_poll_interval(request.poll_interval_seconds)?;
+    check_poll_interval(request.poll_interval_seconds.map(u64::from))?;
     state.node.read_barrier().await?;
     let current = load_repository(&state, repo_id)?;
     let url = request.repo_url.clone().unwrap_or_else(|| current.repo_url.clone());
@@ -339,7 +341,7 @@ async fn update_repository(
         branch: request.branch,
         scm_type: request.scm_type,
         webhook_secret,
-        poll_interval_seconds: request.poll_interval_seconds,
+        poll_interval_seconds: request.poll_interval_seconds.map(u64::from),
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::UpdateRepository { repo_id, patch }).await?;
     applied_id(outcome)?;
