@@ -72,6 +72,23 @@ async fn a_branch_deploys_its_current_head_and_a_missing_branch_or_repository_sa
     assert_eq!(deployment.json["commit_hash"], second, "the branch's head now, not the pipeline's branch");
     assert_eq!(deployment.json["environment"], "development", "the pipeline's environment by default");
 
+    // The same from the command line.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_davit"))
+        .args(["deploy", "--pipeline", &pipeline_id.to_string(), "--branch", "release/1.0", "--environment", "qa", "--json"])
+        .args(["--server", &node.base_url(), "--token", token])
+        .output()
+        .expect("run davit deploy");
+    assert!(cli.status.success(), "davit deploy: {}", String::from_utf8_lossy(&cli.stderr));
+    let printed: Value = serde_json::from_slice(&cli.stdout).expect("davit deploy --json prints the deployment");
+    assert_eq!((printed["commit_hash"].as_str(), printed["environment"].as_str()), (Some(second.as_str()), Some("qa")));
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_davit"))
+        .args(["deploy", "--pipeline", &pipeline_id.to_string(), "--branch", "nope"])
+        .args(["--server", &node.base_url(), "--token", token])
+        .output()
+        .expect("run davit deploy");
+    assert!(!cli.status.success());
+    assert!(String::from_utf8_lossy(&cli.stderr).contains("does not exist"), "{}", String::from_utf8_lossy(&cli.stderr));
+
     // The seed's body still works as written.
     let by_commit = node
         .post(
