@@ -99,6 +99,30 @@ async fn head_commit(workspace: &Path) -> Result<String, CheckoutError> {
     Ok(String::from_utf8_lossy(&head.stdout).trim().to_string())
 }
 
+/// Refuse a URL whose protocol the operator does not allow.
+fn check_protocol(url: &str, protocols: &[String]) -> Result<(), CheckoutError> {
+    let scheme = scheme_of(url);
+    if !protocols.iter().any(|allowed| allowed == scheme) {
+        return Err(CheckoutError::Job(format!(
+            "repository URL {url} uses {scheme}, which this agent does not fetch from (allowed: {}); set git_protocols in the agent config",
+            protocols.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Write the workspace's empty repository with `url` as `origin` (after the checks). Returns the
+/// `GIT_ALLOW_PROTOCOL` value for the git processes.
+fn prepare(url: &str, workspace: &Path, protocols: &[String]) -> Result<String, CheckoutError> {
+    if url.chars().any(char::is_control) {
+        return Err(CheckoutError::Job(format!("repository URL {url:?} contains control characters")));
+    }
+    std::fs::create_dir_all(workspace)
+        .and_then(|()| write_empty_repository(workspace, url))
+        .map_err(|e| CheckoutError::Infrastructure(format!("cannot create the workspace's repository: {e}")))?;
+    Ok(protocols.join(":"))
+}
+
 /// Clone `url` into the empty directory `workspace` at `commit` (full or abbreviated SHA).
 pub async fn checkout(
     url: &str,
@@ -107,23 +131,11 @@ pub async fn checkout(
     protocols: &[String],
     output: &OutputSender,
 ) -> Result<String, CheckoutError> {
-    let scheme = scheme_of(url);
-    if !protocols.iter().any(|allowed| allowed == scheme) {
-        return Err(CheckoutError::Job(format!(
-            "repository URL {url} uses {scheme}, which this agent does not fetch from (allowed: {}); set git_protocols in the agent config",
-            protocols.join(", ")
-        )));
-    }
+    check_protocol(url, protocols)?;
     if commit.is_empty() || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(CheckoutError::Job(format!("commit {commit:?} is not a hexadecimal SHA")));
     }
-    if url.chars().any(char::is_control) {
-        return Err(CheckoutError::Job(format!("repository URL {url:?} contains control characters")));
-    }
-    let allowed = protocols.join(":");
-    std::fs::create_dir_all(workspace)
-        .and_then(|()| write_empty_repository(workspace, url))
-        .map_err(|e| CheckoutError::Infrastructure(format!("cannot create the workspace's repository: {e}")))?;
+    let allowed = prepare(url, workspace, protocols)?;
     // A full SHA can be fetched alone on servers that allow it; otherwise fetch every branch and
     // tag and find the commit among them (also how abbreviated SHAs resolve).
     let fetched_alone = commit.len() == 40 && git(workspace, &["fetch", "-q", "--depth", "1", "origin", commit], &allowed, output).await?;
@@ -140,6 +152,49 @@ pub async fn checkout(
         return Err(CheckoutError::Job(format!("commit {commit} is not in {url}")));
     }
     head_commit(workspace).await
+}
+
+/// A ref name safe to hand to `git fetch`: under `refs/`, no `..`, `:`, whitespace, control
+/// characters or the other characters git forbids in ref names (git-check-ref-format(1)).
+fn valid_fetch_ref(git_ref: &str) -> bool {
+    git_ref.starts_with("refs/")
+        && git_ref.len() <= 255
+        && !git_ref.contains("..")
+        && !git_ref.contains("@{")
+        && !git_ref.ends_with(['/', '.'])
+        && !git_ref.chars().any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c))
+}
+
+/// Clone `url` into the empty directory `workspace` at what `git_ref` points to, such as a pull
+/// request's trial merge `refs/pull/7/merge`: a commit the provider made that no payload names,
+/// so it can only be fetched by its ref. `head` is the pull request's head commit, logged beside
+/// the commit the ref resolved to. Returns the commit checked out.
+pub async fn checkout_ref(
+    url: &str,
+    git_ref: &str,
+    head: &str,
+    workspace: &Path,
+    protocols: &[String],
+    output: &OutputSender,
+) -> Result<String, CheckoutError> {
+    check_protocol(url, protocols)?;
+    if !valid_fetch_ref(git_ref) {
+        return Err(CheckoutError::Job(format!("{git_ref:?} is not a ref name git can fetch (it must start with refs/)")));
+    }
+    let allowed = prepare(url, workspace, protocols)?;
+    let destination = "refs/davit/checkout";
+    let refspec = format!("+{git_ref}:{destination}");
+    if !git(workspace, &["fetch", "-q", "--depth", "1", "origin", &refspec], &allowed, output).await? {
+        return Err(CheckoutError::Job(format!(
+            "cannot fetch {git_ref} from {url}: see the log above (for a pull request, the provider may not have made its merge yet, or it conflicts)"
+        )));
+    }
+    if !git(workspace, &["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", destination], &allowed, output).await? {
+        return Err(CheckoutError::Job(format!("cannot check out {git_ref} of {url}: see the log above")));
+    }
+    let resolved = head_commit(workspace).await?;
+    let _ = output.send(format!("{git_ref} resolved to commit {resolved} (head commit {head})\n").into_bytes()).await;
+    Ok(resolved)
 }
 
 #[cfg(test)]
@@ -221,6 +276,72 @@ mod tests {
         assert_eq!(in_workspace(&["rev-parse", "HEAD"]), second);
         assert_eq!(in_workspace(&["remote", "get-url", "origin"]), url);
         assert_eq!(in_workspace(&["status", "--porcelain"]), "");
+    }
+
+    #[tokio::test]
+    async fn checks_out_what_a_pull_requests_merge_ref_points_to() {
+        // A real repository laid out like GitHub's: the pull request's branch, and the provider's
+        // trial merge of it into main under refs/pull/7/merge, which no branch contains.
+        let origin = tempfile::tempdir().unwrap();
+        let git_in_origin = |args: &[&str]| {
+            let output = std::process::Command::new("git")
+                .args(args)
+                .current_dir(origin.path())
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@example.com")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@example.com")
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+            String::from_utf8(output.stdout).unwrap().trim().to_string()
+        };
+        git_in_origin(&["init", "-q", "-b", "main"]);
+        std::fs::write(origin.path().join("main.txt"), "main").unwrap();
+        git_in_origin(&["add", "."]);
+        git_in_origin(&["commit", "-q", "-m", "main"]);
+        git_in_origin(&["checkout", "-q", "-b", "feature"]);
+        std::fs::write(origin.path().join("feature.txt"), "feature").unwrap();
+        git_in_origin(&["add", "."]);
+        git_in_origin(&["commit", "-q", "-m", "feature"]);
+        let pull_request_head = git_in_origin(&["rev-parse", "HEAD"]);
+        git_in_origin(&["checkout", "-q", "main"]);
+        std::fs::write(origin.path().join("main.txt"), "main, moved on").unwrap();
+        git_in_origin(&["commit", "-q", "-am", "main moves on"]);
+        git_in_origin(&["merge", "-q", "--no-ff", "-m", "Merge feature into main", "feature"]);
+        let merge = git_in_origin(&["rev-parse", "HEAD"]);
+        git_in_origin(&["update-ref", "refs/pull/7/merge", &merge]);
+        git_in_origin(&["update-ref", "refs/pull/7/head", &pull_request_head]);
+        git_in_origin(&["reset", "-q", "--hard", "HEAD~1"]);
+        assert_ne!(git_in_origin(&["rev-parse", "main"]), merge, "the merge is on no branch");
+
+        let (output, mut receiver) = tokio::sync::mpsc::channel(64);
+        let log = tokio::spawn(async move {
+            let mut log = Vec::new();
+            while let Some(chunk) = receiver.recv().await {
+                log.extend(chunk);
+            }
+            String::from_utf8(log).unwrap()
+        });
+        let workspace = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", origin.path().display());
+        let protocols = vec!["file".to_string()];
+        let head = checkout_ref(&url, "refs/pull/7/merge", &pull_request_head, workspace.path(), &protocols, &output).await.unwrap();
+        assert_eq!(head, merge, "the build runs on the merge, not on the pull request's head");
+        assert_eq!(std::fs::read_to_string(workspace.path().join("main.txt")).unwrap(), "main, moved on");
+        assert_eq!(std::fs::read_to_string(workspace.path().join("feature.txt")).unwrap(), "feature");
+
+        // A ref that does not exist fails the job; a ref that is not one is refused before git runs.
+        let missing =
+            checkout_ref(&url, "refs/pull/8/merge", &pull_request_head, tempfile::tempdir().unwrap().path(), &protocols, &output).await;
+        assert!(matches!(missing, Err(CheckoutError::Job(message)) if message.contains("cannot fetch refs/pull/8/merge")));
+        for bad in ["main", "refs/pull/7/merge:refs/heads/x", "refs/../x", "--upload-pack=x", "refs/pull/7 merge"] {
+            let refused = checkout_ref(&url, bad, &pull_request_head, tempfile::tempdir().unwrap().path(), &protocols, &output).await;
+            assert!(matches!(refused, Err(CheckoutError::Job(message)) if message.contains("not a ref name")), "{bad}");
+        }
+        drop(output);
+        let log = log.await.unwrap();
+        assert!(log.contains(&format!("refs/pull/7/merge resolved to commit {merge} (head commit {pull_request_head})")), "{log}");
     }
 
     #[test]

@@ -138,7 +138,12 @@ async fn run_build(run: &Run<'_>, build: &BuildSpec, names: &[String], workspace
     run.step(index, CHECKOUT_STEP, StepState::Running, started, 0);
     let (output, collector) = run.output(index);
     let checkout = tokio::select! {
-        result = crate::git::checkout(&build.repository_url, &build.commit, workspace, &context.git_protocols, &output) => Some(result),
+        result = async {
+            match &build.fetch_ref {
+                Some(git_ref) => crate::git::checkout_ref(&build.repository_url, git_ref, &build.commit, workspace, &context.git_protocols, &output).await,
+                None => crate::git::checkout(&build.repository_url, &build.commit, workspace, &context.git_protocols, &output).await,
+            }
+        } => Some(result),
         _ = context.cancel.cancelled() => None,
     };
     drop(output);

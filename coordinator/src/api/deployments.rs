@@ -20,7 +20,7 @@ use crate::api_error::ApiError;
 use crate::log_segments::{self, LogLevel};
 use crate::state::Command;
 use crate::state::apply::{index, index_ids, load_id};
-use crate::state::records::{Deployment, DeploymentStatus, Role};
+use crate::state::records::{Deployment, DeploymentStatus, Role, ScmOrigin};
 use crate::store::Table;
 
 /// The environment whose deployments need an admin.
@@ -50,6 +50,43 @@ pub struct DeploymentView {
     pub config_overrides: BTreeMap<String, String>,
     pub created_at: String,
     pub updated_at: String,
+    /// The source-control event that started the run; null when a person or a rollback did.
+    pub scm: Option<ScmOriginView>,
+}
+
+/// Where a run started by source control came from.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ScmOriginView {
+    pub repo_id: u64,
+    /// `webhook` or `poll`.
+    #[schema(example = "webhook")]
+    pub source: String,
+    /// `push`, `tag` or `pull_request`.
+    #[schema(example = "push")]
+    pub event: String,
+    /// `refs/heads/<branch>`, `refs/tags/<tag>`, or the ref a pull request's checks run on
+    /// (the provider's merge ref such as `refs/pull/7/merge`, or the source branch).
+    #[schema(example = "refs/heads/main")]
+    pub git_ref: String,
+    /// The pushed commit, or the pull request's head commit.
+    pub head_commit: String,
+    pub pull_request: Option<u64>,
+    /// The provider's delivery id, for a webhook that sent one.
+    pub delivery: Option<String>,
+}
+
+impl From<ScmOrigin> for ScmOriginView {
+    fn from(origin: ScmOrigin) -> Self {
+        ScmOriginView {
+            repo_id: origin.repo_id,
+            source: origin.source,
+            event: origin.event,
+            git_ref: origin.git_ref,
+            head_commit: origin.head_commit,
+            pull_request: origin.pull_request,
+            delivery: origin.delivery,
+        }
+    }
 }
 
 impl From<Deployment> for DeploymentView {
@@ -68,6 +105,7 @@ impl From<Deployment> for DeploymentView {
             config_overrides: deployment.config_overrides,
             created_at: timestamp(deployment.created_at),
             updated_at: timestamp(deployment.updated_at),
+            scm: deployment.scm.map(ScmOriginView::from),
         }
     }
 }

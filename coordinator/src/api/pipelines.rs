@@ -89,7 +89,7 @@ pub struct BuildFields {
     /// `["push", "pull_request"]`; tags only when listed). Pushes and pull requests match the
     /// pipeline's branch pattern (a pull request by its target branch); tags match any tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<schema::TriggerEventName>>, max_items = 3, example = json!(["push", "tag", "pull_request"]))]
+    #[schema(value_type = Option<Vec<schema::TriggerEventName>>, example = json!(["push", "tag", "pull_request"]))]
     pub trigger_events: Option<Vec<String>>,
     /// Pull requests deploy into a preview environment of their own, `pr-<number>`, removed
     /// (with its running deployments cancelled) when the pull request is closed or merged.
@@ -136,8 +136,8 @@ fn validate_workspace_path(field: &str, path: &str) -> Result<(), ApiError> {
     }
 }
 
-/// `trigger_events`: each of `push`, `tag`, `pull_request` at most once (an empty list turns
-/// source-control triggers off).
+/// `trigger_events`: any of `push`, `tag`, `pull_request`; one listed twice counts once (an
+/// empty list turns source-control triggers off).
 fn parse_trigger_events(events: &[String]) -> Result<Vec<TriggerEvent>, ApiError> {
     let mut parsed = Vec::with_capacity(events.len());
     for event in events {
@@ -152,10 +152,9 @@ fn parse_trigger_events(events: &[String]) -> Result<Vec<TriggerEvent>, ApiError
                 ));
             }
         };
-        if parsed.contains(&trigger) {
-            return Err(ApiError::invalid_field("trigger_events", format!("trigger_events lists {event:?} twice")));
+        if !parsed.contains(&trigger) {
+            parsed.push(trigger);
         }
-        parsed.push(trigger);
     }
     Ok(parsed)
 }
@@ -455,4 +454,46 @@ async fn delete_pipeline(State(state): State<AppState>, caller: Caller, Path(pip
     let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::DeletePipeline { pipeline_id }).await?;
     applied_id(outcome)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_events_are_checked_and_kept() {
+        let fields = BuildFields {
+            trigger_events: Some(vec!["push".into(), "tag".into(), "pull_request".into()]),
+            preview_environments: Some(true),
+            ..BuildFields::default()
+        };
+        let build = merge_build_fields(BuildSettings::default(), fields).unwrap();
+        assert_eq!(build.trigger_events, Some(vec![TriggerEvent::Push, TriggerEvent::Tag, TriggerEvent::PullRequest]));
+        assert!(build.preview_environments && build.triggers_on(TriggerEvent::Tag));
+        let view = BuildFields::from(build.clone());
+        assert_eq!(view.trigger_events.as_deref(), Some(&["push".to_string(), "tag".to_string(), "pull_request".to_string()][..]));
+        // Left out, the events stay as they were; the default runs pushes and pull requests only.
+        assert_eq!(merge_build_fields(build, BuildFields::default()).unwrap().trigger_events.unwrap().len(), 3);
+        let default = BuildSettings::default();
+        assert!(default.triggers_on(TriggerEvent::Push) && default.triggers_on(TriggerEvent::PullRequest));
+        assert!(!default.triggers_on(TriggerEvent::Tag));
+
+        let fields = BuildFields { trigger_events: Some(vec!["merge".into()]), ..BuildFields::default() };
+        let error = merge_build_fields(BuildSettings::default(), fields).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("trigger_events"));
+        assert!(error.message.contains("not \"merge\""), "{}", error.message);
+        let fields = BuildFields { trigger_events: Some(vec!["tag".into(), "tag".into()]), ..BuildFields::default() };
+        assert_eq!(merge_build_fields(BuildSettings::default(), fields).unwrap().trigger_events, Some(vec![TriggerEvent::Tag]));
+    }
+
+    #[test]
+    fn pipeline_branches_may_be_patterns() {
+        for good in ["main", "release/*", "feature/**", "v*.x"] {
+            validate_branch_pattern("branch", good).unwrap();
+        }
+        for bad in ["", "-x", "a..b", "release/?", "a b", "[abc]"] {
+            assert_eq!(validate_branch_pattern("branch", bad).unwrap_err().field.as_deref(), Some("branch"), "{bad:?}");
+        }
+        assert!(super::super::repos::validate_branch("branch", "release/*").is_err(), "a repository's branch is a name, not a pattern");
+    }
 }

@@ -421,3 +421,369 @@ struct Run {
 fn skipped(reason: impl Into<String>) -> ScmChangeReport {
     ScmChangeReport { deployments: Vec::new(), skipped: vec![reason.into()] }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::apply;
+    use crate::state::command::{Applied, Command};
+    use crate::state::records::{BuildSettings, DeployStrategy, Job, JobStatus, ScmType};
+    use crate::state::txn::EmptyState;
+
+    const HOUR: i64 = 60 * 60 * 1000;
+
+    fn propose(txn: &mut Txn, time: i64, command: Command) -> Applied {
+        let proposal = Proposal { time, actor: None, command, source: None };
+        apply(txn, &proposal, time as u64).unwrap().result.expect("applied")
+    }
+
+    fn connect(txn: &mut Txn, url: &str) -> u64 {
+        let command = Command::ConnectRepository {
+            name: "repo".into(),
+            repo_url: url.into(),
+            branch: "main".into(),
+            scm_type: ScmType::Github,
+            webhook_secret: None,
+            poll_interval_seconds: None,
+        };
+        propose(txn, 1, command).id.unwrap()
+    }
+
+    fn pipeline(txn: &mut Txn, repo_id: u64, name: &str, branch: Option<&str>, build: BuildSettings) -> u64 {
+        let command = Command::CreatePipeline {
+            name: name.into(),
+            repo_id,
+            branch: branch.map(str::to_string),
+            build_command: Some("make".into()),
+            deploy_strategy: DeployStrategy::Rolling,
+            environment: "staging".into(),
+            build,
+        };
+        propose(txn, 2, command).id.unwrap()
+    }
+
+    fn push(branch: &str, after: &str) -> ScmChange {
+        ScmChange::Push { branch: branch.into(), before: None, after: after.into() }
+    }
+
+    fn pull_request(number: u64, action: ScmPullRequestAction, head: &str) -> ScmChange {
+        ScmChange::PullRequest {
+            number,
+            action,
+            source_branch: "feature".into(),
+            target_branch: "main".into(),
+            head_commit: Some(head.into()),
+            merge_ref: Some(format!("refs/pull/{number}/merge")),
+        }
+    }
+
+    fn webhook(delivery: &str) -> ScmSource {
+        ScmSource::Webhook { delivery: Some(delivery.into()) }
+    }
+
+    fn record(txn: &mut Txn, time: i64, repo_id: u64, source: ScmSource, changes: Vec<ScmChange>) -> ScmReport {
+        propose(txn, time, Command::RecordScmChanges { repo_id, source, changes }).scm.expect("a report")
+    }
+
+    fn deployment(txn: &Txn, deployment_id: u64) -> Deployment {
+        load_id(txn, Table::Deployments, deployment_id).unwrap().unwrap()
+    }
+
+    fn build_job(txn: &Txn, deployment_id: u64) -> Job {
+        let job_id = index_ids(txn, index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string()).unwrap()[0];
+        load_id(txn, Table::Jobs, job_id).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_delivery_id_is_a_duplicate_for_72_hours_then_runs_again() {
+        let mut txn = Txn::new(&EmptyState);
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        let pipeline_id = pipeline(&mut txn, repo_id, "main", None, BuildSettings::default());
+        let start = 1_000 * HOUR;
+        let first = record(&mut txn, start, repo_id, webhook("d-1"), vec![push("main", "aaaa111")]);
+        assert!(!first.duplicate);
+        assert_eq!(first.deployments().len(), 1);
+        assert_eq!(deployment(&txn, first.deployments()[0]).pipeline_id, pipeline_id);
+
+        // Redelivered 71 hours later, even with other content: acknowledged, nothing runs.
+        let replay = record(&mut txn, start + 71 * HOUR, repo_id, webhook("d-1"), vec![push("main", "bbbb222")]);
+        assert!(replay.duplicate);
+        assert!(replay.deployments().is_empty() && replay.changes.is_empty());
+        assert_eq!(known_heads(&txn, repo_id).unwrap()["refs/heads/main"], "aaaa111", "a duplicate records nothing");
+
+        // 73 hours after the first delivery the id is forgotten: the delivery runs.
+        let late = record(&mut txn, start + 73 * HOUR, repo_id, webhook("d-1"), vec![push("main", "bbbb222")]);
+        assert!(!late.duplicate);
+        assert_eq!(late.deployments().len(), 1);
+        assert_eq!(delivery_seen_at(&txn, repo_id, "d-1").unwrap(), Some(start + 73 * HOUR));
+
+        // The same id on another repository is another delivery.
+        let other_repo = connect(&mut txn, "https://github.com/org/other");
+        assert!(!record(&mut txn, start + 73 * HOUR, other_repo, webhook("d-1"), vec![]).duplicate);
+    }
+
+    #[test]
+    fn expired_delivery_ids_are_pruned_a_bounded_number_per_command() {
+        let mut txn = Txn::new(&EmptyState);
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        let count = DELIVERY_PRUNE_PER_APPLY + 10;
+        for n in 0..count {
+            record(&mut txn, n as i64, repo_id, webhook(&format!("old-{n:03}")), vec![]);
+        }
+        let later = 100 * HOUR;
+        record(&mut txn, later, repo_id, webhook("new-1"), vec![]);
+        let remaining = (0..count).filter(|n| delivery_seen_at(&txn, repo_id, &format!("old-{n:03}")).unwrap().is_some()).count();
+        assert_eq!(remaining, 10, "the oldest {DELIVERY_PRUNE_PER_APPLY} go first");
+        record(&mut txn, later, repo_id, ScmSource::Poll { baseline: false }, vec![]);
+        let remaining = (0..count).filter(|n| delivery_seen_at(&txn, repo_id, &format!("old-{n:03}")).unwrap().is_some()).count();
+        assert_eq!(remaining, 0);
+        assert_eq!(delivery_seen_at(&txn, repo_id, "new-1").unwrap(), Some(later), "a fresh id stays");
+        let by_time = txn.scan_prefix(Table::StateMeta, DELIVERY_BY_TIME_PREFIX).unwrap();
+        assert_eq!(by_time.len(), 1, "the time index is pruned with the ids");
+    }
+
+    #[test]
+    fn a_commit_seen_by_webhook_and_poll_runs_once() {
+        let mut txn = Txn::new(&EmptyState);
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        pipeline(&mut txn, repo_id, "main", None, BuildSettings::default());
+        let by_webhook = record(&mut txn, 10, repo_id, webhook("d-1"), vec![push("main", "aaaa1111")]);
+        assert_eq!(by_webhook.deployments().len(), 1);
+        let by_poll = record(&mut txn, 20, repo_id, ScmSource::Poll { baseline: false }, vec![push("main", "aaaa1111")]);
+        assert!(by_poll.deployments().is_empty());
+        assert!(by_poll.changes[0].skipped[0].contains("already at aaaa1111"), "{:?}", by_poll.changes);
+
+        // And the other way round: the poller first, then the webhook (with a new delivery id).
+        let by_poll = record(&mut txn, 30, repo_id, ScmSource::Poll { baseline: false }, vec![push("main", "bbbb2222")]);
+        assert_eq!(by_poll.deployments().len(), 1);
+        assert_eq!(deployment(&txn, by_poll.deployments()[0]).scm.unwrap().source, "poll");
+        let by_webhook = record(&mut txn, 40, repo_id, webhook("d-2"), vec![push("main", "bbbb2222")]);
+        assert!(by_webhook.deployments().is_empty() && !by_webhook.duplicate);
+        assert_eq!(known_heads(&txn, repo_id).unwrap(), BTreeMap::from([("refs/heads/main".to_string(), "bbbb2222".to_string())]));
+
+        // Deleting the repository forgets its heads.
+        propose(&mut txn, 50, Command::DeleteRepository { repo_id });
+        assert!(known_heads(&txn, repo_id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_baseline_poll_records_heads_and_runs_nothing() {
+        let mut txn = Txn::new(&EmptyState);
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        let tags = BuildSettings { trigger_events: Some(vec![TriggerEvent::Push, TriggerEvent::Tag]), ..BuildSettings::default() };
+        pipeline(&mut txn, repo_id, "main", None, tags);
+        let changes = vec![push("main", "aaaa1111"), ScmChange::Tag { tag: "v1".into(), commit: "cccc3333".into() }];
+        let baseline = record(&mut txn, 10, repo_id, ScmSource::Poll { baseline: true }, changes);
+        assert!(baseline.deployments().is_empty());
+        assert!(baseline.changes.iter().all(|change| change.skipped[0].contains("baseline")), "{baseline:?}");
+        assert!(txn.scan_prefix(Table::Deployments, b"").unwrap().is_empty());
+        let heads = known_heads(&txn, repo_id).unwrap();
+        assert_eq!(heads["refs/heads/main"], "aaaa1111");
+        assert_eq!(heads["refs/tags/v1"], "cccc3333");
+        // The webhook for the commit the baseline saw runs nothing either.
+        assert!(record(&mut txn, 20, repo_id, webhook("d-1"), vec![push("main", "aaaa1111")]).deployments().is_empty());
+        assert_eq!(record(&mut txn, 30, repo_id, webhook("d-2"), vec![push("main", "dddd4444")]).deployments().len(), 1);
+    }
+
+    #[test]
+    fn pipelines_match_by_branch_pattern_and_event() {
+        let mut txn = Txn::new(&EmptyState);
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        let default_branch = pipeline(&mut txn, repo_id, "main", None, BuildSettings::default());
+        let releases = pipeline(&mut txn, repo_id, "releases", Some("release/*"), BuildSettings::default());
+        let tagged = BuildSettings { trigger_events: Some(vec![TriggerEvent::Tag]), ..BuildSettings::default() };
+        let tags_only = pipeline(&mut txn, repo_id, "tags", Some("**"), tagged);
+        let inactive = pipeline(&mut txn, repo_id, "inactive", Some("**"), BuildSettings::default());
+        let patch = crate::state::command::PipelinePatch { is_active: Some(false), ..Default::default() };
+        propose(&mut txn, 3, Command::UpdatePipeline { pipeline_id: inactive, patch });
+        let pipelines_of = |txn: &Txn, report: &ScmReport| -> Vec<u64> {
+            report.deployments().iter().map(|&id| deployment(txn, id).pipeline_id).collect()
+        };
+
+        let report = record(&mut txn, 10, repo_id, webhook("d-1"), vec![push("release/1.0", "aaaa0001")]);
+        assert_eq!(pipelines_of(&txn, &report), vec![releases]);
+        assert!(report.changes[0].skipped.iter().any(|reason| reason.contains("does not run on push events")), "{report:?}");
+        let job = build_job(&txn, report.deployments()[0]);
+        assert_eq!(job.spec["branch"], "release/1.0", "the job builds the pushed branch, not the pattern");
+        assert!(job.spec.get("fetch_ref").is_none(), "a push checks out the exact commit");
+
+        let report = record(&mut txn, 20, repo_id, webhook("d-2"), vec![push("release/1.0/hotfix", "aaaa0002")]);
+        assert!(report.deployments().is_empty());
+        let report = record(&mut txn, 30, repo_id, webhook("d-3"), vec![push("feature/x", "aaaa0003")]);
+        assert_eq!(report.deployments(), Vec::<u64>::new());
+        let report = record(&mut txn, 40, repo_id, webhook("d-4"), vec![push("main", "aaaa0004")]);
+        assert_eq!(pipelines_of(&txn, &report), vec![default_branch], "no branch on the pipeline means the repository's");
+        let origin = deployment(&txn, report.deployments()[0]).scm.unwrap();
+        assert_eq!(
+            origin,
+            ScmOrigin {
+                repo_id,
+                source: "webhook".into(),
+                event: "push".into(),
+                git_ref: "refs/heads/main".into(),
+                head_commit: "aaaa0004".into(),
+                pull_request: None,
+                delivery: Some("d-4".into()),
+            }
+        );
+
+        // Tags run only the pipelines that ask for them.
+        let report = record(&mut txn, 50, repo_id, webhook("d-5"), vec![ScmChange::Tag { tag: "v1.0".into(), commit: "bbbb0001".into() }]);
+        assert_eq!(pipelines_of(&txn, &report), vec![tags_only]);
+        let tag_run = deployment(&txn, report.deployments()[0]);
+        assert_eq!((tag_run.commit_hash.as_str(), tag_run.environment.as_str()), ("bbbb0001", "staging"));
+
+        // A pull request runs the pipelines of its target branch, on the merge ref.
+        let report = record(&mut txn, 60, repo_id, webhook("d-6"), vec![pull_request(7, ScmPullRequestAction::Opened, "cccc0007")]);
+        assert_eq!(pipelines_of(&txn, &report), vec![default_branch]);
+        let run = deployment(&txn, report.deployments()[0]);
+        assert_eq!(run.commit_hash, "cccc0007", "the deployment names the pull request's head");
+        let origin = run.scm.unwrap();
+        assert_eq!((origin.event.as_str(), origin.git_ref.as_str(), origin.pull_request), ("pull_request", "refs/pull/7/merge", Some(7)));
+        let job = build_job(&txn, run.deployment_id);
+        assert_eq!(job.spec["fetch_ref"], "refs/pull/7/merge");
+        assert_eq!(job.spec["commit"], "cccc0007");
+        assert_eq!(job.spec["branch"], "feature");
+
+        // Closed and merged pull requests never build.
+        for (delivery, action) in [("d-7", ScmPullRequestAction::Closed), ("d-8", ScmPullRequestAction::Merged)] {
+            let report = record(&mut txn, 70, repo_id, webhook(delivery), vec![pull_request(7, action, "cccc0007")]);
+            assert!(report.deployments().is_empty(), "{action:?}");
+        }
+        // Without a merge ref (Bitbucket) the checks run on the head commit of the source branch.
+        let mut bitbucket = pull_request(8, ScmPullRequestAction::Opened, "dddd0008");
+        if let ScmChange::PullRequest { merge_ref, .. } = &mut bitbucket {
+            *merge_ref = None;
+        }
+        let report = record(&mut txn, 80, repo_id, webhook("d-9"), vec![bitbucket]);
+        let run = deployment(&txn, report.deployments()[0]);
+        assert_eq!(run.scm.unwrap().git_ref, "refs/heads/feature");
+        assert!(build_job(&txn, run.deployment_id).spec.get("fetch_ref").is_none());
+    }
+
+    #[test]
+    fn a_preview_environment_lives_as_long_as_its_pull_request() {
+        let mut txn = Txn::new(&EmptyState);
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        let preview = BuildSettings { preview_environments: true, ..BuildSettings::default() };
+        let pipeline_id = pipeline(&mut txn, repo_id, "previews", None, preview.clone());
+        let other_repo = connect(&mut txn, "https://github.com/org/other");
+        let other_pipeline = pipeline(&mut txn, other_repo, "previews", None, preview);
+
+        let opened = record(&mut txn, 10, repo_id, webhook("d-1"), vec![pull_request(7, ScmPullRequestAction::Opened, "aaaa0001")]);
+        let first = deployment(&txn, opened.deployments()[0]);
+        assert_eq!(first.environment, "pr-7");
+        let environment: Environment = load(&txn, Table::Environments, b"pr-7").unwrap().unwrap();
+        assert_eq!(environment.previews, vec![PreviewOwner { repo_id, pipeline_id, pull_request: 7 }]);
+        assert_eq!(environment.created_at, 10);
+
+        // Bitbucket's `updated` with an unchanged head runs nothing; new commits run again.
+        let same = record(&mut txn, 20, repo_id, webhook("d-2"), vec![pull_request(7, ScmPullRequestAction::Synchronized, "aaaa0001")]);
+        assert!(same.deployments().is_empty());
+        let synchronized =
+            record(&mut txn, 30, repo_id, webhook("d-3"), vec![pull_request(7, ScmPullRequestAction::Synchronized, "bbbb0002")]);
+        assert_eq!(deployment(&txn, synchronized.deployments()[0]).environment, "pr-7");
+        // The other repository's pull request #7 shares the environment's name.
+        let other = record(&mut txn, 40, other_repo, webhook("d-4"), vec![pull_request(7, ScmPullRequestAction::Opened, "cccc0003")]);
+        assert_eq!(deployment(&txn, other.deployments()[0]).pipeline_id, other_pipeline);
+
+        // The first pull request is merged: its running deployments are cancelled, the other's stay.
+        let merged = record(&mut txn, 50, repo_id, webhook("d-5"), vec![pull_request(7, ScmPullRequestAction::Merged, "bbbb0002")]);
+        assert!(merged.deployments().is_empty());
+        let mut cancelled = merged.cancelled_deployments.clone();
+        cancelled.sort();
+        assert_eq!(cancelled, vec![opened.deployments()[0], synchronized.deployments()[0]]);
+        for deployment_id in &cancelled {
+            let ended = deployment(&txn, *deployment_id);
+            assert_eq!(ended.status, DeploymentStatus::Failed);
+            assert!(ended.status_reason.unwrap().contains("preview environment pr-7 removed"));
+            assert_eq!(build_job(&txn, *deployment_id).status, JobStatus::Cancelled);
+        }
+        assert_eq!(deployment(&txn, other.deployments()[0]).status, DeploymentStatus::Pending);
+        let environment: Environment = load(&txn, Table::Environments, b"pr-7").unwrap().unwrap();
+        assert_eq!(environment.previews, vec![PreviewOwner { repo_id: other_repo, pipeline_id: other_pipeline, pull_request: 7 }]);
+
+        // The last owner closes: the environment record goes.
+        let closed = record(&mut txn, 60, other_repo, webhook("d-6"), vec![pull_request(7, ScmPullRequestAction::Closed, "cccc0003")]);
+        assert_eq!(closed.cancelled_deployments, other.deployments());
+        assert!(load::<Environment>(&txn, Table::Environments, b"pr-7").unwrap().is_none());
+        // Reopened, it deploys a preview again.
+        let reopened = record(&mut txn, 70, repo_id, webhook("d-7"), vec![pull_request(7, ScmPullRequestAction::Reopened, "bbbb0002")]);
+        assert_eq!(reopened.deployments().len(), 1);
+        assert!(load::<Environment>(&txn, Table::Environments, b"pr-7").unwrap().is_some());
+    }
+
+    #[test]
+    fn bad_commands_are_refused_whole() {
+        let mut txn = Txn::new(&EmptyState);
+        let refuse = |txn: &mut Txn, repo_id: u64, source: ScmSource| {
+            let proposal =
+                Proposal { time: 1, actor: None, command: Command::RecordScmChanges { repo_id, source, changes: vec![] }, source: None };
+            apply(txn, &proposal, 1).unwrap().result.unwrap_err()
+        };
+        assert_eq!(refuse(&mut txn, 9, webhook("d")).message, "repository 9 not found");
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        assert_eq!(refuse(&mut txn, repo_id, webhook(&"x".repeat(201))).code, RejectionCode::Invalid);
+        assert!(same_commit("ABCDEF1234", "abcdef1"));
+        assert!(!same_commit("abcdef1234", "abcdef"), "six digits are too few to trust");
+        assert!(!same_commit("abcdef1234", "abcdef1299"));
+    }
+
+    #[test]
+    fn the_command_and_its_report_keep_their_wire_format() {
+        // Other nodes (and the Raft log) read these bytes: the names and tags are fixed.
+        let command = Command::RecordScmChanges {
+            repo_id: 3,
+            source: ScmSource::Webhook { delivery: Some("d-1".into()) },
+            changes: vec![
+                push("main", "aaaa1111"),
+                ScmChange::Tag { tag: "v1".into(), commit: "bbbb2222".into() },
+                pull_request(7, ScmPullRequestAction::Synchronized, "cccc3333"),
+            ],
+        };
+        let json = serde_json::to_value(&command).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "type": "record_scm_changes",
+                "repo_id": 3,
+                "source": {"kind": "webhook", "delivery": "d-1"},
+                "changes": [
+                    {"kind": "push", "branch": "main", "before": null, "after": "aaaa1111"},
+                    {"kind": "tag", "tag": "v1", "commit": "bbbb2222"},
+                    {"kind": "pull_request", "number": 7, "action": "synchronized", "source_branch": "feature", "target_branch": "main",
+                     "head_commit": "cccc3333", "merge_ref": "refs/pull/7/merge"}
+                ]
+            })
+        );
+        assert_eq!(serde_json::from_value::<Command>(json).unwrap(), command);
+        let poll: ScmSource = serde_json::from_str(r#"{"kind": "poll", "baseline": true}"#).unwrap();
+        assert_eq!(poll, ScmSource::Poll { baseline: true });
+
+        // A deployment and build settings written before these fields existed still decode.
+        let old_settings: BuildSettings = serde_json::from_str(r#"{"image": "alpine:3.20"}"#).unwrap();
+        assert_eq!((old_settings.trigger_events, old_settings.preview_environments), (None, false));
+        assert_eq!(serde_json::to_string(&BuildSettings::default()).unwrap(), "{}", "defaults add no bytes to stored records");
+    }
+
+    #[test]
+    fn state_events_follow_what_the_command_did() {
+        use crate::state::events::{StateEvent, events_of};
+        let mut txn = Txn::new(&EmptyState);
+        let repo_id = connect(&mut txn, "https://github.com/org/repo");
+        pipeline(&mut txn, repo_id, "previews", None, BuildSettings { preview_environments: true, ..BuildSettings::default() });
+        let run = |txn: &mut Txn, time: i64, change: ScmChange| {
+            let command = Command::RecordScmChanges { repo_id, source: ScmSource::Poll { baseline: false }, changes: vec![change] };
+            let proposal = Proposal { time, actor: None, command: command.clone(), source: None };
+            let outcome = apply(txn, &proposal, time as u64).unwrap();
+            events_of(&command, &outcome)
+        };
+        assert_eq!(run(&mut txn, 10, pull_request(4, ScmPullRequestAction::Opened, "aaaa0001")), vec![StateEvent::WorkChanged]);
+        let deployment_id = txn.scan_prefix(Table::Deployments, b"").unwrap().len() as u64;
+        assert_eq!(
+            run(&mut txn, 20, pull_request(4, ScmPullRequestAction::Closed, "aaaa0001")),
+            vec![StateEvent::DeploymentChanged { deployment_id }, StateEvent::WorkChanged]
+        );
+        assert!(run(&mut txn, 30, push("unmatched/branch", "bbbb0002")).is_empty(), "nothing queued, nothing to wake");
+    }
+}
