@@ -1,6 +1,7 @@
 //! Polling and branch deployments against a real repository served by `git daemon` and a real
 //! `davit up` process: a push to a repository without webhooks starts a run within one polling
-//! interval, the same commit delivered afterwards by a signed webhook runs nothing, and a
+//! interval (while another repository's server hangs), the same commit delivered afterwards by a
+//! signed webhook runs nothing, and a
 //! deployment of a branch deploys the branch's head as `git ls-remote` reads it.
 
 #[allow(dead_code)]
@@ -210,6 +211,19 @@ async fn a_push_without_webhooks_runs_within_one_interval_and_the_same_commit_by
     let (repo_id, pipeline_id) = repository_with_pipeline(&node, &server.url(), None).await;
     let repository = node.get(&format!("/api/v1/repos/{repo_id}"), &node.admin_token).await;
     assert_eq!(repository.json["polled_every_seconds"], 1, "{}", repository.text());
+
+    // A repository whose server accepts connections and never answers: its polls hang until
+    // their timeout, and must not hold up the other repository's.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("git://127.0.0.1:{}/silent.git", silent.local_addr().unwrap().port());
+    let _silent_server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let silent_repo = node.post("/api/v1/repos/connect", &node.admin_token, &json!({"repo_url": silent_url, "scm_type": "github"})).await;
+    expect_status(&silent_repo, 201, "connect the silent repository");
 
     // The first poll records the heads that were there before Davit looked, and runs nothing.
     wait_for_log(&node, "first poll: recorded the repository's heads", Duration::from_secs(20)).await;
