@@ -1,8 +1,8 @@
 //! Polling and branch deployments against a real repository served by `git daemon` and a real
 //! `davit up` process: a push to a repository without webhooks starts a run within one polling
 //! interval (while another repository's server hangs), the same commit delivered afterwards by a
-//! signed webhook runs nothing, and a
-//! deployment of a branch deploys the branch's head as `git ls-remote` reads it.
+//! signed webhook runs nothing, and a deployment of a branch deploys the branch's head as
+//! `git ls-remote` reads it.
 
 #[allow(dead_code)]
 mod git_server;
