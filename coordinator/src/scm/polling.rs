@@ -308,7 +308,7 @@ pub async fn ls_remote(url: &str, patterns: &[String], protocols: &str, timeout:
         .process_group(0)
         .kill_on_drop(true);
     let mut child = command.spawn().map_err(|error| LsRemoteError::Spawn(error.to_string()))?;
-    let _group = ProcessGroupGuard(child.id().and_then(|pid| i32::try_from(pid).ok()));
+    let mut group = ProcessGroupGuard(child.id().and_then(|pid| i32::try_from(pid).ok()));
     let stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let run = async {
@@ -325,6 +325,9 @@ pub async fn ls_remote(url: &str, patterns: &[String], protocols: &str, timeout:
             return Err(LsRemoteError::OutputTooLarge { url: shown_url.clone(), limit: MAX_LS_REMOTE_OUTPUT_BYTES });
         };
         let status = child.wait().await.map_err(|error| LsRemoteError::Spawn(error.to_string()))?;
+        // git has exited and waited for its helpers: nothing is left to kill, and its process
+        // group id must not be signalled once it may be reused.
+        group.0 = None;
         if !status.success() {
             return Err(LsRemoteError::Failed { url: shown_url.clone(), message: git_failure_message(&err) });
         }
