@@ -274,7 +274,9 @@ async fn resolve_branch_head(state: &AppState, repo_id: u64, branch: &str) -> Re
     let protocols = polling::git_allowed_protocols(polling::file_repositories_allowed(&state.node.config));
     let timeout = std::time::Duration::from_secs(state.node.config.scm.ls_remote_timeout_seconds);
     let shown_url = polling::redact_url(&repository.repo_url);
-    match polling::resolve_branch(&repository.repo_url, branch, protocols, timeout).await {
+    // The lead wires the outbound policy here: `state.outbound.git_arguments_for("repo_url", url)`
+    // checks the URL at the moment of use (a refusal is a 400) and returns the `-c` pins to pass.
+    match polling::resolve_branch(&repository.repo_url, branch, protocols, &[], timeout).await {
         Ok(Some(commit)) => Ok(commit),
         Ok(None) => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -164,7 +164,9 @@ impl Poller {
     /// changed (a baseline on the first look, see `polling::plan_poll`).
     pub async fn poll_repository(&self, repository: &Repository, baselined: bool) -> Result<PollOutcome, PollError> {
         let timeout = Duration::from_secs(self.settings.ls_remote_timeout_seconds);
-        let remote = polling::ls_remote(&repository.repo_url, &[], self.protocols, timeout).await?;
+        // The lead wires the outbound policy here: `policy.git_arguments_for("repo_url", url)`
+        // checks the URL at the moment of use and returns the `-c` pins to pass instead of `&[]`.
+        let remote = polling::ls_remote(&repository.repo_url, &[], self.protocols, &[], timeout).await?;
         let known = trigger::known_heads(&self.node.state(), repository.repo_id)?;
         let Some(plan) = polling::plan_poll(&known, &remote, baselined) else {
             return Ok(PollOutcome::Unchanged);

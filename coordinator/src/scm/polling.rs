@@ -276,7 +276,15 @@ async fn read_bounded(mut stream: impl AsyncRead + Unpin, limit: usize) -> std::
 /// (see [`git_allowed_protocols`]), no terminal prompt, no askpass, no credential helper, no
 /// system or global config (so no `insteadOf` rewrites or helpers of the coordinator's user),
 /// ssh in batch mode, killed with its children after `timeout`, output bounded.
-pub async fn ls_remote(url: &str, patterns: &[String], protocols: &str, timeout: Duration) -> Result<RemoteRefs, LsRemoteError> {
+/// `config_arguments` go before `ls-remote` (`-c name=value` pairs, such as the outbound
+/// policy's pinning of a checked host to its addresses).
+pub async fn ls_remote(
+    url: &str,
+    patterns: &[String],
+    protocols: &str,
+    config_arguments: &[String],
+    timeout: Duration,
+) -> Result<RemoteRefs, LsRemoteError> {
     let shown_url = redact_url(url);
     let scheme = scheme_of(url);
     if !protocols.split(':').any(|allowed| allowed == scheme) {
@@ -291,7 +299,9 @@ pub async fn ls_remote(url: &str, patterns: &[String], protocols: &str, timeout:
     }
     let mut command = tokio::process::Command::new("git");
     command
-        .args(["-c", "credential.helper=", "-c", "core.askPass=", "ls-remote", "--heads", "--tags", "--", url])
+        .args(["-c", "credential.helper=", "-c", "core.askPass="])
+        .args(config_arguments)
+        .args(["ls-remote", "--heads", "--tags", "--", url])
         .args(patterns)
         .env("GIT_ALLOW_PROTOCOL", protocols)
         .env("GIT_TERMINAL_PROMPT", "0")
@@ -341,8 +351,14 @@ pub async fn ls_remote(url: &str, patterns: &[String], protocols: &str, timeout:
 }
 
 /// The head commit of `branch` on the remote, or `None` when the branch does not exist.
-pub async fn resolve_branch(url: &str, branch: &str, protocols: &str, timeout: Duration) -> Result<Option<String>, LsRemoteError> {
-    let mut refs = ls_remote(url, &[branch_ref(branch)], protocols, timeout).await?;
+pub async fn resolve_branch(
+    url: &str,
+    branch: &str,
+    protocols: &str,
+    config_arguments: &[String],
+    timeout: Duration,
+) -> Result<Option<String>, LsRemoteError> {
+    let mut refs = ls_remote(url, &[branch_ref(branch)], protocols, config_arguments, timeout).await?;
     // ls-remote matches patterns against the end of ref names, so `refs/heads/x/refs/heads/main`
     // would match `refs/heads/main` too: take the exact branch only.
     Ok(refs.branches.remove(branch))
@@ -680,18 +696,18 @@ mod tests {
         let url = format!("file://{}", dir.path().display());
         let timeout = Duration::from_secs(20);
 
-        let refs = ls_remote(&url, &[], git_allowed_protocols(true), timeout).await.unwrap();
+        let refs = ls_remote(&url, &[], git_allowed_protocols(true), &[], timeout).await.unwrap();
         assert_eq!(refs.branches, BTreeMap::from([("feature".to_string(), head.clone()), ("main".to_string(), head.clone())]));
         assert_eq!(refs.tags["v1"], RemoteTag { object: tag_object, peeled: Some(head.clone()) });
         assert_eq!(refs.tags["light"].object, head);
 
-        assert_eq!(resolve_branch(&url, "main", git_allowed_protocols(true), timeout).await.unwrap(), Some(head));
-        assert_eq!(resolve_branch(&url, "nope", git_allowed_protocols(true), timeout).await.unwrap(), None);
+        assert_eq!(resolve_branch(&url, "main", git_allowed_protocols(true), &[], timeout).await.unwrap(), Some(head));
+        assert_eq!(resolve_branch(&url, "nope", git_allowed_protocols(true), &[], timeout).await.unwrap(), None);
 
-        let refused = ls_remote(&url, &[], git_allowed_protocols(false), timeout).await.unwrap_err();
+        let refused = ls_remote(&url, &[], git_allowed_protocols(false), &[], timeout).await.unwrap_err();
         assert!(matches!(refused, LsRemoteError::ProtocolNotAllowed { .. }), "{refused}");
         let missing = format!("file://{}/missing", dir.path().display());
-        let failed = ls_remote(&missing, &[], git_allowed_protocols(true), timeout).await.unwrap_err();
+        let failed = ls_remote(&missing, &[], git_allowed_protocols(true), &[], timeout).await.unwrap_err();
         assert!(matches!(failed, LsRemoteError::Failed { .. }), "{failed}");
     }
 
@@ -708,7 +724,7 @@ mod tests {
         });
         let started = std::time::Instant::now();
         let url = format!("git://127.0.0.1:{port}/repo.git");
-        let error = ls_remote(&url, &[], git_allowed_protocols(false), Duration::from_secs(1)).await.unwrap_err();
+        let error = ls_remote(&url, &[], git_allowed_protocols(false), &[], Duration::from_secs(1)).await.unwrap_err();
         assert!(matches!(error, LsRemoteError::TimedOut { seconds: 1, .. }), "{error}");
         assert!(started.elapsed() < Duration::from_secs(5));
         hold.abort();
