@@ -55,6 +55,27 @@ enum TopCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Deploy a pipeline: the current head of a branch (`--branch`, read from the repository
+    /// now) or a given commit (`--commit`), to the pipeline's environment or `--environment`.
+    Deploy {
+        /// The pipeline's id.
+        #[arg(long)]
+        pipeline: u64,
+        /// Deploy this branch's current head.
+        #[arg(long, conflicts_with = "commit", required_unless_present = "commit")]
+        branch: Option<String>,
+        /// Deploy this commit.
+        #[arg(long)]
+        commit: Option<String>,
+        /// Defaults to the pipeline's environment.
+        #[arg(long)]
+        environment: Option<String>,
+        /// Print the API's JSON instead of a summary.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,6 +127,10 @@ struct UpArgs {
     /// a repository is connected and the links of commit statuses. Default: http://<--http>.
     #[arg(long, env = "DAVIT_PUBLIC_URL")]
     public_url: Option<String>,
+    /// How often repositories without a webhook secret are polled for new commits, in seconds
+    /// (0: only those that set their own interval).
+    #[arg(long, default_value_t = 60)]
+    poll_interval_seconds: u64,
 }
 
 #[derive(Args, Clone)]
@@ -202,6 +227,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         TopCommand::Agents(args) => agents(args).await,
         TopCommand::Jobs { deployment_id, json, connection } => deployment_jobs(deployment_id, json, connection).await,
+        TopCommand::Deploy { pipeline, branch, commit, environment, json, connection } => {
+            deploy(pipeline, branch, commit, environment, json, connection).await
+        }
     }
 }
 
@@ -228,6 +256,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         // A developer's own machine: their forge, their webhook receiver and their repositories
         // on disk are local, so `up` allows what `serve` refuses by default (and says so).
         outbound: crate::outbound::OutboundSettings { allow_private_networks: true, allow_file_urls: true, ..Default::default() },
+        scm: crate::config::ScmSettings { poll_interval_seconds: args.poll_interval_seconds, ..Default::default() },
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let server = serve(config).await?;
@@ -738,6 +767,39 @@ fn grpc_address_of(server: &str) -> anyhow::Result<String> {
     let port = url.port_or_known_default().with_context(|| format!("--server {server:?} has no port"))?;
     let grpc_port = port.checked_add(1).with_context(|| format!("--server port {port} has no next port; give --grpc-address"))?;
     Ok(format!("{host}:{grpc_port}"))
+}
+
+/// `davit deploy`: `POST /api/v1/deployments` with a branch or a commit.
+async fn deploy(
+    pipeline_id: u64,
+    branch: Option<String>,
+    commit: Option<String>,
+    environment: Option<String>,
+    json: bool,
+    connection: Connection,
+) -> anyhow::Result<()> {
+    let mut body = serde_json::json!({ "pipeline_id": pipeline_id });
+    match (branch, commit) {
+        (Some(branch), None) => body["branch"] = branch.into(),
+        (None, Some(commit)) => body["commit_hash"] = commit.into(),
+        _ => bail!("give either --branch or --commit"),
+    }
+    if let Some(environment) = environment {
+        body["environment"] = environment.into();
+    }
+    let deployment = ApiClient::connect(&connection).await?.post("/api/v1/deployments", body).await?;
+    if json {
+        return print_json(&deployment);
+    }
+    println!(
+        "Deployment {} of commit {} to {} created ({}).",
+        deployment["deployment_id"],
+        deployment["commit_hash"].as_str().unwrap_or("?"),
+        deployment["environment"].as_str().unwrap_or("?"),
+        deployment["status"].as_str().unwrap_or("?")
+    );
+    println!("Follow it with `davit jobs {}`.", deployment["deployment_id"]);
+    Ok(())
 }
 
 async fn deployment_jobs(deployment_id: u64, json: bool, connection: Connection) -> anyhow::Result<()> {

@@ -793,6 +793,7 @@ mod tests {
                     webhook_secret: None,
                     api_url,
                     access_token,
+                    poll_interval_seconds: None,
                 })
                 .await;
             let pipeline_id = self

@@ -57,6 +57,25 @@ pub struct NodeConfig {
     /// (repositories, provider APIs, notification webhooks); see `outbound.rs`.
     #[serde(default)]
     pub outbound: crate::outbound::OutboundSettings,
+    #[serde(default)]
+    pub scm: ScmSettings,
+}
+
+/// The `[scm]` section: how repositories are watched (see `scm/polling.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScmSettings {
+    /// How often the leader runs `git ls-remote` on a repository that has no webhook secret and
+    /// no interval of its own, in seconds; 0 polls only repositories that set their own.
+    pub poll_interval_seconds: u64,
+    /// The longest one `git ls-remote` may take before it is killed and counted as a failure.
+    pub ls_remote_timeout_seconds: u64,
+}
+
+impl Default for ScmSettings {
+    fn default() -> Self {
+        ScmSettings { poll_interval_seconds: 60, ls_remote_timeout_seconds: 30 }
+    }
 }
 
 /// The `[retention]` section: how long artifacts are kept (see `retention.rs`).
@@ -209,6 +228,12 @@ impl NodeConfig {
             return Err("raft timeouts must satisfy heartbeat_interval_ms < election_timeout_min_ms < election_timeout_max_ms".into());
         }
         crate::outbound::OutboundPolicy::new(&self.outbound)?;
+        if self.scm.poll_interval_seconds > 86_400 {
+            return Err("[scm] poll_interval_seconds must be at most 86400 (a day); 0 turns the default polling off".into());
+        }
+        if !(1..=3600).contains(&self.scm.ls_remote_timeout_seconds) {
+            return Err("[scm] ls_remote_timeout_seconds must be 1 to 3600".into());
+        }
         Ok(())
     }
 

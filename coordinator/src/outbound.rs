@@ -519,7 +519,7 @@ impl OutboundPolicy {
     /// with `git ls-remote`): https, ssh and git, plus file when `allow_file_urls` is set. git
     /// then refuses other transports (ext::, fd::, http:// without TLS), also in submodules.
     pub fn git_allowed_protocols(&self) -> &'static str {
-        if self.allow_file_urls { "https:ssh:git:file" } else { "https:ssh:git" }
+        crate::scm::polling::git_allowed_protocols(self.allow_file_urls)
     }
 
     /// For the coordinator's own git (polling with `git ls-remote`): check a repository URL at

@@ -385,6 +385,7 @@ mod tests {
             webhook_secret: None,
             api_url: None,
             access_token: None,
+            poll_interval_seconds: None,
         })
         .await;
         let pipeline_id = propose(Command::CreatePipeline {

@@ -87,6 +87,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     tokio::spawn(scheduler.run());
     tokio::spawn(crate::retention::ArtifactRetention::new(node.clone(), blobs.clone(), node.config.retention.clone()).run());
     crate::commit_status::CommitStatusReporter::new(node.clone(), secrets.clone(), &outbound, Default::default()).start();
+    tokio::spawn(crate::scm::poller::Poller::new(node.clone(), outbound.clone()).run());
 
     // HTTP/2 flow-control windows well above hyper's 1 MiB default, so that an artifact upload
     // (1 MiB messages) or a log stream is not throttled to one message per round trip.

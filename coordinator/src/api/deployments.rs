@@ -188,8 +188,13 @@ async fn list_deployments(
 pub struct CreateDeploymentRequest {
     #[schema(example = "pipeline123")]
     pub pipeline_id: FlexibleId,
-    #[schema(value_type = schema::CommitHash, example = "abc123def")]
-    pub commit_hash: String,
+    /// The commit to deploy. Exactly one of `commit_hash` and `branch` is given.
+    #[schema(value_type = Option<schema::CommitHash>, example = "abc123def")]
+    pub commit_hash: Option<String>,
+    /// Deploy the head of this branch of the pipeline's repository, as `git ls-remote` finds it
+    /// now. Exactly one of `commit_hash` and `branch` is given.
+    #[schema(value_type = Option<schema::Branch>, example = "main")]
+    pub branch: Option<String>,
     /// Defaults to the pipeline's environment.
     #[schema(value_type = Option<schema::EnvironmentName>, example = "staging")]
     pub environment: Option<String>,
@@ -199,8 +204,103 @@ pub struct CreateDeploymentRequest {
     pub config_overrides: serde_json::Map<String, serde_json::Value>,
 }
 
-/// Trigger a deployment manually (developer; admin for production).
-#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateDeploymentRequest, security(("bearer" = [])),
+/// The documented body of `POST /api/v1/deployments`: the request's fields, with exactly one of
+/// `commit_hash` and `branch` given as a string (the other absent or null, as the handler reads
+/// it), which a derived schema cannot say.
+pub struct CreateDeploymentBody;
+
+impl utoipa::PartialSchema for CreateDeploymentBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::RefOr;
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+        let RefOr::T(Schema::Object(fields)) = CreateDeploymentRequest::schema() else {
+            unreachable!("a derived struct schema is an inline object")
+        };
+        let requiring = |given: &str, given_schema: RefOr<Schema>, absent: &str| {
+            let mut object = fields.clone();
+            object.properties.insert(given.to_string(), given_schema);
+            object.properties.insert(absent.to_string(), ObjectBuilder::new().schema_type(Type::Null).into());
+            object.required.retain(|field| field != given && field != absent);
+            object.required.push(given.to_string());
+            object
+        };
+        OneOfBuilder::new()
+            .item(requiring("commit_hash", schema::CommitHash::schema(), "branch"))
+            .item(requiring("branch", schema::Branch::schema(), "commit_hash"))
+            .description(Some("A deployment of a commit (`commit_hash`) or of a branch's current head (`branch`)."))
+            .into()
+    }
+}
+
+impl ToSchema for CreateDeploymentBody {
+    /// The components the request's fields refer to (`ConfigOverrides`, ...), which the
+    /// document must carry for the references in the schema above to resolve.
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <CreateDeploymentRequest as ToSchema>::schemas(schemas);
+    }
+}
+
+/// Which commit a request deploys: the one it names, or the head of a branch to look up.
+enum Revision {
+    Commit(String),
+    BranchHead(String),
+}
+
+fn requested_revision(commit_hash: Option<String>, branch: Option<String>) -> Result<Revision, ApiError> {
+    match (commit_hash, branch) {
+        (Some(commit_hash), None) => {
+            validate_commit(&commit_hash)?;
+            Ok(Revision::Commit(commit_hash.to_ascii_lowercase()))
+        }
+        (None, Some(branch)) => {
+            super::repos::validate_branch("branch", &branch)?;
+            Ok(Revision::BranchHead(branch))
+        }
+        (Some(_), Some(_)) => Err(ApiError::invalid_field("branch", "give either commit_hash or branch, not both")),
+        (None, None) => Err(ApiError::invalid_field(
+            "commit_hash",
+            "commit_hash (the commit to deploy) or branch (whose current head is deployed) is required",
+        )),
+    }
+}
+
+/// The head commit of `branch` in the pipeline's repository, read with `git ls-remote` as the
+/// poller reads it: 404 when the branch does not exist or the repository cannot be read (with
+/// git's reason), 400 when the repository's URL uses a protocol the coordinator may not use.
+async fn resolve_branch_head(state: &AppState, repo_id: u64, branch: &str) -> Result<String, ApiError> {
+    use crate::scm::polling;
+    let repository: crate::state::records::Repository = load_id(&state.node.state(), Table::Repositories, repo_id)?
+        .ok_or_else(|| ApiError::not_found(format!("repository {repo_id} of the pipeline not found")))?;
+    let protocols = state.outbound.git_allowed_protocols();
+    let timeout = std::time::Duration::from_secs(state.node.config.scm.ls_remote_timeout_seconds);
+    let shown_url = polling::redact_url(&repository.repo_url);
+    // The URL is checked again at the moment of use (a refusal is a 400), and git pinned to the
+    // addresses checked.
+    let pins = state.outbound.git_arguments_for("repo_url", &repository.repo_url).await?;
+    match polling::resolve_branch(&repository.repo_url, branch, protocols, &pins, timeout).await {
+        Ok(Some(commit)) => Ok(commit),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "branch_not_found",
+            format!("branch {branch:?} does not exist in repository {repo_id} ({shown_url})"),
+        )),
+        Err(error @ polling::LsRemoteError::ProtocolNotAllowed { .. }) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, "repository_url_refused", format!("cannot read branch {branch:?}: {error}")))
+        }
+        Err(polling::LsRemoteError::Spawn(message)) => Err(ApiError::internal(format!("cannot run git on the coordinator: {message}"))),
+        Err(error) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "repository_unreachable",
+            format!(
+                "cannot read branch {branch:?} of repository {repo_id}: {error}; check the repository URL and that the coordinator can reach it"
+            ),
+        )),
+    }
+}
+
+/// Trigger a deployment manually (developer; admin for production), of a commit or of the
+/// current head of a branch.
+#[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateDeploymentBody, security(("bearer" = [])),
     responses((status = 201, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn create_deployment(
@@ -210,7 +310,7 @@ async fn create_deployment(
 ) -> Result<(StatusCode, Json<DeploymentView>), ApiError> {
     caller.require(Role::Developer, "triggering a deployment")?;
     let pipeline_id = request.pipeline_id.id("pipeline_id")?;
-    validate_commit(&request.commit_hash)?;
+    let revision = requested_revision(request.commit_hash, request.branch)?;
     if let Some(environment) = &request.environment {
         validate_environment("environment", environment)?;
     }
@@ -236,13 +336,16 @@ async fn create_deployment(
             format!("pipeline {pipeline_id} is not active; activate it first"),
         ));
     }
-    let command = Command::CreateDeployment {
-        pipeline_id,
-        commit_hash: request.commit_hash.to_ascii_lowercase(),
-        environment: environment.clone(),
-        config_overrides,
-        rollback_of: None,
+    // The branch is looked up last, once everything that could refuse the request has passed.
+    let (commit_hash, source) = match revision {
+        Revision::Commit(commit_hash) => (commit_hash, String::new()),
+        Revision::BranchHead(branch) => {
+            let commit_hash = resolve_branch_head(&state, pipeline.repo_id, &branch).await?;
+            (commit_hash, format!(" (the head of branch {branch})"))
+        }
     };
+    let command =
+        Command::CreateDeployment { pipeline_id, commit_hash, environment: environment.clone(), config_overrides, rollback_of: None };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let deployment_id = applied_id(outcome)?.expect("create returns the id");
     let deployment = load_deployment(&state, deployment_id)?;
@@ -251,7 +354,7 @@ async fn create_deployment(
         state.blobs.as_ref(),
         deployment_id,
         LogLevel::Info,
-        format!("deployment {deployment_id} of commit {} to {environment} created by {}", deployment.commit_hash, caller.username),
+        format!("deployment {deployment_id} of commit {}{source} to {environment} created by {}", deployment.commit_hash, caller.username),
     )
     .await;
     Ok((StatusCode::CREATED, Json(deployment.into())))

@@ -19,6 +19,7 @@ use crate::api_error::ApiError;
 use crate::node::Requester;
 use crate::outbound::UrlKind;
 use crate::scm::events::{self, ScmEvent};
+use crate::scm::polling;
 use crate::scm::trigger::{self, Triggered};
 use crate::state::Command;
 use crate::state::ScmSource;
@@ -70,6 +71,25 @@ pub struct RepositoryView {
     /// `"***"` when an access token is set (commit statuses are then reported); never returned.
     #[serde(default)]
     pub access_token: Option<String>,
+    /// The repository's own polling interval in seconds (0: never); null follows the node's
+    /// default, which polls only repositories without a webhook secret.
+    #[schema(value_type = Option<schema::PollInterval>)]
+    pub poll_interval_seconds: Option<u64>,
+    /// How often the repository is actually polled with `git ls-remote`, in seconds; null when
+    /// it is not polled.
+    pub polled_every_seconds: Option<u64>,
+}
+
+impl RepositoryView {
+    /// The view, with the polling interval this node's `[scm]` default gives the repository.
+    fn of(repository: Repository, scm: &crate::config::ScmSettings) -> Self {
+        let polled_every_seconds = polling::effective_poll_interval(
+            repository.poll_interval_seconds,
+            repository.webhook_secret.is_some(),
+            scm.poll_interval_seconds,
+        );
+        Self { polled_every_seconds, ..Self::from(repository) }
+    }
 }
 
 impl From<Repository> for RepositoryView {
@@ -86,6 +106,8 @@ impl From<Repository> for RepositoryView {
             updated_at: timestamp(repository.updated_at),
             api_url: repository.api_url,
             access_token: repository.access_token.map(|_| "***".to_string()),
+            poll_interval_seconds: repository.poll_interval_seconds,
+            polled_every_seconds: None,
         }
     }
 }
@@ -234,6 +256,12 @@ pub struct ConnectRequest {
     #[serde(default)]
     #[schema(value_type = Option<schema::AccessToken>)]
     pub access_token: Option<String>,
+    /// Poll the repository with `git ls-remote` this often, in seconds (10 to 86400; 0 never).
+    /// Without it, a repository without a webhook secret is polled at the node's default interval
+    /// and one with a secret is not polled.
+    #[schema(value_type = Option<schema::PollInterval>, example = 60)]
+    #[serde(default, deserialize_with = "super::extract::optional_whole_number")]
+    pub poll_interval_seconds: Option<u32>,
 }
 
 /// Check an API base URL: `http(s)://host[/path]`, no query or fragment, at most 255 characters.
@@ -282,6 +310,15 @@ fn normalized_api_url(url: &str) -> String {
     url.trim_end_matches('/').to_string()
 }
 
+fn check_poll_interval(seconds: Option<u64>) -> Result<(), ApiError> {
+    match seconds {
+        Some(seconds) => {
+            polling::validate_poll_interval(seconds).map_err(|message| ApiError::invalid_field("poll_interval_seconds", message))
+        }
+        None => Ok(()),
+    }
+}
+
 fn validate_name(name: &str) -> Result<(), ApiError> {
     validate_label("name", name, 100)
 }
@@ -291,6 +328,10 @@ fn validate_webhook_secret(secret: &str) -> Result<(), ApiError> {
         return Err(ApiError::invalid_field("webhook_secret", "webhook_secret must be at most 100 characters"));
     }
     Ok(())
+}
+
+fn view(state: &AppState, repository: Repository) -> RepositoryView {
+    RepositoryView::of(repository, &state.node.config.scm)
 }
 
 fn load_repository(state: &AppState, repo_id: u64) -> Result<Repository, ApiError> {
@@ -331,6 +372,7 @@ async fn connect_repository(
         .access_token
         .filter(|token| !token.is_empty())
         .map(|token| state.secrets.seal(&token, &access_token_context(&request.repo_url)));
+    check_poll_interval(request.poll_interval_seconds.map(u64::from))?;
     let webhook_secret = request
         .webhook_secret
         .filter(|secret| !secret.is_empty())
@@ -343,6 +385,7 @@ async fn connect_repository(
         webhook_secret,
         api_url,
         access_token,
+        poll_interval_seconds: request.poll_interval_seconds.map(u64::from),
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let repo_id = applied_id(outcome)?.expect("connect returns the id");
@@ -354,7 +397,7 @@ async fn connect_repository(
             webhook_events: webhook_events(repository.scm_type),
             webhook_instructions: webhook_instructions(repository.scm_type, &webhook_url, repository.webhook_secret.is_some()),
             webhook_url,
-            repository: repository.into(),
+            repository: view(&state, repository),
         }),
     ))
 }
@@ -369,7 +412,7 @@ async fn list_repositories(
 ) -> Result<Json<Paged<RepositoryView>>, ApiError> {
     state.node.read_barrier().await?;
     let page = page_of::<Repository>(&state.node, Table::Repositories, &page, |_| true)?;
-    Ok(Json(Paged { items: page.items.into_iter().map(RepositoryView::from).collect(), next_cursor: page.next_cursor }))
+    Ok(Json(Paged { items: page.items.into_iter().map(|repository| view(&state, repository)).collect(), next_cursor: page.next_cursor }))
 }
 
 /// One repository.
@@ -378,7 +421,7 @@ async fn list_repositories(
 async fn get_repository(State(state): State<AppState>, _caller: Caller, Path(id): Path<String>) -> Result<Json<RepositoryView>, ApiError> {
     let repo_id = parse_id("id", &id)?;
     state.node.read_barrier().await?;
-    Ok(Json(load_repository(&state, repo_id)?.into()))
+    Ok(Json(view(&state, load_repository(&state, repo_id)?)))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -403,6 +446,10 @@ pub struct UpdateRepositoryRequest {
     #[serde(default)]
     #[schema(value_type = Option<schema::AccessToken>)]
     pub access_token: Option<String>,
+    /// A new polling interval in seconds (10 to 86400; 0 never polls).
+    #[schema(value_type = Option<schema::PollInterval>)]
+    #[serde(default, deserialize_with = "super::extract::optional_whole_number")]
+    pub poll_interval_seconds: Option<u32>,
 }
 
 /// Update a repository (developer).
@@ -440,6 +487,7 @@ async fn update_repository(
     if let Some(token) = &request.access_token {
         validate_access_token(token)?;
     }
+    check_poll_interval(request.poll_interval_seconds.map(u64::from))?;
     state.node.read_barrier().await?;
     let current = load_repository(&state, repo_id)?;
     let url = request.repo_url.clone().unwrap_or_else(|| current.repo_url.clone());
@@ -472,10 +520,11 @@ async fn update_repository(
         webhook_secret,
         api_url: request.api_url.as_deref().map(normalized_api_url),
         access_token,
+        poll_interval_seconds: request.poll_interval_seconds.map(u64::from),
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::UpdateRepository { repo_id, patch }).await?;
     applied_id(outcome)?;
-    Ok(Json(load_repository(&state, repo_id)?.into()))
+    Ok(Json(view(&state, load_repository(&state, repo_id)?)))
 }
 
 /// Disconnect a repository and delete its pipelines (developer).
@@ -829,6 +878,8 @@ mod tests {
                 updated_at: "t".into(),
                 api_url: None,
                 access_token: Some("***".into()),
+                poll_interval_seconds: None,
+                polled_every_seconds: None,
             },
             webhook_url: url.into(),
             webhook_events: webhook_events(ScmType::Github),

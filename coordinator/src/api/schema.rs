@@ -480,3 +480,24 @@ impl PartialSchema for DateTime {
 }
 
 impl ToSchema for DateTime {}
+
+/// A repository's polling interval (`repos::validate_poll_interval`): 0, or 10 to 86400 seconds.
+pub struct PollInterval;
+
+impl PartialSchema for PollInterval {
+    fn schema() -> RefOr<Schema> {
+        let never = ObjectBuilder::new().schema_type(Type::Integer).enum_values(Some([0]));
+        let seconds = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(crate::scm::polling::MIN_POLL_INTERVAL_SECONDS))
+            .maximum(Some(crate::scm::polling::MAX_POLL_INTERVAL_SECONDS));
+        OneOfBuilder::new()
+            .item(never)
+            .item(seconds)
+            .description(Some("Seconds between polls with git ls-remote, 10 to 86400; 0 never polls."))
+            .into()
+    }
+}
+
+impl ToSchema for PollInterval {}

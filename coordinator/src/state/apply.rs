@@ -314,7 +314,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             0 => Ok(not_found("API token", *token_id)),
             affected => Ok(Outcome::applied(Some(*token_id), affected)),
         },
-        Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret, api_url, access_token } => {
+        Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret, api_url, access_token, poll_interval_seconds } => {
             if repo_url.trim().is_empty() {
                 return Ok(Outcome::rejected(RejectionCode::Invalid, "repo_url must not be empty"));
             }
@@ -337,6 +337,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 updated_at: now,
                 api_url: api_url.clone(),
                 access_token: access_token.clone(),
+                poll_interval_seconds: *poll_interval_seconds,
             };
             store(txn, Table::Repositories, id_key(repo_id), &repository);
             txn.put(Table::Indexes, index_key(index::REPOSITORIES_BY_URL, repo_url, repo_id), Vec::new());
@@ -379,6 +380,9 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             }
             if let Some(token) = &patch.access_token {
                 repository.access_token = (!token.is_empty()).then(|| token.clone());
+            }
+            if let Some(seconds) = patch.poll_interval_seconds {
+                repository.poll_interval_seconds = Some(seconds);
             }
             repository.updated_at = now;
             store(txn, Table::Repositories, id_key(*repo_id), &repository);

@@ -44,6 +44,9 @@ pub struct RepositoryPatch {
     /// The provider access token, sealed by the API layer; `Some("")` clears it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
+    /// The polling interval in seconds (`Some(0)`: never poll).
+    #[serde(default)]
+    pub poll_interval_seconds: Option<u64>,
 }
 
 /// Changes to a pipeline; `None` leaves a field as it is.
@@ -226,6 +229,9 @@ pub enum Command {
         /// The provider access token, sealed by the API layer.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         access_token: Option<String>,
+        /// See `Repository::poll_interval_seconds`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        poll_interval_seconds: Option<u64>,
     },
     UpdateRepository {
         repo_id: u64,
@@ -487,13 +493,14 @@ impl Command {
             }
             Command::RecordLogin { username, .. } => format!("username={username}"),
             Command::UpdateRepository { repo_id, patch } => format!(
-                "repo_id={repo_id} name={:?} repo_url={:?} branch={:?} webhook_secret_changed={} api_url={:?} access_token_changed={}",
+                "repo_id={repo_id} name={:?} repo_url={:?} branch={:?} webhook_secret_changed={} api_url={:?} access_token_changed={} poll_interval_seconds={:?}",
                 patch.name,
                 patch.repo_url,
                 patch.branch,
                 patch.webhook_secret.is_some(),
                 patch.api_url,
-                patch.access_token.is_some()
+                patch.access_token.is_some(),
+                patch.poll_interval_seconds
             ),
             Command::UpdateUser { user_id, role, password_hash, .. } => {
                 format!("user_id={user_id} role={role:?} password_changed={}", password_hash.is_some())

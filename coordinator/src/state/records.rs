@@ -70,6 +70,11 @@ pub struct Repository {
     /// layer before it is proposed, like `webhook_secret`; never stored or returned in clear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
+    /// How often the leader polls the repository with `git ls-remote`, in seconds; `Some(0)`
+    /// never. `None` follows the node's `[scm] poll_interval_seconds` when the repository has no
+    /// webhook secret, and does not poll when it has one (see `scm::polling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -446,6 +446,7 @@ mod tests {
             webhook_secret: None,
             api_url: None,
             access_token: None,
+            poll_interval_seconds: None,
         };
         propose(txn, 1, command).id.unwrap()
     }

@@ -29,6 +29,7 @@ fn seed_pipeline(txn: &mut Txn) -> u64 {
             webhook_secret: Some("sealed".into()),
             api_url: None,
             access_token: None,
+            poll_interval_seconds: None,
         },
     ));
     id(propose(
@@ -274,4 +275,18 @@ fn frozen_v1_records_still_decode() {
     // And what we write today is still version 1.
     assert_eq!(encode(&user)[0], 1);
     assert!(decode::<User>(Table::Users, b"\x02{}").unwrap_err().to_string().contains("newer davit"));
+}
+
+/// A repository and its connect command as version 1 wrote them before polling settings
+/// existed: they still decode, and the repository follows the node's default interval.
+#[test]
+fn frozen_repository_without_polling_settings_still_decodes() {
+    let repository = b"\x01{\"repo_id\":1,\"name\":\"repo\",\"repo_url\":\"https://github.com/org/repo\",\"branch\":\"main\",\"scm_type\":\"github\",\"webhook_secret\":null,\"user_id\":1,\"created_at\":1,\"updated_at\":2}";
+    let repository: Repository = decode(Table::Repositories, repository).unwrap();
+    assert_eq!(repository.poll_interval_seconds, None);
+    let proposal = b"{\"time\":1,\"actor\":1,\"command\":{\"type\":\"connect_repository\",\"name\":\"repo\",\"repo_url\":\"https://github.com/org/repo\",\"branch\":\"main\",\"scm_type\":\"github\",\"webhook_secret\":null}}";
+    let proposal: Proposal = serde_json::from_slice(proposal).unwrap();
+    assert!(matches!(proposal.command, Command::ConnectRepository { poll_interval_seconds: None, .. }));
+    // Unset, the field is not written, so older versions read what this one writes.
+    assert!(!String::from_utf8_lossy(&encode(&repository)).contains("poll_interval_seconds"));
 }
