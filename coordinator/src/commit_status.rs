@@ -394,6 +394,9 @@ impl CommitStatusReporter {
         let Some(repository) = load_id::<Repository>(&state, Table::Repositories, pipeline.repo_id)? else { return Ok(()) };
         // Without a token there is no status API to call (plain git servers, or not configured).
         let Some(sealed_token) = &repository.access_token else { return Ok(()) };
+        if repository.scm_type == ScmType::Git {
+            return Ok(());
+        }
         let provider = provider_label(repository.scm_type);
         let failed = |reason: &'static str| {
             self.counts.failed.fetch_add(1, Ordering::Relaxed);
@@ -549,6 +552,7 @@ fn provider_label(provider: ScmType) -> &'static str {
         ScmType::Github => "github",
         ScmType::Gitlab => "gitlab",
         ScmType::Bitbucket => "bitbucket",
+        ScmType::Git => "git",
     }
 }
 

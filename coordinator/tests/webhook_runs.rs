@@ -249,6 +249,19 @@ async fn every_fixture_starts_the_runs_it_should() {
     let replay = hooks.deliver("/api/v1/repos/webhook", &bitbucket_pull, &pull_headers).await;
     assert_eq!((replay.status, replay.json["duplicate"].clone()), (202, json!(true)), "{}", replay.text());
 
+    // A plain git server sends no webhooks: such a repository is polled, and a delivery to it is
+    // refused with what to do. A token is kept (sealed) but no commit status is ever sent for it.
+    let plain = hooks.connect("https://git.example.com/team/tool.git", "git", "main", "unused").await;
+    let shown = hooks.node.get(&format!("/api/v1/repos/{plain}"), &hooks.token).await;
+    assert!(shown.json["polled_every_seconds"].as_u64().is_some(), "a plain git repository is polled: {}", shown.text());
+    let reply = hooks.deliver(&format!("/api/v1/repos/{plain}/webhook"), &push, &github_headers("push", "git-1", &push)).await;
+    expect_status(&reply, 400, "a webhook to a plain git repository");
+    assert!(reply.text().contains("polls it with git ls-remote"), "{}", reply.text());
+    let with_token = json!({"repo_url": "https://git.example.com/team/other.git", "scm_type": "git", "access_token": "t0ken"});
+    let reply = hooks.node.post("/api/v1/repos/connect", &hooks.token, &with_token).await;
+    expect_status(&reply, 201, "a plain git repository with an access token");
+    assert_eq!((reply.json["access_token"].clone(), reply.json["webhook_events"].clone()), (json!("***"), json!([])), "{}", reply.text());
+
     // Every run above, and nothing else.
     assert_eq!(hooks.deployment_count().await, 8);
 

@@ -83,11 +83,8 @@ pub struct RepositoryView {
 impl RepositoryView {
     /// The view, with the polling interval this node's `[scm]` default gives the repository.
     fn of(repository: Repository, scm: &crate::config::ScmSettings) -> Self {
-        let polled_every_seconds = polling::effective_poll_interval(
-            repository.poll_interval_seconds,
-            repository.webhook_secret.is_some(),
-            scm.poll_interval_seconds,
-        );
+        let polled_every_seconds =
+            polling::effective_poll_interval(repository.poll_interval_seconds, repository.receives_webhooks(), scm.poll_interval_seconds);
         Self { polled_every_seconds, ..Self::from(repository) }
     }
 }
@@ -134,6 +131,7 @@ pub fn webhook_events(scm_type: ScmType) -> Vec<String> {
         ScmType::Bitbucket => {
             &["Repository: Push", "Pull request: Created", "Pull request: Updated", "Pull request: Merged", "Pull request: Declined"]
         }
+        ScmType::Git => &[],
     };
     events.iter().map(|event| event.to_string()).collect()
 }
@@ -158,6 +156,9 @@ pub fn webhook_instructions(scm_type: ScmType, webhook_url: &str, has_secret: bo
             "In the repository's Repository settings > Webhooks > Add webhook: URL {webhook_url}, Secret: {secret}; \
              choose \"Choose from a full list of triggers\" and tick Repository Push and Pull Request Created, Updated, Merged and Declined."
         ),
+        ScmType::Git => "A plain git server sends no webhooks: Davit polls the repository with git ls-remote \
+             (every poll_interval_seconds, or the node's [scm] default) and starts runs for new commits."
+            .to_string(),
     }
 }
 
@@ -566,6 +567,7 @@ pub fn verify_signature(scm_type: ScmType, secret: &str, headers: &HeaderMap, bo
     use subtle::ConstantTimeEq;
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     match scm_type {
+        ScmType::Git => false,
         ScmType::Gitlab => header("x-gitlab-token").is_some_and(|token| bool::from(token.as_bytes().ct_eq(secret.as_bytes()))),
         ScmType::Github | ScmType::Bitbucket => {
             let signature = match scm_type {
@@ -764,6 +766,9 @@ async fn accept_delivery(
     body: &[u8],
 ) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    if repository.scm_type == ScmType::Git {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", events::ParseError::NoWebhooks.to_string()));
+    }
     let sealed = repository.webhook_secret.as_ref().ok_or_else(|| {
         ApiError::unauthorized(format!("repository {} has no webhook secret; set one to accept webhooks", repository.repo_id))
     })?;

@@ -285,6 +285,7 @@ pub enum ScmTypeName {
     Github,
     Gitlab,
     Bitbucket,
+    Git,
 }
 
 /// The event names of `TriggerEvent`.

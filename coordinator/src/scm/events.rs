@@ -138,6 +138,11 @@ pub enum ParseError {
     Json { what: String, problem: String },
     #[error("the {what} has an invalid {field}: {problem}")]
     Invalid { what: String, field: &'static str, problem: String },
+    #[error(
+        "the repository is a plain git repository (scm_type \"git\"), whose server sends no webhooks Davit reads; \
+         Davit polls it with git ls-remote instead (set its poll_interval_seconds), or connect it as github, gitlab or bitbucket"
+    )]
+    NoWebhooks,
 }
 
 /// The header that names the event, for each provider.
@@ -146,6 +151,8 @@ pub fn event_header(provider: ScmType) -> &'static str {
         ScmType::Github => "x-github-event",
         ScmType::Gitlab => "x-gitlab-event",
         ScmType::Bitbucket => "x-event-key",
+        // Plain git servers send no webhooks: `parse_delivery` refuses them before any header.
+        ScmType::Git => "x-event",
     }
 }
 
@@ -157,6 +164,7 @@ pub fn delivery_id_headers(provider: ScmType) -> &'static [&'static str] {
         ScmType::Github => &["x-github-delivery"],
         ScmType::Gitlab => &["idempotency-key", "x-gitlab-event-uuid", "x-gitlab-webhook-uuid"],
         ScmType::Bitbucket => &["x-request-uuid"],
+        ScmType::Git => &[],
     }
 }
 
@@ -165,6 +173,7 @@ fn provider_name(provider: ScmType) -> &'static str {
         ScmType::Github => "GitHub",
         ScmType::Gitlab => "GitLab",
         ScmType::Bitbucket => "Bitbucket",
+        ScmType::Git => "a plain git server",
     }
 }
 
@@ -287,12 +296,16 @@ pub fn repository_urls(payload: &[u8]) -> Result<Vec<String>, ParseError> {
 /// `event_header`), `body` the raw request body and `content_type` its `Content-Type`.
 /// The signature must have been checked before: this trusts what the body says.
 pub fn parse_delivery(provider: ScmType, event: Option<&str>, body: &[u8], content_type: Option<&str>) -> Result<Delivery, ParseError> {
+    if provider == ScmType::Git {
+        return Err(ParseError::NoWebhooks);
+    }
     let event = event.map(str::trim).filter(|event| !event.is_empty()).ok_or(ParseError::MissingEventHeader {
         provider: provider_name(provider),
         header: match provider {
             ScmType::Github => "X-GitHub-Event",
             ScmType::Gitlab => "X-Gitlab-Event",
             ScmType::Bitbucket => "X-Event-Key",
+            ScmType::Git => "X-Event",
         },
     })?;
     let payload = payload_json(body, content_type)?;
@@ -301,6 +314,7 @@ pub fn parse_delivery(provider: ScmType, event: Option<&str>, body: &[u8], conte
         ScmType::Github => github(event, &payload)?,
         ScmType::Gitlab => gitlab(event, &payload)?,
         ScmType::Bitbucket => bitbucket(event, &payload)?,
+        ScmType::Git => return Err(ParseError::NoWebhooks),
     };
     Ok(Delivery { repository_urls, outcomes })
 }

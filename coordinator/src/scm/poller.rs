@@ -149,7 +149,7 @@ impl Poller {
             let repository: Repository = decode(Table::Repositories, &bytes)?;
             let interval = polling::effective_poll_interval(
                 repository.poll_interval_seconds,
-                repository.webhook_secret.is_some(),
+                repository.receives_webhooks(),
                 self.settings.poll_interval_seconds,
             );
             if let Some(seconds) = interval {

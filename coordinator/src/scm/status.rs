@@ -30,6 +30,7 @@ pub fn default_api_base(provider: ScmType) -> &'static str {
         ScmType::Github => "https://api.github.com",
         ScmType::Gitlab => "https://gitlab.com/api/v4",
         ScmType::Bitbucket => "https://api.bitbucket.org/2.0",
+        ScmType::Git => "",
     }
 }
 
@@ -121,6 +122,8 @@ pub enum StatusError {
     InvalidCommit { commit: String },
     #[error("API base URL {url:?} must start with https:// or http://")]
     InvalidApiBase { url: String },
+    #[error("a plain git server has no commit-status API")]
+    NoStatusApi,
 }
 
 /// Parse the provider path out of a clone URL: `https://host/owner/repo(.git)`,
@@ -204,6 +207,7 @@ pub fn provider_state(provider: ScmType, state: CommitState) -> &'static str {
         (ScmType::Bitbucket, CommitState::Succeeded) => "SUCCESSFUL",
         (ScmType::Bitbucket, CommitState::Failed | CommitState::Errored) => "FAILED",
         (ScmType::Bitbucket, CommitState::Cancelled) => "STOPPED",
+        (ScmType::Git, _) => "",
     }
 }
 
@@ -298,6 +302,7 @@ pub fn build_request(update: &StatusUpdate) -> Result<StatusRequest, StatusError
                 }),
             }
         }
+        ScmType::Git => return Err(StatusError::NoStatusApi),
     })
 }
 

@@ -492,3 +492,11 @@ fn truncated_and_mangled_fixtures_never_panic() {
         parse_everything(&form_encode(&garbage));
     }
 }
+
+#[test]
+fn a_plain_git_repository_has_no_webhooks() {
+    let error = parse_delivery(ScmType::Git, Some("push"), fixture("github-push.json"), Some("application/json")).unwrap_err();
+    assert!(matches!(error, ParseError::NoWebhooks));
+    assert!(error.to_string().contains("git ls-remote"), "{error}");
+    assert!(delivery_id_headers(ScmType::Git).is_empty());
+}

@@ -46,6 +46,9 @@ pub enum ScmType {
     Github,
     Gitlab,
     Bitbucket,
+    /// A plain git server (self-hosted, no provider API): polled with `git ls-remote`; it sends
+    /// no webhooks Davit reads and has no commit-status API.
+    Git,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +78,14 @@ pub struct Repository {
     /// webhook secret, and does not poll when it has one (see `scm::polling`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_interval_seconds: Option<u64>,
+}
+
+impl Repository {
+    /// Whether the repository's server tells Davit about changes by webhook (a provider with a
+    /// webhook secret set); otherwise it is polled by default.
+    pub fn receives_webhooks(&self) -> bool {
+        self.webhook_secret.is_some() && self.scm_type != ScmType::Git
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
