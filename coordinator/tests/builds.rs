@@ -4,16 +4,18 @@
 //! SIGKILL of a coordinator while an agent streams its log.
 
 #[allow(dead_code)]
+mod git_server;
+#[allow(dead_code)]
 mod single_node;
 #[allow(dead_code)]
 mod support;
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use git_server::{GitServer, git};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use single_node::SingleNode;
@@ -51,82 +53,6 @@ fn agent_binary() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A bare repository served by `git daemon` on a loopback port.
-struct GitServer {
-    root: tempfile::TempDir,
-    port: u16,
-    daemon: Child,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).expect("bind a free port").local_addr().expect("address").port()
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let output = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Davit Test")
-        .env("GIT_AUTHOR_EMAIL", "test@davit.invalid")
-        .env("GIT_COMMITTER_NAME", "Davit Test")
-        .env("GIT_COMMITTER_EMAIL", "test@davit.invalid")
-        .output()
-        .expect("run git");
-    assert!(output.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-impl GitServer {
-    /// Serve a repository named `name` whose first commit holds `files`.
-    fn start(name: &str, files: &[(&str, &str)]) -> (GitServer, String) {
-        let root = tempfile::Builder::new().prefix("davit-git-").tempdir().expect("temp dir");
-        let work = root.path().join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        git(&work, &["init", "-q", "-b", "main"]);
-        for (path, content) in files {
-            let file = work.join(path);
-            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-            std::fs::write(&file, content).unwrap();
-        }
-        git(&work, &["add", "."]);
-        git(&work, &["commit", "-q", "-m", "first"]);
-        let commit = git(&work, &["rev-parse", "HEAD"]);
-        let served = root.path().join("served");
-        std::fs::create_dir_all(&served).unwrap();
-        git(root.path(), &["clone", "-q", "--bare", work.to_str().unwrap(), served.join(format!("{name}.git")).to_str().unwrap()]);
-        let port = free_port();
-        // `git-daemon` itself, not the `git daemon` wrapper: killing the wrapper would leave the
-        // daemon it forked running after the test.
-        let daemon = Command::new(Path::new(&git(root.path(), &["--exec-path"])).join("git-daemon"))
-            .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
-            .arg(format!("--base-path={}", served.display()))
-            .arg(&served)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start git daemon");
-        let server = GitServer { root, port, daemon };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "git daemon did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        (server, commit)
-    }
-
-    fn url(&self, name: &str) -> String {
-        format!("git://127.0.0.1:{}/{name}.git", self.port)
-    }
-}
-
-impl Drop for GitServer {
-    fn drop(&mut self) {
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-        let _ = &self.root;
-    }
 }
 
 /// A `davit-agent` process with its own state directory.
@@ -329,7 +255,7 @@ async fn docker_build_from_git_daemon_stores_the_artifact_the_agent_hashed_and_a
     if !docker_ready(test) {
         return;
     }
-    let (git_server, commit) = GitServer::start("app", &[("build.sh", BUILD_SCRIPT), ("README", "app\n")]);
+    let (git_server, commit) = GitServer::start_with("app", &[("build.sh", BUILD_SCRIPT), ("README", "app\n")]);
     let node = SingleNode::start_with(test, &["--no-agent"]).await;
     let api = api_for(&node);
     let token = api.registration_token().await;
@@ -337,7 +263,7 @@ async fn docker_build_from_git_daemon_stores_the_artifact_the_agent_hashed_and_a
     agent.start();
     api.wait_for_agents(1).await;
     api.post("/api/v1/configs/development", json!({"GREETING": "hello", "api_token": "s3cr3t-t0ken-value"})).await;
-    let pipeline_id = api.pipeline(&git_server.url("app"), "app", "sh build.sh", json!({"artifacts": ["out"]})).await;
+    let pipeline_id = api.pipeline(&git_server.url(), "app", "sh build.sh", json!({"artifacts": ["out"]})).await;
 
     let first = api.deploy(pipeline_id, &commit).await;
     let job = api
@@ -412,14 +338,14 @@ async fn cancelling_a_run_stops_its_container_within_5_seconds() {
     if !docker_ready(test) {
         return;
     }
-    let (git_server, commit) = GitServer::start("slow", &[("build.sh", "#!/bin/sh\necho started\nsleep 300\necho never\n")]);
+    let (git_server, commit) = GitServer::start_with("slow", &[("build.sh", "#!/bin/sh\necho started\nsleep 300\necho never\n")]);
     let node = SingleNode::start_with(test, &["--no-agent"]).await;
     let api = api_for(&node);
     let token = api.registration_token().await;
     let mut agent = AgentProcess::register("docker-cancel", &[node.grpc_addr()], &token, "docker");
     agent.start();
     api.wait_for_agents(1).await;
-    let pipeline_id = api.pipeline(&git_server.url("slow"), "slow", "sh build.sh", json!({})).await;
+    let pipeline_id = api.pipeline(&git_server.url(), "slow", "sh build.sh", json!({})).await;
     let deployment = api.deploy(pipeline_id, &commit).await;
     let job =
         api.wait_for_job(deployment, Duration::from_secs(60), "the build step to run", |job| job["steps"][1]["state"] == "running").await;
@@ -452,7 +378,7 @@ async fn a_killed_agents_job_is_retried_on_another_agent_and_a_paused_agents_lat
     let test = "agent_loss";
     let marker = format!("davit-agent-loss-{}", std::process::id());
     let script = format!("#!/bin/sh\necho started {marker}\nsleep 8\necho finished\n");
-    let (git_server, commit) = GitServer::start("work", &[("build.sh", &script)]);
+    let (git_server, commit) = GitServer::start_with("work", &[("build.sh", &script)]);
     let grace = 3;
     let node = SingleNode::start_with(test, &["--no-agent", "--lost-after-seconds", &grace.to_string()]).await;
     let api = api_for(&node);
@@ -461,7 +387,7 @@ async fn a_killed_agents_job_is_retried_on_another_agent_and_a_paused_agents_lat
     let mut second = AgentProcess::register("second", &[node.grpc_addr()], &token, "shell");
     first.start();
     api.wait_for_agents(1).await;
-    let pipeline_id = api.pipeline(&git_server.url("work"), "work", "sh build.sh", json!({"max_retries": 2})).await;
+    let pipeline_id = api.pipeline(&git_server.url(), "work", "sh build.sh", json!({"max_retries": 2})).await;
 
     // 1. kill -9 of the agent mid-build: another agent takes the job within the grace + a few s.
     let deployment = api.deploy(pipeline_id, &commit).await;
@@ -530,7 +456,7 @@ async fn a_coordinator_killed_during_a_50_mb_log_loses_and_doubles_nothing() {
     let script = format!(
         "#!/bin/sh\nawk -v secret=\"$DB_PASSWORD\" 'BEGIN {{ for (i = 0; i < {lines}; i++) {{ s = (i % 1000 == 0) ? secret : \"-\"; printf \"line %07d %s %s\\n\", i, s, \"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz0123456789ab\" }} }}'\n"
     );
-    let (git_server, commit) = GitServer::start("loud", &[("build.sh", &script)]);
+    let (git_server, commit) = GitServer::start_with("loud", &[("build.sh", &script)]);
     // The repository is served on loopback, which `davit serve` refuses unless the config allows it.
     let mut options = support::ClusterOptions::new(davit_coordinator::store::BackendKind::Redb);
     options.outbound_allow_ranges = vec!["127.0.0.0/8".into()];
@@ -547,7 +473,7 @@ async fn a_coordinator_killed_during_a_50_mb_log_loses_and_doubles_nothing() {
     agent.start();
     api.wait_for_agents(1).await;
     api.post("/api/v1/configs/development", json!({"db_password": "hunter2-correct-horse"})).await;
-    let pipeline_id = api.pipeline(&git_server.url("loud"), "loud", "sh build.sh", json!({})).await;
+    let pipeline_id = api.pipeline(&git_server.url(), "loud", "sh build.sh", json!({})).await;
     let deployment = api.deploy(pipeline_id, &commit).await;
     let job =
         api.wait_for_job(deployment, Duration::from_secs(30), "the build to start", |job| job["steps"][1]["state"] == "running").await;
@@ -595,8 +521,10 @@ async fn a_coordinator_killed_during_a_50_mb_log_loses_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn davit_up_builds_with_its_embedded_agent() {
     let test = "embedded_agent";
-    let (git_server, commit) =
-        GitServer::start("hello", &[("build.sh", "#!/bin/sh\necho hello from the embedded agent\nmkdir -p dist\necho ok > dist/result\n")]);
+    let (git_server, commit) = GitServer::start_with(
+        "hello",
+        &[("build.sh", "#!/bin/sh\necho hello from the embedded agent\nmkdir -p dist\necho ok > dist/result\n")],
+    );
     let docker = docker_ready(test);
     let node = SingleNode::start_with(test, &["--agent-executor", if docker { "docker" } else { "shell" }]).await;
     let api = api_for(&node);
@@ -611,7 +539,7 @@ async fn davit_up_builds_with_its_embedded_agent() {
         log.contains("outbound: developer mode allows loopback, private and link-local addresses"),
         "davit up does not say what it allows:\n{log}"
     );
-    let pipeline_id = api.pipeline(&git_server.url("hello"), "hello", "sh build.sh", json!({"artifacts": ["dist"]})).await;
+    let pipeline_id = api.pipeline(&git_server.url(), "hello", "sh build.sh", json!({"artifacts": ["dist"]})).await;
     let deployment = api.deploy(pipeline_id, &commit).await;
     let job = api
         .wait_for_job(deployment, Duration::from_secs(120), "the build", |job| job["status"] != "queued" && job["status"] != "running")
@@ -631,11 +559,11 @@ async fn davit_up_builds_with_its_embedded_agent() {
 async fn a_pull_request_webhook_builds_the_merge_ref() {
     use hmac::{KeyInit, Mac};
     let test = "pull_request_merge";
-    let (git_server, _) = GitServer::start(
+    let (git_server, _) = GitServer::start_with(
         "app",
         &[("build.sh", "#!/bin/sh\nset -e\necho \"main says $(cat main.txt)\"\ncat feature.txt\n"), ("main.txt", "v1\n")],
     );
-    let work = git_server.root.path().join("work");
+    let work = git_server.work();
     git(&work, &["checkout", "-q", "-b", "feature"]);
     std::fs::write(work.join("feature.txt"), "feature file present\n").unwrap();
     git(&work, &["add", "."]);
@@ -646,7 +574,7 @@ async fn a_pull_request_webhook_builds_the_merge_ref() {
     git(&work, &["commit", "-q", "-am", "main moves on"]);
     git(&work, &["merge", "-q", "--no-ff", "-m", "Merge pull request #7", "feature"]);
     let merge = git(&work, &["rev-parse", "HEAD"]);
-    let bare = git_server.root.path().join("served/app.git");
+    let bare = git_server.bare();
     git(&work, &["push", "-q", bare.to_str().unwrap(), &format!("{head}:refs/pull/7/head"), &format!("{merge}:refs/pull/7/merge")]);
 
     let node = SingleNode::start_with(test, &["--agent-executor", "shell"]).await;
@@ -656,7 +584,7 @@ async fn a_pull_request_webhook_builds_the_merge_ref() {
     let repo = api
         .post(
             "/api/v1/repos/connect",
-            json!({"repo_url": git_server.url("app"), "branch": "main", "scm_type": "github", "webhook_secret": secret}),
+            json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "github", "webhook_secret": secret}),
         )
         .await;
     let repo_id = repo["repo_id"].as_u64().unwrap();

@@ -33,14 +33,23 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 impl GitServer {
-    /// Serve a bare repository `name` whose `main` holds one commit; returns the server and
-    /// that commit.
+    /// Serve a bare repository `name` whose `main` holds one commit with a README; returns the
+    /// server and that commit.
     pub fn start(name: &str) -> (GitServer, String) {
+        Self::start_with(name, &[("README", "first\n")])
+    }
+
+    /// Serve a bare repository `name` whose `main` holds one commit of `files` (path, content).
+    pub fn start_with(name: &str, files: &[(&str, &str)]) -> (GitServer, String) {
         let root = tempfile::Builder::new().prefix("davit-git-").tempdir().expect("temp dir");
         let work = root.path().join("work");
         std::fs::create_dir_all(&work).unwrap();
         git(&work, &["init", "-q", "-b", "main"]);
-        std::fs::write(work.join("README"), "first\n").unwrap();
+        for (path, content) in files {
+            let file = work.join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, content).unwrap();
+        }
         git(&work, &["add", "."]);
         git(&work, &["commit", "-q", "-m", "first"]);
         let commit = git(&work, &["rev-parse", "HEAD"]);
@@ -73,8 +82,14 @@ impl GitServer {
         format!("git://127.0.0.1:{}/{}.git", self.port, self.name)
     }
 
-    fn work(&self) -> PathBuf {
+    /// The working clone that commits are made in (its remote `served` is the served repository).
+    pub fn work(&self) -> PathBuf {
         self.root.path().join("work")
+    }
+
+    /// The served bare repository, for pushing refs that are not branches.
+    pub fn bare(&self) -> PathBuf {
+        self.root.path().join("served").join(format!("{}.git", self.name))
     }
 
     /// Commit a change on `branch` (created from the current commit when new) and push it to
