@@ -201,6 +201,21 @@ pub async fn checkout_ref(
 mod tests {
     use super::*;
 
+    /// Run git in `dir` as a test author; its trimmed output.
+    fn git_in(dir: &Path, args: &[&str]) -> String {
+        let output = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    }
+
     #[test]
     fn schemes() {
         assert_eq!(scheme_of("https://github.com/org/repo"), "https");
@@ -226,27 +241,13 @@ mod tests {
     async fn checks_out_a_local_repository_at_a_commit() {
         let origin = tempfile::tempdir().unwrap();
         let run = |args: &[&str]| {
-            let status = std::process::Command::new("git")
-                .args(args)
-                .current_dir(origin.path())
-                .env("GIT_AUTHOR_NAME", "t")
-                .env("GIT_AUTHOR_EMAIL", "t@example.com")
-                .env("GIT_COMMITTER_NAME", "t")
-                .env("GIT_COMMITTER_EMAIL", "t@example.com")
-                .status()
-                .unwrap();
-            assert!(status.success());
+            git_in(origin.path(), args);
         };
         run(&["init", "-q", "-b", "main"]);
         std::fs::write(origin.path().join("file.txt"), "one").unwrap();
         run(&["add", "."]);
         run(&["commit", "-q", "-m", "one"]);
-        let first = String::from_utf8(
-            std::process::Command::new("git").args(["rev-parse", "HEAD"]).current_dir(origin.path()).output().unwrap().stdout,
-        )
-        .unwrap()
-        .trim()
-        .to_string();
+        let first = git_in(origin.path(), &["rev-parse", "HEAD"]);
         std::fs::write(origin.path().join("file.txt"), "two").unwrap();
         run(&["commit", "-q", "-am", "two"]);
         let (output, mut receiver) = tokio::sync::mpsc::channel(64);
@@ -258,21 +259,12 @@ mod tests {
         assert_eq!(std::fs::read_to_string(workspace.path().join("file.txt")).unwrap(), "one");
 
         // A full SHA is fetched alone; the workspace is an ordinary repository to git.
-        let second = String::from_utf8(
-            std::process::Command::new("git").args(["rev-parse", "HEAD"]).current_dir(origin.path()).output().unwrap().stdout,
-        )
-        .unwrap()
-        .trim()
-        .to_string();
+        let second = git_in(origin.path(), &["rev-parse", "HEAD"]);
         let workspace = tempfile::tempdir().unwrap();
         let head = checkout(&url, &second, workspace.path(), &["file".to_string()], &output).await.unwrap();
         assert_eq!(head, second);
         assert_eq!(std::fs::read_to_string(workspace.path().join("file.txt")).unwrap(), "two");
-        let in_workspace = |args: &[&str]| {
-            let output = std::process::Command::new("git").args(args).current_dir(workspace.path()).output().unwrap();
-            assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-            String::from_utf8(output.stdout).unwrap().trim().to_string()
-        };
+        let in_workspace = |args: &[&str]| git_in(workspace.path(), args);
         assert_eq!(in_workspace(&["rev-parse", "HEAD"]), second);
         assert_eq!(in_workspace(&["remote", "get-url", "origin"]), url);
         assert_eq!(in_workspace(&["status", "--porcelain"]), "");
@@ -283,19 +275,7 @@ mod tests {
         // A real repository laid out like GitHub's: the pull request's branch, and the provider's
         // trial merge of it into main under refs/pull/7/merge, which no branch contains.
         let origin = tempfile::tempdir().unwrap();
-        let git_in_origin = |args: &[&str]| {
-            let output = std::process::Command::new("git")
-                .args(args)
-                .current_dir(origin.path())
-                .env("GIT_AUTHOR_NAME", "t")
-                .env("GIT_AUTHOR_EMAIL", "t@example.com")
-                .env("GIT_COMMITTER_NAME", "t")
-                .env("GIT_COMMITTER_EMAIL", "t@example.com")
-                .output()
-                .unwrap();
-            assert!(output.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-            String::from_utf8(output.stdout).unwrap().trim().to_string()
-        };
+        let git_in_origin = |args: &[&str]| git_in(origin.path(), args);
         git_in_origin(&["init", "-q", "-b", "main"]);
         std::fs::write(origin.path().join("main.txt"), "main").unwrap();
         git_in_origin(&["add", "."]);

@@ -761,18 +761,7 @@ mod tests {
     impl TestNode {
         async fn start() -> TestNode {
             let dir = tempfile::tempdir().unwrap();
-            let config: crate::config::NodeConfig = toml::from_str(&format!(
-                "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1:2\"\ndata_dir = {:?}\npublic_url = \"https://davit.example.com/\"\n\
-                 [raft]\nheartbeat_interval_ms = 50\nelection_timeout_min_ms = 150\nelection_timeout_max_ms = 300\n",
-                dir.path().join("data")
-            ))
-            .unwrap();
-            let node = Node::start(config).await.unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !node.is_leader() {
-                assert!(Instant::now() < deadline, "the node did not lead within 10 s");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let node = crate::node::testing::single_leader(&dir.path().join("data"), "public_url = \"https://davit.example.com/\"\n").await;
             let secrets = Arc::new(MasterKeys::parse(&MasterKeys::generate_file_text("test")).unwrap());
             TestNode { node, secrets, _dir: dir }
         }

@@ -558,3 +558,31 @@ impl ProposalBatcher {
         }
     }
 }
+
+/// For unit tests of what runs beside the state machine (retention, the poller, commit statuses):
+/// one in-process node with fast elections, leading.
+#[cfg(test)]
+pub mod testing {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::Node;
+
+    /// A single node with its data in `data_dir`, once it leads; `extra_toml` is appended to its
+    /// configuration (top-level keys first, then sections).
+    pub async fn single_leader(data_dir: &std::path::Path, extra_toml: &str) -> Arc<Node> {
+        let (top_level, sections) = extra_toml.split_once('[').map_or((extra_toml, String::new()), |(top, rest)| (top, format!("[{rest}")));
+        let config: crate::config::NodeConfig = toml::from_str(&format!(
+            "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1:2\"\ndata_dir = {data_dir:?}\n{top_level}\n\
+             [raft]\nheartbeat_interval_ms = 50\nelection_timeout_min_ms = 150\nelection_timeout_max_ms = 300\n{sections}"
+        ))
+        .expect("test node configuration");
+        let node = Node::start(config).await.expect("start the test node");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !node.is_leader() {
+            assert!(Instant::now() < deadline, "the node did not lead within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        node
+    }
+}

@@ -357,18 +357,7 @@ mod tests {
         use crate::blob_store::DirBlobStore;
         use crate::state::records::{DeployStrategy, ScmType};
         let dir = tempfile::tempdir().unwrap();
-        let config: crate::config::NodeConfig = toml::from_str(&format!(
-            "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1:2\"\ndata_dir = {:?}\n\
-             [raft]\nheartbeat_interval_ms = 50\nelection_timeout_min_ms = 150\nelection_timeout_max_ms = 300\n",
-            dir.path().join("data")
-        ))
-        .unwrap();
-        let node = Node::start(config).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !node.is_leader() {
-            assert!(std::time::Instant::now() < deadline, "the node did not lead within 10 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let node = crate::node::testing::single_leader(&dir.path().join("data"), "").await;
         let blobs: Arc<dyn BlobStore> = Arc::new(DirBlobStore::open(&dir.path().join("blobs")).unwrap());
         let propose = |command: Command| {
             let node = node.clone();

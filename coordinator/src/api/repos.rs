@@ -681,6 +681,44 @@ fn webhook_parse_error(error: events::ParseError) -> ApiError {
     }
 }
 
+/// The headers providers send with a delivery, as the OpenAPI document lists them for both
+/// webhook routes (the handlers read them from the `HeaderMap`; this type only documents them).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct WebhookHeaders {
+    /// GitHub's event name, e.g. push (required for GitHub repositories)
+    #[param(rename = "X-GitHub-Event")]
+    github_event: Option<String>,
+    /// GitHub's delivery id
+    #[param(rename = "X-GitHub-Delivery")]
+    github_delivery: Option<String>,
+    /// GitHub: sha256=<HMAC-SHA256 of the body with the webhook secret>
+    #[param(rename = "X-Hub-Signature-256")]
+    hub_signature_256: Option<String>,
+    /// GitLab's event name, e.g. Push Hook (required for GitLab repositories)
+    #[param(rename = "X-Gitlab-Event")]
+    gitlab_event: Option<String>,
+    /// GitLab: the webhook secret itself
+    #[param(rename = "X-Gitlab-Token")]
+    gitlab_token: Option<String>,
+    /// GitLab's delivery id, kept across retries (17.4+)
+    #[param(rename = "Idempotency-Key")]
+    idempotency_key: Option<String>,
+    /// GitLab's event id (14.8+), used when Idempotency-Key is absent
+    #[param(rename = "X-Gitlab-Event-UUID")]
+    gitlab_event_uuid: Option<String>,
+    /// Bitbucket's event name, e.g. repo:push (required for Bitbucket repositories)
+    #[param(rename = "X-Event-Key")]
+    event_key: Option<String>,
+    /// Bitbucket's delivery id
+    #[param(rename = "X-Request-UUID")]
+    request_uuid: Option<String>,
+    /// Bitbucket: sha256=<HMAC-SHA256 of the body with the webhook secret>
+    #[param(rename = "X-Hub-Signature")]
+    hub_signature: Option<String>,
+}
+
 /// Receive a webhook from GitHub, GitLab or Bitbucket. The payload names the repository; the
 /// delivery is authenticated with that repository's webhook secret, the way its provider signs
 /// (`X-Hub-Signature-256` for GitHub, `X-Gitlab-Token` for GitLab, `X-Hub-Signature` for
@@ -690,18 +728,7 @@ fn webhook_parse_error(error: events::ParseError) -> ApiError {
 /// The answer says what each change started, or why it started nothing.
 /// GitHub deliveries may be JSON or form-encoded (the JSON in the `payload` field).
 #[utoipa::path(post, path = "/api/v1/repos/webhook", tag = "repositories",
-    params(
-        ("X-GitHub-Event" = Option<String>, Header, description = "GitHub's event name, e.g. push (required for GitHub repositories)"),
-        ("X-GitHub-Delivery" = Option<String>, Header, description = "GitHub's delivery id"),
-        ("X-Hub-Signature-256" = Option<String>, Header, description = "GitHub: sha256=<HMAC-SHA256 of the body with the webhook secret>"),
-        ("X-Gitlab-Event" = Option<String>, Header, description = "GitLab's event name, e.g. Push Hook (required for GitLab repositories)"),
-        ("X-Gitlab-Token" = Option<String>, Header, description = "GitLab: the webhook secret itself"),
-        ("Idempotency-Key" = Option<String>, Header, description = "GitLab's delivery id, kept across retries (17.4+)"),
-        ("X-Gitlab-Event-UUID" = Option<String>, Header, description = "GitLab's event id (14.8+), used when Idempotency-Key is absent"),
-        ("X-Event-Key" = Option<String>, Header, description = "Bitbucket's event name, e.g. repo:push (required for Bitbucket repositories)"),
-        ("X-Request-UUID" = Option<String>, Header, description = "Bitbucket's delivery id"),
-        ("X-Hub-Signature" = Option<String>, Header, description = "Bitbucket: sha256=<HMAC-SHA256 of the body with the webhook secret>")
-    ),
+    params(WebhookHeaders),
     request_body(content = Object, content_type = "application/json", description = "The provider's event payload, as it sent it"),
     responses((status = 202, body = WebhookAccepted), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
         (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
@@ -728,16 +755,7 @@ async fn webhook(
 #[utoipa::path(post, path = "/api/v1/repos/{id}/webhook", tag = "repositories",
     params(
         ("id" = schema::IdText, Path, description = "repository id"),
-        ("X-GitHub-Event" = Option<String>, Header, description = "GitHub's event name, e.g. push (required for GitHub repositories)"),
-        ("X-GitHub-Delivery" = Option<String>, Header, description = "GitHub's delivery id"),
-        ("X-Hub-Signature-256" = Option<String>, Header, description = "GitHub: sha256=<HMAC-SHA256 of the body with the webhook secret>"),
-        ("X-Gitlab-Event" = Option<String>, Header, description = "GitLab's event name, e.g. Push Hook (required for GitLab repositories)"),
-        ("X-Gitlab-Token" = Option<String>, Header, description = "GitLab: the webhook secret itself"),
-        ("Idempotency-Key" = Option<String>, Header, description = "GitLab's delivery id, kept across retries (17.4+)"),
-        ("X-Gitlab-Event-UUID" = Option<String>, Header, description = "GitLab's event id (14.8+), used when Idempotency-Key is absent"),
-        ("X-Event-Key" = Option<String>, Header, description = "Bitbucket's event name, e.g. repo:push (required for Bitbucket repositories)"),
-        ("X-Request-UUID" = Option<String>, Header, description = "Bitbucket's delivery id"),
-        ("X-Hub-Signature" = Option<String>, Header, description = "Bitbucket: sha256=<HMAC-SHA256 of the body with the webhook secret>")
+        WebhookHeaders
     ),
     request_body(content = Object, content_type = "application/json", description = "The provider's event payload, as it sent it"),
     responses((status = 202, body = WebhookAccepted), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),

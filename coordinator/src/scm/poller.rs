@@ -17,11 +17,15 @@ use crate::node::{Node, Requester};
 use crate::outbound::OutboundPolicy;
 use crate::state::ScmSource;
 use crate::state::codec::decode;
+use crate::state::events::StateEvent;
 use crate::state::records::{Repository, Timestamp};
 use crate::store::{StoreError, Table, full_range};
 
 /// How often the poller looks for repositories that are due.
 const TICK: Duration = Duration::from_millis(500);
+/// The list of repositories that poll is read again on every repository change (a state event)
+/// and at least this often, in case an event was missed.
+const RELOAD_REPOSITORIES_EVERY: Duration = Duration::from_secs(30);
 /// The most `git ls-remote` processes one leader runs at once.
 const MAX_CONCURRENT_POLLS: usize = 8;
 
@@ -64,22 +68,47 @@ pub struct Poller {
     /// `GIT_ALLOW_PROTOCOL` for every `ls-remote` (see `polling::git_allowed_protocols`).
     protocols: &'static str,
     schedule: Arc<Mutex<PollSchedule>>,
+    /// The repositories that poll, with their interval, and when they were read; `None` once a
+    /// repository changed. Ticks read this, not the store.
+    repositories: Mutex<Option<(std::time::Instant, Arc<PolledRepositories>)>>,
 }
+
+type PolledRepositories = BTreeMap<u64, (Repository, u64)>;
 
 impl Poller {
     pub fn new(node: Arc<Node>, outbound: Arc<OutboundPolicy>) -> Self {
         let settings = node.config.scm.clone();
         let protocols = outbound.git_allowed_protocols();
-        Poller { node, outbound, settings, protocols, schedule: Arc::new(Mutex::new(PollSchedule::default())) }
+        Poller {
+            node,
+            outbound,
+            settings,
+            protocols,
+            schedule: Arc::new(Mutex::new(PollSchedule::default())),
+            repositories: Mutex::new(None),
+        }
     }
 
     /// Every [`TICK`], [`Poller::start_due_polls`]; shares `self` with the poll tasks.
     pub async fn run(self) {
         let poller = Arc::new(self);
+        let mut events = poller.node.subscribe();
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                event = events.recv() => {
+                    match event {
+                        Ok(StateEvent::RepositoriesChanged) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            poller.forget_repositories();
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                    continue;
+                }
+            }
             if let Err(error) = poller.start_due_polls(crate::auth::now_millis()) {
                 tracing::warn!(%error, "the poller could not read the repositories; it tries again shortly");
             }
@@ -92,6 +121,7 @@ impl Poller {
     pub fn start_due_polls(self: &Arc<Self>, now: Timestamp) -> Result<Vec<u64>, StoreError> {
         if !self.node.is_leader() {
             self.schedule.lock().expect("poll schedule lock").clear();
+            self.forget_repositories();
             return Ok(Vec::new());
         }
         let repositories = self.polled_repositories()?;
@@ -142,8 +172,27 @@ impl Poller {
         }
     }
 
+    /// Read the repositories again at the next tick (one of them changed).
+    pub fn forget_repositories(&self) {
+        *self.repositories.lock().expect("repositories lock") = None;
+    }
+
+    /// The repositories that poll, with their interval in seconds: the list read last, unless a
+    /// repository changed since or it is older than [`RELOAD_REPOSITORIES_EVERY`].
+    fn polled_repositories(&self) -> Result<Arc<PolledRepositories>, StoreError> {
+        let mut cached = self.repositories.lock().expect("repositories lock");
+        if let Some((read_at, repositories)) = cached.as_ref()
+            && read_at.elapsed() < RELOAD_REPOSITORIES_EVERY
+        {
+            return Ok(Arc::clone(repositories));
+        }
+        let repositories = Arc::new(self.read_polled_repositories()?);
+        *cached = Some((std::time::Instant::now(), Arc::clone(&repositories)));
+        Ok(repositories)
+    }
+
     /// The repositories that poll, with their interval in seconds, read from this node's state.
-    fn polled_repositories(&self) -> Result<BTreeMap<u64, (Repository, u64)>, StoreError> {
+    fn read_polled_repositories(&self) -> Result<PolledRepositories, StoreError> {
         let mut polled = BTreeMap::new();
         for (_, bytes) in self.node.backend.scan(Table::Repositories, full_range(), usize::MAX, false)? {
             let repository: Repository = decode(Table::Repositories, &bytes)?;
@@ -230,19 +279,7 @@ mod tests {
         commit(&work, "one");
         git(&work, &["branch", "feature-a"]);
         git(&work, &["branch", "feature-b"]);
-        let config: crate::config::NodeConfig = toml::from_str(&format!(
-            "node_id = 1\nhttp_addr = \"127.0.0.1:1\"\ngrpc_addr = \"127.0.0.1:2\"\ndata_dir = {:?}\n\
-             [raft]\nheartbeat_interval_ms = 50\nelection_timeout_min_ms = 150\nelection_timeout_max_ms = 300\n\
-             [scm]\npoll_interval_seconds = 1\n",
-            dir.path().join("data")
-        ))
-        .unwrap();
-        let node = Node::start(config).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !node.is_leader() {
-            assert!(std::time::Instant::now() < deadline, "the node did not lead within 10 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let node = crate::node::testing::single_leader(&dir.path().join("data"), "[scm]\npoll_interval_seconds = 1\n").await;
         let propose = |command: Command| {
             let node = node.clone();
             async move {

@@ -17,6 +17,8 @@ pub enum StateEvent {
     DeploymentChanged { deployment_id: u64 },
     /// An agent connected, was lost or deregistered; its jobs may have moved.
     AgentChanged { agent_id: u64 },
+    /// A repository was connected, changed or disconnected (the poller reloads its list).
+    RepositoriesChanged,
 }
 
 /// The events of one applied command; none for a rejected one.
@@ -46,6 +48,9 @@ pub fn events_of(command: &Command, outcome: &Outcome) -> Vec<StateEvent> {
             vec![StateEvent::AgentChanged { agent_id: *agent_id }, StateEvent::WorkChanged]
         }
         Command::DeletePipeline { .. } | Command::UpdatePipeline { .. } => vec![StateEvent::WorkChanged],
+        Command::ConnectRepository { .. } | Command::UpdateRepository { .. } | Command::DeleteRepository { .. } => {
+            vec![StateEvent::RepositoriesChanged]
+        }
         Command::RecordScmChanges { .. } => {
             let Some(report) = &applied.scm else { return Vec::new() };
             let mut events: Vec<StateEvent> =
