@@ -37,11 +37,13 @@ pub struct JobContext {
 pub struct Ended {
     pub outcome: JobOutcome,
     pub reason: String,
+    /// `JobResult.output_json`: what a release step reports; empty for builds.
+    pub output: Vec<u8>,
 }
 
 impl Ended {
     pub(crate) fn new(outcome: JobOutcome, reason: impl Into<String>) -> Self {
-        Ended { outcome, reason: reason.into() }
+        Ended { outcome, reason: reason.into(), output: Vec::new() }
     }
 }
 
@@ -111,7 +113,9 @@ pub async fn run_job(context: &JobContext) -> Ended {
         Ok(spec) => spec,
         Err(error) => return Ended::new(JobOutcome::Failed, format!("this agent cannot read the job's spec (upgrade it?): {error}")),
     };
-    let JobSpec::Build(build) = &spec;
+    let JobSpec::Build(build) = &spec else {
+        return Ended::new(JobOutcome::Failed, "this agent does not run release steps yet");
+    };
     let timeout = Duration::from_secs(build.timeout_seconds.max(1));
     let run = Run {
         context,

@@ -335,7 +335,7 @@ impl AgentRuntime {
         let shared = self.shared.clone();
         let shipper = self.shipper.clone();
         tokio::spawn(async move {
-            let Ended { outcome, reason } = run_job(&context).await;
+            let Ended { outcome, reason, output } = run_job(&context).await;
             let _ = std::fs::remove_file(&marker);
             let log_chunks = match shipper.finish(job_id, attempt).await {
                 Ok(chunks) => chunks,
@@ -346,7 +346,7 @@ impl AgentRuntime {
                 }
             };
             tracing::info!(job_id, attempt, ?outcome, %reason, "job ended");
-            let result = pb::JobResult { job_id, attempt, outcome: outcome as i32, reason, log_chunks };
+            let result = pb::JobResult { job_id, attempt, outcome: outcome as i32, reason, log_chunks, output_json: output };
             shared.results.lock().expect("results lock").insert((job_id, attempt), result.clone());
             {
                 let mut jobs = shared.jobs.lock().expect("jobs lock");

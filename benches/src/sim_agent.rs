@@ -157,6 +157,7 @@ impl SessionHandle {
             outcome: outcome as i32,
             reason: String::new(),
             log_chunks,
+            output_json: Vec::new(),
         }));
     }
 
@@ -271,6 +272,7 @@ async fn run_session(
                                 outcome: pb::JobOutcome::Succeeded as i32,
                                 reason: String::new(),
                                 log_chunks: 0,
+                                output_json: Vec::new(),
                             };
                             let _ = outbox.send(AgentMessage { message: Some(agent_message::Message::Result(result)) });
                         }

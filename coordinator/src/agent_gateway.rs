@@ -372,7 +372,7 @@ impl AgentGateway {
                         }).collect()
                     }
                     Ok(StateEvent::AgentChanged { agent_id }) => self.session(agent_id).into_iter().collect(),
-                    Ok(StateEvent::WorkChanged | StateEvent::RepositoriesChanged) => continue,
+                    Ok(StateEvent::WorkChanged | StateEvent::RepositoriesChanged | StateEvent::DeploymentProgress { .. }) => continue,
                     Ok(StateEvent::DeploymentChanged { .. }) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         self.sessions.lock().expect("sessions lock").values().cloned().collect()
                     }

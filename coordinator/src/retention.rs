@@ -246,6 +246,7 @@ mod tests {
             config_overrides: BTreeMap::new(),
             status_reason: None,
             scm: None,
+            events: 0,
             created_at: ended - 1000,
             updated_at: ended,
         }

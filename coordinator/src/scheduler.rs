@@ -235,7 +235,7 @@ impl Scheduler {
     /// scheduler's own doing and free nothing.
     fn note(&mut self, event: &StateEvent) -> bool {
         match event {
-            StateEvent::JobsAssigned { .. } | StateEvent::RepositoriesChanged => false,
+            StateEvent::JobsAssigned { .. } | StateEvent::RepositoriesChanged | StateEvent::DeploymentProgress { .. } => false,
             StateEvent::AgentChanged { agent_id } => {
                 self.agents.invalidate(*agent_id);
                 true

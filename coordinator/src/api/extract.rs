@@ -418,3 +418,48 @@ mod tests {
         }
     }
 }
+
+/// Refuses a request whose declared `Content-Length` is over `limit` with a JSON 413, after
+/// reading and discarding what the client sends (up to [`DRAIN_LIMIT`] bytes for at most
+/// [`DRAIN_TIME`]). Answering without reading would close the connection on a client that is
+/// still writing, which then sees a reset instead of the answer.
+pub async fn refuse_oversized(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use futures::StreamExt;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    let Some(declared) = declared.filter(|&declared| declared > limit as u64) else {
+        return next.run(request).await;
+    };
+    if declared <= DRAIN_LIMIT {
+        let mut body = request.into_body().into_data_stream();
+        let drain = async {
+            let mut read = 0u64;
+            while let Some(Ok(chunk)) = body.next().await {
+                read += chunk.len() as u64;
+                if read > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    }
+    ApiError::new(
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("the request body is {declared} bytes; this endpoint takes at most {limit} bytes"),
+    )
+    .into_response()
+}
+
+/// The most an over-limit body is read to answer it cleanly; a larger one is cut off.
+const DRAIN_LIMIT: u64 = 64 << 20;
+/// How long an over-limit body is read before the connection is closed.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);

@@ -135,6 +135,11 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(cluster::routes())
         .merge(agents::routes())
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
-        .merge(repos::webhook_routes().layer(DefaultBodyLimit::max(crate::scm::events::MAX_PAYLOAD_BYTES)))
+        .layer(axum::middleware::from_fn_with_state(JSON_BODY_LIMIT, extract::refuse_oversized))
+        .merge(
+            repos::webhook_routes()
+                .layer(DefaultBodyLimit::max(crate::scm::events::MAX_PAYLOAD_BYTES))
+                .layer(axum::middleware::from_fn_with_state(crate::scm::events::MAX_PAYLOAD_BYTES, extract::refuse_oversized)),
+        )
         .merge(artifacts::routes())
 }

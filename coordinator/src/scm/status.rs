@@ -497,6 +497,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             scm: None,
+            events: 0,
         }
     }
 

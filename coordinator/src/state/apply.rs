@@ -140,11 +140,15 @@ pub fn apply(state: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResul
     }
     let (outcome, writes) = {
         let mut child = Txn::new(state);
-        let outcome = execute(&mut child, proposal)?;
+        let mut outcome = execute(&mut child, proposal)?;
         if outcome.result.is_ok() && proposal.command.is_audited() {
             append_audit(&mut child, proposal, log_index)?;
         }
-        (outcome, child.into_writes())
+        let writes = child.into_writes();
+        if let Ok(applied) = &mut outcome.result {
+            applied.progressed = super::progress::progressed(&writes);
+        }
+        (outcome, writes)
     };
     if outcome.result.is_ok() {
         state.absorb(writes);
@@ -830,6 +834,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             finish_job(txn, *job_id, *attempt, JobEnd::Infrastructure, Some(reason), now)
         }
         Command::RecordScmChanges { repo_id, source, changes } => super::scm::record_changes(txn, proposal, *repo_id, source, changes),
+        Command::RecordDeploymentEvents { deployment_id, events } => super::progress::record(txn, *deployment_id, events, now),
         Command::CancelJob { job_id, reason } => {
             let Some(job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
@@ -896,7 +901,14 @@ pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &P
         created_at: now,
         updated_at: now,
         scm: new.scm,
+        events: 0,
     };
+    let mut deployment = deployment;
+    let queued = super::command::NewDeploymentEvent::new(
+        event_kind::QUEUED,
+        format!("deployment {deployment_id} to {} was created", deployment.environment),
+    );
+    super::progress::append(txn, &mut deployment, &[queued], now);
     store(txn, Table::Deployments, id_key(deployment_id), &deployment);
     txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string(), deployment_id), Vec::new());
     txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, "pending", deployment_id), Vec::new());
@@ -1134,11 +1146,22 @@ pub(super) fn set_deployment_status(
     if status.is_final() && deployment.end_time.is_none() {
         deployment.end_time = Some(now);
     }
+    let ended = status.is_final() && !deployment.status.is_final();
     deployment.status = status;
     if reason.is_some() {
         deployment.status_reason = reason;
     }
     deployment.updated_at = now;
+    if ended {
+        let kind = match status {
+            DeploymentStatus::Success => event_kind::SUCCEEDED,
+            DeploymentStatus::RolledBack => event_kind::ROLLED_BACK,
+            _ => event_kind::FAILED,
+        };
+        let message =
+            deployment.status_reason.clone().unwrap_or_else(|| format!("deployment {deployment_id} ended: {}", status_name(status)));
+        super::progress::append(txn, deployment, &[super::command::NewDeploymentEvent::new(kind, message)], now);
+    }
     store(txn, Table::Deployments, id_key(deployment_id), deployment);
 }
 

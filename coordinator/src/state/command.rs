@@ -419,6 +419,31 @@ pub enum Command {
         source: ScmSource,
         changes: Vec<ScmChange>,
     },
+    /// Append progress events to a deployment (numbered on from its last one, timed by the
+    /// proposal). The rollout's own commands append theirs as they apply.
+    RecordDeploymentEvents {
+        deployment_id: u64,
+        events: Vec<NewDeploymentEvent>,
+    },
+}
+
+/// A [`crate::state::records::DeploymentEvent`] before it has a number and a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewDeploymentEvent {
+    pub kind: String,
+    #[serde(default)]
+    pub host: Option<u64>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u8>,
+    pub message: String,
+}
+
+impl NewDeploymentEvent {
+    pub fn new(kind: &str, message: impl Into<String>) -> Self {
+        NewDeploymentEvent { kind: kind.to_string(), host: None, region: None, weight: None, message: message.into() }
+    }
 }
 
 impl Command {
@@ -465,6 +490,7 @@ impl Command {
             Command::CompleteJob { .. } => "job.complete",
             Command::ExpireLease { .. } => "job.expire_lease",
             Command::CancelJob { .. } => "job.cancel",
+            Command::RecordDeploymentEvents { .. } => "deployment.events",
             Command::RecordScmChanges { .. } => "scm.changes",
         }
     }
@@ -481,6 +507,7 @@ impl Command {
                 | Command::AcceptJob { .. }
                 | Command::RecordStep { .. }
                 | Command::AgentConnected { .. }
+                | Command::RecordDeploymentEvents { .. }
         )
     }
 
@@ -567,6 +594,9 @@ pub struct Applied {
     /// For [`Command::RecordScmChanges`]: what each change started, or why it started nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scm: Option<ScmReport>,
+    /// Deployments that got new progress events (for their followers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub progressed: Vec<u64>,
 }
 
 /// What a [`Command::RecordScmChanges`] did.
@@ -614,7 +644,7 @@ pub struct Rejection {
 
 impl Outcome {
     pub fn applied(id: Option<u64>, affected: u64) -> Self {
-        Outcome { result: Ok(Applied { id, affected, scm: None }), batch: Vec::new() }
+        Outcome { result: Ok(Applied { id, affected, ..Applied::default() }), batch: Vec::new() }
     }
     pub fn rejected(code: RejectionCode, message: impl Into<String>) -> Self {
         Outcome { result: Err(Rejection { code, message: message.into() }), batch: Vec::new() }

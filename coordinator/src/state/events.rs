@@ -19,6 +19,8 @@ pub enum StateEvent {
     AgentChanged { agent_id: u64 },
     /// A repository was connected, changed or disconnected (the poller reloads its list).
     RepositoriesChanged,
+    /// The deployment has new progress events (its followers read on).
+    DeploymentProgress { deployment_id: u64 },
 }
 
 /// The events of one applied command; none for a rejected one.
@@ -26,6 +28,13 @@ pub fn events_of(command: &Command, outcome: &Outcome) -> Vec<StateEvent> {
     let Ok(applied) = &outcome.result else {
         return Vec::new();
     };
+    let mut events: Vec<StateEvent> =
+        applied.progressed.iter().map(|&deployment_id| StateEvent::DeploymentProgress { deployment_id }).collect();
+    events.extend(events_of_command(command, outcome, applied));
+    events
+}
+
+fn events_of_command(command: &Command, outcome: &Outcome, applied: &super::command::Applied) -> Vec<StateEvent> {
     match command {
         Command::Batch { proposals } => {
             proposals.iter().zip(&outcome.batch).flat_map(|(proposal, outcome)| events_of(&proposal.command, outcome)).collect()

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod codec;
 pub mod command;
 pub mod events;
+pub mod progress;
 pub mod records;
 pub mod scm;
 pub mod txn;

@@ -229,6 +229,61 @@ pub struct Deployment {
     /// The source-control event that started the run, when one did (not a person or rollback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scm: Option<ScmOrigin>,
+    /// How many progress events the deployment has ([`DeploymentEvent::seq`] of the last).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub events: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
+}
+
+/// One step of a deployment's progress (host started, healthy, switched, weight changed,
+/// analysis verdict, rolled back, ...), as `GET /api/v1/deployments/{id}/events` streams it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentEvent {
+    pub deployment_id: u64,
+    /// 1, 2, 3, ... within the deployment: the Server-Sent Events id (`Last-Event-ID`).
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub at: Timestamp,
+    /// What happened, one of [`event_kind`]'s names.
+    pub kind: String,
+    /// The deploy agent (host) it happened on, for host events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Percent of the host's traffic on the new release, for weight changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+    pub message: String,
+}
+
+/// The kinds of [`DeploymentEvent`].
+pub mod event_kind {
+    /// The deployment was created and waits (for its build, an approval, or an earlier
+    /// deployment to the same environment).
+    pub const QUEUED: &str = "queued";
+    /// The rollout began (hosts, strategy and release are in the message).
+    pub const ROLLOUT_STARTED: &str = "rollout_started";
+    pub const HOST_STARTED: &str = "host_started";
+    pub const HOST_HEALTHY: &str = "host_healthy";
+    pub const HOST_UNHEALTHY: &str = "host_unhealthy";
+    pub const HOST_FAILED: &str = "host_failed";
+    /// A host's traffic moved (`weight` percent on the new release).
+    pub const WEIGHT_CHANGED: &str = "weight_changed";
+    /// All of a host's traffic is on the new release.
+    pub const HOST_SWITCHED: &str = "host_switched";
+    pub const CANARY_STEP: &str = "canary_step";
+    pub const ANALYSIS_VERDICT: &str = "analysis_verdict";
+    pub const ROLLBACK_STARTED: &str = "rollback_started";
+    pub const OLD_STOPPED: &str = "old_stopped";
+    pub const NEW_STOPPED: &str = "new_stopped";
+    /// The deployment ended: `succeeded`, `failed` or `rolled_back`.
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    pub const ROLLED_BACK: &str = "rolled_back";
 }
 
 /// Where a run started by source control came from. The commit-status reporter reads

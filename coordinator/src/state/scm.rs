@@ -780,11 +780,17 @@ mod tests {
             let outcome = apply(txn, &proposal, time as u64).unwrap();
             events_of(&command, &outcome)
         };
-        assert_eq!(run(&mut txn, 10, pull_request(4, ScmPullRequestAction::Opened, "aaaa0001")), vec![StateEvent::WorkChanged]);
+        let opened = run(&mut txn, 10, pull_request(4, ScmPullRequestAction::Opened, "aaaa0001"));
         let deployment_id = txn.scan_prefix(Table::Deployments, b"").unwrap().len() as u64;
+        // The new deployment's `queued` event wakes its followers.
+        assert_eq!(opened, vec![StateEvent::DeploymentProgress { deployment_id }, StateEvent::WorkChanged]);
         assert_eq!(
             run(&mut txn, 20, pull_request(4, ScmPullRequestAction::Closed, "aaaa0001")),
-            vec![StateEvent::DeploymentChanged { deployment_id }, StateEvent::WorkChanged]
+            vec![
+                StateEvent::DeploymentProgress { deployment_id },
+                StateEvent::DeploymentChanged { deployment_id },
+                StateEvent::WorkChanged
+            ]
         );
         assert!(run(&mut txn, 30, push("unmatched/branch", "bbbb0002")).is_empty(), "nothing queued, nothing to wake");
     }

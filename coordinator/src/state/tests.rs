@@ -8,7 +8,7 @@ use super::records::*;
 use super::txn::{EmptyState, StateRead, Txn};
 use crate::store::Table;
 
-fn propose(txn: &mut Txn, time: i64, command: Command) -> Outcome {
+pub(super) fn propose(txn: &mut Txn, time: i64, command: Command) -> Outcome {
     let proposal = Proposal { time, actor: Some(1), command, source: None };
     apply(txn, &proposal, time as u64).unwrap()
 }
@@ -17,7 +17,7 @@ fn id(outcome: Outcome) -> u64 {
     outcome.result.expect("applied").id.expect("an id")
 }
 
-fn seed_pipeline(txn: &mut Txn) -> u64 {
+pub(super) fn seed_pipeline(txn: &mut Txn) -> u64 {
     let repo_id = id(propose(
         txn,
         1,

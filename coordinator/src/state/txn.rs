@@ -46,7 +46,7 @@ impl StateRead for EmptyState {
     }
 }
 
-type Writes = BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>;
+pub type Writes = BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>;
 
 pub struct Txn<'a> {
     base: &'a dyn StateRead,

@@ -41,6 +41,8 @@ pub enum Table {
     Agents,
     Jobs,
     RegistrationTokens,
+    /// Progress events of deployments, key = deployment id, sequence (both big-endian).
+    DeploymentEvents,
     /// Secondary indexes of every table: key = index name, 0, indexed value, 0, primary key.
     Indexes,
 }
@@ -51,7 +53,7 @@ impl Table {
         Table::ALL.into_iter().filter(|table| table.is_state())
     }
 
-    pub const ALL: [Table; 18] = [
+    pub const ALL: [Table; 19] = [
         Table::RaftLog,
         Table::RaftMeta,
         Table::StateMeta,
@@ -69,6 +71,7 @@ impl Table {
         Table::Agents,
         Table::Jobs,
         Table::RegistrationTokens,
+        Table::DeploymentEvents,
         Table::Indexes,
     ];
 
@@ -91,6 +94,7 @@ impl Table {
             Table::Agents => "agents",
             Table::Jobs => "jobs",
             Table::RegistrationTokens => "registration_tokens",
+            Table::DeploymentEvents => "deployment_events",
             Table::Indexes => "indexes",
         }
     }
