@@ -527,7 +527,11 @@ impl AgentGateway {
         let reason = (!result.reason.is_empty()).then_some(result.reason.clone());
         // The agent is done with it: no cancellation should chase the finished job.
         session.state.lock().expect("session lock").report_finished(result.job_id, result.attempt);
-        let outcome = self.propose(Command::FinishJob { job_id: result.job_id, attempt: result.attempt, end, reason }).await?;
+        if result.output_json.len() > MAX_JOB_OUTPUT_BYTES {
+            return Err(Status::invalid_argument(format!("a job's output is limited to {MAX_JOB_OUTPUT_BYTES} bytes")));
+        }
+        let output = (!result.output_json.is_empty()).then(|| String::from_utf8_lossy(&result.output_json).into_owned());
+        let outcome = self.propose(Command::FinishJob { job_id: result.job_id, attempt: result.attempt, end, reason, output }).await?;
         Ok(match outcome.result {
             Ok(_) => pb::ResultAck { job_id: result.job_id, attempt: result.attempt, accepted: true, reason: String::new() },
             Err(rejection) => refuse(rejection.message),
@@ -877,6 +881,9 @@ impl AgentService for AgentGrpc {
         Ok(Response::new(Box::pin(stream)))
     }
 }
+
+/// A job's output travels through Raft with its result: small JSON only.
+const MAX_JOB_OUTPUT_BYTES: usize = 64 * 1024;
 
 impl AgentGateway {
     async fn store_chunk(&self, agent_id: u64, chunk: LogChunk) -> Result<LogAck, Status> {

@@ -798,6 +798,7 @@ mod tests {
                     deploy_strategy: DeployStrategy::Rolling,
                     environment: "staging".into(),
                     build: Default::default(),
+                    deploy: Default::default(),
                 })
                 .await;
             (repo_id, pipeline_id)

@@ -247,6 +247,8 @@ mod tests {
             status_reason: None,
             scm: None,
             events: 0,
+            rollout: None,
+            rolls_out: false,
             created_at: ended - 1000,
             updated_at: ended,
         }
@@ -386,6 +388,7 @@ mod tests {
             deploy_strategy: DeployStrategy::Rolling,
             environment: "staging".into(),
             build: Default::default(),
+            deploy: Default::default(),
         })
         .await;
         let digest = |n: u64| format!("{n:064x}");

@@ -141,6 +141,8 @@ impl KnownAgent {
     fn new(agent: Agent) -> Self {
         let mut offered = agent.labels.clone();
         offered.insert("executor".into(), agent.executors.join(","));
+        // Release jobs are for one host: they require `agent_id=<its id>`.
+        offered.insert("agent_id".into(), agent.agent_id.to_string());
         KnownAgent { agent, offered: Arc::new(offered) }
     }
 }

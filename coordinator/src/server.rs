@@ -85,6 +85,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     let scheduler =
         crate::scheduler::Scheduler::new(node.clone(), fleet.clone(), Duration::from_secs(agent_settings.lost_after_seconds.max(1)));
     tokio::spawn(scheduler.run());
+    tokio::spawn(crate::deploy::controller::Controller::new(node.clone()).run());
     tokio::spawn(crate::retention::ArtifactRetention::new(node.clone(), blobs.clone(), node.config.retention.clone()).run());
     crate::commit_status::CommitStatusReporter::new(node.clone(), secrets.clone(), &outbound, Default::default()).start();
     tokio::spawn(crate::scm::poller::Poller::new(node.clone(), outbound.clone()).run());

@@ -52,6 +52,89 @@ pub struct DeploymentView {
     pub updated_at: String,
     /// The source-control event that started the run; null when a person or a rollback did.
     pub scm: Option<ScmOriginView>,
+    /// The rollout to the environment's hosts, once it began.
+    pub rollout: Option<RolloutView>,
+}
+
+/// Where a rollout stands: the release, and each host's part in it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RolloutView {
+    /// The release this deployment brings (`d<id>`) and the one it replaces.
+    pub release: String,
+    pub previous: Option<String>,
+    pub artifact_digest: String,
+    pub artifact_kind: String,
+    #[schema(value_type = Object)]
+    pub strategy: serde_json::Value,
+    /// Set once the rollout is being undone, with why.
+    pub rolling_back: Option<String>,
+    /// Canary: the current step (1-based) and its latest verdict.
+    pub canary_step: Option<usize>,
+    pub canary_verdict: Option<String>,
+    pub hosts: Vec<RolloutHostView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RolloutHostView {
+    pub agent_id: u64,
+    pub name: String,
+    pub region: Option<String>,
+    /// The new release on the host: absent, running, healthy, failed, stopped.
+    #[schema(example = "healthy")]
+    pub release: String,
+    pub failure: Option<String>,
+    /// Percent of the host's traffic on the new release.
+    pub weight: u8,
+    pub old_stopped: bool,
+    /// A release step is in flight on the host.
+    pub busy: bool,
+    pub lost: bool,
+}
+
+impl From<&crate::state::records::Rollout> for RolloutView {
+    fn from(rollout: &crate::state::records::Rollout) -> Self {
+        use crate::deploy::plan::{NewRelease, Verdict};
+        let facts = &rollout.facts;
+        RolloutView {
+            release: rollout.release.clone(),
+            previous: rollout.previous.clone(),
+            artifact_digest: rollout.artifact_digest.clone(),
+            artifact_kind: rollout.artifact_kind.clone(),
+            strategy: serde_json::to_value(&facts.strategy).unwrap_or_default(),
+            rolling_back: facts.rolling_back.clone(),
+            canary_step: facts.canary.step.map(|step| step + 1),
+            canary_verdict: facts.canary.verdict.as_ref().map(|(verdict, _)| match verdict {
+                Verdict::Pass => "pass".to_string(),
+                Verdict::Fail(why) => format!("fail: {why}"),
+                Verdict::Inconclusive(why) => format!("inconclusive: {why}"),
+            }),
+            hosts: rollout
+                .hosts
+                .iter()
+                .zip(&facts.hosts)
+                .map(|(host, facts)| {
+                    let (release, failure) = match &facts.new {
+                        NewRelease::Absent => ("absent", None),
+                        NewRelease::Running => ("running", None),
+                        NewRelease::Healthy => ("healthy", None),
+                        NewRelease::Failed(why) => ("failed", Some(why.clone())),
+                        NewRelease::Stopped => ("stopped", None),
+                    };
+                    RolloutHostView {
+                        agent_id: host.agent_id,
+                        name: host.name.clone(),
+                        region: host.region.clone(),
+                        release: release.to_string(),
+                        failure,
+                        weight: facts.weight,
+                        old_stopped: facts.old_stopped,
+                        busy: facts.busy,
+                        lost: facts.lost,
+                    }
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Where a run started by source control came from.
@@ -106,6 +189,7 @@ impl From<Deployment> for DeploymentView {
             created_at: timestamp(deployment.created_at),
             updated_at: timestamp(deployment.updated_at),
             scm: deployment.scm.map(ScmOriginView::from),
+            rollout: deployment.rollout.as_deref().map(RolloutView::from),
         }
     }
 }

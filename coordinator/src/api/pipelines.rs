@@ -18,7 +18,7 @@ use crate::api_error::ApiError;
 use crate::state::Command;
 use crate::state::apply::load_id;
 use crate::state::command::PipelinePatch;
-use crate::state::records::{BuildSettings, DeployStrategy, Pipeline, Role, TriggerEvent};
+use crate::state::records::{BuildSettings, DeploySettings, DeployStrategy, Pipeline, Role, TriggerEvent};
 use crate::store::Table;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -40,6 +40,225 @@ pub struct PipelineView {
     pub updated_at: String,
     /// How the pipeline builds.
     pub build: BuildFields,
+    /// How the pipeline's releases run on the environment's deploy agents and roll out.
+    pub deploy: DeployFields,
+}
+
+/// How releases run on the deploy agents and roll out (all optional). Without `public_port`
+/// the pipeline only builds. A field sent as `null` in an update returns to its default.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployFields {
+    /// The service's port on every deploy host, owned by the agent's traffic switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 65535, example = 8080)]
+    pub public_port: Option<u16>,
+    /// The port the release listens on inside its container (default 8080).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 65535)]
+    pub container_port: Option<u16>,
+    /// `image` (the image the build exported) or `files` (the build's files, run by
+    /// `start_command` in `run_image`); default `image` when the pipeline builds a Dockerfile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(image|files)$")]
+    pub artifact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::ImageReference>)]
+    pub run_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<schema::BuildCommand>)]
+    pub start_command: Option<String>,
+    /// HTTP path answered 2xx/3xx when healthy; a TCP connect check when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^/[!-~]{0,499}$", example = "/health")]
+    pub health_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 100, maximum = 600000)]
+    pub health_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 100, maximum = 600000)]
+    pub health_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub healthy_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub unhealthy_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 86400)]
+    pub health_deadline_seconds: Option<u64>,
+    /// Rolling: hosts per batch (default 1), or `batch_percent` of the hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10000)]
+    pub batch_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub batch_percent: Option<u8>,
+    /// Rolling: hosts being updated at once (default: the batch size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 10000)]
+    pub max_unavailable: Option<u32>,
+    /// Blue-green: how long the old release stays warm after the switch (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 604800)]
+    pub keep_old_seconds: Option<u64>,
+    /// Canary: percent of traffic at each step, increasing (default [10, 50, 100]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 20, example = json!([10, 50, 100]))]
+    pub canary_steps: Option<Vec<u8>>,
+    /// Canary: how long each step is observed before its verdict (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 86400)]
+    pub analysis_window_seconds: Option<u64>,
+    /// Canary: a step fails above this percent of 5xx answers (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 100)]
+    pub max_error_percent: Option<u32>,
+    /// Canary: a step fails above this 95th percentile latency (default: not judged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 600000)]
+    pub max_latency_p95_ms: Option<u64>,
+    /// Canary: fewer requests than this in a window is inconclusive (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1000000000)]
+    pub min_requests: Option<u64>,
+    /// Canary: `rollback` (default) or `wait` when a step is inconclusive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^(rollback|wait)$")]
+    pub on_inconclusive: Option<String>,
+    /// Canary, with `wait`: how long past the first window to keep waiting (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 604800)]
+    pub max_wait_seconds: Option<u64>,
+    /// Region waves: regions in rollout order (the others follow, by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_items = 50)]
+    pub regions: Option<Vec<String>>,
+    /// Release container CPU in millicpus (default 1000, one CPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 10, maximum = 256000)]
+    pub cpu_millis: Option<u64>,
+    /// Release container memory in MB (default 2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 16, maximum = 1048576)]
+    pub memory_mb: Option<u64>,
+    /// Images of this many recent releases stay on each host (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 100)]
+    pub keep_images: Option<u32>,
+}
+
+impl From<DeploySettings> for DeployFields {
+    fn from(settings: DeploySettings) -> Self {
+        serde_json::from_value(serde_json::to_value(settings).expect("settings serialize")).expect("the same fields")
+    }
+}
+
+/// Lay the request's `deploy` object over `current`: a field present replaces the current one,
+/// `null` returns it to its default, a missing one keeps it. Then check the result.
+fn merge_deploy_fields(current: &DeploySettings, fields: Option<serde_json::Value>) -> Result<DeploySettings, ApiError> {
+    let Some(fields) = fields else { return Ok(current.clone()) };
+    let serde_json::Value::Object(fields) = fields else {
+        return Err(ApiError::invalid_field("deploy", "deploy must be an object of settings, such as {\"public_port\": 8080}"));
+    };
+    // Type and name checks first, with the field named.
+    serde_path_to_error::deserialize::<_, DeployFields>(serde_json::Value::Object(fields.clone())).map_err(|error| {
+        let field = format!("deploy.{}", error.path());
+        ApiError::invalid_field(&field, format!("{field}: {}", error.inner()))
+    })?;
+    let mut merged = serde_json::to_value(current).expect("settings serialize");
+    let object = merged.as_object_mut().expect("settings are an object");
+    for (key, value) in fields {
+        if value.is_null() {
+            object.remove(&key);
+        } else {
+            object.insert(key, value);
+        }
+    }
+    let settings: DeploySettings =
+        serde_json::from_value(merged).map_err(|error| ApiError::invalid_field("deploy", format!("deploy: {error}")))?;
+    validate_deploy(&settings)?;
+    Ok(settings)
+}
+
+fn validate_deploy(settings: &DeploySettings) -> Result<(), ApiError> {
+    let invalid =
+        |field: &str, message: &str| Err(ApiError::invalid_field(&format!("deploy.{field}"), format!("deploy.{field} {message}")));
+    if settings.public_port == Some(0) {
+        return invalid("public_port", "must be a port from 1 to 65535");
+    }
+    if settings.container_port == Some(0) {
+        return invalid("container_port", "must be a port from 1 to 65535");
+    }
+    if let Some(artifact) = &settings.artifact
+        && artifact != "image"
+        && artifact != "files"
+    {
+        return invalid("artifact", "must be \"image\" or \"files\"");
+    }
+    if settings.artifact.as_deref() == Some("files") && settings.public_port.is_some() && settings.start_command.is_none() {
+        return invalid("start_command", "is needed to run a files artifact (for example \"./server --port 8080\")");
+    }
+    if let Some(path) = &settings.health_path
+        && (!path.starts_with('/') || path.len() > 500 || path.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return invalid("health_path", "must be a URL path starting with / (like /health), without spaces");
+    }
+    for (field, value, min, max) in [
+        ("health_interval_ms", settings.health_interval_ms, 100, 600_000),
+        ("health_timeout_ms", settings.health_timeout_ms, 100, 600_000),
+        ("health_deadline_seconds", settings.health_deadline_seconds, 1, 86_400),
+        ("keep_old_seconds", settings.keep_old_seconds, 0, 604_800),
+        ("analysis_window_seconds", settings.analysis_window_seconds, 1, 86_400),
+        ("max_latency_p95_ms", settings.max_latency_p95_ms, 1, 600_000),
+        ("max_wait_seconds", settings.max_wait_seconds, 0, 604_800),
+        ("cpu_millis", settings.cpu_millis, 10, 256_000),
+        ("memory_mb", settings.memory_mb, 16, 1_048_576),
+        ("min_requests", settings.min_requests, 0, 1_000_000_000),
+    ] {
+        if let Some(value) = value
+            && !(min..=max).contains(&value)
+        {
+            return invalid(field, &format!("must be from {min} to {max}"));
+        }
+    }
+    for (field, value, min, max) in [
+        ("healthy_threshold", settings.healthy_threshold, 1, 100),
+        ("unhealthy_threshold", settings.unhealthy_threshold, 1, 100),
+        ("batch_size", settings.batch_size, 1, 10_000),
+        ("max_unavailable", settings.max_unavailable, 1, 10_000),
+        ("max_error_percent", settings.max_error_percent, 0, 100),
+        ("keep_images", settings.keep_images, 1, 100),
+    ] {
+        if let Some(value) = value
+            && !(min..=max).contains(&value)
+        {
+            return invalid(field, &format!("must be from {min} to {max}"));
+        }
+    }
+    if let Some(percent) = settings.batch_percent
+        && !(1..=100).contains(&percent)
+    {
+        return invalid("batch_percent", "must be from 1 to 100");
+    }
+    if let Some(steps) = &settings.canary_steps {
+        let increasing = steps.windows(2).all(|pair| pair[0] < pair[1]);
+        if steps.is_empty() || steps.len() > 20 || !increasing || steps.iter().any(|step| !(1..=100).contains(step)) {
+            return invalid("canary_steps", "must be 1 to 20 increasing percentages from 1 to 100, such as [10, 50, 100]");
+        }
+    }
+    if let Some(mode) = &settings.on_inconclusive
+        && mode != "rollback"
+        && mode != "wait"
+    {
+        return invalid("on_inconclusive", "must be \"rollback\" or \"wait\"");
+    }
+    if let Some(regions) = &settings.regions
+        && (regions.len() > 50 || regions.iter().any(|region| region.is_empty() || region.len() > 100))
+    {
+        return invalid("regions", "must be at most 50 region names of 1 to 100 characters");
+    }
+    Ok(())
 }
 
 /// How the pipeline builds (all optional): the build container's image, further steps, what
@@ -251,6 +470,7 @@ impl From<Pipeline> for PipelineView {
             created_at: timestamp(pipeline.created_at),
             updated_at: timestamp(pipeline.updated_at),
             build: pipeline.build.into(),
+            deploy: pipeline.deploy.into(),
         }
     }
 }
@@ -332,6 +552,9 @@ pub struct CreatePipelineRequest {
     pub environment: Option<String>,
     /// How the pipeline builds (image, further steps, artifacts, scheduling).
     pub build: Option<BuildFields>,
+    /// How releases run on the deploy agents and roll out.
+    #[schema(value_type = Option<DeployFields>)]
+    pub deploy: Option<serde_json::Value>,
 }
 
 /// Create a new deployment pipeline (developer).
@@ -355,6 +578,7 @@ async fn create_pipeline(
     let environment = request.environment.unwrap_or_else(|| "development".into());
     validate_environment("environment", &environment)?;
     let build = merge_build_fields(BuildSettings::default(), request.build.unwrap_or_default())?;
+    let deploy = merge_deploy_fields(&DeploySettings::default(), request.deploy)?;
     let command = Command::CreatePipeline {
         name: request.name,
         repo_id,
@@ -363,6 +587,7 @@ async fn create_pipeline(
         deploy_strategy: request.deploy_strategy,
         environment,
         build,
+        deploy,
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let pipeline_id = applied_id(outcome)?.expect("create returns the id");
@@ -399,6 +624,9 @@ pub struct UpdatePipelineRequest {
     pub is_active: Option<bool>,
     /// Build settings to change; a field left out keeps its value.
     pub build: Option<BuildFields>,
+    /// Deploy settings to change; a field left out keeps its value, `null` resets it.
+    #[schema(value_type = Option<DeployFields>)]
+    pub deploy: Option<serde_json::Value>,
 }
 
 /// Update pipeline settings (developer).
@@ -429,6 +657,7 @@ async fn update_pipeline(
     state.node.read_barrier().await?;
     let current = load_pipeline(&state, pipeline_id)?;
     let build = merge_build_fields(current.build.clone(), request.build.unwrap_or_default())?;
+    let deploy = merge_deploy_fields(&current.deploy, request.deploy)?;
     let patch = PipelinePatch {
         name: request.name,
         branch: request.branch,
@@ -437,6 +666,7 @@ async fn update_pipeline(
         environment: request.environment,
         is_active: request.is_active,
         build: (build != current.build).then_some(build),
+        deploy: (deploy != current.deploy).then_some(deploy),
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::UpdatePipeline { pipeline_id, patch }).await?;
     applied_id(outcome)?;

@@ -306,6 +306,7 @@ mod tests {
             deploy_strategy: DeployStrategy::Rolling,
             environment: "development".into(),
             build: Default::default(),
+            deploy: Default::default(),
         })
         .await;
         let repository: Repository = crate::state::apply::load_id(&node.state(), Table::Repositories, repo_id).unwrap().unwrap();

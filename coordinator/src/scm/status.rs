@@ -498,6 +498,8 @@ mod tests {
             updated_at: 0,
             scm: None,
             events: 0,
+            rollout: None,
+            rolls_out: false,
         }
     }
 

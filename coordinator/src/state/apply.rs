@@ -408,7 +408,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             affected += super::scm::forget_repository(txn, *repo_id)?;
             Ok(Outcome::applied(Some(*repo_id), affected))
         }
-        Command::CreatePipeline { name, repo_id, branch, build_command, deploy_strategy, environment, build } => {
+        Command::CreatePipeline { name, repo_id, branch, build_command, deploy_strategy, environment, build, deploy } => {
             if name.trim().is_empty() {
                 return Ok(Outcome::rejected(RejectionCode::Invalid, "pipeline name must not be empty"));
             }
@@ -434,6 +434,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 created_at: now,
                 updated_at: now,
                 build: build.clone(),
+                deploy: deploy.clone(),
             };
             store(txn, Table::Pipelines, id_key(pipeline_id), &pipeline);
             txn.put(Table::Indexes, index_key(index::PIPELINES_BY_REPO, &repo_id.to_string(), pipeline_id), Vec::new());
@@ -472,6 +473,9 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             }
             if let Some(build) = &patch.build {
                 pipeline.build = build.clone();
+            }
+            if let Some(deploy) = &patch.deploy {
+                pipeline.deploy = deploy.clone();
             }
             pipeline.updated_at = now;
             store(txn, Table::Pipelines, id_key(*pipeline_id), &pipeline);
@@ -826,15 +830,21 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
         }
         Command::CompleteJob { job_id, attempt, succeeded, failure_reason } => {
             let end = if *succeeded { JobEnd::Succeeded } else { JobEnd::Failed };
-            finish_job(txn, *job_id, *attempt, end, failure_reason.clone(), now)
+            finish_job(txn, *job_id, *attempt, end, failure_reason.clone(), None, now)
         }
-        Command::FinishJob { job_id, attempt, end, reason } => finish_job(txn, *job_id, *attempt, *end, reason.clone(), now),
+        Command::FinishJob { job_id, attempt, end, reason, output } => {
+            finish_job(txn, *job_id, *attempt, *end, reason.clone(), output.as_deref(), now)
+        }
         Command::ExpireLease { job_id, attempt, reason } => {
             let reason = reason.clone().unwrap_or_else(|| format!("the lease of attempt {attempt} ran out"));
-            finish_job(txn, *job_id, *attempt, JobEnd::Infrastructure, Some(reason), now)
+            finish_job(txn, *job_id, *attempt, JobEnd::Infrastructure, Some(reason), None, now)
         }
         Command::RecordScmChanges { repo_id, source, changes } => super::scm::record_changes(txn, proposal, *repo_id, source, changes),
         Command::RecordDeploymentEvents { deployment_id, events } => super::progress::record(txn, *deployment_id, events, now),
+        Command::StartRollout { deployment_id, hosts, artifact_digest, artifact_kind, previous } => {
+            super::rollout::start(txn, *deployment_id, hosts, artifact_digest, artifact_kind, previous.clone(), now)
+        }
+        Command::RolloutStep { deployment_id, version, actions } => super::rollout::step(txn, *deployment_id, *version, actions, now),
         Command::CancelJob { job_id, reason } => {
             let Some(job) = load_id::<Job>(txn, Table::Jobs, *job_id)? else {
                 return Ok(not_found("job", *job_id));
@@ -902,6 +912,8 @@ pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &P
         updated_at: now,
         scm: new.scm,
         events: 0,
+        rollout: None,
+        rolls_out: pipeline.deploy.rolls_out(),
     };
     let mut deployment = deployment;
     let queued = super::command::NewDeploymentEvent::new(
@@ -964,7 +976,7 @@ fn build_spec(txn: &Txn, pipeline: &Pipeline, commit: &str, checkout: Checkout) 
     Ok(Some(serde_json::to_value(spec).expect("job specs serialize")))
 }
 
-fn enqueue_job(
+pub(super) fn enqueue_job(
     txn: &mut Txn,
     now: Timestamp,
     deployment: &Deployment,
@@ -1047,7 +1059,15 @@ fn assign(txn: &mut Txn, assignment: &Assignment, lease_expires_at: Timestamp, n
 }
 
 /// End an attempt as the agent (or the leader, for a lost lease) reported it.
-fn finish_job(txn: &mut Txn, job_id: u64, attempt: u32, end: JobEnd, reason: Option<String>, now: Timestamp) -> StoreResult<Outcome> {
+fn finish_job(
+    txn: &mut Txn,
+    job_id: u64,
+    attempt: u32,
+    end: JobEnd,
+    reason: Option<String>,
+    output: Option<&str>,
+    now: Timestamp,
+) -> StoreResult<Outcome> {
     let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else {
         return Ok(not_found("job", job_id));
     };
@@ -1055,11 +1075,15 @@ fn finish_job(txn: &mut Txn, job_id: u64, attempt: u32, end: JobEnd, reason: Opt
         return Ok(stale_attempt(job_id, attempt));
     }
     let deployment_id = job.deployment_id;
+    let release_job = super::rollout::is_release_job(&job);
     match end {
         JobEnd::Succeeded => end_job(txn, job, JobStatus::Succeeded, None, "succeeded", now),
         JobEnd::Failed => end_job(txn, job, JobStatus::Failed, reason, "failed", now),
         JobEnd::Cancelled => end_job(txn, job, JobStatus::Cancelled, reason, "cancelled", now),
         JobEnd::Infrastructure => retry_or_fail(txn, job, reason.unwrap_or_else(|| "infrastructure failure".into()), now),
+    }
+    if release_job {
+        super::rollout::job_ended(txn, job_id, output, now)?;
     }
     refresh_deployment(txn, deployment_id, now)?;
     Ok(Outcome::applied(Some(job_id), 1))
@@ -1110,7 +1134,11 @@ fn release_agent_jobs(txn: &mut Txn, agent_id: u64, reason: &str, now: Timestamp
         let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else { continue };
         if job.lease.as_ref().is_some_and(|lease| lease.agent_id == agent_id) {
             let deployment_id = job.deployment_id;
+            let release_job = super::rollout::is_release_job(&job);
             retry_or_fail(txn, job, reason.to_string(), now);
+            if release_job {
+                super::rollout::job_ended(txn, job_id, None, now)?;
+            }
             refresh_deployment(txn, deployment_id, now)?;
             released += 1;
         }
@@ -1178,6 +1206,8 @@ fn refresh_deployment(txn: &mut Txn, deployment_id: u64, now: Timestamp) -> Stor
     for job_id in index_ids(txn, index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string())? {
         jobs.extend(load_id::<Job>(txn, Table::Jobs, job_id)?);
     }
+    // Release jobs are the rollout's business: their results are facts for its planner.
+    jobs.retain(|job| !super::rollout::is_release_job(job));
     if jobs.is_empty() {
         return Ok(());
     }
@@ -1187,7 +1217,12 @@ fn refresh_deployment(txn: &mut Txn, deployment_id: u64, now: Timestamp) -> Stor
         let detail = job.failure_reason.as_deref().map(|reason| format!(": {reason}")).unwrap_or_default();
         (DeploymentStatus::Failed, Some(format!("job {} ({}) {verb}{detail}", job.job_id, job.name)))
     } else if jobs.iter().all(|job| job.status == JobStatus::Succeeded) {
-        (DeploymentStatus::Success, None)
+        if deployment.rolls_out {
+            // Built; the controller rolls it out next and the rollout decides how it ends.
+            (DeploymentStatus::InProgress, None)
+        } else {
+            (DeploymentStatus::Success, None)
+        }
     } else if jobs.iter().any(|job| job.status != JobStatus::Queued) || deployment.status == DeploymentStatus::InProgress {
         (DeploymentStatus::InProgress, None)
     } else {

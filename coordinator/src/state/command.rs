@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{BuildSettings, DeployStrategy, DeploymentStatus, NotificationType, Role, ScmType, StepRecord, Timestamp};
+use super::records::{
+    BuildSettings, DeploySettings, DeployStrategy, DeploymentStatus, NotificationType, Role, RolloutHost, ScmType, StepRecord, Timestamp,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
@@ -60,6 +62,8 @@ pub struct PipelinePatch {
     pub is_active: Option<bool>,
     #[serde(default)]
     pub build: Option<BuildSettings>,
+    #[serde(default)]
+    pub deploy: Option<DeploySettings>,
 }
 
 /// The build that produced an artifact.
@@ -249,6 +253,8 @@ pub enum Command {
         environment: String,
         #[serde(default)]
         build: BuildSettings,
+        #[serde(default)]
+        deploy: DeploySettings,
     },
     UpdatePipeline {
         pipeline_id: u64,
@@ -367,6 +373,9 @@ pub enum Command {
         attempt: u32,
         end: JobEnd,
         reason: Option<String>,
+        /// What the job reported besides its outcome (a release step's `ReleaseOutput` JSON).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
     },
     DeregisterAgent {
         agent_id: u64,
@@ -424,6 +433,23 @@ pub enum Command {
     RecordDeploymentEvents {
         deployment_id: u64,
         events: Vec<NewDeploymentEvent>,
+    },
+    /// Begin a deployment's rollout on these hosts (in rollout order) with this artifact; the
+    /// leader's controller chose them from the agents and artifacts it saw. Refused when the
+    /// deployment ended or already rolls out.
+    StartRollout {
+        deployment_id: u64,
+        hosts: Vec<RolloutHost>,
+        artifact_digest: String,
+        artifact_kind: String,
+        previous: Option<String>,
+    },
+    /// Carry out the planner's actions for a rollout whose facts are at `version` (refused as
+    /// a conflict when they moved on meanwhile: the controller plans again from the new facts).
+    RolloutStep {
+        deployment_id: u64,
+        version: u64,
+        actions: Vec<crate::deploy::plan::Action>,
     },
 }
 
@@ -491,6 +517,8 @@ impl Command {
             Command::ExpireLease { .. } => "job.expire_lease",
             Command::CancelJob { .. } => "job.cancel",
             Command::RecordDeploymentEvents { .. } => "deployment.events",
+            Command::StartRollout { .. } => "deployment.rollout_start",
+            Command::RolloutStep { .. } => "deployment.rollout_step",
             Command::RecordScmChanges { .. } => "scm.changes",
         }
     }
@@ -508,6 +536,7 @@ impl Command {
                 | Command::RecordStep { .. }
                 | Command::AgentConnected { .. }
                 | Command::RecordDeploymentEvents { .. }
+                | Command::RolloutStep { .. }
         )
     }
 

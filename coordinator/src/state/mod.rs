@@ -7,6 +7,7 @@ pub mod command;
 pub mod events;
 pub mod progress;
 pub mod records;
+pub mod rollout;
 pub mod scm;
 pub mod txn;
 

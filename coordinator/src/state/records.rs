@@ -114,6 +114,99 @@ pub struct Pipeline {
     pub updated_at: Timestamp,
     #[serde(default)]
     pub build: BuildSettings,
+    /// How the pipeline's releases roll out to the environment's deploy agents.
+    #[serde(default, skip_serializing_if = "DeploySettings::is_unset")]
+    pub deploy: DeploySettings,
+}
+
+/// How a pipeline's releases run on the environment's deploy agents and roll out. Every field
+/// is optional; defaults are in the accessors. Without `public_port` the pipeline only builds
+/// (its deployments succeed when the build does).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploySettings {
+    /// The service's port on every deploy host, owned by the agent's traffic switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_port: Option<u16>,
+    /// The port the release listens on inside its container (default 8080).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_port: Option<u16>,
+    /// What to release: `image` (the image the build exported) or `files` (the build's files
+    /// artifact, run by `start_command` in `run_image`). Default: `image` when the pipeline
+    /// builds a Dockerfile, otherwise `files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_command: Option<String>,
+    /// HTTP path of the health check (2xx/3xx is healthy); a TCP connect when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+    /// A release without a health verdict this long after it started is unhealthy (default 120 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_deadline_seconds: Option<u64>,
+    /// Rolling: hosts per batch (default 1), or a percentage of the hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_percent: Option<u8>,
+    /// Rolling: hosts being updated at once (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<u32>,
+    /// Blue-green: how long the old release stays warm after the switch (default 300 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_old_seconds: Option<u64>,
+    /// Canary: percent of traffic at each step (default 10, 50, 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_steps: Option<Vec<u8>>,
+    /// Canary: how long each step is observed before its verdict (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis_window_seconds: Option<u64>,
+    /// Canary: a step fails when more than this percent of its requests answer 5xx (default 5),
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_percent: Option<u32>,
+    /// or when its 95th percentile latency is above this (default: not judged),
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_p95_ms: Option<u64>,
+    /// and is inconclusive with fewer requests than this (default 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u64>,
+    /// Canary: what an inconclusive step does: `rollback` (default) or `wait` (one more window
+    /// at a time, for at most `max_wait_seconds`, default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_inconclusive: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_wait_seconds: Option<u64>,
+    /// Region waves: regions in rollout order (others follow, by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<Vec<String>>,
+    /// Release container limits (default 1000 millicpus = 1 CPU, 2048 MB, the seed's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Images of this many recent releases are kept on each host (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_images: Option<u32>,
+}
+
+impl DeploySettings {
+    pub fn is_unset(&self) -> bool {
+        *self == DeploySettings::default()
+    }
+
+    /// Whether deployments roll out to hosts (otherwise they only build).
+    pub fn rolls_out(&self) -> bool {
+        self.public_port.is_some()
+    }
 }
 
 /// How a pipeline builds: the container image, the steps after `build_command`, what the build
@@ -232,6 +325,64 @@ pub struct Deployment {
     /// How many progress events the deployment has ([`DeploymentEvent::seq`] of the last).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub events: u64,
+    /// The rollout to the environment's hosts, once it began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Box<Rollout>>,
+    /// The pipeline rolled its releases out to hosts when the deployment was created: it ends
+    /// with its rollout, not with its build.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolls_out: bool,
+}
+
+/// A deployment's rollout: what runs where, and the planner's replicated facts. Only `apply`
+/// changes it (`Command::StartRollout`, `Command::RolloutStep` and the results of release
+/// jobs), so a new leader's controller resumes from exactly what the old one recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The service on each host (`<pipeline>-<environment>`) and this release of it (`d<id>`).
+    pub service: String,
+    pub release: String,
+    /// The release that served the environment before, which takes back the traffic on rollback.
+    #[serde(default)]
+    pub previous: Option<String>,
+    pub artifact_digest: String,
+    pub artifact_kind: String,
+    pub hosts: Vec<RolloutHost>,
+    /// The planner's facts (`now` is not kept: the controller sets it each round).
+    pub facts: crate::deploy::plan::Facts,
+    /// Bumped by every change of the facts; a `RolloutStep` planned from older facts is refused.
+    pub version: u64,
+    /// What each host runs, as the release jobs are given it.
+    pub run: davit_agent::job_spec::RunSettings,
+    pub health: davit_agent::job_spec::HealthCheck,
+    /// The canary step under analysis: each host's counters as they arrive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub analysis: Vec<HostTraffic>,
+    pub started_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutHost {
+    pub agent_id: u64,
+    pub name: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// The release job in flight for this host, if any.
+    #[serde(default)]
+    pub job: Option<u64>,
+}
+
+/// One host's traffic counters over an analysis window (from its `stats` release job).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostTraffic {
+    pub agent_id: u64,
+    pub step: usize,
+    pub requests: u64,
+    pub server_errors: u64,
+    /// 95th percentile latency in microseconds (integral, so records stay `Eq`).
+    pub latency_p95_us: u64,
+    pub stable_requests: u64,
+    pub stable_server_errors: u64,
 }
 
 fn is_zero(value: &u64) -> bool {

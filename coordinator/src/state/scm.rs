@@ -460,6 +460,7 @@ mod tests {
             deploy_strategy: DeployStrategy::Rolling,
             environment: "staging".into(),
             build,
+            deploy: Default::default(),
         };
         propose(txn, 2, command).id.unwrap()
     }

@@ -43,6 +43,7 @@ pub(super) fn seed_pipeline(txn: &mut Txn) -> u64 {
             deploy_strategy: DeployStrategy::BlueGreen,
             environment: "production".into(),
             build: Default::default(),
+            deploy: Default::default(),
         },
     ))
 }

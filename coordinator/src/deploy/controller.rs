@@ -1,0 +1,245 @@
+//! The deployment controller: on the leader, a loop that starts the rollouts of built
+//! deployments (one per pipeline and environment at a time, in order) and drives each with the
+//! planner. It holds no state of its own: every round reads the replicated deployments, asks
+//! [`plan`] for the next actions and proposes them (`RolloutStep`, guarded by the rollout's
+//! version), so a new leader simply carries on from the last applied facts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::deploy::plan::{self, Action};
+use crate::node::{Node, Requester};
+use crate::state::Command;
+use crate::state::apply::{index, index_ids, load_id};
+use crate::state::events::StateEvent;
+use crate::state::records::*;
+use crate::state::rollout::release_name;
+use crate::state::txn::StateRead;
+use crate::store::Table;
+
+pub struct Controller {
+    node: Arc<Node>,
+}
+
+/// A round at least this often (waits of the planner, agents coming online).
+const TICK: Duration = Duration::from_millis(500);
+
+impl Controller {
+    pub fn new(node: Arc<Node>) -> Self {
+        Controller { node }
+    }
+
+    pub async fn run(self) {
+        let mut events = self.node.subscribe();
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(StateEvent::RepositoriesChanged) => continue,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            // Take in whatever else arrived: one round answers them all.
+            while events.try_recv().is_ok() {}
+            if !self.node.is_leader() {
+                continue;
+            }
+            if let Err(error) = self.round().await {
+                tracing::warn!(%error, "deployment controller round failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// One round over every deployment that has not ended.
+    pub async fn round(&self) -> anyhow::Result<()> {
+        let mut open = Vec::new();
+        {
+            let state = self.node.state();
+            for status in ["pending", "in_progress"] {
+                for deployment_id in index_ids(&state, index::DEPLOYMENTS_BY_STATUS, status)? {
+                    if let Some(deployment) = load_id::<Deployment>(&state, Table::Deployments, deployment_id)?
+                        && deployment.rolls_out
+                    {
+                        open.push(deployment);
+                    }
+                }
+            }
+        }
+        open.sort_by_key(|deployment| deployment.deployment_id);
+        for deployment in &open {
+            let command = match &deployment.rollout {
+                Some(rollout) => next_step(deployment, rollout),
+                None => self.start(deployment, &open)?,
+            };
+            if let Some(command) = command {
+                let (outcome, _) = self.node.propose(&Requester::system(), command).await?;
+                if let Err(rejection) = outcome.result {
+                    tracing::debug!(deployment_id = deployment.deployment_id, %rejection.message, "rollout command refused");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The command that begins `deployment`'s rollout, once it is its turn and it is built;
+    /// or one that fails it with what to fix.
+    fn start(&self, deployment: &Deployment, open: &[Deployment]) -> anyhow::Result<Option<Command>> {
+        let earlier = open.iter().any(|other| {
+            other.deployment_id < deployment.deployment_id
+                && other.pipeline_id == deployment.pipeline_id
+                && other.environment == deployment.environment
+        });
+        if earlier {
+            return Ok(None);
+        }
+        let state = self.node.state();
+        if !build_succeeded(&state, deployment)? {
+            return Ok(None);
+        }
+        let fail = |reason: String| {
+            Some(Command::SetDeploymentStatus {
+                deployment_id: deployment.deployment_id,
+                status: DeploymentStatus::Failed,
+                reason: Some(reason),
+            })
+        };
+        let Some(pipeline) = load_id::<Pipeline>(&state, Table::Pipelines, deployment.pipeline_id)? else {
+            return Ok(fail(format!("pipeline {} no longer exists", deployment.pipeline_id)));
+        };
+        let hosts = deploy_hosts(&state, &deployment.environment, pipeline.deploy.regions.as_deref().unwrap_or_default())?;
+        if hosts.is_empty() {
+            return Ok(fail(format!(
+                "no online deploy agent serves environment {env}: register agents with the labels pool=deploy and environment={env}",
+                env = deployment.environment
+            )));
+        }
+        let wanted =
+            pipeline.deploy.artifact.clone().unwrap_or_else(|| if pipeline.build.dockerfile.is_some() { "image" } else { "files" }.into());
+        let Some(artifact) = release_artifact(&state, deployment, &wanted)? else {
+            return Ok(fail(format!(
+                "there is no {wanted} artifact to release: the build of deployment {} produced none (set the pipeline's build.{} or deploy.artifact)",
+                deployment.rollback_of.unwrap_or(deployment.deployment_id),
+                if wanted == "image" { "dockerfile" } else { "artifacts" }
+            )));
+        };
+        let previous = live_release(&state, deployment)?;
+        Ok(Some(Command::StartRollout {
+            deployment_id: deployment.deployment_id,
+            hosts,
+            artifact_digest: artifact.digest,
+            artifact_kind: artifact.kind.unwrap_or_else(|| "files".into()),
+            previous,
+        }))
+    }
+}
+
+/// The next `RolloutStep` of a rollout, if the planner has anything to do now.
+fn next_step(deployment: &Deployment, rollout: &Rollout) -> Option<Command> {
+    let mut facts = rollout.facts.clone();
+    facts.now = crate::auth::now_millis();
+    let actions: Vec<Action> = plan::plan(&facts).into_iter().filter(|action| !matches!(action, Action::WaitUntil { .. })).collect();
+    (!actions.is_empty()).then_some(Command::RolloutStep { deployment_id: deployment.deployment_id, version: rollout.version, actions })
+}
+
+/// Whether the deployment's build (if it has one) succeeded. A deployment without a build job
+/// (a rollback, a promotion) releases what an earlier one built.
+fn build_succeeded(state: &dyn StateRead, deployment: &Deployment) -> anyhow::Result<bool> {
+    for job_id in index_ids(state, index::JOBS_BY_DEPLOYMENT, &deployment.deployment_id.to_string())? {
+        if let Some(job) = load_id::<Job>(state, Table::Jobs, job_id)?
+            && !crate::state::rollout::is_release_job(&job)
+            && job.status != JobStatus::Succeeded
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The environment's online deploy agents, in rollout order: region waves (the pipeline's
+/// `regions` first, in its order, then the others by name), then by agent name.
+fn deploy_hosts(state: &dyn StateRead, environment: &str, regions: &[String]) -> anyhow::Result<Vec<RolloutHost>> {
+    let has = |labels: &std::collections::BTreeMap<String, String>, key: &str, value: &str| {
+        labels.get(key).is_some_and(|values| values.split(',').any(|element| element.trim() == value))
+    };
+    let mut hosts = Vec::new();
+    for (_, bytes) in state.scan_prefix(Table::Agents, b"")? {
+        let agent: Agent = crate::state::codec::decode(Table::Agents, &bytes)?;
+        if agent.state == AgentState::Online && has(&agent.labels, "pool", "deploy") && has(&agent.labels, "environment", environment) {
+            hosts.push(RolloutHost { agent_id: agent.agent_id, name: agent.name, region: agent.labels.get("region").cloned(), job: None });
+        }
+    }
+    let wave = |host: &RolloutHost| {
+        let region = host.region.clone().unwrap_or_default();
+        (regions.iter().position(|wanted| *wanted == region).unwrap_or(regions.len()), region, host.name.clone())
+    };
+    hosts.sort_by_key(wave);
+    Ok(hosts)
+}
+
+/// The artifact a deployment releases: what its own build produced or, for a rollback, what
+/// the release it returns to was made from.
+fn release_artifact(state: &dyn StateRead, deployment: &Deployment, kind: &str) -> anyhow::Result<Option<Artifact>> {
+    if deployment.rollback_of.is_some() {
+        let Some(source) = rollback_source(state, deployment)? else { return Ok(None) };
+        let rollout = source.rollout.expect("sources have rollouts");
+        return Ok(Some(Artifact {
+            artifact_id: 0,
+            pipeline_id: deployment.pipeline_id,
+            version: rollout.release.clone(),
+            artifact_path: String::new(),
+            digest: rollout.artifact_digest,
+            size_bytes: 0,
+            created_at: 0,
+            updated_at: 0,
+            commit_hash: Some(source.commit_hash),
+            deployment_id: Some(source.deployment_id),
+            job_id: None,
+            kind: Some(rollout.artifact_kind),
+        }));
+    }
+    let mut found = None;
+    for artifact_id in index_ids(state, index::ARTIFACTS_BY_PIPELINE, &deployment.pipeline_id.to_string())? {
+        if let Some(artifact) = load_id::<Artifact>(state, Table::Artifacts, artifact_id)?
+            && artifact.deployment_id == Some(deployment.deployment_id)
+            && artifact.kind.as_deref().unwrap_or("files") == kind
+        {
+            found = Some(artifact);
+        }
+    }
+    Ok(found)
+}
+
+/// For a rollback: the newest successful rollout of the pipeline to the environment, of the
+/// commit the rollback returns to, before the deployment being rolled back.
+pub fn rollback_source(state: &dyn StateRead, deployment: &Deployment) -> anyhow::Result<Option<Deployment>> {
+    let before = deployment.rollback_of.unwrap_or(deployment.deployment_id);
+    Ok(successful_rollouts(state, deployment)?
+        .into_iter()
+        .rev()
+        .find(|candidate| candidate.deployment_id < before && candidate.commit_hash == deployment.commit_hash))
+}
+
+/// The release serving the environment now: the newest successful rollout's.
+fn live_release(state: &dyn StateRead, deployment: &Deployment) -> anyhow::Result<Option<String>> {
+    Ok(successful_rollouts(state, deployment)?.last().map(|live| release_name(live.deployment_id)))
+}
+
+/// Successful rollouts of the deployment's pipeline to its environment, oldest first.
+fn successful_rollouts(state: &dyn StateRead, deployment: &Deployment) -> anyhow::Result<Vec<Deployment>> {
+    let mut found = Vec::new();
+    for deployment_id in index_ids(state, index::DEPLOYMENTS_BY_PIPELINE, &deployment.pipeline_id.to_string())? {
+        if deployment_id == deployment.deployment_id {
+            continue;
+        }
+        if let Some(candidate) = load_id::<Deployment>(state, Table::Deployments, deployment_id)?
+            && candidate.status == DeploymentStatus::Success
+            && candidate.environment == deployment.environment
+            && candidate.rollout.is_some()
+        {
+            found.push(candidate);
+        }
+    }
+    Ok(found)
+}

@@ -1,0 +1,675 @@
+//! Rollouts in the replicated state. The leader's controller (`crate::deploy::controller`) asks
+//! the planner what to do and proposes it (`StartRollout`, `RolloutStep`); `apply` turns each
+//! host action into a release job for that host's agent and marks the host busy; the job's
+//! result (`FinishJob`, with the agent's `ReleaseOutput`) becomes the host's new facts. Every
+//! decision and result is therefore replicated before anything acts on it: a new leader plans
+//! from the same facts, and a host with a job in flight is never given a second one — which is
+//! why no host is switched twice across a leader change.
+
+use davit_agent::job_spec::{HealthCheck, JobSpec, ReleaseArtifact, ReleaseOp, ReleaseOutput, ReleaseSpec, RunSettings};
+
+use super::apply::{enqueue_job, load_id, not_found, set_deployment_status, store};
+use super::codec::id_key;
+use super::command::{NewDeploymentEvent, Outcome, RejectionCode};
+use super::records::*;
+use super::txn::Txn;
+use crate::deploy::plan::{
+    Action, BatchSize, BlueGreenSettings, CanaryProgress, CanarySettings, Facts, Finish, HostFacts, Inconclusive, NewRelease,
+    RollingSettings, Strategy, Verdict,
+};
+use crate::store::{StoreResult, Table};
+
+/// Release jobs are named `release:<op>:<host>`.
+const RELEASE_JOB_PREFIX: &str = "release:";
+
+pub fn is_release_job(job: &Job) -> bool {
+    job.name.starts_with(RELEASE_JOB_PREFIX)
+}
+
+/// The service a pipeline's releases form on each host of an environment.
+pub fn service_name(pipeline_id: u64, environment: &str) -> String {
+    format!("p{pipeline_id}-{environment}")
+}
+
+/// The release a deployment brings.
+pub fn release_name(deployment_id: u64) -> String {
+    format!("d{deployment_id}")
+}
+
+/// The planner's strategy from a pipeline's settings, for `hosts` hosts.
+pub fn strategy_of(pipeline: &Pipeline, hosts: usize) -> Strategy {
+    let deploy = &pipeline.deploy;
+    match pipeline.deploy_strategy {
+        DeployStrategy::Rolling => {
+            let batch = match (deploy.batch_percent, deploy.batch_size) {
+                (Some(percent), _) => BatchSize::Percent(percent),
+                (None, size) => BatchSize::Hosts(size.unwrap_or(1).max(1)),
+            };
+            let per_batch = batch.hosts_per_batch(hosts.max(1)) as u32;
+            Strategy::Rolling(RollingSettings { batch, max_unavailable: deploy.max_unavailable.unwrap_or(per_batch).max(1) })
+        }
+        DeployStrategy::BlueGreen => {
+            Strategy::BlueGreen(BlueGreenSettings { keep_old_ms: deploy.keep_old_seconds.unwrap_or(300).saturating_mul(1000) })
+        }
+        DeployStrategy::Canary => Strategy::Canary(CanarySettings {
+            steps: deploy.canary_steps.clone().unwrap_or_else(|| vec![10, 50, 100]),
+            analysis_window_ms: deploy.analysis_window_seconds.unwrap_or(60).saturating_mul(1000),
+            on_inconclusive: match deploy.on_inconclusive.as_deref() {
+                Some("wait") => Inconclusive::Wait { max_wait_ms: deploy.max_wait_seconds.unwrap_or(600).saturating_mul(1000) },
+                _ => Inconclusive::RollBack,
+            },
+        }),
+    }
+}
+
+fn run_settings(pipeline: &Pipeline) -> RunSettings {
+    let deploy = &pipeline.deploy;
+    RunSettings {
+        container_port: deploy.container_port.unwrap_or(8080),
+        public_port: deploy.public_port.unwrap_or(0),
+        image: deploy.run_image.clone(),
+        command: deploy.start_command.clone(),
+        cpu_millis: deploy.cpu_millis.unwrap_or(1000),
+        memory_bytes: deploy.memory_mb.unwrap_or(2048).saturating_mul(1024 * 1024),
+        keep_images: deploy.keep_images.unwrap_or(3),
+    }
+}
+
+fn health_check(pipeline: &Pipeline) -> HealthCheck {
+    let deploy = &pipeline.deploy;
+    HealthCheck {
+        http_path: deploy.health_path.clone(),
+        interval_ms: deploy.health_interval_ms.unwrap_or(1000),
+        timeout_ms: deploy.health_timeout_ms.unwrap_or(2000),
+        healthy_threshold: deploy.healthy_threshold.unwrap_or(2),
+        unhealthy_threshold: deploy.unhealthy_threshold.unwrap_or(3),
+        deadline_ms: deploy.health_deadline_seconds.unwrap_or(120).saturating_mul(1000),
+    }
+}
+
+/// `Command::StartRollout`.
+pub(super) fn start(
+    txn: &mut Txn,
+    deployment_id: u64,
+    hosts: &[RolloutHost],
+    artifact_digest: &str,
+    artifact_kind: &str,
+    previous: Option<String>,
+    now: Timestamp,
+) -> StoreResult<Outcome> {
+    let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, deployment_id)? else {
+        return Ok(not_found("deployment", deployment_id));
+    };
+    if deployment.status.is_final() || deployment.rollout.is_some() {
+        return Ok(Outcome::rejected(RejectionCode::Conflict, format!("deployment {deployment_id} has ended or already rolls out")));
+    }
+    let Some(pipeline) = load_id::<Pipeline>(txn, Table::Pipelines, deployment.pipeline_id)? else {
+        return Ok(not_found("pipeline", deployment.pipeline_id));
+    };
+    if hosts.is_empty() {
+        return Ok(Outcome::rejected(RejectionCode::Invalid, "a rollout needs at least one host"));
+    }
+    let strategy = strategy_of(&pipeline, hosts.len());
+    let facts = Facts {
+        strategy,
+        hosts: hosts.iter().map(|host| HostFacts::new(host.agent_id)).collect(),
+        now: 0,
+        rolling_back: None,
+        canary: CanaryProgress::default(),
+        switched_at: None,
+        cleaning_up: false,
+    };
+    let mut regions: Vec<&str> = Vec::new();
+    for host in hosts {
+        let region = host.region.as_deref().unwrap_or("(no region)");
+        if !regions.contains(&region) {
+            regions.push(region);
+        }
+    }
+    let release = release_name(deployment_id);
+    let message = format!(
+        "rolling out {release} ({artifact_kind} sha256:{}) {} to {} host(s) in {}{}",
+        artifact_digest.get(..12).unwrap_or(artifact_digest),
+        strategy_label(&pipeline.deploy_strategy),
+        hosts.len(),
+        regions.join(", then "),
+        previous.as_deref().map(|previous| format!("; replacing {previous}")).unwrap_or_default()
+    );
+    deployment.rollout = Some(Box::new(Rollout {
+        service: service_name(pipeline.pipeline_id, &deployment.environment),
+        release,
+        previous,
+        artifact_digest: artifact_digest.to_string(),
+        artifact_kind: artifact_kind.to_string(),
+        hosts: hosts.to_vec(),
+        facts,
+        version: 1,
+        run: run_settings(&pipeline),
+        health: health_check(&pipeline),
+        analysis: Vec::new(),
+        started_at: now,
+    }));
+    super::progress::append(txn, &mut deployment, &[NewDeploymentEvent::new(event_kind::ROLLOUT_STARTED, message)], now);
+    if deployment.status != DeploymentStatus::InProgress {
+        set_deployment_status(txn, &mut deployment, DeploymentStatus::InProgress, None, now);
+    } else {
+        store(txn, Table::Deployments, id_key(deployment_id), &deployment);
+    }
+    Ok(Outcome::applied(Some(deployment_id), 1))
+}
+
+fn strategy_label(strategy: &DeployStrategy) -> &'static str {
+    match strategy {
+        DeployStrategy::Rolling => "rolling",
+        DeployStrategy::BlueGreen => "blue-green",
+        DeployStrategy::Canary => "canary",
+    }
+}
+
+/// `Command::RolloutStep`.
+pub(super) fn step(txn: &mut Txn, deployment_id: u64, version: u64, actions: &[Action], now: Timestamp) -> StoreResult<Outcome> {
+    let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, deployment_id)? else {
+        return Ok(not_found("deployment", deployment_id));
+    };
+    if deployment.status.is_final() {
+        return Ok(Outcome::rejected(RejectionCode::Conflict, format!("deployment {deployment_id} has ended")));
+    }
+    let Some(mut rollout) = deployment.rollout.take() else {
+        return Ok(Outcome::rejected(RejectionCode::Invalid, format!("deployment {deployment_id} does not roll out yet")));
+    };
+    if rollout.version != version {
+        return Ok(Outcome::rejected(
+            RejectionCode::Conflict,
+            format!("the rollout of deployment {deployment_id} moved on (version {} is not {version}); plan again", rollout.version),
+        ));
+    }
+    let mut events = Vec::new();
+    let mut finish = None;
+    let mut jobs = 0;
+    for action in actions {
+        match action {
+            Action::Start { host } => jobs += host_job(txn, &deployment, &mut rollout, *host, ReleaseOp::Start, now)?,
+            Action::CheckHealth { host } => jobs += host_job(txn, &deployment, &mut rollout, *host, ReleaseOp::CheckHealth, now)?,
+            Action::SetWeight { host, weight } => {
+                jobs += host_job(txn, &deployment, &mut rollout, *host, ReleaseOp::SetWeight { weight: *weight }, now)?
+            }
+            Action::StopOld { host } => jobs += host_job(txn, &deployment, &mut rollout, *host, ReleaseOp::StopOld, now)?,
+            Action::StopNew { host } => jobs += host_job(txn, &deployment, &mut rollout, *host, ReleaseOp::StopNew, now)?,
+            Action::Analyze { step, since } => {
+                rollout.analysis.retain(|traffic| traffic.step == *step);
+                let hosts: Vec<u64> = rollout.facts.hosts.iter().filter(|host| !host.lost).map(|host| host.host).collect();
+                for host in hosts {
+                    if !rollout.analysis.iter().any(|traffic| traffic.agent_id == host) {
+                        jobs += host_job(txn, &deployment, &mut rollout, host, ReleaseOp::Stats { since_ms: *since }, now)?;
+                    }
+                }
+            }
+            Action::BeginRollback { reason } => {
+                if rollout.facts.rolling_back.is_none() && !rollout.facts.cleaning_up {
+                    rollout.facts.rolling_back = Some(reason.clone());
+                    events.push(NewDeploymentEvent::new(event_kind::ROLLBACK_STARTED, format!("rolling back: {reason}")));
+                }
+            }
+            Action::BeginCanaryStep { step } => {
+                rollout.facts.canary = CanaryProgress { step: Some(*step), step_started_at: now, verdict: None };
+                rollout.analysis.clear();
+                let weight = match &rollout.facts.strategy {
+                    Strategy::Canary(settings) => settings.effective_steps().get(*step).copied(),
+                    _ => None,
+                };
+                let mut event = NewDeploymentEvent::new(
+                    event_kind::CANARY_STEP,
+                    format!("canary step {}: {} % of traffic on {}", step + 1, weight.unwrap_or(0), rollout.release),
+                );
+                event.weight = weight;
+                events.push(event);
+            }
+            Action::RecordSwitch => {
+                if rollout.facts.switched_at.is_none() {
+                    rollout.facts.switched_at = Some(now);
+                    events.push(NewDeploymentEvent::new(event_kind::HOST_SWITCHED, format!("every host serves {}", rollout.release)));
+                }
+            }
+            Action::BeginCleanup => {
+                if rollout.facts.rolling_back.is_none() {
+                    rollout.facts.cleaning_up = true;
+                }
+            }
+            Action::WaitUntil { .. } => {}
+            Action::Finish(how) => finish = Some(how.clone()),
+        }
+    }
+    rollout.version += 1;
+    deployment.rollout = Some(rollout);
+    super::progress::append(txn, &mut deployment, &events, now);
+    match finish {
+        Some(Finish::Succeeded) => set_deployment_status(txn, &mut deployment, DeploymentStatus::Success, None, now),
+        Some(Finish::RolledBack(reason)) => {
+            set_deployment_status(txn, &mut deployment, DeploymentStatus::RolledBack, Some(format!("rolled back: {reason}")), now)
+        }
+        None => store(txn, Table::Deployments, id_key(deployment_id), &deployment),
+    }
+    Ok(Outcome::applied(Some(deployment_id), 1 + jobs))
+}
+
+/// Give `host` a release job for `op`, unless it is busy or lost (a repeated plan changes
+/// nothing). Returns how many jobs were queued.
+fn host_job(txn: &mut Txn, deployment: &Deployment, rollout: &mut Rollout, host: u64, op: ReleaseOp, now: Timestamp) -> StoreResult<u64> {
+    let Some(index) = rollout.hosts.iter().position(|candidate| candidate.agent_id == host) else {
+        return Ok(0);
+    };
+    if rollout.facts.hosts[index].busy || rollout.facts.hosts[index].lost {
+        return Ok(0);
+    }
+    let timeout_seconds = match op {
+        ReleaseOp::Start => 900,
+        ReleaseOp::CheckHealth => rollout.health.deadline_ms / 1000 + 30,
+        _ => 120,
+    };
+    let name = format!("{RELEASE_JOB_PREFIX}{}:{}", op.name(), rollout.hosts[index].name);
+    let spec = JobSpec::Release(ReleaseSpec {
+        op,
+        service: rollout.service.clone(),
+        release: rollout.release.clone(),
+        previous: rollout.previous.clone(),
+        artifact: ReleaseArtifact { digest: rollout.artifact_digest.clone(), kind: rollout.artifact_kind.clone() },
+        run: rollout.run.clone(),
+        health: rollout.health.clone(),
+        timeout_seconds,
+    });
+    let spec = serde_json::to_value(&spec).expect("release specs serialize");
+    let labels = [("agent_id".to_string(), host.to_string())].into_iter().collect();
+    // One attempt: a release step that could not run is a fact for the planner, not a retry
+    // on another host.
+    let job_id = enqueue_job(txn, now, deployment, &name, labels, spec, 1)?;
+    rollout.hosts[index].job = Some(job_id);
+    rollout.facts.hosts[index].busy = true;
+    Ok(1)
+}
+
+/// A release job ended (or was given up): its result becomes the host's facts.
+pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: Timestamp) -> StoreResult<()> {
+    let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else { return Ok(()) };
+    if !matches!(job.status, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled) {
+        return Ok(());
+    }
+    let Ok(JobSpec::Release(spec)) = serde_json::from_value::<JobSpec>(job.spec.clone()) else { return Ok(()) };
+    let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, job.deployment_id)? else { return Ok(()) };
+    let Some(mut rollout) = deployment.rollout.take() else { return Ok(()) };
+    let Some(index) = rollout.hosts.iter().position(|host| host.job == Some(job_id)) else {
+        deployment.rollout = Some(rollout);
+        return Ok(());
+    };
+    rollout.hosts[index].job = None;
+    rollout.facts.hosts[index].busy = false;
+    let succeeded = job.status == JobStatus::Succeeded;
+    let reason = job.failure_reason.clone().unwrap_or_else(|| format!("the job ended {:?}", job.status).to_lowercase());
+    let output: Option<ReleaseOutput> = output.and_then(|output| serde_json::from_str(output).ok());
+    let host = &rollout.hosts[index];
+    let (agent_id, region, host_name) = (host.agent_id, host.region.clone(), host.name.clone());
+    let event = |kind: &str, message: String| NewDeploymentEvent {
+        kind: kind.to_string(),
+        host: Some(agent_id),
+        region: region.clone(),
+        weight: None,
+        message: format!("{host_name}: {message}"),
+    };
+    let mut events = Vec::new();
+    let unwinding = rollout.facts.rolling_back.is_some() || rollout.facts.cleaning_up;
+    let facts = &mut rollout.facts.hosts[index];
+    if job.status == JobStatus::Cancelled {
+        // The deployment ended (or was cancelled): nothing to learn from it.
+    } else {
+        match spec.op {
+            ReleaseOp::Start if succeeded => {
+                facts.new = NewRelease::Running;
+                events.push(event(event_kind::HOST_STARTED, format!("{} started", rollout.release)));
+            }
+            ReleaseOp::Start => {
+                facts.new = NewRelease::Failed(format!("{} did not start: {reason}", rollout.release));
+                events.push(event(event_kind::HOST_FAILED, format!("{} did not start: {reason}", rollout.release)));
+            }
+            ReleaseOp::CheckHealth => match output.as_ref().and_then(|output| output.health.as_ref()) {
+                Some(health) if succeeded && health.healthy => {
+                    facts.new = NewRelease::Healthy;
+                    events.push(event(event_kind::HOST_HEALTHY, format!("{} is healthy ({})", rollout.release, health.detail)));
+                }
+                health => {
+                    let detail = match health {
+                        Some(health) if succeeded => health.detail.clone(),
+                        _ => reason.clone(),
+                    };
+                    facts.new = NewRelease::Failed(format!("{} failed its health check: {detail}", rollout.release));
+                    events.push(event(event_kind::HOST_UNHEALTHY, format!("{} failed its health check: {detail}", rollout.release)));
+                }
+            },
+            ReleaseOp::SetWeight { weight } if succeeded => {
+                facts.weight = weight;
+                let mut changed = event(event_kind::WEIGHT_CHANGED, format!("{weight} % of traffic on {}", rollout.release));
+                changed.weight = Some(weight);
+                events.push(changed);
+                if weight == 100 && !unwinding {
+                    events.push(event(event_kind::HOST_SWITCHED, format!("all traffic on {}", rollout.release)));
+                }
+            }
+            ReleaseOp::SetWeight { weight } => {
+                let message = format!("could not move traffic to {weight} %: {reason}");
+                if unwinding {
+                    facts.lost = true;
+                } else {
+                    facts.new = NewRelease::Failed(message.clone());
+                }
+                events.push(event(event_kind::HOST_FAILED, message));
+            }
+            ReleaseOp::StopOld => {
+                facts.old_stopped = true;
+                let message =
+                    if succeeded { "old releases stopped".to_string() } else { format!("stopping the old releases failed: {reason}") };
+                events.push(event(event_kind::OLD_STOPPED, message));
+            }
+            ReleaseOp::StopNew => {
+                if succeeded {
+                    facts.new = NewRelease::Stopped;
+                    events.push(event(event_kind::NEW_STOPPED, format!("{} stopped", rollout.release)));
+                } else {
+                    facts.lost = true;
+                    events.push(event(event_kind::HOST_FAILED, format!("stopping {} failed: {reason}", rollout.release)));
+                }
+            }
+            ReleaseOp::Stats { .. } => {
+                let stats = output.as_ref().and_then(|output| output.stats.clone()).filter(|_| succeeded).unwrap_or_default();
+                rollout.analysis.push(HostTraffic {
+                    agent_id,
+                    step: rollout.facts.canary.step.unwrap_or(0),
+                    requests: stats.release.requests,
+                    server_errors: stats.release.server_errors,
+                    latency_p95_us: (stats.release.latency_p95_ms.max(0.0) * 1000.0) as u64,
+                    stable_requests: stats.others.requests,
+                    stable_server_errors: stats.others.server_errors,
+                });
+                if let Some(verdict) = judge(txn, &deployment, &rollout)? {
+                    let message = match &verdict {
+                        Verdict::Pass => "pass".to_string(),
+                        Verdict::Fail(why) => format!("fail: {why}"),
+                        Verdict::Inconclusive(why) => format!("inconclusive: {why}"),
+                    };
+                    let step = rollout.facts.canary.step.unwrap_or(0);
+                    events.push(NewDeploymentEvent::new(event_kind::ANALYSIS_VERDICT, format!("canary step {}: {message}", step + 1)));
+                    rollout.facts.canary.verdict = Some((verdict, now));
+                }
+            }
+        }
+    }
+    rollout.version += 1;
+    deployment.rollout = Some(rollout);
+    super::progress::append(txn, &mut deployment, &events, now);
+    store(txn, Table::Deployments, id_key(deployment.deployment_id), &deployment);
+    Ok(())
+}
+
+/// The verdict on the current canary step, once every host that is not lost has reported its
+/// counters: too few requests is inconclusive; too many 5xx or too slow fails.
+fn judge(txn: &Txn, deployment: &Deployment, rollout: &Rollout) -> StoreResult<Option<Verdict>> {
+    let step = rollout.facts.canary.step.unwrap_or(0);
+    let waiting = rollout.facts.hosts.iter().any(|host| {
+        !host.lost && (host.busy || !rollout.analysis.iter().any(|traffic| traffic.agent_id == host.host && traffic.step == step))
+    });
+    if waiting {
+        return Ok(None);
+    }
+    let settings = load_id::<Pipeline>(txn, Table::Pipelines, deployment.pipeline_id)?.map(|pipeline| pipeline.deploy).unwrap_or_default();
+    let counted: Vec<&HostTraffic> = rollout.analysis.iter().filter(|traffic| traffic.step == step).collect();
+    let requests: u64 = counted.iter().map(|traffic| traffic.requests).sum();
+    let errors: u64 = counted.iter().map(|traffic| traffic.server_errors).sum();
+    let p95_us = counted.iter().map(|traffic| traffic.latency_p95_us).max().unwrap_or(0);
+    let max_error_percent = u64::from(settings.max_error_percent.unwrap_or(5));
+    let min_requests = settings.min_requests.unwrap_or(20);
+    if errors * 100 > max_error_percent * requests.max(1) && errors > 0 {
+        return Ok(Some(Verdict::Fail(format!(
+            "{errors} of {requests} requests to the canary answered 5xx (more than {max_error_percent} %)"
+        ))));
+    }
+    if let Some(max_ms) = settings.max_latency_p95_ms
+        && requests > 0
+        && p95_us > max_ms.saturating_mul(1000)
+    {
+        return Ok(Some(Verdict::Fail(format!("p95 latency {} ms is above {max_ms} ms", p95_us / 1000))));
+    }
+    if requests < min_requests {
+        return Ok(Some(Verdict::Inconclusive(format!("{requests} requests reached the canary; at least {min_requests} are needed"))));
+    }
+    Ok(Some(Verdict::Pass))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use davit_agent::job_spec::{HealthReport, TrafficCounts, TrafficStats};
+
+    use super::*;
+    use crate::deploy::plan::plan;
+    use crate::state::command::{Command, JobEnd, PipelinePatch};
+    use crate::state::progress::events_after;
+    use crate::state::tests::{propose, seed_pipeline};
+    use crate::state::txn::EmptyState;
+
+    /// How the simulated hosts answer release steps.
+    struct Hosts {
+        /// Hosts whose new release fails its health check.
+        unhealthy: Vec<u64>,
+        /// Canary traffic per host and window: (requests, 5xx).
+        canary: (u64, u64),
+    }
+
+    fn setup(txn: &mut Txn, strategy: DeployStrategy, deploy: DeploySettings) -> (u64, Vec<RolloutHost>) {
+        let pipeline_id = seed_pipeline(txn);
+        let patch = PipelinePatch { deploy_strategy: Some(strategy), deploy: Some(deploy), ..PipelinePatch::default() };
+        propose(txn, 3, Command::UpdatePipeline { pipeline_id, patch }).result.expect("updated");
+        propose(txn, 3, Command::CreateRegistrationToken { description: "fleet".into(), token_hash: "t".into(), expires_at: 1_000 })
+            .result
+            .unwrap();
+        let mut hosts = Vec::new();
+        for (name, region) in [("eu-1", "eu"), ("eu-2", "eu"), ("us-1", "us"), ("us-2", "us")] {
+            let labels: BTreeMap<String, String> = [("pool", "deploy"), ("environment", "production"), ("region", region)]
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect();
+            let register = Command::RegisterAgent {
+                name: name.into(),
+                labels: labels.clone(),
+                credential_hash: format!("h-{name}"),
+                registration_token_hash: "t".into(),
+            };
+            let agent_id = propose(txn, 4, register).result.unwrap().id.unwrap();
+            let connected = Command::AgentConnected {
+                agent_id,
+                node_id: 1,
+                labels,
+                capacity: 4,
+                executors: vec!["docker".into()],
+                draining: false,
+                version: "t".into(),
+            };
+            propose(txn, 4, connected).result.unwrap();
+            hosts.push(RolloutHost { agent_id, name: name.into(), region: Some(region.into()), job: None });
+        }
+        let create = Command::CreateDeployment {
+            pipeline_id,
+            commit_hash: "c".repeat(40),
+            environment: "production".into(),
+            config_overrides: BTreeMap::new(),
+            rollback_of: None,
+        };
+        let deployment_id = propose(txn, 5, create).result.unwrap().id.unwrap();
+        (deployment_id, hosts)
+    }
+
+    fn deployment(txn: &Txn, deployment_id: u64) -> Deployment {
+        load_id(txn, Table::Deployments, deployment_id).unwrap().unwrap()
+    }
+
+    /// Drive the rollout as the controller and the agents would, until it ends; returns the
+    /// release jobs each host was given, by operation name.
+    fn drive(txn: &mut Txn, deployment_id: u64, hosts: &Hosts) -> BTreeMap<u64, Vec<String>> {
+        let mut given: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        let mut time = 1_000_000;
+        for _ in 0..500 {
+            time += 1_000;
+            let current = deployment(txn, deployment_id);
+            if current.status.is_final() {
+                return given;
+            }
+            let rollout = current.rollout.clone().expect("a rollout");
+            let mut facts = rollout.facts.clone();
+            facts.now = time;
+            let actions: Vec<Action> = plan(&facts).into_iter().filter(|action| !matches!(action, Action::WaitUntil { .. })).collect();
+            if !actions.is_empty() {
+                let step = Command::RolloutStep { deployment_id, version: rollout.version, actions };
+                propose(txn, time, step).result.expect("a step planned from current facts applies");
+            }
+            // Every queued release job runs on its host and reports.
+            let rollout = deployment(txn, deployment_id).rollout.unwrap();
+            for host in rollout.hosts.iter().filter(|host| host.job.is_some()) {
+                let job_id = host.job.unwrap();
+                let job: Job = load_id(txn, Table::Jobs, job_id).unwrap().unwrap();
+                assert_eq!(job.labels.get("agent_id"), Some(&host.agent_id.to_string()), "release jobs are pinned to their host");
+                let Ok(JobSpec::Release(spec)) = serde_json::from_value::<JobSpec>(job.spec.clone()) else { panic!("a release spec") };
+                given.entry(host.agent_id).or_default().push(match spec.op {
+                    ReleaseOp::SetWeight { weight } => format!("set_weight {weight}"),
+                    ref op => op.name().to_string(),
+                });
+                let assign = Command::AssignJob { job_id, agent_id: host.agent_id, attempt: 1, lease_expires_at: time + 60_000 };
+                propose(txn, time, assign).result.expect("assigned");
+                let mut output = ReleaseOutput::default();
+                match spec.op {
+                    ReleaseOp::CheckHealth => {
+                        let healthy = !hosts.unhealthy.contains(&host.agent_id);
+                        output.health = Some(HealthReport { healthy, detail: if healthy { "200 OK" } else { "500 from /health" }.into() });
+                    }
+                    ReleaseOp::Stats { .. } => {
+                        let (requests, server_errors) = hosts.canary;
+                        output.stats = Some(TrafficStats {
+                            release: TrafficCounts { requests, server_errors, latency_p95_ms: 3.0 },
+                            others: TrafficCounts { requests: requests * 9, server_errors: 0, latency_p95_ms: 2.0 },
+                        });
+                    }
+                    _ => {}
+                }
+                let finish = Command::FinishJob {
+                    job_id,
+                    attempt: 1,
+                    end: JobEnd::Succeeded,
+                    reason: None,
+                    output: Some(serde_json::to_string(&output).unwrap()),
+                };
+                propose(txn, time, finish).result.expect("finished");
+            }
+        }
+        panic!("the rollout did not end: {:?}", deployment(txn, deployment_id).rollout);
+    }
+
+    fn kinds(txn: &Txn, deployment_id: u64) -> Vec<String> {
+        events_after(txn, deployment_id, 0, 1000).unwrap().into_iter().map(|event| event.kind).collect()
+    }
+
+    fn start(txn: &mut Txn, deployment_id: u64, hosts: Vec<RolloutHost>) {
+        let command = Command::StartRollout {
+            deployment_id,
+            hosts,
+            artifact_digest: "a".repeat(64),
+            artifact_kind: "image".into(),
+            previous: Some("d0".into()),
+        };
+        propose(txn, 900_000, command).result.expect("the rollout starts");
+    }
+
+    #[test]
+    fn blue_green_switches_every_host_once_and_succeeds() {
+        let mut txn = Txn::new(&EmptyState);
+        let deploy = DeploySettings { public_port: Some(8080), keep_old_seconds: Some(5), ..DeploySettings::default() };
+        let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::BlueGreen, deploy);
+        start(&mut txn, deployment_id, hosts.clone());
+        let given = drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![], canary: (0, 0) });
+        let ended = deployment(&txn, deployment_id);
+        assert_eq!(ended.status, DeploymentStatus::Success, "{:?}", ended.status_reason);
+        for host in &hosts {
+            assert_eq!(given[&host.agent_id], ["start", "check_health", "set_weight 100", "stop_old"], "host {}", host.name);
+        }
+        let kinds = kinds(&txn, deployment_id);
+        assert_eq!(kinds.first().map(String::as_str), Some(event_kind::QUEUED));
+        assert_eq!(kinds.last().map(String::as_str), Some(event_kind::SUCCEEDED));
+        assert_eq!(kinds.iter().filter(|kind| *kind == event_kind::HOST_HEALTHY).count(), 4);
+        // A step planned from facts that have since moved on is refused.
+        let stale = Command::RolloutStep { deployment_id, version: 1, actions: vec![Action::Start { host: hosts[0].agent_id }] };
+        assert!(propose(&mut txn, 2_000_000, stale).result.is_err());
+    }
+
+    #[test]
+    fn a_blue_green_host_failing_its_health_check_never_takes_traffic() {
+        let mut txn = Txn::new(&EmptyState);
+        let deploy = DeploySettings { public_port: Some(8080), ..DeploySettings::default() };
+        let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::BlueGreen, deploy);
+        start(&mut txn, deployment_id, hosts.clone());
+        let given = drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![hosts[2].agent_id], canary: (0, 0) });
+        let ended = deployment(&txn, deployment_id);
+        assert_eq!(ended.status, DeploymentStatus::RolledBack);
+        assert!(ended.status_reason.as_deref().unwrap_or_default().contains("health check"), "{:?}", ended.status_reason);
+        for host in &hosts {
+            assert!(
+                !given[&host.agent_id].iter().any(|op| op == "set_weight 100"),
+                "host {} got traffic: {:?}",
+                host.name,
+                given[&host.agent_id]
+            );
+        }
+        assert!(kinds(&txn, deployment_id).contains(&event_kind::ROLLBACK_STARTED.to_string()));
+    }
+
+    #[test]
+    fn a_canary_answering_500_rolls_back_at_its_first_step() {
+        let mut txn = Txn::new(&EmptyState);
+        let deploy = DeploySettings { public_port: Some(8080), analysis_window_seconds: Some(5), ..DeploySettings::default() };
+        let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::Canary, deploy);
+        start(&mut txn, deployment_id, hosts.clone());
+        let given = drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![], canary: (30, 30) });
+        let ended = deployment(&txn, deployment_id);
+        assert_eq!(ended.status, DeploymentStatus::RolledBack);
+        for host in &hosts {
+            let weights: Vec<&String> = given[&host.agent_id].iter().filter(|op| op.starts_with("set_weight")).collect();
+            assert_eq!(weights, ["set_weight 10", "set_weight 0"], "host {}", host.name);
+        }
+        let events = events_after(&txn, deployment_id, 0, 1000).unwrap();
+        let verdict = events.iter().find(|event| event.kind == event_kind::ANALYSIS_VERDICT).expect("a verdict");
+        assert!(verdict.message.contains("fail"), "{}", verdict.message);
+    }
+
+    #[test]
+    fn a_healthy_canary_with_enough_traffic_goes_through_every_step() {
+        let mut txn = Txn::new(&EmptyState);
+        let deploy = DeploySettings { public_port: Some(8080), analysis_window_seconds: Some(5), ..DeploySettings::default() };
+        let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::Canary, deploy);
+        start(&mut txn, deployment_id, hosts.clone());
+        let given = drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![], canary: (50, 0) });
+        assert_eq!(deployment(&txn, deployment_id).status, DeploymentStatus::Success);
+        let weights: Vec<&String> = given[&hosts[0].agent_id].iter().filter(|op| op.starts_with("set_weight")).collect();
+        assert_eq!(weights, ["set_weight 10", "set_weight 50", "set_weight 100"]);
+    }
+
+    #[test]
+    fn rolling_goes_region_by_region_one_host_at_a_time() {
+        let mut txn = Txn::new(&EmptyState);
+        let deploy = DeploySettings { public_port: Some(8080), ..DeploySettings::default() };
+        let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::Rolling, deploy);
+        start(&mut txn, deployment_id, hosts.clone());
+        drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![], canary: (0, 0) });
+        assert_eq!(deployment(&txn, deployment_id).status, DeploymentStatus::Success);
+        let switched: Vec<Option<u64>> = events_after(&txn, deployment_id, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|event| event.kind == event_kind::HOST_SWITCHED)
+            .map(|event| event.host)
+            .collect();
+        assert_eq!(switched, hosts.iter().map(|host| Some(host.agent_id)).collect::<Vec<_>>(), "in rollout order, once each");
+    }
+}
