@@ -104,6 +104,30 @@ impl GitServer {
     }
 }
 
+impl GitServer {
+    /// Commit files on `main` (content `None` deletes the file) and push; returns the commit.
+    pub fn commit_files(&self, files: &[(&str, Option<&str>)], message: &str) -> String {
+        let work = self.work();
+        git(&work, &["checkout", "-q", "main"]);
+        for (path, content) in files {
+            let file = work.join(path);
+            match content {
+                Some(content) => {
+                    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+                    std::fs::write(&file, content).unwrap();
+                    git(&work, &["add", path]);
+                }
+                None => {
+                    git(&work, &["rm", "-q", path]);
+                }
+            }
+        }
+        git(&work, &["commit", "-q", "-m", message]);
+        git(&work, &["push", "-q", "served", "main:refs/heads/main"]);
+        git(&work, &["rev-parse", "HEAD"])
+    }
+}
+
 impl Drop for GitServer {
     fn drop(&mut self) {
         let _ = self.daemon.kill();

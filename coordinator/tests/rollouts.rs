@@ -1,0 +1,285 @@
+//! Rollouts end to end with real parts: a small HTTP service built by the platform from a
+//! repository served by `git daemon` (a Dockerfile, built by a Docker build agent), released to
+//! four deploy agents in two regions — real `davit-agent` processes, each with its own traffic
+//! switch on its own loopback address — while clients send requests to every host throughout.
+
+#[allow(dead_code)]
+mod fleet;
+#[allow(dead_code)]
+mod git_server;
+#[allow(dead_code)]
+mod single_node;
+#[allow(dead_code)]
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet::{AgentProcess, Api, api_for, docker_ready};
+use git_server::GitServer;
+use serde_json::{Value, json};
+use single_node::SingleNode;
+
+const DOCKERFILE: &str = "FROM davit/build-base:latest\nCOPY www /www\nRUN [\"chmod\", \"755\", \"/www/cgi-bin/index.cgi\"]\nEXPOSE 8080\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n";
+/// Answers `/` when `index.html` is missing: the broken version.
+const FAILING_CGI: &str = "#!/bin/sh\necho \"Status: 500 Internal Server Error\"\necho \"Content-Type: text/plain\"\necho\necho broken\n";
+
+/// The hosts: (agent name, region, the address its traffic switch binds).
+const HOSTS: [(&str, &str, &str); 4] =
+    [("eu-1", "eu", "127.0.40.1"), ("eu-2", "eu", "127.0.40.2"), ("us-1", "us", "127.0.40.3"), ("us-2", "us", "127.0.40.4")];
+
+/// What the clients saw: per host, answers by body (or error).
+#[derive(Default)]
+struct Seen {
+    answers: BTreeMap<String, BTreeMap<String, u64>>,
+    failures: Vec<String>,
+}
+
+/// One client per host, sending requests back to back until stopped.
+struct Clients {
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Clients {
+    fn start(port: u16) -> Clients {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = HOSTS
+            .iter()
+            .map(|(name, _, address)| {
+                let (seen, stop, name) = (seen.clone(), stop.clone(), name.to_string());
+                let url = format!("http://{address}:{port}/");
+                tokio::spawn(async move {
+                    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        let answer = match client.get(&url).send().await {
+                            Ok(response) => {
+                                let status = response.status().as_u16();
+                                let body = response.text().await.unwrap_or_default();
+                                if status == 200 { Ok(body.trim().to_string()) } else { Err(format!("{status} {}", body.trim())) }
+                            }
+                            Err(error) => Err(format!("error: {error}")),
+                        };
+                        record(&seen, &name, answer);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Clients { seen, stop, tasks }
+    }
+
+    /// Forget what was seen so far (a new phase begins).
+    fn reset(&self) {
+        *self.seen.lock().unwrap() = Seen::default();
+    }
+
+    fn take(&self) -> Seen {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn record(seen: &Mutex<Seen>, host: &str, answer: Result<String, String>) {
+    let mut seen = seen.lock().unwrap();
+    let key = match &answer {
+        Ok(body) => body.clone(),
+        Err(failure) => failure.clone(),
+    };
+    *seen.answers.entry(host.to_string()).or_default().entry(key).or_default() += 1;
+    if let Err(failure) = answer {
+        seen.failures.push(format!("{host}: {failure}"));
+    }
+}
+
+async fn host_answers(port: u16) -> Vec<String> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let mut answers = Vec::new();
+    for (_, _, address) in HOSTS {
+        let answer = match client.get(format!("http://{address}:{port}/")).send().await {
+            Ok(response) => format!("{} {}", response.status().as_u16(), response.text().await.unwrap_or_default().trim()),
+            Err(error) => format!("error: {error}"),
+        };
+        answers.push(answer);
+    }
+    answers
+}
+
+async fn wait_for_end(api: &Api, node: &SingleNode, deployment_id: u64, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let deployment = api.get(&format!("/api/v1/deployments/{deployment_id}")).await;
+        let status = deployment["status"].as_str().unwrap_or_default();
+        if ["success", "failed", "rolled_back"].contains(&status) {
+            return deployment;
+        }
+        assert!(Instant::now() < deadline, "deployment {deployment_id} did not end: {deployment:#}\n{}", node.log_tail(60));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn events(api: &Api, deployment_id: u64) -> Vec<Value> {
+    let page = api.get(&format!("/api/v1/deployments/{deployment_id}/events?limit=500")).await;
+    page["items"].as_array().cloned().unwrap_or_default()
+}
+
+async fn deploy(api: &Api, pipeline_id: u64, commit: &str, strategy: &str) -> u64 {
+    let (status, body) =
+        api.call(reqwest::Method::PUT, &format!("/api/v1/pipelines/{pipeline_id}"), Some(json!({"deploy_strategy": strategy}))).await;
+    assert_eq!(status, 200, "{body}");
+    let deployment = api
+        .post("/api/v1/deployments", json!({"pipeline_id": pipeline_id.to_string(), "commit_hash": commit, "environment": "staging"}))
+        .await;
+    deployment["deployment_id"].as_u64().unwrap()
+}
+
+/// The switch history the agent keeps for the service: how many times each host moved all its
+/// traffic to `release`.
+fn switches_to(agent: &AgentProcess, service: &str, release: &str) -> usize {
+    let path = agent.state_dir.join("releases").join(format!("{service}.json"));
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap();
+    state["history"].as_array().unwrap().iter().filter(|change| change["weights"][release] == 100).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_strategy_rolls_a_built_service_out_to_four_hosts_in_two_regions() {
+    let test = "rollouts";
+    if !docker_ready(test) {
+        return;
+    }
+    let (git_server, first_commit) = GitServer::start_with(
+        "service",
+        &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
+    );
+    let node = SingleNode::start_with(test, &["--no-agent"]).await;
+    let api = api_for(&node);
+    let token = api.registration_token().await;
+    let mut agents = vec![AgentProcess::register("builder", &[node.grpc_addr()], &token, "docker")];
+    for (name, region, address) in HOSTS {
+        agents.push(AgentProcess::register_deploy(name, &[node.grpc_addr()], &token, region, "staging", address));
+    }
+    for agent in &mut agents {
+        agent.start();
+    }
+    api.wait_for_agents(agents.len()).await;
+
+    let port = git_server::free_port();
+    let repo = api.post("/api/v1/repos/connect", json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git"})).await;
+    let pipeline = api
+        .post(
+            "/api/v1/pipelines",
+            json!({
+                "name": "service", "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "staging",
+                "build": {"dockerfile": "Dockerfile"},
+                "deploy": {
+                    "public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200,
+                    "healthy_threshold": 2, "unhealthy_threshold": 3, "health_deadline_seconds": 20, "keep_old_seconds": 2,
+                    "analysis_window_seconds": 3, "min_requests": 10, "max_error_percent": 5, "regions": ["eu", "us"]
+                }
+            }),
+        )
+        .await;
+    let pipeline_id = pipeline["pipeline_id"].as_u64().unwrap();
+    let service = format!("p{pipeline_id}-staging");
+
+    // The first release: nothing to replace yet.
+    let first = deploy(&api, pipeline_id, &first_commit, "blue-green").await;
+    let ended = wait_for_end(&api, &node, first, Duration::from_secs(240)).await;
+    assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(&api, first).await);
+    assert_eq!(host_answers(port).await, vec!["200 v1"; 4]);
+
+    let clients = Clients::start(port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut live = "v1".to_string();
+    for (version, strategy) in [("v2", "rolling"), ("v3", "blue-green"), ("v4", "canary")] {
+        let commit = git_server.commit_files(&[("www/index.html", Some(&format!("{version}\n")))], version);
+        clients.reset();
+        let deployment_id = deploy(&api, pipeline_id, &commit, strategy).await;
+        let ended = wait_for_end(&api, &node, deployment_id, Duration::from_secs(240)).await;
+        assert_eq!(ended["status"], "success", "{strategy}: {ended:#}\n{:#?}", events(&api, deployment_id).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = clients.take();
+        assert!(seen.failures.is_empty(), "{strategy}: {} failed requests, first {:?}", seen.failures.len(), seen.failures.first());
+        assert_eq!(host_answers(port).await, vec![format!("200 {version}"); 4], "{strategy}: every host ends on {version}");
+        for (host, answers) in &seen.answers {
+            assert!(answers.keys().all(|body| *body == live || body == version), "{strategy}: {host} answered {answers:?}");
+        }
+        // Every host switched to the new release exactly once.
+        for agent in &agents[1..] {
+            assert_eq!(switches_to(agent, &service, &format!("d{deployment_id}")), 1, "{strategy}: host {}", agent.name);
+        }
+        let kinds: Vec<String> =
+            events(&api, deployment_id).await.iter().map(|event| event["kind"].as_str().unwrap().to_string()).collect();
+        assert_eq!(kinds.iter().filter(|kind| *kind == "host_healthy").count(), 4, "{strategy}: {kinds:?}");
+        if strategy == "rolling" {
+            // Region waves: both eu hosts switch before either us host.
+            let order: Vec<String> = events(&api, deployment_id)
+                .await
+                .iter()
+                .filter(|event| event["kind"] == "host_switched")
+                .map(|event| event["region"].as_str().unwrap_or_default().to_string())
+                .collect();
+            assert_eq!(order, ["eu", "eu", "us", "us"], "{strategy}");
+        }
+        live = version.to_string();
+    }
+
+    // A version that answers 500, by canary: rolled back at its first step.
+    let broken = git_server.commit_files(&[("www/index.html", None)], "v5 answers 500");
+    clients.reset();
+    let deployment_id = deploy(&api, pipeline_id, &broken, "canary").await;
+    let ended = wait_for_end(&api, &node, deployment_id, Duration::from_secs(240)).await;
+    let progress = events(&api, deployment_id).await;
+    assert_eq!(ended["status"], "rolled_back", "{ended:#}\n{progress:#?}");
+    let steps: Vec<&Value> = progress.iter().filter(|event| event["kind"] == "canary_step").collect();
+    assert_eq!(steps.len(), 1, "the broken canary got past its first step: {progress:#?}");
+    assert!(progress.iter().any(|event| event["kind"] == "analysis_verdict" && event["message"].as_str().unwrap().contains("fail")));
+    let verdict_at = progress.iter().find(|event| event["kind"] == "analysis_verdict").unwrap()["at"].as_i64().unwrap();
+    let ended_at = progress.last().unwrap()["at"].as_i64().unwrap();
+    assert!(ended_at - verdict_at < 60_000, "traffic took {} ms to return to stable", ended_at - verdict_at);
+    assert_eq!(host_answers(port).await, vec![format!("200 {live}"); 4], "all traffic is back on the stable release");
+    let seen = clients.take();
+    assert!(seen.failures.iter().all(|failure| failure.contains("500 broken")), "only the canary's own 500s: {:?}", seen.failures);
+
+    // A version failing its health check, by blue-green: it never receives traffic.
+    let unhealthy = git_server.commit_files(&[("www/index.html", Some("v6\n")), ("www/health", None)], "v6 fails its health check");
+    clients.reset();
+    let deployment_id = deploy(&api, pipeline_id, &unhealthy, "blue-green").await;
+    let ended = wait_for_end(&api, &node, deployment_id, Duration::from_secs(240)).await;
+    assert_eq!(ended["status"], "rolled_back", "{ended:#}\n{:#?}", events(&api, deployment_id).await);
+    let seen = clients.take();
+    assert!(seen.failures.is_empty(), "{:?}", seen.failures.first());
+    for (host, answers) in &seen.answers {
+        assert!(!answers.contains_key("v6"), "{host} served the unhealthy release: {answers:?}");
+    }
+    assert_eq!(host_answers(port).await, vec![format!("200 {live}"); 4]);
+
+    // A rollback through the API deploys the last good release again, as a new deployment.
+    let (status, rollback) = api.call(reqwest::Method::POST, &format!("/api/v1/deployments/{deployment_id}/rollback"), None).await;
+    assert_eq!(status, 201, "{rollback}");
+    let rollback_id = rollback["deployment_id"].as_u64().unwrap();
+    assert_eq!(rollback["rollback_of"], deployment_id);
+    let ended = wait_for_end(&api, &node, rollback_id, Duration::from_secs(240)).await;
+    assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(&api, rollback_id).await);
+    clients.stop().await;
+    for agent in &mut agents {
+        agent.kill();
+    }
+    let leftovers = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=davit.service={service}")])
+        .output()
+        .expect("docker ps");
+    for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
+        let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+    }
+}
