@@ -100,6 +100,7 @@ impl From<Rejection> for ApiError {
             RejectionCode::Conflict => (StatusCode::CONFLICT, "conflict"),
             RejectionCode::Invalid => (StatusCode::BAD_REQUEST, "invalid_request"),
             RejectionCode::StaleAttempt => (StatusCode::CONFLICT, "stale_attempt"),
+            RejectionCode::Refused => (StatusCode::CONFLICT, "refused_by_environment"),
         };
         ApiError::new(status, code, rejection.message)
     }

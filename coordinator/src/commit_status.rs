@@ -811,6 +811,8 @@ mod tests {
                 environment: "staging".into(),
                 config_overrides: Default::default(),
                 rollback_of: None,
+                branch: None,
+                release_of: None,
             })
             .await
         }

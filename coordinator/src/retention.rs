@@ -249,6 +249,10 @@ mod tests {
             events: 0,
             rollout: None,
             rolls_out: false,
+            branch: None,
+            release_of: None,
+            required_approvals: None,
+            approvals: Vec::new(),
             created_at: ended - 1000,
             updated_at: ended,
         }

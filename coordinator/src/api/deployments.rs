@@ -32,6 +32,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_deployment))
         .routes(routes!(cancel_deployment))
         .routes(routes!(rollback_deployment))
+        .routes(routes!(approve_deployment))
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -54,6 +55,22 @@ pub struct DeploymentView {
     pub scm: Option<ScmOriginView>,
     /// The rollout to the environment's hosts, once it began.
     pub rollout: Option<RolloutView>,
+    /// The branch deployed, when the deployment names one.
+    pub branch: Option<String>,
+    /// The deployment whose build this one releases (a promotion or a rollback).
+    pub release_of: Option<u64>,
+    /// The environment is protected: developer approvals needed (or one admin's), and given.
+    pub required_approvals: Option<u32>,
+    pub approvals: Vec<ApprovalView>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApprovalView {
+    pub user_id: u64,
+    pub username: String,
+    #[schema(value_type = String, example = "developer")]
+    pub role: Role,
+    pub at: String,
 }
 
 /// Where a rollout stands: the release, and each host's part in it.
@@ -190,6 +207,19 @@ impl From<Deployment> for DeploymentView {
             updated_at: timestamp(deployment.updated_at),
             scm: deployment.scm.map(ScmOriginView::from),
             rollout: deployment.rollout.as_deref().map(RolloutView::from),
+            branch: deployment.branch,
+            release_of: deployment.release_of,
+            required_approvals: deployment.required_approvals,
+            approvals: deployment
+                .approvals
+                .into_iter()
+                .map(|approval| ApprovalView {
+                    user_id: approval.user_id,
+                    username: approval.username,
+                    role: approval.role,
+                    at: timestamp(approval.at),
+                })
+                .collect(),
         }
     }
 }
@@ -428,8 +458,15 @@ async fn create_deployment(
             (commit_hash, format!(" (the head of branch {branch})"))
         }
     };
-    let command =
-        Command::CreateDeployment { pipeline_id, commit_hash, environment: environment.clone(), config_overrides, rollback_of: None };
+    let command = Command::CreateDeployment {
+        pipeline_id,
+        commit_hash,
+        environment: environment.clone(),
+        config_overrides,
+        rollback_of: None,
+        branch: None,
+        release_of: None,
+    };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let deployment_id = applied_id(outcome)?.expect("create returns the id");
     let deployment = load_deployment(&state, deployment_id)?;
@@ -476,7 +513,12 @@ async fn cancel_deployment(
         ));
     }
     let reason = format!("cancelled by {}", caller.username);
-    let command = Command::SetDeploymentStatus { deployment_id, status: DeploymentStatus::Failed, reason: Some(reason.clone()) };
+    // A rollout under way is undone (all traffic back to the release before it), not dropped.
+    let command = if deployment.rollout.is_some() {
+        Command::AbortRollout { deployment_id, reason: reason.clone() }
+    } else {
+        Command::SetDeploymentStatus { deployment_id, status: DeploymentStatus::Failed, reason: Some(reason.clone()) }
+    };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     applied_id(outcome)?;
     log_segments::system_line(
@@ -532,6 +574,8 @@ async fn rollback_deployment(
         environment: deployment.environment.clone(),
         config_overrides: target.config_overrides.clone(),
         rollback_of: Some(deployment_id),
+        branch: None,
+        release_of: None,
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let rollback_id = applied_id(outcome)?.expect("create returns the id");
@@ -547,4 +591,22 @@ async fn rollback_deployment(
     )
     .await;
     Ok((StatusCode::CREATED, Json(load_deployment(&state, rollback_id)?.into())))
+}
+
+/// Approve a deployment waiting for approvals (developer or admin; not one's own, unless an
+/// admin). One admin's approval, or the environment's number of developers', lets it roll out.
+#[utoipa::path(post, path = "/api/v1/deployments/{id}/approve", tag = "deployments", params(("id" = schema::IdText, Path, description = "deployment id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody)))]
+async fn approve_deployment(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    caller.require(Role::Developer, "approving a deployment")?;
+    let deployment_id = parse_id("id", &id)?;
+    let (outcome, _) = super::propose(&state.node, &caller.requester(), Command::ApproveDeployment { deployment_id }).await?;
+    applied_id(outcome)?;
+    Ok(Json(load_deployment(&state, deployment_id)?.into()))
 }

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cluster;
 pub mod configs;
 pub mod deployments;
+pub mod environments;
 pub mod extract;
 pub mod health;
 pub mod logs;
@@ -128,6 +129,7 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(repos::routes())
         .merge(pipelines::routes())
         .merge(deployments::routes())
+        .merge(environments::routes())
         .merge(configs::routes())
         .merge(logs::routes())
         .merge(monitoring::routes())

@@ -95,7 +95,7 @@ impl Controller {
             return Ok(None);
         }
         let state = self.node.state();
-        if !build_succeeded(&state, deployment)? {
+        if !deployment.approved() || !build_succeeded(&state, deployment)? {
             return Ok(None);
         }
         let fail = |reason: String| {
@@ -181,34 +181,46 @@ fn deploy_hosts(state: &dyn StateRead, environment: &str, regions: &[String]) ->
 /// The artifact a deployment releases: what its own build produced or, for a rollback, what
 /// the release it returns to was made from.
 fn release_artifact(state: &dyn StateRead, deployment: &Deployment, kind: &str) -> anyhow::Result<Option<Artifact>> {
-    if deployment.rollback_of.is_some() {
+    let built_by = deployment.release_of.unwrap_or(deployment.deployment_id);
+    if let Some(source) = deployment.release_of.map(|id| load_id::<Deployment>(state, Table::Deployments, id)).transpose()?.flatten()
+        && let Some(rollout) = source.rollout
+    {
+        // What the source released, whatever it was built as.
+        return Ok(Some(released(deployment, &source.commit_hash, source.deployment_id, *rollout)));
+    }
+    if deployment.release_of.is_none() && deployment.rollback_of.is_some() {
         let Some(source) = rollback_source(state, deployment)? else { return Ok(None) };
         let rollout = source.rollout.expect("sources have rollouts");
-        return Ok(Some(Artifact {
-            artifact_id: 0,
-            pipeline_id: deployment.pipeline_id,
-            version: rollout.release.clone(),
-            artifact_path: String::new(),
-            digest: rollout.artifact_digest,
-            size_bytes: 0,
-            created_at: 0,
-            updated_at: 0,
-            commit_hash: Some(source.commit_hash),
-            deployment_id: Some(source.deployment_id),
-            job_id: None,
-            kind: Some(rollout.artifact_kind),
-        }));
+        return Ok(Some(released(deployment, &source.commit_hash, source.deployment_id, *rollout)));
     }
     let mut found = None;
     for artifact_id in index_ids(state, index::ARTIFACTS_BY_PIPELINE, &deployment.pipeline_id.to_string())? {
         if let Some(artifact) = load_id::<Artifact>(state, Table::Artifacts, artifact_id)?
-            && artifact.deployment_id == Some(deployment.deployment_id)
+            && artifact.deployment_id == Some(built_by)
             && artifact.kind.as_deref().unwrap_or("files") == kind
         {
             found = Some(artifact);
         }
     }
     Ok(found)
+}
+
+/// The artifact an earlier rollout released, as this deployment's.
+fn released(deployment: &Deployment, commit: &str, source_id: u64, rollout: Rollout) -> Artifact {
+    Artifact {
+        artifact_id: 0,
+        pipeline_id: deployment.pipeline_id,
+        version: rollout.release,
+        artifact_path: String::new(),
+        digest: rollout.artifact_digest,
+        size_bytes: 0,
+        created_at: 0,
+        updated_at: 0,
+        commit_hash: Some(commit.to_string()),
+        deployment_id: Some(source_id),
+        job_id: None,
+        kind: Some(rollout.artifact_kind),
+    }
 }
 
 /// For a rollback: the newest successful rollout of the pipeline to the environment, of the

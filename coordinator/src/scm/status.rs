@@ -500,6 +500,10 @@ mod tests {
             events: 0,
             rollout: None,
             rolls_out: false,
+            branch: None,
+            release_of: None,
+            required_approvals: None,
+            approvals: Vec::new(),
         }
     }
 

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::codec::{decode, encode, id_key, key_id};
-use super::command::{Assignment, Command, ConfigEntry, JobEnd, Outcome, Proposal, RejectionCode};
+use super::command::{Assignment, Command, ConfigEntry, JobEnd, NewDeploymentEvent, Outcome, Proposal, RejectionCode};
 use super::records::*;
 use super::txn::{StateRead, Txn};
 use crate::store::{StoreResult, Table};
@@ -485,7 +485,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             0 => Ok(not_found("pipeline", *pipeline_id)),
             affected => Ok(Outcome::applied(Some(*pipeline_id), affected)),
         },
-        Command::CreateDeployment { pipeline_id, commit_hash, environment, config_overrides, rollback_of } => {
+        Command::CreateDeployment { pipeline_id, commit_hash, environment, config_overrides, rollback_of, branch, release_of } => {
             let Some(pipeline) = load_id::<Pipeline>(txn, Table::Pipelines, *pipeline_id)? else {
                 return Ok(not_found("pipeline", *pipeline_id));
             };
@@ -494,14 +494,23 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             {
                 return Ok(not_found("deployment to roll back", *previous));
             }
-            let new = NewDeployment {
+            if let Some(source) = release_of
+                && load_id::<Deployment>(txn, Table::Deployments, *source)?.is_none_or(|source| source.pipeline_id != *pipeline_id)
+            {
+                return Ok(not_found(&format!("deployment of pipeline {pipeline_id} to release"), *source));
+            }
+            let mut new = NewDeployment {
                 commit_hash: commit_hash.clone(),
                 environment: environment.clone(),
                 config_overrides: config_overrides.clone(),
                 rollback_of: *rollback_of,
+                release_of: *release_of,
                 scm: None,
-                checkout: Checkout::default(),
+                checkout: Checkout { branch: branch.clone(), fetch_ref: None },
             };
+            if let Err(refusal) = super::environments::admit(txn, &pipeline, &mut new)? {
+                return Ok(Outcome::rejected(RejectionCode::Refused, refusal));
+            }
             let (deployment_id, affected) = create_deployment(txn, proposal, &pipeline, new)?;
             Ok(Outcome::applied(Some(deployment_id), affected))
         }
@@ -841,6 +850,9 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
         }
         Command::RecordScmChanges { repo_id, source, changes } => super::scm::record_changes(txn, proposal, *repo_id, source, changes),
         Command::RecordDeploymentEvents { deployment_id, events } => super::progress::record(txn, *deployment_id, events, now),
+        Command::SetEnvironment { name, settings } => super::environments::set(txn, name, settings, now),
+        Command::AbortRollout { deployment_id, reason } => super::rollout::abort(txn, *deployment_id, reason, now),
+        Command::ApproveDeployment { deployment_id } => super::environments::approve(txn, *deployment_id, proposal.actor, now),
         Command::StartRollout { deployment_id, hosts, artifact_digest, artifact_kind, previous } => {
             super::rollout::start(txn, *deployment_id, hosts, artifact_digest, artifact_kind, previous.clone(), now)
         }
@@ -877,6 +889,8 @@ pub(super) struct NewDeployment {
     pub environment: String,
     pub config_overrides: std::collections::BTreeMap<String, String>,
     pub rollback_of: Option<u64>,
+    /// The deployment whose build is released again (no new build).
+    pub release_of: Option<u64>,
     pub scm: Option<ScmOrigin>,
     pub checkout: Checkout,
 }
@@ -896,6 +910,9 @@ pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &P
     let now = proposal.time;
     let pipeline_id = pipeline.pipeline_id;
     let deployment_id = next_id(txn, Table::Deployments)?;
+    // Approvals gate the rollout; a deployment that only builds has nothing to approve.
+    let required_approvals =
+        if pipeline.deploy.rolls_out() { super::environments::required_approvals(txn, &new.environment)? } else { None };
     let deployment = Deployment {
         deployment_id,
         pipeline_id,
@@ -914,19 +931,29 @@ pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &P
         events: 0,
         rollout: None,
         rolls_out: pipeline.deploy.rolls_out(),
+        branch: new.checkout.branch.clone(),
+        release_of: new.release_of,
+        required_approvals,
+        approvals: Vec::new(),
     };
     let mut deployment = deployment;
-    let queued = super::command::NewDeploymentEvent::new(
-        event_kind::QUEUED,
-        format!("deployment {deployment_id} to {} was created", deployment.environment),
-    );
+    let queued =
+        NewDeploymentEvent::new(event_kind::QUEUED, format!("deployment {deployment_id} to {} was created", deployment.environment));
     super::progress::append(txn, &mut deployment, &[queued], now);
+    if let Some(needed) = deployment.required_approvals {
+        let waiting = NewDeploymentEvent::new(
+            event_kind::APPROVAL_REQUIRED,
+            format!("{} is protected: the rollout waits for {needed} developer approval(s) or one admin's", deployment.environment),
+        );
+        super::progress::append(txn, &mut deployment, &[waiting], now);
+    }
     store(txn, Table::Deployments, id_key(deployment_id), &deployment);
     txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string(), deployment_id), Vec::new());
     txn.put(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, "pending", deployment_id), Vec::new());
     let mut affected = 1;
-    // A rollback redeploys what was built; only a fresh deployment builds.
+    // A rollback or a promotion releases what was built; only a fresh deployment builds.
     if deployment.rollback_of.is_none()
+        && deployment.release_of.is_none()
         && let Some(spec) = build_spec(txn, pipeline, &deployment.commit_hash, new.checkout)?
     {
         let mut labels = pipeline.build.agent_labels.clone();

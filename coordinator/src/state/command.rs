@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::records::{
-    BuildSettings, DeploySettings, DeployStrategy, DeploymentStatus, NotificationType, Role, RolloutHost, ScmType, StepRecord, Timestamp,
+    BuildSettings, DeploySettings, DeployStrategy, DeploymentStatus, EnvironmentSettings, NotificationType, Role, RolloutHost, ScmType,
+    StepRecord, Timestamp,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,12 +264,18 @@ pub enum Command {
     DeletePipeline {
         pipeline_id: u64,
     },
+    /// A deployment of a commit (or, with `release_of`, of what an earlier deployment built).
+    /// Refused when the environment's protection does not allow it (branch, promotion source).
     CreateDeployment {
         pipeline_id: u64,
         commit_hash: String,
         environment: String,
         config_overrides: BTreeMap<String, String>,
         rollback_of: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        branch: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release_of: Option<u64>,
     },
     SetDeploymentStatus {
         deployment_id: u64,
@@ -434,6 +441,22 @@ pub enum Command {
         deployment_id: u64,
         events: Vec<NewDeploymentEvent>,
     },
+    /// Create or change an environment's settings.
+    SetEnvironment {
+        name: String,
+        settings: EnvironmentSettings,
+    },
+    /// Undo a rollout under way (a person's cancel, or a global abort of region waves): all
+    /// traffic goes back to the previous release and the deployment ends `rolled_back`.
+    /// Refused once the rollout has committed (roll back with a new deployment then).
+    AbortRollout {
+        deployment_id: u64,
+        reason: String,
+    },
+    /// The proposal's actor approves a deployment waiting for approvals.
+    ApproveDeployment {
+        deployment_id: u64,
+    },
     /// Begin a deployment's rollout on these hosts (in rollout order) with this artifact; the
     /// leader's controller chose them from the agents and artifacts it saw. Refused when the
     /// deployment ended or already rolls out.
@@ -518,6 +541,9 @@ impl Command {
             Command::CancelJob { .. } => "job.cancel",
             Command::RecordDeploymentEvents { .. } => "deployment.events",
             Command::StartRollout { .. } => "deployment.rollout_start",
+            Command::SetEnvironment { .. } => "environment.update",
+            Command::ApproveDeployment { .. } => "deployment.approve",
+            Command::AbortRollout { .. } => "deployment.abort",
             Command::RolloutStep { .. } => "deployment.rollout_step",
             Command::RecordScmChanges { .. } => "scm.changes",
         }
@@ -663,6 +689,8 @@ pub enum RejectionCode {
     Conflict,
     Invalid,
     StaleAttempt,
+    /// A rule of the environment (protection, promotion) refuses it.
+    Refused,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -86,6 +86,8 @@ mod tests {
                 environment: "staging".into(),
                 config_overrides: Default::default(),
                 rollback_of: None,
+                branch: None,
+                release_of: None,
             };
             propose(&mut txn, 10, create).result.expect("created");
         }

@@ -332,6 +332,31 @@ pub struct Deployment {
     /// with its rollout, not with its build.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rolls_out: bool,
+    /// The branch deployed, when the deployment names one (a branch deployment, a push).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The deployment whose build this one releases again (a promotion, a rollback): nothing
+    /// is rebuilt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_of: Option<u64>,
+    /// Approvals this deployment waits for before it rolls out (developers', or one admin's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_approvals: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<Approval>,
+}
+
+impl Deployment {
+    /// Whether the approvals it needs have been given.
+    pub fn approved(&self) -> bool {
+        match self.required_approvals {
+            None => true,
+            Some(needed) => {
+                self.approvals.iter().any(|approval| approval.role == Role::Admin)
+                    || self.approvals.iter().filter(|approval| approval.role == Role::Developer).count() as u32 >= needed
+            }
+        }
+    }
 }
 
 /// A deployment's rollout: what runs where, and the planner's replicated facts. Only `apply`
@@ -418,6 +443,9 @@ pub mod event_kind {
     pub const QUEUED: &str = "queued";
     /// The rollout began (hosts, strategy and release are in the message).
     pub const ROLLOUT_STARTED: &str = "rollout_started";
+    /// The environment is protected: the deployment waits for approvals.
+    pub const APPROVAL_REQUIRED: &str = "approval_required";
+    pub const APPROVED: &str = "approved";
     pub const HOST_STARTED: &str = "host_started";
     pub const HOST_HEALTHY: &str = "host_healthy";
     pub const HOST_UNHEALTHY: &str = "host_unhealthy";
@@ -464,12 +492,51 @@ pub struct ScmOrigin {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Environment {
     pub name: String,
+    /// Protection, promotion source and strategy default, as an admin set them.
+    #[serde(default, skip_serializing_if = "EnvironmentSettings::is_unset")]
+    pub settings: EnvironmentSettings,
     /// The pipelines and pull requests whose preview lives here. Two repositories can both have
     /// a pull request #7, so the record goes away only when the last of them closes.
     #[serde(default)]
     pub previews: Vec<PreviewOwner>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// How an environment is protected and fed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnvironmentSettings {
+    /// Deployments here release only what succeeded in this environment first (the same
+    /// commit of the same pipeline; its artifact is deployed again, never rebuilt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promote_from: Option<String>,
+    /// Deployments here wait for this many developers' approvals, or one admin's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_approvals: Option<u32>,
+    /// Deployments here must come from a branch matching one of these patterns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_branches: Option<Vec<String>>,
+    /// The strategy of rollouts here, over the pipeline's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<DeployStrategy>,
+}
+
+impl EnvironmentSettings {
+    pub fn is_unset(&self) -> bool {
+        *self == EnvironmentSettings::default()
+    }
+}
+
+/// The environments every cluster has, whether or not anything names them yet.
+pub const DEFAULT_ENVIRONMENTS: [&str; 4] = ["development", "testing", "staging", "production"];
+
+/// One person's approval of a deployment to a protected environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    pub user_id: u64,
+    pub username: String,
+    pub role: Role,
+    pub at: Timestamp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

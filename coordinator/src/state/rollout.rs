@@ -109,6 +109,11 @@ pub(super) fn start(
     if hosts.is_empty() {
         return Ok(Outcome::rejected(RejectionCode::Invalid, "a rollout needs at least one host"));
     }
+    // The environment's strategy, when it sets one, over the pipeline's.
+    let mut pipeline = pipeline;
+    if let Some(strategy) = super::environments::settings(txn, &deployment.environment)?.strategy {
+        pipeline.deploy_strategy = strategy;
+    }
     let strategy = strategy_of(&pipeline, hosts.len());
     let facts = Facts {
         strategy,
@@ -250,6 +255,32 @@ pub(super) fn step(txn: &mut Txn, deployment_id: u64, version: u64, actions: &[A
         None => store(txn, Table::Deployments, id_key(deployment_id), &deployment),
     }
     Ok(Outcome::applied(Some(deployment_id), 1 + jobs))
+}
+
+/// `Command::AbortRollout`.
+pub(super) fn abort(txn: &mut Txn, deployment_id: u64, reason: &str, now: Timestamp) -> StoreResult<Outcome> {
+    let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, deployment_id)? else {
+        return Ok(not_found("deployment", deployment_id));
+    };
+    let Some(rollout) = deployment.rollout.as_mut().filter(|_| !deployment.status.is_final()) else {
+        return Ok(Outcome::rejected(RejectionCode::Conflict, format!("deployment {deployment_id} has no rollout under way")));
+    };
+    if rollout.facts.cleaning_up {
+        return Ok(Outcome::rejected(
+            RejectionCode::Conflict,
+            format!(
+                "deployment {deployment_id} has already switched every host; roll it back with POST /api/v1/deployments/{deployment_id}/rollback"
+            ),
+        ));
+    }
+    if rollout.facts.rolling_back.is_none() {
+        rollout.facts.rolling_back = Some(reason.to_string());
+        rollout.version += 1;
+        let event = NewDeploymentEvent::new(event_kind::ROLLBACK_STARTED, format!("rolling back: {reason}"));
+        super::progress::append(txn, &mut deployment, &[event], now);
+    }
+    store(txn, Table::Deployments, id_key(deployment_id), &deployment);
+    Ok(Outcome::applied(Some(deployment_id), 1))
 }
 
 /// Give `host` a release job for `op`, unless it is busy or lost (a repeated plan changes
@@ -500,6 +531,8 @@ mod tests {
             environment: "production".into(),
             config_overrides: BTreeMap::new(),
             rollback_of: None,
+            branch: None,
+            release_of: None,
         };
         let deployment_id = propose(txn, 5, create).result.unwrap().id.unwrap();
         (deployment_id, hosts)

@@ -11,7 +11,9 @@ use super::apply::{Checkout, NewDeployment, create_deployment, index, index_ids,
 use super::apply::{cancel_deployment_jobs, set_deployment_status};
 use super::codec::{id_key, key_id};
 use super::command::{Outcome, Proposal, RejectionCode, ScmChange, ScmChangeReport, ScmPullRequestAction, ScmReport, ScmSource};
-use super::records::{Deployment, DeploymentStatus, Environment, Pipeline, PreviewOwner, Repository, ScmOrigin, Timestamp, TriggerEvent};
+use super::records::{
+    Deployment, DeploymentStatus, Environment, EnvironmentSettings, Pipeline, PreviewOwner, Repository, ScmOrigin, Timestamp, TriggerEvent,
+};
 use super::txn::{StateRead, Txn};
 use crate::scm::glob::branch_matches;
 use crate::store::{StoreResult, Table};
@@ -323,14 +325,19 @@ impl Trigger<'_> {
                 pull_request: run.pull_request,
                 delivery: self.delivery.map(str::to_string),
             };
-            let new = NewDeployment {
+            let mut new = NewDeployment {
                 commit_hash: run.commit.clone(),
                 environment,
                 config_overrides: BTreeMap::new(),
                 rollback_of: None,
+                release_of: None,
                 scm: Some(origin),
                 checkout: Checkout { branch: run.branch.clone(), fetch_ref: run.fetch_ref.clone() },
             };
+            if let Err(refusal) = super::environments::admit(txn, pipeline, &mut new)? {
+                report.skipped.push(format!("pipeline {}: {refusal}", pipeline.pipeline_id));
+                continue;
+            }
             let (deployment_id, written) = create_deployment(txn, self.proposal, pipeline, new)?;
             self.affected += written;
             report.deployments.push(deployment_id);
@@ -352,6 +359,7 @@ impl Trigger<'_> {
         let owner = PreviewOwner { repo_id: self.repository.repo_id, pipeline_id, pull_request: number };
         let mut environment = load::<Environment>(txn, Table::Environments, name.as_bytes())?.unwrap_or_else(|| Environment {
             name: name.to_string(),
+            settings: EnvironmentSettings::default(),
             previews: Vec::new(),
             created_at: now,
             updated_at: now,

@@ -106,6 +106,8 @@ fn deleting_a_repository_cascades_to_pipelines_deployments_artifacts_and_configu
             environment: "staging".into(),
             config_overrides: BTreeMap::from([("env".into(), "staging".into())]),
             rollback_of: None,
+            branch: None,
+            release_of: None,
         },
     ));
     propose(
@@ -155,6 +157,8 @@ fn a_lease_fences_out_stale_attempts_and_retries_until_the_limit() {
             environment: "staging".into(),
             config_overrides: BTreeMap::new(),
             rollback_of: None,
+            branch: None,
+            release_of: None,
         },
     ));
     propose(&mut txn, 3, Command::CreateRegistrationToken { description: "fleet".into(), token_hash: "t".into(), expires_at: 1_000 })
