@@ -252,8 +252,17 @@ impl AgentGateway {
         let deployment = load_id::<Deployment>(&self.node.state(), Table::Deployments, job.deployment_id)
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("deployment {} of job {} is gone", job.deployment_id, job.job_id)))?;
-        let rows =
-            effective_configuration(&self.node, &deployment.environment, Some(deployment.pipeline_id), true).await.map_err(status_of)?;
+        // A rollout's release steps run with the configuration recorded when it began.
+        let recorded =
+            deployment.rollout.as_ref().filter(|_| crate::state::rollout::is_release_job(job)).map(|rollout| rollout.config.clone());
+        let rows: Vec<(String, crate::state::records::Configuration)> = match recorded {
+            Some(config) => config.into_iter().map(|row| (row.key.clone(), row)).collect(),
+            None => effective_configuration(&self.node, &deployment.environment, Some(deployment.pipeline_id), true)
+                .await
+                .map_err(status_of)?
+                .into_iter()
+                .collect(),
+        };
         let mut env = Vec::new();
         for (key, row) in rows {
             let value = if row.is_secret {

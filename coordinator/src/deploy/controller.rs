@@ -71,7 +71,7 @@ impl Controller {
         for deployment in &open {
             let command = match &deployment.rollout {
                 Some(rollout) => next_step(deployment, rollout),
-                None => self.start(deployment, &open)?,
+                None => self.start(deployment, &open).await?,
             };
             if let Some(command) = command {
                 let (outcome, _) = self.node.propose(&Requester::system(), command).await?;
@@ -85,7 +85,7 @@ impl Controller {
 
     /// The command that begins `deployment`'s rollout, once it is its turn and it is built;
     /// or one that fails it with what to fix.
-    fn start(&self, deployment: &Deployment, open: &[Deployment]) -> anyhow::Result<Option<Command>> {
+    async fn start(&self, deployment: &Deployment, open: &[Deployment]) -> anyhow::Result<Option<Command>> {
         let earlier = open.iter().any(|other| {
             other.deployment_id < deployment.deployment_id
                 && other.pipeline_id == deployment.pipeline_id
@@ -125,12 +125,27 @@ impl Controller {
             )));
         };
         let previous = live_release(&state, deployment)?;
+        // A release of an earlier rollout runs with the configuration that one recorded; a new
+        // one with the environment's as it is now.
+        let recorded = match deployment.release_of.map(|id| load_id::<Deployment>(&state, Table::Deployments, id)).transpose()?.flatten() {
+            Some(source) => source.rollout.map(|rollout| rollout.config),
+            None => None,
+        };
+        let config = match recorded {
+            Some(config) => config,
+            None => crate::api::configs::effective_configuration(&self.node, &deployment.environment, Some(deployment.pipeline_id), true)
+                .await
+                .map_err(|error| anyhow::anyhow!("reading the configuration of {}: {}", deployment.environment, error.message))?
+                .into_values()
+                .collect(),
+        };
         Ok(Some(Command::StartRollout {
             deployment_id: deployment.deployment_id,
             hosts,
             artifact_digest: artifact.digest,
             artifact_kind: artifact.kind.unwrap_or_else(|| "files".into()),
             previous,
+            config,
         }))
     }
 }

@@ -853,8 +853,9 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
         Command::SetEnvironment { name, settings } => super::environments::set(txn, name, settings, now),
         Command::AbortRollout { deployment_id, reason } => super::rollout::abort(txn, *deployment_id, reason, now),
         Command::ApproveDeployment { deployment_id } => super::environments::approve(txn, *deployment_id, proposal.actor, now),
-        Command::StartRollout { deployment_id, hosts, artifact_digest, artifact_kind, previous } => {
-            super::rollout::start(txn, *deployment_id, hosts, artifact_digest, artifact_kind, previous.clone(), now)
+        Command::StartRollout { deployment_id, hosts, artifact_digest, artifact_kind, previous, config } => {
+            let release = super::rollout::Release { digest: artifact_digest, kind: artifact_kind, previous: previous.clone(), config };
+            super::rollout::start(txn, *deployment_id, hosts, release, now)
         }
         Command::RolloutStep { deployment_id, version, actions } => super::rollout::step(txn, *deployment_id, *version, actions, now),
         Command::CancelJob { job_id, reason } => {

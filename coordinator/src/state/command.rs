@@ -466,6 +466,9 @@ pub enum Command {
         artifact_digest: String,
         artifact_kind: String,
         previous: Option<String>,
+        /// The configuration rows the release runs with (secrets sealed).
+        #[serde(default)]
+        config: Vec<super::records::Configuration>,
     },
     /// Carry out the planner's actions for a rollout whose facts are at `version` (refused as
     /// a conflict when they moved on meanwhile: the controller plans again from the new facts).

@@ -377,6 +377,10 @@ pub struct Rollout {
     pub facts: crate::deploy::plan::Facts,
     /// Bumped by every change of the facts; a `RolloutStep` planned from older facts is refused.
     pub version: u64,
+    /// The environment's configuration when the rollout began (secrets sealed, as stored):
+    /// what every release job of the rollout gets, and what a rollback to it gets again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config: Vec<Configuration>,
     /// What each host runs, as the release jobs are given it.
     pub run: davit_agent::job_spec::RunSettings,
     pub health: davit_agent::job_spec::HealthCheck,

@@ -87,16 +87,17 @@ fn health_check(pipeline: &Pipeline) -> HealthCheck {
     }
 }
 
+/// What a rollout releases: the artifact, the release it replaces, the configuration.
+pub(super) struct Release<'a> {
+    pub digest: &'a str,
+    pub kind: &'a str,
+    pub previous: Option<String>,
+    pub config: &'a [Configuration],
+}
+
 /// `Command::StartRollout`.
-pub(super) fn start(
-    txn: &mut Txn,
-    deployment_id: u64,
-    hosts: &[RolloutHost],
-    artifact_digest: &str,
-    artifact_kind: &str,
-    previous: Option<String>,
-    now: Timestamp,
-) -> StoreResult<Outcome> {
+pub(super) fn start(txn: &mut Txn, deployment_id: u64, hosts: &[RolloutHost], release: Release, now: Timestamp) -> StoreResult<Outcome> {
+    let Release { digest: artifact_digest, kind: artifact_kind, previous, config } = release;
     let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, deployment_id)? else {
         return Ok(not_found("deployment", deployment_id));
     };
@@ -131,9 +132,9 @@ pub(super) fn start(
             regions.push(region);
         }
     }
-    let release = release_name(deployment_id);
+    let release_label = release_name(deployment_id);
     let message = format!(
-        "rolling out {release} ({artifact_kind} sha256:{}) {} to {} host(s) in {}{}",
+        "rolling out {release_label} ({artifact_kind} sha256:{}) {} to {} host(s) in {}{}",
         artifact_digest.get(..12).unwrap_or(artifact_digest),
         strategy_label(&pipeline.deploy_strategy),
         hosts.len(),
@@ -142,13 +143,14 @@ pub(super) fn start(
     );
     deployment.rollout = Some(Box::new(Rollout {
         service: service_name(pipeline.pipeline_id, &deployment.environment),
-        release,
+        release: release_label,
         previous,
         artifact_digest: artifact_digest.to_string(),
         artifact_kind: artifact_kind.to_string(),
         hosts: hosts.to_vec(),
         facts,
         version: 1,
+        config: config.to_vec(),
         run: run_settings(&pipeline),
         health: health_check(&pipeline),
         analysis: Vec::new(),
@@ -613,6 +615,7 @@ mod tests {
             artifact_digest: "a".repeat(64),
             artifact_kind: "image".into(),
             previous: Some("d0".into()),
+            config: Vec::new(),
         };
         propose(txn, 900_000, command).result.expect("the rollout starts");
     }
