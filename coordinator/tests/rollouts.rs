@@ -115,15 +115,20 @@ async fn host_answers(port: u16) -> Vec<String> {
     answers
 }
 
-async fn wait_for_end(api: &Api, node: &SingleNode, deployment_id: u64, timeout: Duration) -> Value {
+async fn wait_for_end(api: &Api, deployment_id: u64, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let deployment = api.get(&format!("/api/v1/deployments/{deployment_id}")).await;
-        let status = deployment["status"].as_str().unwrap_or_default();
-        if ["success", "failed", "rolled_back"].contains(&status) {
+        // A cluster that just lost its leader may answer 503 for a moment: ask again.
+        let (status, deployment) = api.call(reqwest::Method::GET, &format!("/api/v1/deployments/{deployment_id}"), None).await;
+        let state = deployment["status"].as_str().unwrap_or_default();
+        if status == 200 && ["success", "failed", "rolled_back"].contains(&state) {
             return deployment;
         }
-        assert!(Instant::now() < deadline, "deployment {deployment_id} did not end: {deployment:#}\n{}", node.log_tail(60));
+        assert!(
+            Instant::now() < deadline,
+            "deployment {deployment_id} did not end: {deployment:#}\n{:#?}",
+            events(api, deployment_id).await
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -151,50 +156,80 @@ fn switches_to(agent: &AgentProcess, service: &str, release: &str) -> usize {
     state["history"].as_array().unwrap().iter().filter(|change| change["weights"][release] == 100).count()
 }
 
+/// The service's repository, its pipeline, a Docker build agent and the four deploy agents.
+struct Service {
+    git_server: GitServer,
+    first_commit: String,
+    agents: Vec<AgentProcess>,
+    pipeline_id: u64,
+    port: u16,
+    /// The service's name on the hosts (their agents keep its state under it).
+    service: String,
+}
+
+impl Service {
+    async fn start(api: &Api, coordinators: &[String]) -> Service {
+        let (git_server, first_commit) = GitServer::start_with(
+            "service",
+            &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
+        );
+        let token = api.registration_token().await;
+        let mut agents = vec![AgentProcess::register("builder", coordinators, &token, "docker")];
+        for (name, region, address) in HOSTS {
+            agents.push(AgentProcess::register_deploy(name, coordinators, &token, region, "staging", address));
+        }
+        for agent in &mut agents {
+            agent.start();
+        }
+        api.wait_for_agents(agents.len()).await;
+        let port = git_server::free_port();
+        let repo = api.post("/api/v1/repos/connect", json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git"})).await;
+        let pipeline = api
+            .post(
+                "/api/v1/pipelines",
+                json!({
+                    "name": "service", "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "staging",
+                    "build": {"dockerfile": "Dockerfile"},
+                    "deploy": {
+                        "public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200,
+                        "healthy_threshold": 2, "unhealthy_threshold": 3, "health_deadline_seconds": 20, "keep_old_seconds": 2,
+                        "analysis_window_seconds": 3, "min_requests": 10, "max_error_percent": 5, "regions": ["eu", "us"]
+                    }
+                }),
+            )
+            .await;
+        let pipeline_id = pipeline["pipeline_id"].as_u64().unwrap();
+        Service { git_server, first_commit, agents, pipeline_id, port, service: format!("p{pipeline_id}-staging") }
+    }
+
+    /// Stop the agents and remove the release containers they leave running.
+    fn stop(mut self) {
+        for agent in &mut self.agents {
+            agent.kill();
+        }
+        let leftovers = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=davit.service={}", self.service)])
+            .output()
+            .expect("docker ps");
+        for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
+            let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_strategy_rolls_a_built_service_out_to_four_hosts_in_two_regions() {
     let test = "rollouts";
     if !docker_ready(test) {
         return;
     }
-    let (git_server, first_commit) = GitServer::start_with(
-        "service",
-        &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
-    );
     let node = SingleNode::start_with(test, &["--no-agent"]).await;
     let api = api_for(&node);
-    let token = api.registration_token().await;
-    let mut agents = vec![AgentProcess::register("builder", &[node.grpc_addr()], &token, "docker")];
-    for (name, region, address) in HOSTS {
-        agents.push(AgentProcess::register_deploy(name, &[node.grpc_addr()], &token, region, "staging", address));
-    }
-    for agent in &mut agents {
-        agent.start();
-    }
-    api.wait_for_agents(agents.len()).await;
-
-    let port = git_server::free_port();
-    let repo = api.post("/api/v1/repos/connect", json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git"})).await;
-    let pipeline = api
-        .post(
-            "/api/v1/pipelines",
-            json!({
-                "name": "service", "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "staging",
-                "build": {"dockerfile": "Dockerfile"},
-                "deploy": {
-                    "public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200,
-                    "healthy_threshold": 2, "unhealthy_threshold": 3, "health_deadline_seconds": 20, "keep_old_seconds": 2,
-                    "analysis_window_seconds": 3, "min_requests": 10, "max_error_percent": 5, "regions": ["eu", "us"]
-                }
-            }),
-        )
-        .await;
-    let pipeline_id = pipeline["pipeline_id"].as_u64().unwrap();
-    let service = format!("p{pipeline_id}-staging");
+    let Service { git_server, first_commit, agents, pipeline_id, port, service } = Service::start(&api, &[node.grpc_addr()]).await;
 
     // The first release: nothing to replace yet.
     let first = deploy(&api, pipeline_id, &first_commit, "blue-green").await;
-    let ended = wait_for_end(&api, &node, first, Duration::from_secs(240)).await;
+    let ended = wait_for_end(&api, first, Duration::from_secs(240)).await;
     assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(&api, first).await);
     assert_eq!(host_answers(port).await, vec!["200 v1"; 4]);
 
@@ -205,7 +240,7 @@ async fn each_strategy_rolls_a_built_service_out_to_four_hosts_in_two_regions() 
         let commit = git_server.commit_files(&[("www/index.html", Some(&format!("{version}\n")))], version);
         clients.reset();
         let deployment_id = deploy(&api, pipeline_id, &commit, strategy).await;
-        let ended = wait_for_end(&api, &node, deployment_id, Duration::from_secs(240)).await;
+        let ended = wait_for_end(&api, deployment_id, Duration::from_secs(240)).await;
         assert_eq!(ended["status"], "success", "{strategy}: {ended:#}\n{:#?}", events(&api, deployment_id).await);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let seen = clients.take();
@@ -238,7 +273,7 @@ async fn each_strategy_rolls_a_built_service_out_to_four_hosts_in_two_regions() 
     let broken = git_server.commit_files(&[("www/index.html", None)], "v5 answers 500");
     clients.reset();
     let deployment_id = deploy(&api, pipeline_id, &broken, "canary").await;
-    let ended = wait_for_end(&api, &node, deployment_id, Duration::from_secs(240)).await;
+    let ended = wait_for_end(&api, deployment_id, Duration::from_secs(240)).await;
     let progress = events(&api, deployment_id).await;
     assert_eq!(ended["status"], "rolled_back", "{ended:#}\n{progress:#?}");
     let steps: Vec<&Value> = progress.iter().filter(|event| event["kind"] == "canary_step").collect();
@@ -255,7 +290,7 @@ async fn each_strategy_rolls_a_built_service_out_to_four_hosts_in_two_regions() 
     let unhealthy = git_server.commit_files(&[("www/index.html", Some("v6\n")), ("www/health", None)], "v6 fails its health check");
     clients.reset();
     let deployment_id = deploy(&api, pipeline_id, &unhealthy, "blue-green").await;
-    let ended = wait_for_end(&api, &node, deployment_id, Duration::from_secs(240)).await;
+    let ended = wait_for_end(&api, deployment_id, Duration::from_secs(240)).await;
     assert_eq!(ended["status"], "rolled_back", "{ended:#}\n{:#?}", events(&api, deployment_id).await);
     let seen = clients.take();
     assert!(seen.failures.is_empty(), "{:?}", seen.failures.first());
@@ -269,17 +304,60 @@ async fn each_strategy_rolls_a_built_service_out_to_four_hosts_in_two_regions() 
     assert_eq!(status, 201, "{rollback}");
     let rollback_id = rollback["deployment_id"].as_u64().unwrap();
     assert_eq!(rollback["rollback_of"], deployment_id);
-    let ended = wait_for_end(&api, &node, rollback_id, Duration::from_secs(240)).await;
+    let ended = wait_for_end(&api, rollback_id, Duration::from_secs(240)).await;
     assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(&api, rollback_id).await);
     clients.stop().await;
-    for agent in &mut agents {
-        agent.kill();
+    Service { git_server, first_commit, agents, pipeline_id, port, service }.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_survives_the_leader_being_killed_and_no_host_is_switched_twice() {
+    let test = "rollout_failover";
+    if !docker_ready(test) {
+        return;
     }
-    let leftovers = std::process::Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=davit.service={service}")])
-        .output()
-        .expect("docker ps");
-    for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
-        let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+    // The repository is served on loopback, which `davit serve` refuses unless the config allows it.
+    let mut options = support::ClusterOptions::new(davit_coordinator::store::BackendKind::Redb);
+    options.outbound_allow_ranges = vec!["127.0.0.0/8".into()];
+    let mut cluster = support::TestCluster::start(test, options).await;
+    let leader = cluster.wait_for_agreed_leader(&[1, 2, 3], Duration::from_secs(30)).await;
+    let api = Api { client: cluster.client.clone(), base: cluster.node(leader).base_url(), token: cluster.token().to_string() };
+    // Agents know every coordinator, followers first.
+    let mut coordinators: Vec<String> =
+        [1, 2, 3].into_iter().filter(|node| *node != leader).map(|node| cluster.node(node).grpc_addr()).collect();
+    coordinators.push(cluster.node(leader).grpc_addr());
+    let Service { git_server, first_commit, agents, pipeline_id, port, service } = Service::start(&api, &coordinators).await;
+    let first = deploy(&api, pipeline_id, &first_commit, "blue-green").await;
+    let ended = wait_for_end(&api, first, Duration::from_secs(240)).await;
+    assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(&api, first).await);
+
+    let clients = Clients::start(port);
+    let commit = git_server.commit_files(&[("www/index.html", Some("v2\n"))], "v2");
+    let deployment_id = deploy(&api, pipeline_id, &commit, "rolling").await;
+    // Kill the leader once the rollout is under way: one host switched, three to go.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let switched = events(&api, deployment_id).await.iter().filter(|event| event["kind"] == "host_switched").count();
+        if switched >= 1 {
+            assert!(switched < 4, "the rollout ended before the leader could be killed");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rollout never switched a host: {:#?}", events(&api, deployment_id).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    cluster.kill_node(leader);
+    eprintln!("{test}: killed the leader, node {leader}, mid-rollout");
+    let survivor = [1, 2, 3].into_iter().find(|node| *node != leader).unwrap();
+    let api = Api { client: cluster.client.clone(), base: cluster.node(survivor).base_url(), token: api.token.clone() };
+    let ended = wait_for_end(&api, deployment_id, Duration::from_secs(240)).await;
+    assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(&api, deployment_id).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host_answers(port).await, vec!["200 v2"; 4], "every host ends on the new version");
+    for agent in &agents[1..] {
+        assert_eq!(switches_to(agent, &service, &format!("d{deployment_id}")), 1, "host {} was switched more than once", agent.name);
+    }
+    let seen = clients.take();
+    assert!(seen.failures.is_empty(), "{} failed requests during the failover, first {:?}", seen.failures.len(), seen.failures.first());
+    clients.stop().await;
+    Service { git_server, first_commit, agents, pipeline_id, port, service }.stop();
 }
