@@ -382,43 +382,6 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cursors_are_digits_or_empty() {
-        assert_eq!(parse_cursor(None).unwrap(), None);
-        assert_eq!(parse_cursor(Some("")).unwrap(), None);
-        assert_eq!(parse_cursor(Some("42")).unwrap(), Some(42));
-        for bad in ["abc", "+1", " 1", "-1", "12345678901234567890"] {
-            assert_eq!(parse_cursor(Some(bad)).unwrap_err().field.as_deref(), Some("cursor"), "{bad}");
-        }
-    }
-
-    #[test]
-    fn labels_need_a_visible_character_and_no_control_characters() {
-        validate_label("name", "production-pipeline", 100).unwrap();
-        validate_label("name", " a b ", 100).unwrap();
-        validate_label("name", &"ü".repeat(100), 100).unwrap();
-        for bad in ["", "   ", "\u{3000}", "a\nb", "a\u{1c}", &"x".repeat(101)] {
-            assert_eq!(validate_label("name", bad, 100).unwrap_err().field.as_deref(), Some("name"), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn ids_in_the_seeds_forms() {
-        assert_eq!(parse_id("repo_id", "repo123").unwrap(), 123);
-        assert_eq!(parse_id("repo_id", "7").unwrap(), 7);
-        assert_eq!(parse_id("pipeline_id", "pipeline_9").unwrap(), 9);
-        assert_eq!(parse_id("repo_id", "repo_0012").unwrap(), 12);
-        for bad in ["", "repo", "0", "-3", "1.5", "12abc", " 12", "12 ", "+12", "repo+1", "99999999999999999999999"] {
-            let error = parse_id("repo_id", bad).unwrap_err();
-            assert_eq!(error.field.as_deref(), Some("repo_id"), "{bad}");
-        }
-    }
-}
-
 /// Refuses a request whose declared `Content-Length` is over `limit` with a JSON 413, after
 /// reading and discarding what the client sends (up to [`DRAIN_LIMIT`] bytes for at most
 /// [`DRAIN_TIME`]). Answering without reading would close the connection on a client that is
@@ -463,3 +426,40 @@ pub async fn refuse_oversized(
 const DRAIN_LIMIT: u64 = 64 << 20;
 /// How long an over-limit body is read before the connection is closed.
 const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_are_digits_or_empty() {
+        assert_eq!(parse_cursor(None).unwrap(), None);
+        assert_eq!(parse_cursor(Some("")).unwrap(), None);
+        assert_eq!(parse_cursor(Some("42")).unwrap(), Some(42));
+        for bad in ["abc", "+1", " 1", "-1", "12345678901234567890"] {
+            assert_eq!(parse_cursor(Some(bad)).unwrap_err().field.as_deref(), Some("cursor"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn labels_need_a_visible_character_and_no_control_characters() {
+        validate_label("name", "production-pipeline", 100).unwrap();
+        validate_label("name", " a b ", 100).unwrap();
+        validate_label("name", &"ü".repeat(100), 100).unwrap();
+        for bad in ["", "   ", "\u{3000}", "a\nb", "a\u{1c}", &"x".repeat(101)] {
+            assert_eq!(validate_label("name", bad, 100).unwrap_err().field.as_deref(), Some("name"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ids_in_the_seeds_forms() {
+        assert_eq!(parse_id("repo_id", "repo123").unwrap(), 123);
+        assert_eq!(parse_id("repo_id", "7").unwrap(), 7);
+        assert_eq!(parse_id("pipeline_id", "pipeline_9").unwrap(), 9);
+        assert_eq!(parse_id("repo_id", "repo_0012").unwrap(), 12);
+        for bad in ["", "repo", "0", "-3", "1.5", "12abc", " 12", "12 ", "+12", "repo+1", "99999999999999999999999"] {
+            let error = parse_id("repo_id", bad).unwrap_err();
+            assert_eq!(error.field.as_deref(), Some("repo_id"), "{bad}");
+        }
+    }
+}
