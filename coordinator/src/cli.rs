@@ -1029,5 +1029,10 @@ mod agent_command_tests {
         ));
         assert!(Cli::try_parse_from(["davit", "deploy", "--pipeline", "1", "--commit", "abcd", "--follow"]).is_ok());
         assert!(Cli::try_parse_from(["davit", "deployments", "events", "x"]).is_err());
+        for command in [&["davit", "deploy", "--help"][..], &["davit", "deployments", "events", "--help"]] {
+            let Err(help) = Cli::try_parse_from(command) else { panic!("--help is not a command") };
+            let help = help.to_string();
+            assert!(help.contains("0 the deployment succeeded; 3 it failed; 4 it was rolled back"), "{command:?}: {help}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! `davit deploy --follow` and `davit deployments events` against a real `davit up` whose
 //! embedded agent runs builds with the shell executor, from a repository served by a real `git
 //! daemon`: a build that fails makes `deploy --follow` print the events and exit 3; a build that
-//! succeeds exits 0; `deployments events --json` prints one JSON object per line.
+//! succeeds exits 0, also when it outlasts a response window (the CLI resumes with
+//! `Last-Event-ID`); `deployments events --json` prints one JSON object per line.
 
 #[allow(dead_code)]
 mod git_server;
@@ -32,6 +33,15 @@ fn davit(node: &SingleNode, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// The kinds of the event lines (`HH:MM:SS  <kind>  ...`) among what `davit deploy --follow` printed.
+fn event_kinds(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|line| line.len() > 8 && line.as_bytes()[2] == b':' && line.as_bytes()[5] == b':')
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .collect()
 }
 
 async fn pipeline(node: &SingleNode, repo_id: u64, name: &str, build_command: &str) -> String {
@@ -67,15 +77,21 @@ async fn deploy_follow_prints_the_events_and_exits_with_how_the_deployment_ended
     assert_eq!(code, 3, "a failed deployment exits 3: {context}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines[0].starts_with("Deployment ") && lines[0].contains("following its progress"), "{context}");
-    let kinds: Vec<&str> = lines[1..lines.len() - 1].iter().map(|line| line.split_whitespace().nth(1).unwrap_or_default()).collect();
-    assert_eq!(kinds, ["queued", "failed"], "one line per event, not a terminal redraw: {context}");
+    assert_eq!(event_kinds(&stdout), ["queued", "failed"], "one line per event, not a terminal redraw: {context}");
     assert!(lines.last().unwrap().ends_with(" failed."), "{context}");
     let deployment_id = lines[0].split_whitespace().nth(1).unwrap().to_string();
 
     let (code, stdout, stderr) = davit(&node, &["deploy", "--pipeline", &passing, "--commit", &commit, "--follow"]);
     assert_eq!(code, 0, "a successful deployment exits 0: {stdout}\n{stderr}\n{}", node.log_tail(30));
-    assert!(stdout.contains(" succeeded ") || stdout.contains("  succeeded"), "{stdout}");
+    assert_eq!(event_kinds(&stdout), ["queued", "succeeded"], "{stdout}");
     assert!(stdout.trim_end().ends_with("succeeded."), "{stdout}");
+
+    // A build that outlasts one 30 s response window: the CLI resumes with Last-Event-ID and
+    // prints every event exactly once.
+    let slow = pipeline(&node, repo_id, "slow", "sleep 34; echo built").await;
+    let (code, stdout, stderr) = davit(&node, &["deploy", "--pipeline", &slow, "--commit", &commit, "--follow"]);
+    assert_eq!(code, 0, "{stdout}\n{stderr}\n{}", node.log_tail(30));
+    assert_eq!(event_kinds(&stdout), ["queued", "succeeded"], "{stdout}");
 
     // The ended deployment's events again, as JSON lines, followed (ends at once) and not.
     for extra in [&["--follow"][..], &[]] {

@@ -175,7 +175,10 @@ impl Printer {
     }
 
     fn print(&mut self, event: &DeploymentEvent) -> anyhow::Result<()> {
-        let mut stdout = std::io::stdout().lock();
+        self.print_to(&mut std::io::stdout().lock(), event)
+    }
+
+    fn print_to(&mut self, stdout: &mut impl Write, event: &DeploymentEvent) -> anyhow::Result<()> {
         match self.output {
             Output::JsonLines => writeln!(stdout, "{}", serde_json::to_string(event)?)?,
             Output::Lines => writeln!(stdout, "{}", event_line(event))?,
@@ -394,6 +397,38 @@ mod tests {
                 "us-east  [--------------------] 0/1 hosts switched  canary 10%  verdict: fail: 5xx 12%  ROLLING BACK".to_string(),
             ]
         );
+    }
+
+    #[test]
+    fn a_terminal_gets_each_event_above_a_redrawn_block_and_a_pipe_one_line_per_event() {
+        let events = [
+            event(1, event_kind::HOST_STARTED, Some(1), Some("eu"), None, "up"),
+            event(2, event_kind::HOST_SWITCHED, Some(1), Some("eu"), Some(100), "switched"),
+        ];
+        let mut terminal = Printer::new(Output::Terminal);
+        let mut screen = Vec::new();
+        for event in &events {
+            terminal.print_to(&mut screen, event).unwrap();
+        }
+        assert_eq!(
+            String::from_utf8(screen).unwrap(),
+            "18:04:05  host_started      eu host 1  up\n\
+             eu  [--------------------] 0/1 hosts switched\n\
+             \x1b[1A\x1b[J\
+             18:04:05  host_switched     eu host 1 100%  switched\n\
+             eu  [####################] 1/1 hosts switched\n"
+        );
+        let mut lines = Printer::new(Output::Lines);
+        let mut json = Printer::new(Output::JsonLines);
+        let (mut piped, mut json_lines) = (Vec::new(), Vec::new());
+        for event in &events {
+            lines.print_to(&mut piped, event).unwrap();
+            json.print_to(&mut json_lines, event).unwrap();
+        }
+        assert_eq!(String::from_utf8(piped).unwrap().lines().count(), 2);
+        let parsed: Vec<DeploymentEvent> =
+            String::from_utf8(json_lines).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+        assert_eq!(parsed, events);
     }
 
     #[test]
