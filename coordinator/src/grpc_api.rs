@@ -155,3 +155,41 @@ impl DeploymentService for DeploymentGrpc {
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// Integrations compile their own clients from api.proto: the field numbers of the watch's
+    /// message are frozen, and a progress event converts field by field.
+    #[test]
+    fn frozen_deployment_event_message() {
+        let event = DeploymentEvent {
+            deployment_id: 7,
+            seq: 2,
+            at: 1000,
+            kind: "canary_step".into(),
+            host: Some(4),
+            region: Some("eu".into()),
+            weight: Some(10),
+            message: "m".into(),
+        };
+        let bytes = event_message(event).encode_to_vec();
+        let frozen = [b"\x08\x07\x10\x02\x18\xe8\x07\x22\x0bcanary_step".as_slice(), b"\x28\x04\x32\x02eu\x38\x0a\x42\x01m"].concat();
+        assert_eq!(bytes, frozen);
+        let without_host = DeploymentEvent {
+            deployment_id: 7,
+            seq: 1,
+            at: 0,
+            kind: "queued".into(),
+            host: None,
+            region: None,
+            weight: None,
+            message: String::new(),
+        };
+        let decoded = DeploymentEventMessage::decode(event_message(without_host).encode_to_vec().as_slice()).unwrap();
+        assert_eq!((decoded.host, decoded.region, decoded.weight), (None, None, None));
+    }
+}
