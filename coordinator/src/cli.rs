@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+pub(crate) mod progress;
+
 use crate::config::{NodeConfig, RaftTuning};
 use crate::server::{RunningServer, serve};
 use crate::store::BackendKind;
@@ -57,6 +59,8 @@ enum TopCommand {
     },
     /// Deploy a pipeline: the current head of a branch (`--branch`, read from the repository
     /// now) or a given commit (`--commit`), to the pipeline's environment or `--environment`.
+    /// With `--follow`, show its progress until it ends.
+    #[command(after_help = progress::EXIT_STATUS_HELP)]
     Deploy {
         /// The pipeline's id.
         #[arg(long)]
@@ -70,7 +74,35 @@ enum TopCommand {
         /// Defaults to the pipeline's environment.
         #[arg(long)]
         environment: Option<String>,
-        /// Print the API's JSON instead of a summary.
+        /// Print the API's JSON instead of a summary (with --follow: each event as one JSON line).
+        #[arg(long)]
+        json: bool,
+        /// Follow the deployment's progress until it ends: each event as a line and, on a
+        /// terminal, a progress bar per region; the exit status says how it ended.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Deployments: their progress events.
+    Deployments {
+        #[command(subcommand)]
+        command: DeploymentsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeploymentsCommand {
+    /// A deployment's progress events (host started, healthy, switched, weight changed,
+    /// verdicts, its end), oldest first.
+    #[command(after_help = progress::EXIT_STATUS_HELP)]
+    Events {
+        /// The deployment's id.
+        deployment_id: u64,
+        /// Keep showing new events until the deployment ends; the exit status says how it ended.
+        #[arg(long)]
+        follow: bool,
+        /// Print each event as one JSON line.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -227,8 +259,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         TopCommand::Agents(args) => agents(args).await,
         TopCommand::Jobs { deployment_id, json, connection } => deployment_jobs(deployment_id, json, connection).await,
-        TopCommand::Deploy { pipeline, branch, commit, environment, json, connection } => {
-            deploy(pipeline, branch, commit, environment, json, connection).await
+        TopCommand::Deploy { pipeline, branch, commit, environment, json, follow, connection } => {
+            deploy(pipeline, branch, commit, environment, json, follow, connection).await
+        }
+        TopCommand::Deployments { command: DeploymentsCommand::Events { deployment_id, follow, json, connection } } => {
+            let client = ApiClient::connect(&connection).await?;
+            let output = progress::Output::choose(json);
+            match progress::show_events(&client, deployment_id, follow, output).await? {
+                Some(end) if follow => progress::finish(deployment_id, end, output),
+                _ => Ok(()),
+            }
         }
     }
 }
@@ -776,6 +816,7 @@ async fn deploy(
     commit: Option<String>,
     environment: Option<String>,
     json: bool,
+    follow: bool,
     connection: Connection,
 ) -> anyhow::Result<()> {
     let mut body = serde_json::json!({ "pipeline_id": pipeline_id });
@@ -787,7 +828,21 @@ async fn deploy(
     if let Some(environment) = environment {
         body["environment"] = environment.into();
     }
-    let deployment = ApiClient::connect(&connection).await?.post("/api/v1/deployments", body).await?;
+    let client = ApiClient::connect(&connection).await?;
+    let deployment = client.post("/api/v1/deployments", body).await?;
+    if follow {
+        let deployment_id = deployment["deployment_id"].as_u64().context("the server's answer has no deployment_id")?;
+        let output = progress::Output::choose(json);
+        if output != progress::Output::JsonLines {
+            println!(
+                "Deployment {deployment_id} of commit {} to {} created; following its progress.",
+                deployment["commit_hash"].as_str().unwrap_or("?"),
+                deployment["environment"].as_str().unwrap_or("?")
+            );
+        }
+        let end = progress::show_events(&client, deployment_id, true, output).await?.context("the event stream ended early")?;
+        return progress::finish(deployment_id, end, output);
+    }
     if json {
         return print_json(&deployment);
     }
@@ -798,7 +853,10 @@ async fn deploy(
         deployment["environment"].as_str().unwrap_or("?"),
         deployment["status"].as_str().unwrap_or("?")
     );
-    println!("Follow it with `davit jobs {}`.", deployment["deployment_id"]);
+    println!(
+        "Follow it with `davit deployments events {} --follow` (or `davit deploy ... --follow`); its jobs: `davit jobs {}`.",
+        deployment["deployment_id"], deployment["deployment_id"]
+    );
     Ok(())
 }
 
@@ -964,5 +1022,17 @@ mod agent_command_tests {
         assert_eq!(expires_in, Duration::from_secs(7200));
         assert!(Cli::try_parse_from(["davit", "agents", "show", "abc"]).is_err());
         assert!(Cli::try_parse_from(["davit", "jobs", "12", "--json"]).is_ok());
+        let cli = Cli::try_parse_from(["davit", "deployments", "events", "12", "--follow", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            TopCommand::Deployments { command: DeploymentsCommand::Events { deployment_id: 12, follow: true, json: true, .. } }
+        ));
+        assert!(Cli::try_parse_from(["davit", "deploy", "--pipeline", "1", "--commit", "abcd", "--follow"]).is_ok());
+        assert!(Cli::try_parse_from(["davit", "deployments", "events", "x"]).is_err());
+        for command in [&["davit", "deploy", "--help"][..], &["davit", "deployments", "events", "--help"]] {
+            let Err(help) = Cli::try_parse_from(command) else { panic!("--help is not a command") };
+            let help = help.to_string();
+            assert!(help.contains("0 the deployment succeeded; 3 it failed; 4 it was rolled back"), "{command:?}: {help}");
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use davit_proto::agent::agent_service_server::AgentServiceServer;
 use davit_proto::api::config_service_server::ConfigServiceServer;
+use davit_proto::api::deployment_service_server::DeploymentServiceServer;
 use davit_proto::cluster::cluster_service_server::ClusterServiceServer;
 use davit_proto::raft::raft_service_server::RaftServiceServer;
 use serde::{Deserialize, Serialize};
@@ -20,7 +21,7 @@ use crate::auth;
 use crate::blob_store::{BlobStore, BlobStoreConfig, DirBlobStore};
 use crate::cluster_service::ClusterGrpc;
 use crate::config::NodeConfig;
-use crate::grpc_api::ConfigGrpc;
+use crate::grpc_api::{ConfigGrpc, DeploymentGrpc};
 use crate::node::{Node, Requester};
 use crate::raft::service::RaftGrpc;
 use crate::secrets::MasterKeys;
@@ -107,7 +108,8 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
                 .max_decoding_message_size(16 * 1024 * 1024)
                 .max_encoding_message_size(16 * 1024 * 1024),
         )
-        .add_service(ConfigServiceServer::new(ConfigGrpc::new(node.clone(), secrets.clone())));
+        .add_service(ConfigServiceServer::new(ConfigGrpc::new(node.clone(), secrets.clone())))
+        .add_service(DeploymentServiceServer::new(DeploymentGrpc::new(node.clone())));
     tokio::spawn(async move {
         if let Err(error) = grpc.serve_with_incoming(incoming_with_nodelay(grpc_listener)).await {
             tracing::error!(%error, "gRPC server stopped");

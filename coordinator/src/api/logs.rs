@@ -4,7 +4,6 @@
 //! this module never writes logs.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
 use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,11 +12,10 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -25,7 +23,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::extract::{Caller, Path, Query, parse_id};
-use super::schema;
+use super::{schema, sse};
 use crate::api_error::ApiError;
 use crate::blob_store::BlobStore;
 use crate::log_segments::{LogLevel, LogLine, read_segment, segments_of};
@@ -41,10 +39,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 /// How often a follower looks for new segments and for the end of the deployment.
 const FOLLOW_POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// One followed response lasts at most this long; the client then reconnects with
-/// `Last-Event-ID` (EventSource does so by itself). Bounding it keeps a stream from pinning a
-/// connection forever through proxies and keeps generated-request testing finite.
-const FOLLOW_WINDOW: Duration = Duration::from_secs(30);
 /// Lines recorded up to this long after a deployment ended are still sent before `end`: the
 /// coordinator records "cancelled by ..." just after the status changes.
 const FINAL_GRACE_MS: i64 = 2000;
@@ -381,20 +375,14 @@ fn raw_text(mut reader: LogReader) -> Response {
 
 /// `follow=true`: the lines as Server-Sent Events, from a task that polls the local state.
 fn follow_events(mut reader: LogReader) -> Response {
-    let (sender, receiver) = mpsc::channel::<Event>(64);
-    tokio::spawn(async move {
-        if let Err(error) = follow(&mut reader, &sender).await {
-            tracing::warn!(deployment_id = reader.deployment_id, error = %error.message, "following a deployment's log failed");
-            let data = serde_json::json!({"code": error.code, "message": error.message});
-            let _ = sender.send(Event::default().event("stream_error").data(data.to_string())).await;
-        }
-    });
-    let events = ReceiverStream::new(receiver).map(Ok::<Event, Infallible>);
-    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))).into_response()
+    let deployment_id = reader.deployment_id;
+    sse::stream_from_task("following a deployment's log failed", deployment_id, Duration::from_secs(10), |sender| async move {
+        follow(&mut reader, &sender).await
+    })
 }
 
 async fn follow(reader: &mut LogReader, sender: &mpsc::Sender<Event>) -> Result<(), ApiError> {
-    let window_ends = tokio::time::Instant::now() + FOLLOW_WINDOW;
+    let window_ends = tokio::time::Instant::now() + sse::FOLLOW_WINDOW;
     let mut end_after: Option<tokio::time::Instant> = None;
     if sender.send(Event::default().retry(Duration::from_secs(1))).await.is_err() {
         return Ok(());

@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod audit;
 pub mod cluster;
 pub mod configs;
+pub mod deployment_events;
 pub mod deployments;
 pub mod environments;
 pub mod extract;
@@ -18,6 +19,7 @@ pub mod pipelines;
 pub mod query_parameters;
 pub mod repos;
 pub mod schema;
+pub mod sse;
 pub mod users;
 
 use std::sync::Arc;
@@ -130,6 +132,7 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(pipelines::routes())
         .merge(deployments::routes())
         .merge(environments::routes())
+        .merge(deployment_events::routes())
         .merge(configs::routes())
         .merge(logs::routes())
         .merge(monitoring::routes())
