@@ -10,7 +10,7 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
+use bollard::models::{ContainerCreateBody, ContainerUpdateBody, HostConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
     StopContainerOptionsBuilder, TagImageOptionsBuilder,
@@ -146,8 +146,24 @@ pub async fn start(docker: &Docker, plan: &ContainerPlan<'_>) -> Result<Running,
         return Err(engine(&format!("cannot start release {} of {}{output}", plan.release, plan.service), error));
     }
     // A process that dies at once (a wrong command, a missing file) is a failed start, not a
-    // release that later fails its health check.
+    // release that later fails its health check. Docker restarts it (unless-stopped), so a
+    // restart within the settling time counts as an exit too.
     tokio::time::sleep(SETTLE).await;
+    let inspected = docker
+        .inspect_container(&created.id, None)
+        .await
+        .map_err(|error| engine(&format!("cannot inspect the container of release {} of {}", plan.release, plan.service), error))?;
+    let state = inspected.state.clone().unwrap_or_default();
+    let exited = !state.running.unwrap_or(false) || state.restarting.unwrap_or(false) || inspected.restart_count.unwrap_or(0) > 0;
+    if exited {
+        let exit_code = settle_exit_code(docker, &created.id).await.unwrap_or(state.exit_code.unwrap_or(-1));
+        let output = last_output(docker, &created.id).await;
+        remove(docker, &created.id).await;
+        return Err(ReleaseError::Job(format!(
+            "release {} of {} exited right after its start with code {exit_code}{output}",
+            plan.release, plan.service
+        )));
+    }
     match find(docker, &created.id, plan.run.container_port).await? {
         Found::Running(running) => Ok(running),
         Found::Exited { exit_code, .. } => {
@@ -161,6 +177,27 @@ pub async fn start(docker: &Docker, plan: &ContainerPlan<'_>) -> Result<Running,
         Found::Missing => {
             Err(ReleaseError::Job(format!("the container of release {} of {} vanished right after its start", plan.release, plan.service)))
         }
+    }
+}
+
+/// The exit code of a container that keeps exiting: its restarts are switched off, then its
+/// last run is waited for (briefly: it exits at once).
+async fn settle_exit_code(docker: &Docker, container_id: &str) -> Option<i64> {
+    let no_restart = ContainerUpdateBody {
+        restart_policy: Some(RestartPolicy { name: Some(RestartPolicyNameEnum::NO), maximum_retry_count: None }),
+        ..Default::default()
+    };
+    docker.update_container(container_id, no_restart).await.ok()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let state = docker.inspect_container(container_id, None).await.ok()?.state.unwrap_or_default();
+        if !state.running.unwrap_or(false) && !state.restarting.unwrap_or(false) {
+            return state.exit_code;
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
