@@ -362,6 +362,8 @@ async fn blue_green_switch_under_load_loses_no_request_and_cleans_up_old_images(
     assert_eq!(containers_of(&service.name), vec![format!("davit-release-{}-d2", service.name)]);
     assert!(!image_tag_exists(&format!("davit-release/{}:d1", service.name)));
     assert!(image_tag_exists(&format!("davit-release/{}:d2", service.name)));
+    let cached = |version: &str| state_dir.path().join("releases/artifacts").join(format!("{}.tar.zst", artifacts().digests[version]));
+    assert!(!cached("v1").exists() && cached("v2").exists(), "only the kept release's artifact stays cached");
     let state = read_state(state_dir.path(), &service.name);
     assert_eq!(
         state.releases.iter().map(|release| (release.name.as_str(), release.stopped)).collect::<Vec<_>>(),
@@ -475,6 +477,77 @@ async fn start_fails_clearly_for_a_corrupt_artifact_and_a_release_that_exits_at_
     assert!(containers_of(&service.name).is_empty());
     // Health of a release that never started is an error, not a verdict.
     assert!(run(&manager, &service.spec(ReleaseOp::CheckHealth, "d2", None, "v1")).await.is_err());
+}
+
+/// Runs `.ci/build-images` once per test binary (the `davit/build-base` image, busybox with
+/// every applet), the image a `files` release runs in here.
+fn ensure_base_image() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/build-images");
+        let ran = Command::new("bash").arg(&script).output().expect("bash runs");
+        assert!(ran.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&ran.stderr));
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_files_release_runs_its_command_in_the_given_image_with_its_environment_and_limits() {
+    let Some(docker) = docker_or_skip("a_files_release_runs_its_command_in_the_given_image_with_its_environment_and_limits").await else {
+        return;
+    };
+    ensure_base_image();
+    let service = Service::new("files");
+    let _cleanup = Cleanup { service: service.name.clone() };
+    let state_dir = tempfile::tempdir().unwrap();
+    // The artifact as a build packs workspace paths.
+    let workspace = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(workspace.path().join("www")).unwrap();
+    std::fs::write(workspace.path().join("www/index.html"), "files v1\n").unwrap();
+    std::fs::write(workspace.path().join("www/health"), "ok\n").unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let packed = davit_agent::packing::pack(workspace.path(), &["www".to_string()], &store.path().join("packing.tar.zst")).unwrap();
+    std::fs::rename(&packed.path, store.path().join(format!("{}.tar.zst", packed.digest))).unwrap();
+    let source = DiskArtifacts { directory: store.path().to_path_buf(), substitute: None };
+
+    let manager = ReleaseManager::restore(state_dir.path(), Some(docker), LOCALHOST).await;
+    let mut spec = service.spec(ReleaseOp::Start, "d1", None, "none");
+    spec.artifact = ReleaseArtifact { digest: packed.digest.clone(), kind: "files".to_string() };
+    spec.run.image = Some("davit/build-base:latest".to_string());
+    // The files are mounted read-only; the command copies them to add what the environment says.
+    spec.run.command =
+        Some("mkdir -p /tmp/www && cp -r /release/www/. /tmp/www/ && echo \"$GREETING\" > /tmp/www/greeting && exec httpd -f -p 8080 -h /tmp/www".into());
+    let env = [("GREETING".to_string(), "hello from the configuration".to_string())];
+    manager.run(&spec, &env, &source, &|_| {}).await.unwrap();
+    // A repeated Start (a retried job) finds the running release.
+    manager.run(&spec, &env, &source, &|_| {}).await.unwrap();
+    spec.op = ReleaseOp::CheckHealth;
+    let health = manager.run(&spec, &env, &source, &|_| {}).await.unwrap().health.unwrap();
+    assert!(health.healthy, "{}", health.detail);
+    spec.op = ReleaseOp::SetWeight { weight: 100 };
+    manager.run(&spec, &env, &source, &|_| {}).await.unwrap();
+
+    let client = client();
+    let base = format!("http://127.0.0.1:{}", service.public_port);
+    assert_eq!(get(&client, &format!("{base}/index.html")).await.unwrap(), (200, "files v1".to_string()));
+    assert_eq!(get(&client, &format!("{base}/greeting")).await.unwrap(), (200, "hello from the configuration".to_string()));
+    let container = format!("davit-release-{}-d1", service.name);
+    assert_eq!(containers_of(&service.name), vec![container.clone()]);
+    let limits = docker_cli(&[
+        "inspect",
+        "--format",
+        "{{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.RestartPolicy.Name}}",
+        &container,
+    ]);
+    assert_eq!(limits, format!("500000000 {} unless-stopped", 64 * 1024 * 1024));
+    let labels = docker_cli(&[
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"davit.service\"}} {{index .Config.Labels \"davit.release\"}}",
+        &container,
+    ]);
+    assert_eq!(labels, format!("{} d1", service.name));
+    let published = docker_cli(&["port", &container, "8080/tcp"]);
+    assert!(published.starts_with("127.0.0.1:"), "releases are published on 127.0.0.1 only: {published}");
 }
 
 #[tokio::test]

@@ -475,27 +475,30 @@ impl ReleaseManager {
         Ok(())
     }
 
-    /// Remove the images of stopped releases beyond the newest `keep_images` releases.
+    /// Remove the images of stopped releases beyond the newest `keep_images` releases, and their
+    /// cached artifacts and unpacked files, unless a release that is kept uses the same ones.
     async fn remove_old_images(&self, service: &Service, keep_images: u32, progress: Progress<'_>) {
         let Ok(docker) = self.docker() else { return };
         let mut newest_first: Vec<&ReleaseRecord> = service.state.releases.iter().collect();
         newest_first.sort_by_key(|release| std::cmp::Reverse(release.started_at));
-        let kept: Vec<&str> = newest_first
-            .iter()
-            .enumerate()
-            .filter(|(index, release)| *index < keep_images as usize || !release.stopped)
-            .map(|(_, release)| release.image.as_str())
-            .collect();
-        for release in newest_first.iter().skip(keep_images as usize).filter(|release| release.stopped && !release.image_tag.is_empty()) {
-            if !containers::image_exists(docker.client(), &release.image_tag).await {
-                continue;
-            }
-            match containers::remove_image(docker.client(), &release.image_tag).await {
-                Ok(()) if kept.contains(&release.image.as_str()) => {
-                    progress(format!("untagged {} (its image is still in use)", release.image_tag))
+        let is_kept = |index: usize, release: &ReleaseRecord| index < keep_images as usize || !release.stopped;
+        let kept: Vec<&ReleaseRecord> =
+            newest_first.iter().enumerate().filter(|(index, release)| is_kept(*index, release)).map(|(_, release)| *release).collect();
+        let kept_images: Vec<&str> = kept.iter().map(|release| release.image.as_str()).collect();
+        let kept_digests: Vec<&str> = kept.iter().map(|release| release.digest.as_str()).collect();
+        for release in newest_first.iter().enumerate().filter(|(index, release)| !is_kept(*index, release)).map(|(_, release)| *release) {
+            if !release.image_tag.is_empty() && containers::image_exists(docker.client(), &release.image_tag).await {
+                match containers::remove_image(docker.client(), &release.image_tag).await {
+                    Ok(()) if kept_images.contains(&release.image.as_str()) => {
+                        progress(format!("untagged {} (its image is still in use)", release.image_tag))
+                    }
+                    Ok(()) => progress(format!("removed the image of release {} ({})", release.name, release.image_tag)),
+                    Err(error) => progress(error),
                 }
-                Ok(()) => progress(format!("removed the image of release {} ({})", release.name, release.image_tag)),
-                Err(error) => progress(error),
+            }
+            if !kept_digests.contains(&release.digest.as_str()) && artifacts::check_digest(&release.digest).is_ok() {
+                let _ = std::fs::remove_file(self.releases_dir.join("artifacts").join(format!("{}.tar.zst", release.digest)));
+                let _ = std::fs::remove_dir_all(self.releases_dir.join("files").join(&release.digest));
             }
         }
     }
