@@ -429,6 +429,81 @@ async fn artifacts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job_spec::{HealthCheck, ReleaseArtifact, ReleaseOp, ReleaseOutput, RunSettings};
+
+    fn release_offer(op: ReleaseOp) -> JobOffer {
+        let spec = JobSpec::Release(ReleaseSpec {
+            op,
+            service: "web-production".into(),
+            release: "d7".into(),
+            previous: Some("d6".into()),
+            artifact: ReleaseArtifact { digest: "a".repeat(64), kind: "image".into() },
+            run: RunSettings {
+                container_port: 8080,
+                public_port: 1,
+                image: None,
+                command: None,
+                cpu_millis: 1000,
+                memory_bytes: 1 << 31,
+                keep_images: 2,
+            },
+            health: HealthCheck {
+                http_path: None,
+                interval_ms: 100,
+                timeout_ms: 100,
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+                deadline_ms: 1000,
+            },
+            timeout_seconds: 30,
+        });
+        JobOffer { job_id: 41, attempt: 1, spec_json: serde_json::to_vec(&spec).unwrap(), ..Default::default() }
+    }
+
+    /// Runs a release job on an agent without Docker; returns how it ended and its step updates.
+    async fn run_release_job(op: ReleaseOp) -> (Ended, Vec<StepUpdate>) {
+        let state_dir = tempfile::tempdir().unwrap();
+        let (_coordinator, watcher) = watch::channel(None);
+        let (messages, mut received) = mpsc::unbounded_channel();
+        let context = JobContext {
+            offer: release_offer(op),
+            executor: Arc::new(Executor::Shell(crate::executor::ShellExecutor::new())),
+            shipper: LogShipper::start(state_dir.path().join("spool"), watcher.clone()).unwrap(),
+            work_dir: state_dir.path().join("work"),
+            git_protocols: vec![],
+            messages,
+            coordinator: watcher,
+            cancel: CancellationToken::new(),
+            releases: Arc::new(ReleaseManager::restore(state_dir.path(), None, std::net::Ipv4Addr::LOCALHOST.into()).await),
+        };
+        let ended = run_job(&context).await;
+        drop(context);
+        let mut steps = Vec::new();
+        while let Some(message) = received.recv().await {
+            if let pb::agent_message::Message::Step(step) = message {
+                steps.push(step);
+            }
+        }
+        (ended, steps)
+    }
+
+    #[tokio::test]
+    async fn a_release_job_reports_one_step_named_after_its_operation_and_its_output_as_json() {
+        let (ended, steps) = run_release_job(ReleaseOp::Stats { since_ms: 0 }).await;
+        assert_eq!(ended.outcome, JobOutcome::Succeeded, "{}", ended.reason);
+        let output: ReleaseOutput = serde_json::from_slice(&ended.output).unwrap();
+        assert_eq!(output.stats, Some(Default::default()));
+        let seen: Vec<(u32, &str, i32)> = steps.iter().map(|step| (step.index, step.name.as_str(), step.state)).collect();
+        assert_eq!(seen, vec![(0, "stats", StepState::Running as i32), (0, "stats", StepState::Succeeded as i32)]);
+    }
+
+    #[tokio::test]
+    async fn a_release_job_on_an_agent_without_docker_fails_saying_so() {
+        let (ended, steps) = run_release_job(ReleaseOp::Start).await;
+        assert_eq!(ended.outcome, JobOutcome::Failed);
+        assert!(ended.reason.contains("without Docker"), "{}", ended.reason);
+        assert_eq!(steps.last().map(|step| (step.name.as_str(), step.state)), Some(("start", StepState::Failed as i32)));
+    }
 
     #[test]
     fn configuration_keys_are_also_offered_in_upper_case() {
