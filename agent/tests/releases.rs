@@ -422,6 +422,19 @@ async fn canary_gets_a_tenth_of_requests_and_its_errors_are_counted_apart_and_a_
     // Setting the same weight after the restart changes nothing either.
     run(&manager, &service.spec(ReleaseOp::SetWeight { weight: 100 }, "d1", None, "v1")).await.unwrap();
     assert_eq!(service.history(state_dir.path()), history);
+
+    // A container removed behind the agent's back makes its release stopped at the next start.
+    drop(manager);
+    docker_cli(&["rm", "-f", &format!("davit-release-{}-d1", service.name)]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let manager = ReleaseManager::restore(state_dir.path(), Some(docker_executor().await), LOCALHOST).await;
+    assert!(read_state(state_dir.path(), &service.name).release("d1").unwrap().stopped);
+    assert_eq!(get(&self::client(), &service.url()).await.unwrap().0, 503, "nothing runs that could take the traffic");
+    drop(manager);
+}
+
+async fn docker_executor() -> DockerExecutor {
+    DockerExecutor::connect().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

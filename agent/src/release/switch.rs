@@ -323,6 +323,61 @@ mod tests {
         assert!(shared_with(&[]).pick(None).is_none());
     }
 
+    /// A release that answers every request with 200 `ok` and closes the connection.
+    async fn tiny_release() -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buffer = [0; 1024];
+                    while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(read) => request.extend_from_slice(&buffer[..read]),
+                        }
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_refused_bodyless_request_is_retried_once_elsewhere_and_counted_against_the_refusing_release() {
+        let live = tiny_release().await;
+        let dead = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let public = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let switch = TrafficSwitch::bind("test", public).await.unwrap();
+        let weights = BTreeMap::from([("live".to_string(), 50), ("dead".to_string(), 50)]);
+        switch.set_routing(&weights, &HashMap::from([("live".to_string(), live), ("dead".to_string(), dead)]));
+        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let url: Uri = format!("http://{public}/").parse().unwrap();
+        for _ in 0..10 {
+            let response = client.get(url.clone()).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "ok");
+        }
+        let stats = switch.stats("dead", 0);
+        assert_eq!((stats.release.requests, stats.release.server_errors), (5, 5));
+        assert_eq!((stats.others.requests, stats.others.server_errors), (10, 0));
+        // A request with a body is never sent twice: the refusal is the client's 502.
+        let mut statuses = Vec::new();
+        for _ in 0..2 {
+            let request = Request::post(url.clone()).body(Full::new(Bytes::from_static(b"payload"))).unwrap();
+            statuses.push(client.request(request).await.unwrap().status().as_u16());
+        }
+        statuses.sort();
+        assert_eq!(statuses, vec![200, 502]);
+        assert_eq!(switch.in_flight("live") + switch.in_flight("dead"), 0);
+    }
+
     #[test]
     fn hop_by_hop_headers_are_not_forwarded() {
         let mut headers = HeaderMap::new();
