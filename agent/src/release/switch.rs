@@ -176,8 +176,10 @@ impl Drop for InFlight {
 }
 
 impl Shared {
-    /// The next release by smooth weighted round robin, skipping `exclude`.
-    fn pick(&self, exclude: Option<&str>) -> Option<(String, u16)> {
+    /// The next release by smooth weighted round robin, skipping `exclude`, with the request
+    /// already counted in flight: counted under the routing lock, so that once a release is out
+    /// of the routing, its in-flight count covers every request that was sent its way.
+    fn pick(&self, exclude: Option<&str>) -> Option<(String, u16, InFlight)> {
         let mut backends = self.backends.lock().expect("backends lock");
         let eligible = |backend: &Backend| exclude != Some(backend.release.as_str());
         let total: i64 = backends.iter().filter(|backend| eligible(backend)).map(|backend| backend.weight).sum();
@@ -189,13 +191,9 @@ impl Shared {
         }
         let chosen = backends.iter_mut().filter(|backend| eligible(backend)).max_by_key(|backend| backend.current)?;
         chosen.current -= total;
-        Some((chosen.release.clone(), chosen.port))
-    }
-
-    fn start_request(&self, release: &str) -> InFlight {
-        let counter = self.in_flight.lock().expect("in-flight lock").entry(release.to_string()).or_default().clone();
+        let counter = self.in_flight.lock().expect("in-flight lock").entry(chosen.release.clone()).or_default().clone();
         counter.fetch_add(1, Ordering::SeqCst);
-        InFlight(counter)
+        Some((chosen.release.clone(), chosen.port, InFlight(counter)))
     }
 
     fn record(&self, release: &str, started: Instant, server_error: bool) {
@@ -236,7 +234,7 @@ fn outgoing(template: &Request<()>, port: u16, body: ProxyBody) -> Request<Proxy
 
 async fn handle(shared: Arc<Shared>, peer: SocketAddr, request: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let Some((mut release, mut port)) = shared.pick(None) else {
+    let Some((mut release, mut port, mut in_flight)) = shared.pick(None) else {
         return Ok(plain(StatusCode::SERVICE_UNAVAILABLE, format!("no release of service {} takes traffic on this host", shared.service)));
     };
     let (parts, body) = request.into_parts();
@@ -253,7 +251,6 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, request: Request<Incoming
     let mut body = Some(if without_body { Empty::new().map_err(|never| match never {}).boxed() } else { body.boxed() });
     let mut retried = false;
     loop {
-        let in_flight = shared.start_request(&release);
         let sent = shared
             .client
             .request(outgoing(&template, port, body.take().unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed())))
@@ -271,16 +268,15 @@ async fn handle(shared: Arc<Shared>, peer: SocketAddr, request: Request<Incoming
                 return Ok(Response::from_parts(parts, body.boxed()));
             }
             Err(error) => {
-                drop(in_flight);
                 shared.record(&release, started, true);
                 let refused = error.is_connect();
                 if refused
                     && without_body
                     && !retried
-                    && let Some((other, other_port)) = shared.pick(Some(&release))
+                    && let Some((other, other_port, other_in_flight)) = shared.pick(Some(&release))
                 {
                     retried = true;
-                    (release, port) = (other, other_port);
+                    (release, port, in_flight) = (other, other_port, other_in_flight);
                     continue;
                 }
                 tracing::debug!(service = %shared.service, %release, %error, "a release did not answer");
@@ -316,6 +312,7 @@ mod tests {
     async fn smooth_round_robin_gives_exactly_the_weights_and_spreads_them() {
         let shared = shared_with(&[("stable", 90), ("canary", 10)]);
         let picks: Vec<String> = (0..100).map(|_| shared.pick(None).unwrap().0).collect();
+        assert_eq!(shared.in_flight.lock().unwrap()["canary"].load(Ordering::SeqCst), 0, "dropped picks are no longer in flight");
         assert_eq!(picks.iter().filter(|release| *release == "canary").count(), 10);
         // Never two canary requests in a row at 10 %.
         assert!(picks.windows(2).all(|pair| !(pair[0] == "canary" && pair[1] == "canary")));
