@@ -29,6 +29,7 @@ const STOP_GRACE_SECONDS: i32 = 10;
 /// A release must still run this long after its start to count as started.
 const SETTLE: Duration = Duration::from_millis(1000);
 
+/// One name per service and release, so that a retried Start finds the container it created.
 pub fn container_name(service: &str, release: &str) -> String {
     format!("davit-release-{service}-{release}")
 }
@@ -72,6 +73,8 @@ pub enum Found {
     Missing,
 }
 
+/// Where the container `name_or_id` is; for a running one, the host port its `container_port`
+/// is published on (it changes when Docker restarts the container).
 pub async fn find(docker: &Docker, name_or_id: &str, container_port: u16) -> Result<Found, ReleaseError> {
     let inspected = match docker.inspect_container(name_or_id, None).await {
         Ok(inspected) => inspected,
@@ -233,11 +236,13 @@ async fn remove(docker: &Docker, container_id: &str) {
     }
 }
 
+/// Tag `image` as `repository:tag`, so that the service's images can be found (and removed).
 pub async fn tag(docker: &Docker, image: &str, repository: &str, tag: &str) -> Result<(), ReleaseError> {
     let options = TagImageOptionsBuilder::new().repo(repository).tag(tag).build();
     docker.tag_image(image, Some(options)).await.map_err(|error| engine(&format!("cannot tag image {image} as {repository}:{tag}"), error))
 }
 
+/// Whether the engine has `image` (an id or a tag).
 pub async fn image_exists(docker: &Docker, image: &str) -> bool {
     docker.inspect_image(image).await.is_ok()
 }

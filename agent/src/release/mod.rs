@@ -36,7 +36,8 @@
 //!
 //! A restarted agent loads every `<service>.json`, finds each running release's container again
 //! (a container that is gone marks its release stopped; one that runs gives its current port),
-//! and binds the switch with the recorded weights.
+//! and binds the switch with the recorded weights. Every operation but Stats does the same first,
+//! so a container that Docker restarted on a new port is routed to where it is now.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -150,6 +151,18 @@ impl ReleaseManager {
         }
     }
 
+    /// Before an operation: find the running releases' containers again, as at a restart (Docker
+    /// gives a restarted container a new port), and route to where they are now.
+    async fn refresh(&self, service: &mut Service) -> Result<(), ReleaseError> {
+        let before = service.state.clone();
+        self.reconcile(&mut service.state).await;
+        if service.state != before {
+            self.save(service)?;
+            apply_routing(service);
+        }
+        Ok(())
+    }
+
     fn service(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Service>>, ReleaseError> {
         state::check_name("service", name).map_err(ReleaseError::Job)?;
         let mut services = self.services.lock().expect("services lock");
@@ -192,6 +205,9 @@ impl ReleaseManager {
         let service = self.service(&spec.service)?;
         let mut service = service.lock().await;
         let mut output = ReleaseOutput::default();
+        if !matches!(spec.op, ReleaseOp::Stats { .. }) {
+            self.refresh(&mut service).await?;
+        }
         match &spec.op {
             ReleaseOp::Start => self.start(&mut service, spec, env, source, progress).await?,
             ReleaseOp::CheckHealth => {
@@ -255,6 +271,12 @@ impl ReleaseManager {
         progress: Progress<'_>,
     ) -> Result<(), ReleaseError> {
         let docker = self.docker()?;
+        if !matches!(spec.artifact.kind.as_str(), "image" | "files") {
+            return Err(ReleaseError::Job(format!("artifact kind {:?} cannot be released; it must be image or files", spec.artifact.kind)));
+        }
+        if spec.run.container_port == 0 {
+            return Err(ReleaseError::Job("run.container_port must be the port the release listens on inside its container, not 0".into()));
+        }
         if let Some(release) = service.state.release(&spec.release).filter(|release| !release.stopped)
             && let Found::Running(running) = containers::find(docker.client(), &release.container_id, release.container_port).await?
         {
