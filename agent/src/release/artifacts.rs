@@ -163,3 +163,117 @@ pub fn unpack_image_archive(archive: &Path, tar_path: &Path) -> Result<String, R
     }
     Err(job("has no manifest.json: it is not a `docker save` export; build the release with a Dockerfile".to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use davit_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
+    use davit_proto::agent::*;
+    use futures::Stream;
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    type Answers<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+    /// A coordinator that only serves `FetchArtifact`, over a real gRPC connection, from
+    /// stored `.tar.zst` bytes by digest; it insists on the agent's credential.
+    #[derive(Clone, Default)]
+    struct BlobStore {
+        blobs: Arc<HashMap<String, Vec<u8>>>,
+        fetches: Arc<AtomicUsize>,
+    }
+
+    #[tonic::async_trait]
+    impl AgentService for BlobStore {
+        async fn register(&self, _: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        type SessionStream = Answers<CoordinatorMessage>;
+        async fn session(&self, _: Request<Streaming<AgentMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        type ShipLogsStream = Answers<LogAck>;
+        async fn ship_logs(&self, _: Request<Streaming<LogChunk>>) -> Result<Response<Self::ShipLogsStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn has_artifact(&self, _: Request<HasArtifactRequest>) -> Result<Response<HasArtifactResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn upload_artifact(&self, _: Request<Streaming<ArtifactUpload>>) -> Result<Response<ArtifactRecorded>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn record_artifact(&self, _: Request<ArtifactMeta>) -> Result<Response<ArtifactRecorded>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        type FetchArtifactStream = Answers<ArtifactData>;
+        async fn fetch_artifact(&self, request: Request<FetchArtifactRequest>) -> Result<Response<Self::FetchArtifactStream>, Status> {
+            let authorized = request.metadata().get("authorization").is_some_and(|value| value == "Bearer agent-credential");
+            if !authorized {
+                return Err(Status::unauthenticated("no agent credential"));
+            }
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            let digest = request.into_inner().digest;
+            let bytes = self
+                .blobs
+                .get(&digest)
+                .cloned()
+                .ok_or_else(|| Status::not_found(format!("no stored artifact has digest sha256:{digest}")))?;
+            let pieces: Vec<Result<ArtifactData, Status>> =
+                bytes.chunks(1000).map(|piece| Ok(ArtifactData { data: piece.to_vec() })).collect();
+            Ok(Response::new(Box::pin(futures::stream::iter(pieces))))
+        }
+    }
+
+    #[tokio::test]
+    async fn artifacts_come_from_the_coordinator_verified_and_are_fetched_once() {
+        let workspace = tempfile::tempdir().unwrap();
+        std::fs::write(workspace.path().join("app.sh"), "echo release\n".repeat(500)).unwrap();
+        let packed = crate::packing::pack(workspace.path(), &["app.sh".to_string()], &workspace.path().join("out.tar.zst")).unwrap();
+        let good = std::fs::read(&packed.path).unwrap();
+        // Bytes that are valid zstd but not what the digest names.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("app.sh"), "something else\n").unwrap();
+        let wrong = crate::packing::pack(other.path(), &["app.sh".to_string()], &other.path().join("out.tar.zst")).unwrap();
+        let mislabelled = "b".repeat(64);
+        let store = BlobStore {
+            blobs: Arc::new(HashMap::from([
+                (packed.digest.clone(), good.clone()),
+                (mislabelled.clone(), std::fs::read(&wrong.path).unwrap()),
+            ])),
+            fetches: Arc::default(),
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        tokio::spawn(tonic::transport::Server::builder().add_service(AgentServiceServer::new(store.clone())).serve(address));
+        let coordinator = loop {
+            if let Ok(coordinator) = crate::client::connect(&address.to_string(), None, "agent-credential").await {
+                break coordinator;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (_sender, watcher) = watch::channel(Some(coordinator));
+        let source = CoordinatorArtifacts { coordinator: watcher };
+        let cache = tempfile::tempdir().unwrap();
+
+        let path = cached_artifact(cache.path(), &packed.digest, &source).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), good);
+        cached_artifact(cache.path(), &packed.digest, &source).await.unwrap();
+        assert_eq!(store.fetches.load(Ordering::SeqCst), 1, "a cached artifact is not fetched again");
+
+        let missing = cached_artifact(cache.path(), &"c".repeat(64), &source).await.unwrap_err();
+        assert!(matches!(&missing, ReleaseError::Job(message) if message.contains("no stored artifact")), "{missing:?}");
+        let corrupt = cached_artifact(cache.path(), &mislabelled, &source).await.unwrap_err();
+        assert!(matches!(&corrupt, ReleaseError::Job(message) if message.contains("is corrupt")), "{corrupt:?}");
+        let invalid = cached_artifact(cache.path(), "../../etc/passwd", &source).await.unwrap_err();
+        assert!(matches!(&invalid, ReleaseError::Job(message) if message.contains("64 lower-case hex digits")), "{invalid:?}");
+        let left: Vec<String> =
+            std::fs::read_dir(cache.path()).unwrap().flatten().map(|entry| entry.file_name().to_string_lossy().into()).collect();
+        assert_eq!(left, vec![format!("{}.tar.zst", packed.digest)], "only verified artifacts stay");
+    }
+}
