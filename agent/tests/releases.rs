@@ -573,3 +573,18 @@ async fn an_agent_without_docker_refuses_release_steps_with_what_to_do() {
     let Err(ReleaseError::Job(message)) = error else { panic!("{error:?}") };
     assert!(message.contains("without Docker") && message.contains("start Docker"), "{message}");
 }
+
+#[tokio::test]
+async fn a_damaged_state_file_is_reported_and_never_overwritten() {
+    let state_dir = tempfile::tempdir().unwrap();
+    let path = state::state_path(&state_dir.path().join("releases"), "web-production");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"{ not json").unwrap();
+    let manager = ReleaseManager::restore(state_dir.path(), None, LOCALHOST).await;
+    let service = Service { name: "web-production".to_string(), public_port: free_port(), keep_images: 2 };
+    let spec = service.spec(ReleaseOp::SetWeight { weight: 100 }, "d1", None, "none");
+    let error = manager.run(&spec, &[], &DiskArtifacts { directory: state_dir.path().to_path_buf(), substitute: None }, &|_| {}).await;
+    let Err(ReleaseError::Infrastructure(message)) = error else { panic!("{error:?}") };
+    assert!(message.contains("is damaged") && message.contains("move it away"), "{message}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"{ not json");
+}

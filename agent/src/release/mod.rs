@@ -36,7 +36,9 @@
 //!
 //! A restarted agent loads every `<service>.json`, finds each running release's container again
 //! (a container that is gone marks its release stopped; one that runs gives its current port),
-//! and binds the switch with the recorded weights. Every operation but Stats does the same first,
+//! and binds the switch with the recorded weights. While the agent is down nothing listens on
+//! the public ports (the releases keep running in Docker): restarting the agent briefly closes
+//! the host's public ports. Every operation but Stats does the same first,
 //! so a container that Docker restarted on a new port is routed to where it is now.
 
 use std::collections::{BTreeMap, HashMap};
@@ -169,7 +171,10 @@ impl ReleaseManager {
         if let Some(service) = services.get(name) {
             return Ok(service.clone());
         }
-        let service = Arc::new(tokio::sync::Mutex::new(Service { state: ServiceState::new(name), switch: None }));
+        // A file that did not load at start (damaged, or from a newer agent) is never overwritten.
+        let path = state::state_path(&self.releases_dir, name);
+        let state = if path.exists() { state::load(&path).map_err(ReleaseError::Infrastructure)? } else { ServiceState::new(name) };
+        let service = Arc::new(tokio::sync::Mutex::new(Service { state, switch: None }));
         services.insert(name.to_string(), service.clone());
         Ok(service)
     }
