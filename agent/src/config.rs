@@ -35,6 +35,10 @@ pub struct AgentConfig {
     pub ca_file: Option<PathBuf>,
     /// Exit once drained (no job running after `davit-agent drain`).
     pub exit_when_drained: bool,
+    /// The address the traffic switches of released services listen on (each on its service's
+    /// public port). All interfaces by default; one 127.0.0.x per agent when several agents share
+    /// a machine, as in tests.
+    pub service_address: std::net::IpAddr,
 }
 
 impl Default for AgentConfig {
@@ -49,6 +53,7 @@ impl Default for AgentConfig {
             git_protocols: vec!["https".into(), "ssh".into(), "git".into()],
             ca_file: None,
             exit_when_drained: true,
+            service_address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         }
     }
 }

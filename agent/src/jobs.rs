@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::Coordinator;
 use crate::executor::{ErrorKind, Executor, Limits, StepOutcome, StepRequest};
-use crate::job_spec::{ARTIFACTS_STEP, BuildSpec, CHECKOUT_STEP, IMAGE_STEP, JobSpec};
+use crate::job_spec::{ARTIFACTS_STEP, BuildSpec, CHECKOUT_STEP, IMAGE_STEP, JobSpec, ReleaseSpec};
 use crate::log_shipping::{LogShipper, now_millis, secrets_of};
 use crate::masking::Masker;
+use crate::release::{CoordinatorArtifacts, ReleaseError, ReleaseManager};
 use crate::upload::{Source, Speculation, upload};
 
 /// Where a job's messages to the coordinator go (the session, whichever it is at the moment).
@@ -30,6 +31,8 @@ pub struct JobContext {
     pub messages: Messages,
     pub coordinator: watch::Receiver<Option<Coordinator>>,
     pub cancel: CancellationToken,
+    /// The agent's releases and traffic switches (release jobs).
+    pub releases: Arc<ReleaseManager>,
 }
 
 /// How a job ended, as reported in `JobResult`.
@@ -113,8 +116,9 @@ pub async fn run_job(context: &JobContext) -> Ended {
         Ok(spec) => spec,
         Err(error) => return Ended::new(JobOutcome::Failed, format!("this agent cannot read the job's spec (upgrade it?): {error}")),
     };
-    let JobSpec::Build(build) = &spec else {
-        return Ended::new(JobOutcome::Failed, "this agent does not run release steps yet");
+    let build = match &spec {
+        JobSpec::Build(build) => build,
+        JobSpec::Release(release) => return run_release(context, release).await,
     };
     let timeout = Duration::from_secs(build.timeout_seconds.max(1));
     let run = Run {
@@ -131,6 +135,61 @@ pub async fn run_job(context: &JobContext) -> Ended {
         docker.remove_job_containers(context.offer.job_id).await;
     }
     let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&workspace)).await;
+    ended
+}
+
+/// A release job: one step, named after its operation, carried out by the agent's release
+/// manager within the job's timeout; what it found goes into `output` as JSON.
+async fn run_release(context: &JobContext, spec: &ReleaseSpec) -> Ended {
+    let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
+    let run = Run {
+        context,
+        masker: Arc::new(Masker::new(&secrets_of(&context.offer.env))),
+        env: job_environment(&context.offer.env),
+        deadline: Instant::now() + timeout,
+        timeout,
+    };
+    let name = spec.op.name();
+    let started = now_millis();
+    run.step(0, name, StepState::Running, started, 0);
+    let (output, collector) = run.output(0);
+    let source = CoordinatorArtifacts { coordinator: context.coordinator.clone() };
+    let progress_output = output.clone();
+    let progress = move |line: String| {
+        let _ = progress_output.try_send(format!("{line}\n").into_bytes());
+    };
+    let result = tokio::select! {
+        result = tokio::time::timeout(timeout, context.releases.run(spec, &run.env, &source, &progress)) => Some(result),
+        () = context.cancel.cancelled() => None,
+    };
+    let ended = match result {
+        Some(Ok(Ok(release_output))) => {
+            let mut ended = Ended::new(JobOutcome::Succeeded, "");
+            ended.output = serde_json::to_vec(&release_output).unwrap_or_default();
+            run.step(0, name, StepState::Succeeded, started, 0);
+            ended
+        }
+        Some(Ok(Err(error))) => {
+            say(&output, format!("{name} failed: {error}")).await;
+            run.step(0, name, StepState::Failed, started, 1);
+            let outcome = match error {
+                ReleaseError::Job(_) => JobOutcome::Failed,
+                ReleaseError::Infrastructure(_) => JobOutcome::Infrastructure,
+            };
+            Ended::new(outcome, format!("release step {name} of {} on service {}: {error}", spec.release, spec.service))
+        }
+        Some(Err(_)) => {
+            run.step(0, name, StepState::Failed, started, -1);
+            Ended::new(JobOutcome::Failed, format!("release step {name} of {} timed out after {} s", spec.release, timeout.as_secs()))
+        }
+        None => {
+            run.step(0, name, StepState::Cancelled, started, -1);
+            Ended::new(JobOutcome::Cancelled, format!("cancelled during release step {name}"))
+        }
+    };
+    drop(progress);
+    drop(output);
+    let _ = collector.await;
     ended
 }
 
@@ -370,6 +429,81 @@ async fn artifacts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job_spec::{HealthCheck, ReleaseArtifact, ReleaseOp, ReleaseOutput, RunSettings};
+
+    fn release_offer(op: ReleaseOp) -> JobOffer {
+        let spec = JobSpec::Release(ReleaseSpec {
+            op,
+            service: "web-production".into(),
+            release: "d7".into(),
+            previous: Some("d6".into()),
+            artifact: ReleaseArtifact { digest: "a".repeat(64), kind: "image".into() },
+            run: RunSettings {
+                container_port: 8080,
+                public_port: 1,
+                image: None,
+                command: None,
+                cpu_millis: 1000,
+                memory_bytes: 1 << 31,
+                keep_images: 2,
+            },
+            health: HealthCheck {
+                http_path: None,
+                interval_ms: 100,
+                timeout_ms: 100,
+                healthy_threshold: 1,
+                unhealthy_threshold: 1,
+                deadline_ms: 1000,
+            },
+            timeout_seconds: 30,
+        });
+        JobOffer { job_id: 41, attempt: 1, spec_json: serde_json::to_vec(&spec).unwrap(), ..Default::default() }
+    }
+
+    /// Runs a release job on an agent without Docker; returns how it ended and its step updates.
+    async fn run_release_job(op: ReleaseOp) -> (Ended, Vec<StepUpdate>) {
+        let state_dir = tempfile::tempdir().unwrap();
+        let (_coordinator, watcher) = watch::channel(None);
+        let (messages, mut received) = mpsc::unbounded_channel();
+        let context = JobContext {
+            offer: release_offer(op),
+            executor: Arc::new(Executor::Shell(crate::executor::ShellExecutor::new())),
+            shipper: LogShipper::start(state_dir.path().join("spool"), watcher.clone()).unwrap(),
+            work_dir: state_dir.path().join("work"),
+            git_protocols: vec![],
+            messages,
+            coordinator: watcher,
+            cancel: CancellationToken::new(),
+            releases: Arc::new(ReleaseManager::restore(state_dir.path(), None, std::net::Ipv4Addr::LOCALHOST.into()).await),
+        };
+        let ended = run_job(&context).await;
+        drop(context);
+        let mut steps = Vec::new();
+        while let Some(message) = received.recv().await {
+            if let pb::agent_message::Message::Step(step) = message {
+                steps.push(step);
+            }
+        }
+        (ended, steps)
+    }
+
+    #[tokio::test]
+    async fn a_release_job_reports_one_step_named_after_its_operation_and_its_output_as_json() {
+        let (ended, steps) = run_release_job(ReleaseOp::Stats { since_ms: 0 }).await;
+        assert_eq!(ended.outcome, JobOutcome::Succeeded, "{}", ended.reason);
+        let output: ReleaseOutput = serde_json::from_slice(&ended.output).unwrap();
+        assert_eq!(output.stats, Some(Default::default()));
+        let seen: Vec<(u32, &str, i32)> = steps.iter().map(|step| (step.index, step.name.as_str(), step.state)).collect();
+        assert_eq!(seen, vec![(0, "stats", StepState::Running as i32), (0, "stats", StepState::Succeeded as i32)]);
+    }
+
+    #[tokio::test]
+    async fn a_release_job_on_an_agent_without_docker_fails_saying_so() {
+        let (ended, steps) = run_release_job(ReleaseOp::Start).await;
+        assert_eq!(ended.outcome, JobOutcome::Failed);
+        assert!(ended.reason.contains("without Docker"), "{}", ended.reason);
+        assert_eq!(steps.last().map(|step| (step.name.as_str(), step.state)), Some(("start", StepState::Failed as i32)));
+    }
 
     #[test]
     fn configuration_keys_are_also_offered_in_upper_case() {

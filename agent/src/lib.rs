@@ -13,5 +13,6 @@ pub mod log_levels;
 pub mod log_shipping;
 pub mod masking;
 pub mod packing;
+pub mod release;
 pub mod runtime;
 pub mod upload;

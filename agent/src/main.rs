@@ -56,6 +56,9 @@ enum Command {
         executor: Option<String>,
         #[arg(long)]
         region: Option<String>,
+        /// The address released services' traffic switches listen on (default 0.0.0.0).
+        #[arg(long)]
+        service_address: Option<std::net::IpAddr>,
     },
     /// Ask the running agent to finish its jobs and take no new ones (it exits when done).
     Drain,
@@ -130,7 +133,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("start it with: davit-agent run --state-dir {}", config.state_dir.display());
             Ok(())
         }
-        Command::Run { capacity, executor, region } => {
+        Command::Run { capacity, executor, region, service_address } => {
+            if let Some(service_address) = service_address {
+                config.service_address = service_address;
+            }
             if let Some(capacity) = capacity {
                 config.capacity = capacity;
             }

@@ -17,6 +17,7 @@ use crate::config::{AgentConfig, ExecutorChoice, Identity};
 use crate::executor::{DockerExecutor, Executor, ShellExecutor};
 use crate::jobs::{Ended, JobContext, run_job};
 use crate::log_shipping::LogShipper;
+use crate::release::ReleaseManager;
 
 struct RunningJob {
     attempt: u32,
@@ -106,6 +107,7 @@ pub struct AgentRuntime {
     shared: Arc<Shared>,
     coordinator: watch::Sender<Option<Coordinator>>,
     shipper: LogShipper,
+    releases: Arc<ReleaseManager>,
 }
 
 impl AgentRuntime {
@@ -115,13 +117,19 @@ impl AgentRuntime {
         let shipper = LogShipper::start(config.state_dir.join("spool"), watcher)?;
         std::fs::create_dir_all(config.state_dir.join("work"))?;
         clean_up_after_crash(&config, &executor).await;
+        // Releases always run in Docker, whichever executor builds use.
+        let release_docker = match executor.as_ref() {
+            Executor::Docker(docker) => Some(docker.clone()),
+            Executor::Shell(_) => DockerExecutor::connect().await.ok(),
+        };
+        let releases = Arc::new(ReleaseManager::restore(&config.state_dir, release_docker, config.service_address).await);
         let shared = Arc::new(Shared {
             jobs: Mutex::new(HashMap::new()),
             results: Mutex::new(BTreeMap::new()),
             outbox: Mutex::new(None),
             draining: std::sync::atomic::AtomicBool::new(false),
         });
-        Ok(AgentRuntime { config, identity, executor, shared, coordinator, shipper })
+        Ok(AgentRuntime { config, identity, executor, shared, coordinator, shipper, releases })
     }
 
     pub fn executor_name(&self) -> &'static str {
@@ -331,6 +339,7 @@ impl AgentRuntime {
             messages,
             coordinator: self.coordinator.subscribe(),
             cancel,
+            releases: self.releases.clone(),
         };
         let shared = self.shared.clone();
         let shipper = self.shipper.clone();

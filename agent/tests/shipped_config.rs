@@ -22,6 +22,7 @@ fn shipped_agent_config_parses() {
     assert_eq!(config.git_protocols, ["https", "ssh", "git"]);
     assert_eq!(config.labels.get("disk").map(String::as_str), Some("ssd"));
     assert_eq!(config.ca_file, None, "TLS is off unless the operator turns it on");
+    assert_eq!(config.service_address, AgentConfig::default().service_address);
 }
 
 /// Optional settings are shipped commented out as `#key = value`; with the `#` removed they

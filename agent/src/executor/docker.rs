@@ -100,6 +100,11 @@ impl DockerExecutor {
         Ok(DockerExecutor { docker })
     }
 
+    /// The engine connection, for the release manager's containers (one connection per agent).
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
     /// Runs one step in a new container and removes the container afterwards.
     ///
     /// Output (stdout and stderr, interleaved as the engine delivers them) goes to `output`
