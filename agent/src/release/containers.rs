@@ -22,6 +22,8 @@ use crate::job_spec::RunSettings;
 
 pub const SERVICE_LABEL: &str = "davit.service";
 pub const RELEASE_LABEL: &str = "davit.release";
+/// The agent instance that runs the release (several agents may share one engine).
+pub const AGENT_LABEL: &str = "davit.agent";
 /// Where a `files` artifact is mounted (and the working directory of its command).
 pub const FILES_MOUNT: &str = "/release";
 /// How long a stopped release gets to exit after SIGTERM before it is killed.
@@ -29,14 +31,16 @@ const STOP_GRACE_SECONDS: i32 = 10;
 /// A release must still run this long after its start to count as started.
 const SETTLE: Duration = Duration::from_millis(1000);
 
-/// One name per service and release, so that a retried Start finds the container it created.
-pub fn container_name(service: &str, release: &str) -> String {
-    format!("davit-release-{service}-{release}")
+/// One name per agent, service and release, so that a retried Start finds the container it
+/// created, and agents sharing one Docker engine (several on one machine) never take each
+/// other's. `instance` names the agent's state directory ([`super::instance_of`]).
+pub fn container_name(instance: &str, service: &str, release: &str) -> String {
+    format!("davit-release-{instance}-{service}-{release}")
 }
 
 /// The tag the agent gives a release's image, so that clean-up finds the images of a service.
-pub fn image_repository(service: &str) -> String {
-    format!("davit-release/{}", service.to_ascii_lowercase())
+pub fn image_repository(instance: &str, service: &str) -> String {
+    format!("davit-release/{instance}-{}", service.to_ascii_lowercase())
 }
 
 fn engine(context: &str, error: BollardError) -> ReleaseError {
@@ -48,6 +52,8 @@ fn engine(context: &str, error: BollardError) -> ReleaseError {
 
 /// What runs: the image, and the command when one replaces the image's own.
 pub struct ContainerPlan<'a> {
+    /// The agent's instance name (see [`container_name`]).
+    pub instance: &'a str,
     pub service: &'a str,
     pub release: &'a str,
     pub image: String,
@@ -101,15 +107,18 @@ pub async fn find(docker: &Docker, name_or_id: &str, container_port: u16) -> Res
 
 /// Start the release's container, or find it running from an earlier attempt.
 pub async fn start(docker: &Docker, plan: &ContainerPlan<'_>) -> Result<Running, ReleaseError> {
-    let name = container_name(plan.service, plan.release);
+    let name = container_name(plan.instance, plan.service, plan.release);
     match find(docker, &name, plan.run.container_port).await? {
         Found::Running(running) => return Ok(running),
         Found::Exited { container_id, .. } => remove(docker, &container_id).await,
         Found::Missing => {}
     }
     let port_key = format!("{}/tcp", plan.run.container_port);
-    let labels =
-        HashMap::from([(SERVICE_LABEL.to_string(), plan.service.to_string()), (RELEASE_LABEL.to_string(), plan.release.to_string())]);
+    let labels = HashMap::from([
+        (SERVICE_LABEL.to_string(), plan.service.to_string()),
+        (RELEASE_LABEL.to_string(), plan.release.to_string()),
+        (AGENT_LABEL.to_string(), plan.instance.to_string()),
+    ]);
     // Zero means no limit, as for Docker.
     let nano_cpus = (plan.run.cpu_millis > 0).then(|| i64::try_from(plan.run.cpu_millis.saturating_mul(1_000_000)).unwrap_or(i64::MAX));
     let memory = (plan.run.memory_bytes > 0).then(|| i64::try_from(plan.run.memory_bytes).unwrap_or(i64::MAX));

@@ -20,7 +20,7 @@
 //!     "public_port": 8080,
 //!     "releases": [
 //!       {"name": "d7", "container_id": "4f1c...", "host_port": 32771, "container_port": 8080,
-//!        "image": "sha256:9a0b...", "image_tag": "davit-release/web-production:d7",
+//!        "image": "sha256:9a0b...", "image_tag": "davit-release/1a2b3c4d-web-production:d7",
 //!        "digest": "<sha256 of the artifact>", "started_at": 1764170000000, "stopped": false}
 //!     ],
 //!     "weights": {"d7": 100},
@@ -88,9 +88,20 @@ struct Service {
 /// one service run one at a time, on different services concurrently.
 pub struct ReleaseManager {
     releases_dir: PathBuf,
+    /// Names this agent's containers apart from other agents' on the same engine.
+    instance: String,
     docker: Option<DockerExecutor>,
     service_address: IpAddr,
     services: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Service>>>>,
+}
+
+/// A short name for the agent owning `state_dir`: the first 8 hex digits of the SHA-256 of its
+/// absolute path. Stable across restarts, different for every agent on the machine.
+pub fn instance_of(state_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let path = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = Sha256::digest(path.as_os_str().as_encoded_bytes());
+    digest.iter().take(4).map(|byte| format!("{byte:02x}")).collect()
 }
 
 impl ReleaseManager {
@@ -100,6 +111,7 @@ impl ReleaseManager {
     pub async fn restore(state_dir: &Path, docker: Option<DockerExecutor>, service_address: IpAddr) -> ReleaseManager {
         let manager = ReleaseManager {
             releases_dir: state_dir.join("releases"),
+            instance: instance_of(state_dir),
             docker,
             service_address,
             services: std::sync::Mutex::new(HashMap::new()),
@@ -300,7 +312,7 @@ impl ReleaseManager {
         let files_dir;
         let (plan_image, image_id, image_tag, command, files) = match spec.artifact.kind.as_str() {
             "image" => {
-                let repository = containers::image_repository(&spec.service);
+                let repository = containers::image_repository(&self.instance, &spec.service);
                 let tag = format!("{repository}:{}", spec.release);
                 let image_id = self.load_image(docker, &archive, &spec.artifact.digest).await?;
                 containers::tag(docker.client(), &image_id, &repository, &spec.release).await?;
@@ -318,7 +330,16 @@ impl ReleaseManager {
             }
             other => return Err(ReleaseError::Job(format!("artifact kind {other:?} cannot be released; it must be image or files"))),
         };
-        let plan = ContainerPlan { service: &spec.service, release: &spec.release, image: plan_image, command, files, env, run: &spec.run };
+        let plan = ContainerPlan {
+            instance: &self.instance,
+            service: &spec.service,
+            release: &spec.release,
+            image: plan_image,
+            command,
+            files,
+            env,
+            run: &spec.run,
+        };
         let running = containers::start(docker.client(), &plan).await?;
         progress(format!("release {} started: container {}, 127.0.0.1:{}", spec.release, short(&running.container_id), running.host_port));
         let record = ReleaseRecord {
