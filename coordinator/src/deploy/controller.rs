@@ -270,3 +270,146 @@ fn successful_rollouts(state: &dyn StateRead, deployment: &Deployment) -> anyhow
     }
     Ok(found)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::command::{ArtifactOrigin, JobEnd, PipelinePatch};
+
+    async fn apply(node: &Node, command: Command) -> Option<u64> {
+        let (outcome, _) = node.propose(&Requester::system(), command).await.expect("proposed");
+        outcome.result.unwrap_or_else(|rejection| panic!("refused: {}", rejection.message)).id
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect()
+    }
+
+    async fn agent(node: &Node, name: &str, labels: BTreeMap<String, String>) -> u64 {
+        let register = Command::RegisterAgent {
+            name: name.into(),
+            labels: labels.clone(),
+            credential_hash: format!("h-{name}"),
+            registration_token_hash: "t".into(),
+        };
+        let agent_id = apply(node, register).await.unwrap();
+        let connected = Command::AgentConnected {
+            agent_id,
+            node_id: 1,
+            labels,
+            capacity: 2,
+            executors: vec!["docker".into()],
+            draining: false,
+            version: "t".into(),
+        };
+        apply(node, connected).await;
+        agent_id
+    }
+
+    /// A deployment whose build ran on `builder` and produced an image.
+    async fn built(node: &Node, pipeline_id: u64, builder: u64, commit: &str) -> u64 {
+        let create = Command::CreateDeployment {
+            pipeline_id,
+            commit_hash: commit.into(),
+            environment: "staging".into(),
+            config_overrides: BTreeMap::new(),
+            rollback_of: None,
+            branch: None,
+            release_of: None,
+        };
+        let deployment_id = apply(node, create).await.unwrap();
+        let job_id = index_ids(&node.state(), index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string()).unwrap()[0];
+        apply(node, Command::AssignJob { job_id, agent_id: builder, attempt: 1, lease_expires_at: i64::MAX }).await;
+        let origin = ArtifactOrigin { deployment_id, job_id, attempt: 1, commit_hash: commit.into(), kind: "image".into() };
+        let record = Command::RecordArtifact {
+            pipeline_id,
+            version: commit.into(),
+            artifact_path: format!("artifacts/{commit}"),
+            digest: commit.repeat(64 / commit.len()),
+            size_bytes: 1,
+            produced_by: Some(origin),
+        };
+        apply(node, record).await;
+        apply(node, Command::FinishJob { job_id, attempt: 1, end: JobEnd::Succeeded, reason: None, output: None }).await;
+        deployment_id
+    }
+
+    fn deployment(node: &Node, deployment_id: u64) -> Deployment {
+        load_id(&node.state(), Table::Deployments, deployment_id).unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_rollout_per_pipeline_and_environment_at_a_time_the_next_waits_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::testing::single_leader(dir.path(), "").await;
+        apply(&node, Command::CreateRegistrationToken { description: "t".into(), token_hash: "t".into(), expires_at: i64::MAX }).await;
+        let repo = Command::ConnectRepository {
+            name: "repo".into(),
+            repo_url: "https://github.com/org/repo".into(),
+            branch: "main".into(),
+            scm_type: ScmType::Github,
+            webhook_secret: None,
+            api_url: None,
+            access_token: None,
+            poll_interval_seconds: None,
+        };
+        let repo_id = apply(&node, repo).await.unwrap();
+        let pipeline = Command::CreatePipeline {
+            name: "web".into(),
+            repo_id,
+            branch: Some("main".into()),
+            build_command: None,
+            deploy_strategy: DeployStrategy::Rolling,
+            environment: "staging".into(),
+            build: BuildSettings { dockerfile: Some("Dockerfile".into()), ..BuildSettings::default() },
+            deploy: DeploySettings { public_port: Some(8080), regions: Some(vec!["us".into()]), ..DeploySettings::default() },
+        };
+        let pipeline_id = apply(&node, pipeline).await.unwrap();
+        let builder = agent(&node, "builder", labels(&[("pool", "build")])).await;
+        let eu = agent(&node, "eu-1", labels(&[("pool", "deploy"), ("environment", "staging,production"), ("region", "eu")])).await;
+        let us = agent(&node, "us-1", labels(&[("pool", "deploy"), ("environment", "staging"), ("region", "us")])).await;
+        agent(&node, "prod-only", labels(&[("pool", "deploy"), ("environment", "production"), ("region", "eu")])).await;
+        let first = built(&node, pipeline_id, builder, "a").await;
+        let second = built(&node, pipeline_id, builder, "b").await;
+
+        let controller = Controller::new(node.clone());
+        controller.round().await.unwrap();
+        let rollout = deployment(&node, first).rollout.expect("the first deployment rolls out");
+        // The pipeline's region waves: us first, then the others; only this environment's hosts.
+        assert_eq!(rollout.hosts.iter().map(|host| host.agent_id).collect::<Vec<_>>(), vec![us, eu]);
+        assert_eq!(rollout.artifact_digest, "a".repeat(64));
+        assert_eq!(rollout.previous, None);
+        assert!(deployment(&node, second).rollout.is_none(), "the second waits for the first");
+
+        // The first ends (here: cancelled before its hosts did anything); the second goes next
+        // and replaces nothing, since the first never succeeded.
+        apply(&node, Command::AbortRollout { deployment_id: first, reason: "test".into() }).await;
+        for _ in 0..3 {
+            controller.round().await.unwrap();
+        }
+        assert_eq!(deployment(&node, first).status, DeploymentStatus::RolledBack);
+        let rollout = deployment(&node, second).rollout.expect("the second rolls out once the first ended");
+        assert_eq!(rollout.artifact_digest, "b".repeat(64));
+        assert_eq!(rollout.previous, None);
+
+        // With no deploy agent for its environment, a deployment fails with what to do.
+        let patch = PipelinePatch { environment: Some("testing".into()), ..PipelinePatch::default() };
+        apply(&node, Command::UpdatePipeline { pipeline_id, patch }).await;
+        let create = Command::CreateDeployment {
+            pipeline_id,
+            commit_hash: "c".into(),
+            environment: "testing".into(),
+            config_overrides: BTreeMap::new(),
+            rollback_of: None,
+            branch: None,
+            release_of: Some(second),
+        };
+        let orphan = apply(&node, create).await.unwrap();
+        controller.round().await.unwrap();
+        let failed = deployment(&node, orphan);
+        assert_eq!(failed.status, DeploymentStatus::Failed);
+        assert!(failed.status_reason.unwrap().contains("pool=deploy and environment=testing"));
+    }
+}
