@@ -543,7 +543,8 @@ async fn a_files_release_runs_its_command_in_the_given_image_with_its_environmen
     let base = format!("http://127.0.0.1:{}", service.public_port);
     assert_eq!(get(&client, &format!("{base}/index.html")).await.unwrap(), (200, "files v1".to_string()));
     assert_eq!(get(&client, &format!("{base}/greeting")).await.unwrap(), (200, "hello from the configuration".to_string()));
-    let container = format!("davit-release-{}-d1", service.name);
+    let instance = davit_agent::release::instance_of(state_dir.path());
+    let container = format!("davit-release-{instance}-{}-d1", service.name);
     assert_eq!(containers_of(&service.name), vec![container.clone()]);
     let limits = docker_cli(&[
         "inspect",
