@@ -207,12 +207,16 @@ impl Service {
         for agent in &mut self.agents {
             agent.kill();
         }
-        let leftovers = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=davit.service={}", self.service)])
-            .output()
-            .expect("docker ps");
-        for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
-            let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+        // Only these agents' containers: another test's may run the same service name.
+        for agent in &self.agents {
+            let instance = davit_agent::release::instance_of(&agent.state_dir);
+            let leftovers = std::process::Command::new("docker")
+                .args(["ps", "-aq", "--filter", &format!("label=davit.agent={instance}")])
+                .output()
+                .expect("docker ps");
+            for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
+                let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+            }
         }
     }
 }

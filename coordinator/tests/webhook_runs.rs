@@ -255,7 +255,7 @@ async fn every_fixture_starts_the_runs_it_should() {
     let shown = hooks.node.get(&format!("/api/v1/repos/{plain}"), &hooks.token).await;
     assert!(shown.json["polled_every_seconds"].as_u64().is_some(), "a plain git repository is polled: {}", shown.text());
     let reply = hooks.deliver(&format!("/api/v1/repos/{plain}/webhook"), &push, &github_headers("push", "git-1", &push)).await;
-    expect_status(&reply, 400, "a webhook to a plain git repository");
+    expect_status(&reply, 409, "a webhook to a plain git repository");
     assert!(reply.text().contains("polls it with git ls-remote"), "{}", reply.text());
     let with_token = json!({"repo_url": "https://git.example.com/team/other.git", "scm_type": "git", "access_token": "t0ken"});
     let reply = hooks.node.post("/api/v1/repos/connect", &hooks.token, &with_token).await;

@@ -416,7 +416,8 @@ async fn resolve_branch_head(state: &AppState, repo_id: u64, branch: &str) -> Re
 /// current head of a branch.
 #[utoipa::path(post, path = "/api/v1/deployments", tag = "deployments", request_body = CreateDeploymentBody, security(("bearer" = [])),
     responses((status = 201, body = DeploymentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody),
+        (status = 413, body = crate::api_error::ErrorBody)))]
 async fn create_deployment(
     State(state): State<AppState>,
     caller: Caller,

@@ -109,9 +109,10 @@ async fn get_environment(
 pub struct UpdateEnvironmentRequest {
     #[schema(value_type = Option<schema::EnvironmentName>, example = "staging")]
     pub promote_from: Option<String>,
+    #[serde(default, deserialize_with = "super::extract::optional_whole_number")]
     #[schema(minimum = 1, maximum = 20, example = 2)]
     pub required_approvals: Option<u32>,
-    #[schema(value_type = Option<Vec<schema::BranchPattern>>, max_items = 50, example = json!(["main", "release/*"]))]
+    #[schema(value_type = Option<Vec<schema::BranchPattern>>, min_items = 1, max_items = 50, example = json!(["main", "release/*"]))]
     pub allowed_branches: Option<Vec<String>>,
     #[schema(value_type = Option<schema::DeployStrategyName>)]
     pub strategy: Option<DeployStrategy>,
@@ -121,7 +122,7 @@ pub struct UpdateEnvironmentRequest {
 #[utoipa::path(put, path = "/api/v1/environments/{name}", tag = "environments", params(("name" = schema::EnvironmentName, Path, description = "environment")),
     request_body = UpdateEnvironmentRequest, security(("bearer" = [])),
     responses((status = 200, body = EnvironmentView), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 403, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
+        (status = 403, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn update_environment(
     State(state): State<AppState>,
     caller: Caller,
@@ -133,9 +134,10 @@ async fn update_environment(
     if let Some(from) = &request.promote_from {
         validate_environment("promote_from", from)?;
         if *from == name {
-            return Err(ApiError::invalid_field(
-                "promote_from",
-                format!("{name} cannot promote from itself; name the environment before it, such as staging"),
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "promotes_from_itself",
+                format!("{name} cannot promote from itself; set promote_from to the environment before it, such as staging"),
             ));
         }
     }

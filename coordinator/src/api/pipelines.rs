@@ -102,9 +102,10 @@ pub struct DeployFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 604800)]
     pub keep_old_seconds: Option<u64>,
-    /// Canary: percent of traffic at each step, increasing (default [10, 50, 100]).
+    /// Canary: percent of traffic at each step (default [10, 50, 100]); kept in increasing
+    /// order, each once, and a last step of 100 is implied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_items = 20, example = json!([10, 50, 100]))]
+    #[schema(value_type = Option<Vec<schema::TrafficPercent>>, max_items = 20, example = json!([10, 50, 100]))]
     pub canary_steps: Option<Vec<u8>>,
     /// Canary: how long each step is observed before its verdict (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -132,7 +133,7 @@ pub struct DeployFields {
     pub max_wait_seconds: Option<u64>,
     /// Region waves: regions in rollout order (the others follow, by name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_items = 50)]
+    #[schema(value_type = Option<Vec<schema::Name>>, max_items = 50)]
     pub regions: Option<Vec<String>>,
     /// Release container CPU in millicpus (default 1000, one CPU).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -175,9 +176,14 @@ fn merge_deploy_fields(current: &DeploySettings, fields: Option<serde_json::Valu
             object.insert(key, value);
         }
     }
-    let settings: DeploySettings =
+    let mut settings: DeploySettings =
         serde_json::from_value(merged).map_err(|error| ApiError::invalid_field("deploy", format!("deploy: {error}")))?;
     validate_deploy(&settings)?;
+    // Steps are taken in increasing order, each once (a last step of 100 is implied).
+    if let Some(steps) = &mut settings.canary_steps {
+        steps.sort_unstable();
+        steps.dedup();
+    }
     Ok(settings)
 }
 
@@ -241,11 +247,10 @@ fn validate_deploy(settings: &DeploySettings) -> Result<(), ApiError> {
     {
         return invalid("batch_percent", "must be from 1 to 100");
     }
-    if let Some(steps) = &settings.canary_steps {
-        let increasing = steps.windows(2).all(|pair| pair[0] < pair[1]);
-        if steps.is_empty() || steps.len() > 20 || !increasing || steps.iter().any(|step| !(1..=100).contains(step)) {
-            return invalid("canary_steps", "must be 1 to 20 increasing percentages from 1 to 100, such as [10, 50, 100]");
-        }
+    if let Some(steps) = &settings.canary_steps
+        && (steps.is_empty() || steps.len() > 20 || steps.iter().any(|step| !(1..=100).contains(step)))
+    {
+        return invalid("canary_steps", "must be 1 to 20 percentages from 1 to 100, such as [10, 50, 100]");
     }
     if let Some(mode) = &settings.on_inconclusive
         && mode != "rollback"
@@ -253,10 +258,13 @@ fn validate_deploy(settings: &DeploySettings) -> Result<(), ApiError> {
     {
         return invalid("on_inconclusive", "must be \"rollback\" or \"wait\"");
     }
-    if let Some(regions) = &settings.regions
-        && (regions.len() > 50 || regions.iter().any(|region| region.is_empty() || region.len() > 100))
-    {
-        return invalid("regions", "must be at most 50 region names of 1 to 100 characters");
+    if let Some(regions) = &settings.regions {
+        if regions.len() > 50 {
+            return invalid("regions", "must list at most 50 regions");
+        }
+        for region in regions {
+            super::extract::validate_label("deploy.regions", region, 100)?;
+        }
     }
     Ok(())
 }

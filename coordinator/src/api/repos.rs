@@ -731,7 +731,7 @@ struct WebhookHeaders {
     params(WebhookHeaders),
     request_body(content = Object, content_type = "application/json", description = "The provider's event payload, as it sent it"),
     responses((status = 202, body = WebhookAccepted), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
+        (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn webhook(
     State(state): State<AppState>,
     source: super::extract::ClientAddress,
@@ -759,7 +759,7 @@ async fn webhook(
     ),
     request_body(content = Object, content_type = "application/json", description = "The provider's event payload, as it sent it"),
     responses((status = 202, body = WebhookAccepted), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
-        (status = 404, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
+        (status = 404, body = crate::api_error::ErrorBody), (status = 409, body = crate::api_error::ErrorBody), (status = 413, body = crate::api_error::ErrorBody)))]
 async fn repository_webhook(
     State(state): State<AppState>,
     source: super::extract::ClientAddress,
@@ -785,7 +785,8 @@ async fn accept_delivery(
 ) -> Result<(StatusCode, Json<WebhookAccepted>), ApiError> {
     let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     if repository.scm_type == ScmType::Git {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_webhook", events::ParseError::NoWebhooks.to_string()));
+        // The delivery may be well formed; the repository is what takes none (409, not 400).
+        return Err(ApiError::new(StatusCode::CONFLICT, "repository_takes_no_webhooks", events::ParseError::NoWebhooks.to_string()));
     }
     let sealed = repository.webhook_secret.as_ref().ok_or_else(|| {
         ApiError::unauthorized(format!("repository {} has no webhook secret; set one to accept webhooks", repository.repo_id))

@@ -482,6 +482,23 @@ impl PartialSchema for DateTime {
 
 impl ToSchema for DateTime {}
 
+/// A percentage of traffic, 1 to 100 (a canary step).
+pub struct TrafficPercent;
+
+impl PartialSchema for TrafficPercent {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+            .minimum(Some(1))
+            .maximum(Some(100))
+            .description(Some("Percent of traffic, 1 to 100."))
+            .into()
+    }
+}
+
+impl ToSchema for TrafficPercent {}
+
 /// A repository's polling interval (`repos::validate_poll_interval`): 0, or 10 to 86400 seconds.
 pub struct PollInterval;
 
