@@ -58,7 +58,19 @@ struct Run<'a> {
     timeout: Duration,
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    /// A run of the offered job within `timeout_seconds`, its secrets masked in what it prints.
+    fn new(context: &'a JobContext, timeout_seconds: u64) -> Run<'a> {
+        let timeout = Duration::from_secs(timeout_seconds.max(1));
+        Run {
+            context,
+            masker: Arc::new(Masker::new(&secrets_of(&context.offer.env))),
+            env: job_environment(&context.offer.env),
+            deadline: Instant::now() + timeout,
+            timeout,
+        }
+    }
+
     fn step(&self, index: usize, name: &str, state: StepState, started_at: i64, exit_code: i64) {
         let finished = !matches!(state, StepState::Running);
         let update = StepUpdate {
@@ -120,14 +132,7 @@ pub async fn run_job(context: &JobContext) -> Ended {
         JobSpec::Build(build) => build,
         JobSpec::Release(release) => return run_release(context, release).await,
     };
-    let timeout = Duration::from_secs(build.timeout_seconds.max(1));
-    let run = Run {
-        context,
-        masker: Arc::new(Masker::new(&secrets_of(&context.offer.env))),
-        env: job_environment(&context.offer.env),
-        deadline: Instant::now() + timeout,
-        timeout,
-    };
+    let run = Run::new(context, build.timeout_seconds);
     let workspace = context.work_dir.join(format!("job-{}-{}", context.offer.job_id, context.offer.attempt));
     let _ = std::fs::remove_dir_all(&workspace);
     let ended = run_build(&run, build, &spec.step_names(), &workspace).await;
@@ -141,14 +146,7 @@ pub async fn run_job(context: &JobContext) -> Ended {
 /// A release job: one step, named after its operation, carried out by the agent's release
 /// manager within the job's timeout; what it found goes into `output` as JSON.
 async fn run_release(context: &JobContext, spec: &ReleaseSpec) -> Ended {
-    let timeout = Duration::from_secs(spec.timeout_seconds.max(1));
-    let run = Run {
-        context,
-        masker: Arc::new(Masker::new(&secrets_of(&context.offer.env))),
-        env: job_environment(&context.offer.env),
-        deadline: Instant::now() + timeout,
-        timeout,
-    };
+    let run = Run::new(context, spec.timeout_seconds);
     let name = spec.op.name();
     let started = now_millis();
     run.step(0, name, StepState::Running, started, 0);
@@ -159,7 +157,7 @@ async fn run_release(context: &JobContext, spec: &ReleaseSpec) -> Ended {
         let _ = progress_output.try_send(format!("{line}\n").into_bytes());
     };
     let result = tokio::select! {
-        result = tokio::time::timeout(timeout, context.releases.run(spec, &run.env, &source, &progress)) => Some(result),
+        result = tokio::time::timeout(run.timeout, context.releases.run(spec, &run.env, &source, &progress)) => Some(result),
         () = context.cancel.cancelled() => None,
     };
     let ended = match result {
@@ -180,7 +178,7 @@ async fn run_release(context: &JobContext, spec: &ReleaseSpec) -> Ended {
         }
         Some(Err(_)) => {
             run.step(0, name, StepState::Failed, started, -1);
-            Ended::new(JobOutcome::Failed, format!("release step {name} of {} timed out after {} s", spec.release, timeout.as_secs()))
+            Ended::new(JobOutcome::Failed, format!("release step {name} of {} timed out after {} s", spec.release, run.timeout.as_secs()))
         }
         None => {
             run.step(0, name, StepState::Cancelled, started, -1);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use davit_agent::executor::DockerExecutor;
 use davit_agent::job_spec::{HealthCheck, ReleaseArtifact, ReleaseOp, ReleaseOutput, ReleaseSpec, RunSettings};
 use davit_agent::release::state::{self, ServiceState};
-use davit_agent::release::{ArtifactSource, ArtifactStream, ReleaseError, ReleaseManager};
+use davit_agent::release::{ArtifactSource, ArtifactStream, ReleaseError, ReleaseManager, instance_of};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Empty};
@@ -168,7 +168,7 @@ impl Drop for Cleanup {
         for id in output.map(|output| String::from_utf8_lossy(&output.stdout).to_string()).unwrap_or_default().split_whitespace() {
             let _ = Command::new("docker").args(["rm", "-f", id]).output();
         }
-        let reference = format!("reference=davit-release/{}", self.service.to_ascii_lowercase());
+        let reference = format!("reference=davit-release/*-{}", self.service.to_ascii_lowercase());
         let output = Command::new("docker").args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &reference]).output();
         for image in output.map(|output| String::from_utf8_lossy(&output.stdout).to_string()).unwrap_or_default().split_whitespace() {
             let _ = Command::new("docker").args(["rmi", image]).output();
@@ -359,9 +359,9 @@ async fn blue_green_switch_under_load_loses_no_request_and_cleans_up_old_images(
     let history = service.history(state_dir.path());
     assert_eq!(history, vec![BTreeMap::from([("d1".to_string(), 100)]), BTreeMap::from([("d2".to_string(), 100)])]);
     // d1's container is gone, and with keep_images 1 so is its image.
-    assert_eq!(containers_of(&service.name), vec![format!("davit-release-{}-d2", service.name)]);
-    assert!(!image_tag_exists(&format!("davit-release/{}:d1", service.name)));
-    assert!(image_tag_exists(&format!("davit-release/{}:d2", service.name)));
+    assert_eq!(containers_of(&service.name), vec![format!("davit-release-{}-{}-d2", instance_of(state_dir.path()), service.name)]);
+    assert!(!image_tag_exists(&format!("davit-release/{}-{}:d1", instance_of(state_dir.path()), service.name)));
+    assert!(image_tag_exists(&format!("davit-release/{}-{}:d2", instance_of(state_dir.path()), service.name)));
     let cached = |version: &str| state_dir.path().join("releases/artifacts").join(format!("{}.tar.zst", artifacts().digests[version]));
     assert!(!cached("v1").exists() && cached("v2").exists(), "only the kept release's artifact stays cached");
     let state = read_state(state_dir.path(), &service.name);
@@ -403,7 +403,7 @@ async fn canary_gets_a_tenth_of_requests_and_its_errors_are_counted_apart_and_a_
     // Rolled back: all traffic to d1, d2 stopped.
     let rolled_back = run(&manager, &service.spec(ReleaseOp::StopNew, "d2", Some("d1"), "bad")).await.unwrap();
     assert_eq!(rolled_back.weights, BTreeMap::from([("d1".to_string(), 100)]));
-    assert_eq!(containers_of(&service.name), vec![format!("davit-release-{}-d1", service.name)]);
+    assert_eq!(containers_of(&service.name), vec![format!("davit-release-{}-{}-d1", instance_of(state_dir.path()), service.name)]);
     for _ in 0..10 {
         assert_eq!(get(&client, &service.url()).await.unwrap(), (200, "v1".to_string()));
     }
@@ -425,7 +425,7 @@ async fn canary_gets_a_tenth_of_requests_and_its_errors_are_counted_apart_and_a_
 
     // A container removed behind the agent's back makes its release stopped at the next start.
     drop(manager);
-    docker_cli(&["rm", "-f", &format!("davit-release-{}-d1", service.name)]);
+    docker_cli(&["rm", "-f", &format!("davit-release-{}-{}-d1", instance_of(state_dir.path()), service.name)]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let manager = ReleaseManager::restore(state_dir.path(), Some(docker_executor().await), LOCALHOST).await;
     assert!(read_state(state_dir.path(), &service.name).release("d1").unwrap().stopped);
@@ -460,7 +460,7 @@ async fn a_release_failing_its_health_check_is_reported_unhealthy_and_gets_no_tr
     let stopped = run(&manager, &service.spec(ReleaseOp::StopNew, "d2", Some("d1"), "sick")).await.unwrap();
     assert_eq!(stopped.weights, BTreeMap::from([("d1".to_string(), 100)]));
     assert_eq!(service.history(state_dir.path()).len(), 1, "the sick release never was in the routing");
-    assert_eq!(containers_of(&service.name), vec![format!("davit-release-{}-d1", service.name)]);
+    assert_eq!(containers_of(&service.name), vec![format!("davit-release-{}-{}-d1", instance_of(state_dir.path()), service.name)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,7 +543,7 @@ async fn a_files_release_runs_its_command_in_the_given_image_with_its_environmen
     let base = format!("http://127.0.0.1:{}", service.public_port);
     assert_eq!(get(&client, &format!("{base}/index.html")).await.unwrap(), (200, "files v1".to_string()));
     assert_eq!(get(&client, &format!("{base}/greeting")).await.unwrap(), (200, "hello from the configuration".to_string()));
-    let instance = davit_agent::release::instance_of(state_dir.path());
+    let instance = instance_of(state_dir.path());
     let container = format!("davit-release-{instance}-{}-d1", service.name);
     assert_eq!(containers_of(&service.name), vec![container.clone()]);
     let limits = docker_cli(&[

@@ -72,7 +72,7 @@ enum TopCommand {
         #[arg(long)]
         commit: Option<String>,
         /// Defaults to the pipeline's environment.
-        #[arg(long)]
+        #[arg(long, visible_alias = "env")]
         environment: Option<String>,
         /// Print the API's JSON instead of a summary (with --follow: each event as one JSON line).
         #[arg(long)]

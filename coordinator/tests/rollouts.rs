@@ -217,6 +217,13 @@ impl Service {
             for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
                 let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
             }
+            let images = std::process::Command::new("docker")
+                .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=davit-release/{instance}-*")])
+                .output()
+                .expect("docker images");
+            for image in String::from_utf8_lossy(&images.stdout).split_whitespace() {
+                let _ = std::process::Command::new("docker").args(["rmi", image]).output();
+            }
         }
     }
 }
