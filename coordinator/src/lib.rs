@@ -16,6 +16,9 @@ pub mod log_segments;
 pub mod node;
 pub mod observability;
 pub mod outbound;
+/// The agent's job specs (a rollout's record holds its release settings); re-exported so that
+/// the records name them through this crate, as the fuzz crate's copy of them does.
+pub use davit_agent::job_spec as release_spec;
 pub mod raft;
 pub mod retention;
 pub mod scheduler;

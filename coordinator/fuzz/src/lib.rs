@@ -12,6 +12,19 @@ pub mod state {
     pub use super::records;
 }
 
+/// The deployment planner, whose facts a deployment's record holds (`crate::deploy::plan`).
+#[path = "../../src/deploy/plan.rs"]
+pub mod plan;
+
+pub mod deploy {
+    pub use super::plan;
+}
+
+/// The agent's job specs, which a rollout's record holds (`crate::release_spec`, as the
+/// coordinator re-exports them).
+#[path = "../../../agent/src/job_spec.rs"]
+pub mod release_spec;
+
 /// The coordinator's `scm::events`.
 #[path = "../../src/scm/events.rs"]
 pub mod events;

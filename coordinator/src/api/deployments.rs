@@ -452,11 +452,11 @@ async fn create_deployment(
         ));
     }
     // The branch is looked up last, once everything that could refuse the request has passed.
-    let (commit_hash, source) = match revision {
-        Revision::Commit(commit_hash) => (commit_hash, String::new()),
+    let (commit_hash, source, branch) = match revision {
+        Revision::Commit(commit_hash) => (commit_hash, String::new(), None),
         Revision::BranchHead(branch) => {
             let commit_hash = resolve_branch_head(&state, pipeline.repo_id, &branch).await?;
-            (commit_hash, format!(" (the head of branch {branch})"))
+            (commit_hash, format!(" (the head of branch {branch})"), Some(branch))
         }
     };
     let command = Command::CreateDeployment {
@@ -465,7 +465,7 @@ async fn create_deployment(
         environment: environment.clone(),
         config_overrides,
         rollback_of: None,
-        branch: None,
+        branch,
         release_of: None,
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
@@ -575,8 +575,8 @@ async fn rollback_deployment(
         environment: deployment.environment.clone(),
         config_overrides: target.config_overrides.clone(),
         rollback_of: Some(deployment_id),
-        branch: None,
-        release_of: None,
+        branch: target.branch.clone(),
+        release_of: Some(target.deployment_id),
     };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let rollback_id = applied_id(outcome)?.expect("create returns the id");

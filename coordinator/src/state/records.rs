@@ -382,8 +382,8 @@ pub struct Rollout {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config: Vec<Configuration>,
     /// What each host runs, as the release jobs are given it.
-    pub run: davit_agent::job_spec::RunSettings,
-    pub health: davit_agent::job_spec::HealthCheck,
+    pub run: crate::release_spec::RunSettings,
+    pub health: crate::release_spec::HealthCheck,
     /// The canary step under analysis: each host's counters as they arrive.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub analysis: Vec<HostTraffic>,
