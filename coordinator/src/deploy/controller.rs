@@ -117,10 +117,10 @@ impl Controller {
         }
         let wanted =
             pipeline.deploy.artifact.clone().unwrap_or_else(|| if pipeline.build.dockerfile.is_some() { "image" } else { "files" }.into());
-        let Some(artifact) = release_artifact(&state, deployment, &wanted)? else {
+        let Some((artifact_digest, artifact_kind)) = release_artifact(&state, deployment, &wanted)? else {
             return Ok(fail(format!(
                 "there is no {wanted} artifact to release: the build of deployment {} produced none (set the pipeline's build.{} or deploy.artifact)",
-                deployment.rollback_of.unwrap_or(deployment.deployment_id),
+                deployment.release_of.unwrap_or(deployment.deployment_id),
                 if wanted == "image" { "dockerfile" } else { "artifacts" }
             )));
         };
@@ -139,14 +139,7 @@ impl Controller {
                 .into_values()
                 .collect(),
         };
-        Ok(Some(Command::StartRollout {
-            deployment_id: deployment.deployment_id,
-            hosts,
-            artifact_digest: artifact.digest,
-            artifact_kind: artifact.kind.unwrap_or_else(|| "files".into()),
-            previous,
-            config,
-        }))
+        Ok(Some(Command::StartRollout { deployment_id: deployment.deployment_id, hosts, artifact_digest, artifact_kind, previous, config }))
     }
 }
 
@@ -193,20 +186,15 @@ fn deploy_hosts(state: &dyn StateRead, environment: &str, regions: &[String]) ->
     Ok(hosts)
 }
 
-/// The artifact a deployment releases: what its own build produced or, for a rollback, what
-/// the release it returns to was made from.
-fn release_artifact(state: &dyn StateRead, deployment: &Deployment, kind: &str) -> anyhow::Result<Option<Artifact>> {
+/// What a deployment releases, as (digest, kind): what an earlier deployment released when it
+/// releases that one's build (`release_of`: a promotion, a rollback), else the `kind` artifact
+/// its own build (or `release_of`'s build) produced.
+fn release_artifact(state: &dyn StateRead, deployment: &Deployment, kind: &str) -> anyhow::Result<Option<(String, String)>> {
     let built_by = deployment.release_of.unwrap_or(deployment.deployment_id);
     if let Some(source) = deployment.release_of.map(|id| load_id::<Deployment>(state, Table::Deployments, id)).transpose()?.flatten()
         && let Some(rollout) = source.rollout
     {
-        // What the source released, whatever it was built as.
-        return Ok(Some(released(deployment, &source.commit_hash, source.deployment_id, *rollout)));
-    }
-    if deployment.release_of.is_none() && deployment.rollback_of.is_some() {
-        let Some(source) = rollback_source(state, deployment)? else { return Ok(None) };
-        let rollout = source.rollout.expect("sources have rollouts");
-        return Ok(Some(released(deployment, &source.commit_hash, source.deployment_id, *rollout)));
+        return Ok(Some((rollout.artifact_digest, rollout.artifact_kind)));
     }
     let mut found = None;
     for artifact_id in index_ids(state, index::ARTIFACTS_BY_PIPELINE, &deployment.pipeline_id.to_string())? {
@@ -214,38 +202,10 @@ fn release_artifact(state: &dyn StateRead, deployment: &Deployment, kind: &str) 
             && artifact.deployment_id == Some(built_by)
             && artifact.kind.as_deref().unwrap_or("files") == kind
         {
-            found = Some(artifact);
+            found = Some((artifact.digest, kind.to_string()));
         }
     }
     Ok(found)
-}
-
-/// The artifact an earlier rollout released, as this deployment's.
-fn released(deployment: &Deployment, commit: &str, source_id: u64, rollout: Rollout) -> Artifact {
-    Artifact {
-        artifact_id: 0,
-        pipeline_id: deployment.pipeline_id,
-        version: rollout.release,
-        artifact_path: String::new(),
-        digest: rollout.artifact_digest,
-        size_bytes: 0,
-        created_at: 0,
-        updated_at: 0,
-        commit_hash: Some(commit.to_string()),
-        deployment_id: Some(source_id),
-        job_id: None,
-        kind: Some(rollout.artifact_kind),
-    }
-}
-
-/// For a rollback: the newest successful rollout of the pipeline to the environment, of the
-/// commit the rollback returns to, before the deployment being rolled back.
-pub fn rollback_source(state: &dyn StateRead, deployment: &Deployment) -> anyhow::Result<Option<Deployment>> {
-    let before = deployment.rollback_of.unwrap_or(deployment.deployment_id);
-    Ok(successful_rollouts(state, deployment)?
-        .into_iter()
-        .rev()
-        .find(|candidate| candidate.deployment_id < before && candidate.commit_hash == deployment.commit_hash))
 }
 
 /// The release serving the environment now: the newest successful rollout's.
