@@ -941,6 +941,12 @@ mod tests {
         );
 
         assert!(provider.received("/silent/").is_empty(), "a repository without a token gets no status");
+        // The provider records a request before it answers, and the reporter counts it as sent
+        // once it has read the answer: the last one may still be on its way back.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reporter.counts.sent.load(Ordering::Relaxed) < 9 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(reporter.counts.sent.load(Ordering::Relaxed), 9);
         assert_eq!(reporter.counts.failed.load(Ordering::Relaxed), 0);
         assert_eq!(reporter.queue_len(), 0);

@@ -39,14 +39,15 @@ struct Seen {
 
 /// One client per host, sending requests back to back until stopped.
 struct Clients {
-    seen: Arc<Mutex<Seen>>,
+    /// What was seen in the current phase; `reset` starts a new phase (a new epoch).
+    seen: Arc<Mutex<(u64, Seen)>>,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Clients {
     fn start(port: u16) -> Clients {
-        let seen = Arc::new(Mutex::new(Seen::default()));
+        let seen = Arc::new(Mutex::new((0, Seen::default())));
         let stop = Arc::new(AtomicBool::new(false));
         let tasks = HOSTS
             .iter()
@@ -56,6 +57,8 @@ impl Clients {
                 tokio::spawn(async move {
                     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
                     while !stop.load(Ordering::Relaxed) {
+                        // A request sent before a reset belongs to the phase before it.
+                        let epoch = seen.lock().unwrap().0;
                         let answer = match client.get(&url).send().await {
                             Ok(response) => {
                                 let status = response.status().as_u16();
@@ -64,7 +67,7 @@ impl Clients {
                             }
                             Err(error) => Err(format!("error: {error}")),
                         };
-                        record(&seen, &name, answer);
+                        record(&seen, epoch, &name, answer);
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                 })
@@ -75,11 +78,12 @@ impl Clients {
 
     /// Forget what was seen so far (a new phase begins).
     fn reset(&self) {
-        *self.seen.lock().unwrap() = Seen::default();
+        let mut seen = self.seen.lock().unwrap();
+        *seen = (seen.0 + 1, Seen::default());
     }
 
     fn take(&self) -> Seen {
-        std::mem::take(&mut *self.seen.lock().unwrap())
+        std::mem::take(&mut self.seen.lock().unwrap().1)
     }
 
     async fn stop(self) {
@@ -90,8 +94,12 @@ impl Clients {
     }
 }
 
-fn record(seen: &Mutex<Seen>, host: &str, answer: Result<String, String>) {
+fn record(seen: &Mutex<(u64, Seen)>, epoch: u64, host: &str, answer: Result<String, String>) {
     let mut seen = seen.lock().unwrap();
+    if seen.0 != epoch {
+        return;
+    }
+    let seen = &mut seen.1;
     let key = match &answer {
         Ok(body) => body.clone(),
         Err(failure) => failure.clone(),
@@ -183,7 +191,10 @@ impl Service {
         }
         api.wait_for_agents(agents.len()).await;
         let port = git_server::free_port();
-        let repo = api.post("/api/v1/repos/connect", json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git"})).await;
+        // Not polled: each version is deployed by the test, and a run the poller started for a
+        // new commit would roll out beside (and after) the test's own deployment of it.
+        let connect = json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git", "poll_interval_seconds": 0});
+        let repo = api.post("/api/v1/repos/connect", connect).await;
         let pipeline = api
             .post(
                 "/api/v1/pipelines",
@@ -277,6 +288,21 @@ async fn each_strategy_rolls_a_built_service_out_to_four_hosts_in_two_regions() 
                 .collect();
             assert_eq!(order, ["eu", "eu", "us", "us"], "{strategy}");
         }
+        // Region waves, for every strategy: no us host gets traffic before both eu hosts serve
+        // the new release entirely.
+        let weights: Vec<(String, u64)> = events(&api, deployment_id)
+            .await
+            .iter()
+            .filter(|event| event["kind"] == "weight_changed")
+            .map(|event| (event["region"].as_str().unwrap_or_default().to_string(), event["weight"].as_u64().unwrap_or_default()))
+            .collect();
+        let us_begins = weights.iter().position(|(region, _)| region == "us").expect("the us wave");
+        assert_eq!(
+            weights[..us_begins].iter().filter(|(region, weight)| region == "eu" && *weight == 100).count(),
+            2,
+            "{strategy}: {weights:?}"
+        );
+        assert!(weights[us_begins..].iter().all(|(region, _)| region == "us"), "{strategy}: {weights:?}");
         live = version.to_string();
     }
 

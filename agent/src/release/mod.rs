@@ -424,6 +424,11 @@ impl ReleaseManager {
             return Err(ReleaseError::Job(format!("weight {weight} is a percentage and must be at most 100")));
         }
         if !service.state.is_running(&spec.release) {
+            if weight == 0 {
+                // Taking traffic off a release that no longer runs (it crashed, or was never
+                // started here): what it had goes to the previous release, if that runs.
+                return self.stop_new(service, spec, progress).await;
+            }
             return Err(not_running(spec));
         }
         let mut weights = BTreeMap::new();

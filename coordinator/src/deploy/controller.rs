@@ -175,7 +175,13 @@ fn deploy_hosts(state: &dyn StateRead, environment: &str, regions: &[String]) ->
     for (_, bytes) in state.scan_prefix(Table::Agents, b"")? {
         let agent: Agent = crate::state::codec::decode(Table::Agents, &bytes)?;
         if agent.state == AgentState::Online && has(&agent.labels, "pool", "deploy") && has(&agent.labels, "environment", environment) {
-            hosts.push(RolloutHost { agent_id: agent.agent_id, name: agent.name, region: agent.labels.get("region").cloned(), job: None });
+            hosts.push(RolloutHost {
+                agent_id: agent.agent_id,
+                name: agent.name,
+                region: agent.labels.get("region").cloned(),
+                job: None,
+                unwind_failures: 0,
+            });
         }
     }
     let wave = |host: &RolloutHost| {

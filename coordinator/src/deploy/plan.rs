@@ -18,8 +18,14 @@
 //!   for an analysis window and advances only on a passing verdict. A failing verdict rolls back;
 //!   an inconclusive one rolls back or waits (at most `max_wait_ms`), per setting.
 //!
+//! Region waves: each host belongs to a wave (its region's place in the pipeline's `regions`;
+//! every host is in wave 0 without them). Every strategy finishes a wave — all its hosts switched
+//! to the new release — before it touches the next: rolling batches never straddle two waves,
+//! blue-green starts, checks and switches one wave at a time, and a canary runs all its steps
+//! (with their analyses) in one wave before it begins again at the first step in the next.
+//!
 //! A host whose new release fails to start or fails its health check, or that is lost, rolls the
-//! whole deployment back; so does an abort. Once every host serves the new release (and, for
+//! whole deployment back, every wave (a global abort); so does an abort. Once every host serves the new release (and, for
 //! blue-green, the warm window is over), the deployment commits ([`Action::BeginCleanup`]): it has
 //! succeeded, the old releases are stopped, and nothing rolls it back any more — undoing it from
 //! then on is a new deployment of the previous release.
@@ -127,11 +133,14 @@ pub struct HostFacts {
     pub busy: bool,
     /// The host's agent stopped answering.
     pub lost: bool,
+    /// The host's region wave: waves go in increasing order.
+    #[serde(default)]
+    pub wave: u32,
 }
 
 impl HostFacts {
     pub fn new(host: u64) -> HostFacts {
-        HostFacts { host, new: NewRelease::Absent, weight: 0, old_stopped: false, busy: false, lost: false }
+        HostFacts { host, new: NewRelease::Absent, weight: 0, old_stopped: false, busy: false, lost: false, wave: 0 }
     }
 
     /// Switched to the new release: the host's part of a rolling update is done.
@@ -161,6 +170,9 @@ pub struct CanaryProgress {
     pub step_started_at: Timestamp,
     /// The latest verdict on the current step, and when it was given.
     pub verdict: Option<(Verdict, Timestamp)>,
+    /// The region wave the current step is in.
+    #[serde(default)]
+    pub wave: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,9 +216,12 @@ pub enum Action {
     BeginRollback {
         reason: String,
     },
-    /// Record that canary step `step` began now (with its weights set in the same round).
+    /// Record that canary step `step` began now in region wave `wave` (with its weights set in
+    /// the same round).
     BeginCanaryStep {
         step: usize,
+        #[serde(default)]
+        wave: u32,
     },
     /// Judge the current canary step over its traffic since `since`.
     Analyze {
@@ -267,6 +282,17 @@ fn any_busy(facts: &Facts) -> bool {
     facts.hosts.iter().any(|host| host.busy && !host.lost)
 }
 
+/// The first region wave with a host not yet switched to the new release; `None` once every
+/// host (that is not lost) has switched.
+fn active_wave(facts: &Facts) -> Option<u32> {
+    facts.hosts.iter().filter(|host| !host.lost && !host.switched()).map(|host| host.wave).min()
+}
+
+/// The hosts of region wave `wave`.
+fn in_wave(facts: &Facts, wave: u32) -> impl Iterator<Item = &HostFacts> {
+    facts.hosts.iter().filter(move |host| host.wave == wave)
+}
+
 /// Traffic back to the old release everywhere, then the new release stopped; lost hosts are
 /// left as they are (their agent will find its releases when it comes back).
 fn plan_rollback(facts: &Facts, reason: &str) -> Vec<Action> {
@@ -304,14 +330,15 @@ fn prepare(host: &HostFacts) -> Option<Action> {
 }
 
 fn plan_rolling(facts: &Facts, settings: &RollingSettings) -> Vec<Action> {
-    if facts.hosts.iter().all(HostFacts::switched) {
+    let Some(wave) = active_wave(facts) else {
         return plan_cleanup(facts);
-    }
+    };
     let per_batch = settings.batch.hosts_per_batch(facts.hosts.len());
-    // The current batch: the first one not yet entirely switched.
-    let first_pending = facts.hosts.iter().position(|host| !host.switched()).unwrap_or(0);
+    // The current batch: the first one of the wave not yet entirely switched.
+    let wave_hosts: Vec<&HostFacts> = in_wave(facts, wave).collect();
+    let first_pending = wave_hosts.iter().position(|host| !host.switched()).unwrap_or(0);
     let batch_start = first_pending / per_batch * per_batch;
-    let batch = &facts.hosts[batch_start..(batch_start + per_batch).min(facts.hosts.len())];
+    let batch = &wave_hosts[batch_start..(batch_start + per_batch).min(wave_hosts.len())];
     let mut updating = facts.hosts.iter().filter(|host| host.updating()).count();
     let limit = settings.max_unavailable.max(1) as usize;
     let mut actions = Vec::new();
@@ -337,28 +364,37 @@ fn plan_blue_green(facts: &Facts, settings: &BlueGreenSettings) -> Vec<Action> {
         }
         return plan_cleanup(facts);
     }
-    let preparing: Vec<Action> = idle(facts).filter_map(prepare).collect();
+    let Some(wave) = active_wave(facts) else {
+        // Every host has switched: recorded once, which starts the warm window.
+        return vec![Action::RecordSwitch];
+    };
+    let preparing: Vec<Action> = in_wave(facts, wave).filter(|host| !host.busy).filter_map(prepare).collect();
     if !preparing.is_empty() || any_busy(facts) {
         return preparing;
     }
-    // Every host is healthy: all switch in one step, recorded once all have.
-    let switching: Vec<Action> =
-        facts.hosts.iter().filter(|host| host.weight != 100).map(|host| Action::SetWeight { host: host.host, weight: 100 }).collect();
-    if switching.is_empty() { vec![Action::RecordSwitch] } else { switching }
+    // Every host of the wave is healthy: all of them switch in one step.
+    in_wave(facts, wave).filter(|host| host.weight != 100).map(|host| Action::SetWeight { host: host.host, weight: 100 }).collect()
 }
 
 fn plan_canary(facts: &Facts, settings: &CanarySettings) -> Vec<Action> {
-    let preparing: Vec<Action> = idle(facts).filter_map(prepare).collect();
-    if !preparing.is_empty() || (facts.canary.step.is_none() && any_busy(facts)) {
+    let Some(wave) = active_wave(facts) else {
+        return plan_cleanup(facts);
+    };
+    // The recorded step belongs to this wave, or to an earlier one that has switched entirely.
+    let current = facts.canary.step.filter(|_| facts.canary.wave == wave);
+    let preparing: Vec<Action> = in_wave(facts, wave).filter(|host| !host.busy).filter_map(prepare).collect();
+    if !preparing.is_empty() || (current.is_none() && any_busy(facts)) {
         return preparing;
     }
     let steps = settings.effective_steps();
-    let Some(step) = facts.canary.step else {
-        return begin_step(facts, 0, steps[0]);
+    let Some(step) = current else {
+        return begin_step(facts, wave, 0, steps[0]);
     };
     let target = steps[step];
-    let moving: Vec<Action> =
-        idle(facts).filter(|host| host.weight != target).map(|host| Action::SetWeight { host: host.host, weight: target }).collect();
+    let moving: Vec<Action> = in_wave(facts, wave)
+        .filter(|host| !host.busy && host.weight != target)
+        .map(|host| Action::SetWeight { host: host.host, weight: target })
+        .collect();
     if !moving.is_empty() || any_busy(facts) {
         return moving;
     }
@@ -373,7 +409,7 @@ fn plan_canary(facts: &Facts, settings: &CanarySettings) -> Vec<Action> {
     let analyze = Action::Analyze { step, since: facts.canary.step_started_at };
     match &facts.canary.verdict {
         None => vec![analyze],
-        Some((Verdict::Pass, _)) => begin_step(facts, step + 1, steps[step + 1]),
+        Some((Verdict::Pass, _)) => begin_step(facts, wave, step + 1, steps[step + 1]),
         Some((Verdict::Fail(reason), _)) => {
             vec![Action::BeginRollback { reason: format!("canary step {} ({target} %) failed its analysis: {reason}", step + 1) }]
         }
@@ -398,10 +434,10 @@ fn plan_canary(facts: &Facts, settings: &CanarySettings) -> Vec<Action> {
     }
 }
 
-/// Move every host to `weight` and record that step `step` begins.
-fn begin_step(facts: &Facts, step: usize, weight: u8) -> Vec<Action> {
-    let mut actions: Vec<Action> = facts.hosts.iter().map(|host| Action::SetWeight { host: host.host, weight }).collect();
-    actions.push(Action::BeginCanaryStep { step });
+/// Move every host of region wave `wave` to `weight` and record that step `step` begins there.
+fn begin_step(facts: &Facts, wave: u32, step: usize, weight: u8) -> Vec<Action> {
+    let mut actions: Vec<Action> = in_wave(facts, wave).map(|host| Action::SetWeight { host: host.host, weight }).collect();
+    actions.push(Action::BeginCanaryStep { step, wave });
     actions
 }
 

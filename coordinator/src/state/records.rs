@@ -399,6 +399,11 @@ pub struct RolloutHost {
     /// The release job in flight for this host, if any.
     #[serde(default)]
     pub job: Option<u64>,
+    /// Failed attempts at the current step of a rollback or cleanup (moving traffic back,
+    /// stopping a release) on this host; the step is tried again until
+    /// `UNWIND_ATTEMPTS`, or until the agent is lost, before the host is given up.
+    #[serde(default)]
+    pub unwind_failures: u32,
 }
 
 /// One host's traffic counters over an analysis window (from its `stats` release job).

@@ -118,7 +118,7 @@ pub(super) fn start(txn: &mut Txn, deployment_id: u64, hosts: &[RolloutHost], re
     let strategy = strategy_of(&pipeline, hosts.len());
     let facts = Facts {
         strategy,
-        hosts: hosts.iter().map(|host| HostFacts::new(host.agent_id)).collect(),
+        hosts: host_facts(hosts, pipeline.deploy.regions.as_ref().is_some_and(|regions| !regions.is_empty())),
         now: 0,
         rolling_back: None,
         canary: CanaryProgress::default(),
@@ -165,6 +165,23 @@ pub(super) fn start(txn: &mut Txn, deployment_id: u64, hosts: &[RolloutHost], re
     Ok(Outcome::applied(Some(deployment_id), 1))
 }
 
+/// The planner's facts for `hosts` (in rollout order). With region waves, each region (in the
+/// order its hosts come) is a wave of its own; without them, every host is in wave 0.
+fn host_facts(hosts: &[RolloutHost], region_waves: bool) -> Vec<HostFacts> {
+    let mut regions: Vec<Option<&str>> = Vec::new();
+    hosts
+        .iter()
+        .map(|host| {
+            let region = host.region.as_deref();
+            if !regions.contains(&region) {
+                regions.push(region);
+            }
+            let wave = if region_waves { regions.len() as u32 - 1 } else { 0 };
+            HostFacts { wave, ..HostFacts::new(host.agent_id) }
+        })
+        .collect()
+}
+
 fn strategy_label(strategy: &DeployStrategy) -> &'static str {
     match strategy {
         DeployStrategy::Rolling => "rolling",
@@ -204,7 +221,10 @@ pub(super) fn step(txn: &mut Txn, deployment_id: u64, version: u64, actions: &[A
             Action::StopNew { host } => jobs += host_job(txn, &deployment, &mut rollout, *host, ReleaseOp::StopNew, now)?,
             Action::Analyze { step, since } => {
                 rollout.analysis.retain(|traffic| traffic.step == *step);
-                let hosts: Vec<u64> = rollout.facts.hosts.iter().filter(|host| !host.lost).map(|host| host.host).collect();
+                // The hosts of the wave the canary is in: the others take none of its traffic.
+                let wave = rollout.facts.canary.wave;
+                let hosts: Vec<u64> =
+                    rollout.facts.hosts.iter().filter(|host| !host.lost && host.wave == wave).map(|host| host.host).collect();
                 for host in hosts {
                     if !rollout.analysis.iter().any(|traffic| traffic.agent_id == host) {
                         jobs += host_job(txn, &deployment, &mut rollout, host, ReleaseOp::Stats { since_ms: *since }, now)?;
@@ -217,18 +237,26 @@ pub(super) fn step(txn: &mut Txn, deployment_id: u64, version: u64, actions: &[A
                     events.push(NewDeploymentEvent::new(event_kind::ROLLBACK_STARTED, format!("rolling back: {reason}")));
                 }
             }
-            Action::BeginCanaryStep { step } => {
-                rollout.facts.canary = CanaryProgress { step: Some(*step), step_started_at: now, verdict: None };
+            Action::BeginCanaryStep { step, wave } => {
+                rollout.facts.canary = CanaryProgress { step: Some(*step), step_started_at: now, verdict: None, wave: *wave };
                 rollout.analysis.clear();
                 let weight = match &rollout.facts.strategy {
                     Strategy::Canary(settings) => settings.effective_steps().get(*step).copied(),
                     _ => None,
                 };
+                // With region waves, the step is in one region's hosts.
+                let waves = rollout.facts.hosts.iter().map(|host| host.wave).max().unwrap_or(0) + 1;
+                let region = (waves > 1)
+                    .then(|| rollout.facts.hosts.iter().position(|host| host.wave == *wave))
+                    .flatten()
+                    .and_then(|index| rollout.hosts[index].region.clone());
+                let place = region.as_deref().map(|region| format!(" in {region} (wave {} of {waves})", wave + 1)).unwrap_or_default();
                 let mut event = NewDeploymentEvent::new(
                     event_kind::CANARY_STEP,
-                    format!("canary step {}: {} % of traffic on {}", step + 1, weight.unwrap_or(0), rollout.release),
+                    format!("canary step {}{place}: {} % of traffic on {}", step + 1, weight.unwrap_or(0), rollout.release),
                 );
                 event.weight = weight;
+                event.region = region;
                 events.push(event);
             }
             Action::RecordSwitch => {
@@ -320,6 +348,26 @@ fn host_job(txn: &mut Txn, deployment: &Deployment, rollout: &mut Rollout, host:
     Ok(1)
 }
 
+/// How many times a step of a rollback (traffic back to the old release, the new one stopped)
+/// is tried on a host whose agent is still there before the host is given up: a host left
+/// half-way keeps sending traffic to the release being rolled back.
+pub const UNWIND_ATTEMPTS: u32 = 5;
+
+/// Count a failed unwinding step on `host`; true when the host is to be given up (left as it
+/// is) rather than tried again.
+fn give_up_unwinding(host: &mut RolloutHost, agent_gone: bool) -> bool {
+    host.unwind_failures += 1;
+    agent_gone || host.unwind_failures >= UNWIND_ATTEMPTS
+}
+
+fn unwind_message(message: String, gave_up: bool, host: &RolloutHost) -> String {
+    if gave_up {
+        format!("{message}; the host is left as it is")
+    } else {
+        format!("{message}; trying again ({} of {UNWIND_ATTEMPTS})", host.unwind_failures + 1)
+    }
+}
+
 /// A release job ended (or was given up): its result becomes the host's facts.
 pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: Timestamp) -> StoreResult<()> {
     let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else { return Ok(()) };
@@ -349,6 +397,9 @@ pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: T
     };
     let mut events = Vec::new();
     let unwinding = rollout.facts.rolling_back.is_some() || rollout.facts.cleaning_up;
+    // A host whose agent is lost or gone cannot be unwound by trying again.
+    let agent_gone =
+        load_id::<Agent>(txn, Table::Agents, agent_id)?.is_none_or(|agent| matches!(agent.state, AgentState::Lost | AgentState::Offline));
     let facts = &mut rollout.facts.hosts[index];
     if job.status == JobStatus::Cancelled {
         // The deployment ended (or was cancelled): nothing to learn from it.
@@ -377,6 +428,7 @@ pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: T
                 }
             },
             ReleaseOp::SetWeight { weight } if succeeded => {
+                rollout.hosts[index].unwind_failures = 0;
                 facts.weight = weight;
                 let mut changed = event(event_kind::WEIGHT_CHANGED, format!("{weight} % of traffic on {}", rollout.release));
                 changed.weight = Some(weight);
@@ -388,11 +440,13 @@ pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: T
             ReleaseOp::SetWeight { weight } => {
                 let message = format!("could not move traffic to {weight} %: {reason}");
                 if unwinding {
-                    facts.lost = true;
+                    let gave_up = give_up_unwinding(&mut rollout.hosts[index], agent_gone);
+                    facts.lost = gave_up;
+                    events.push(event(event_kind::HOST_FAILED, unwind_message(message, gave_up, &rollout.hosts[index])));
                 } else {
                     facts.new = NewRelease::Failed(message.clone());
+                    events.push(event(event_kind::HOST_FAILED, message));
                 }
-                events.push(event(event_kind::HOST_FAILED, message));
             }
             ReleaseOp::StopOld => {
                 facts.old_stopped = true;
@@ -402,11 +456,14 @@ pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: T
             }
             ReleaseOp::StopNew => {
                 if succeeded {
+                    rollout.hosts[index].unwind_failures = 0;
                     facts.new = NewRelease::Stopped;
                     events.push(event(event_kind::NEW_STOPPED, format!("{} stopped", rollout.release)));
                 } else {
-                    facts.lost = true;
-                    events.push(event(event_kind::HOST_FAILED, format!("stopping {} failed: {reason}", rollout.release)));
+                    let gave_up = give_up_unwinding(&mut rollout.hosts[index], agent_gone);
+                    facts.lost = gave_up;
+                    let message = format!("stopping {} failed: {reason}", rollout.release);
+                    events.push(event(event_kind::HOST_FAILED, unwind_message(message, gave_up, &rollout.hosts[index])));
                 }
             }
             ReleaseOp::Stats { .. } => {
@@ -444,7 +501,8 @@ pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: T
 /// counters: too few requests is inconclusive; too many 5xx or too slow fails.
 fn judge(txn: &Txn, deployment: &Deployment, rollout: &Rollout) -> StoreResult<Option<Verdict>> {
     let step = rollout.facts.canary.step.unwrap_or(0);
-    let waiting = rollout.facts.hosts.iter().any(|host| {
+    let wave = rollout.facts.canary.wave;
+    let waiting = rollout.facts.hosts.iter().filter(|host| host.wave == wave).any(|host| {
         !host.lost && (host.busy || !rollout.analysis.iter().any(|traffic| traffic.agent_id == host.host && traffic.step == step))
     });
     if waiting {
@@ -493,6 +551,8 @@ mod tests {
         unhealthy: Vec<u64>,
         /// Canary traffic per host and window: (requests, 5xx).
         canary: (u64, u64),
+        /// Hosts whose agent fails to move traffic back (`set_weight 0`) this many times first.
+        failing_unwinds: BTreeMap<u64, u32>,
     }
 
     fn setup(txn: &mut Txn, strategy: DeployStrategy, deploy: DeploySettings) -> (u64, Vec<RolloutHost>) {
@@ -525,7 +585,7 @@ mod tests {
                 version: "t".into(),
             };
             propose(txn, 4, connected).result.unwrap();
-            hosts.push(RolloutHost { agent_id, name: name.into(), region: Some(region.into()), job: None });
+            hosts.push(RolloutHost { agent_id, name: name.into(), region: Some(region.into()), job: None, unwind_failures: 0 });
         }
         let create = Command::CreateDeployment {
             pipeline_id,
@@ -546,7 +606,7 @@ mod tests {
 
     /// Drive the rollout as the controller and the agents would, until it ends; returns the
     /// release jobs each host was given, by operation name.
-    fn drive(txn: &mut Txn, deployment_id: u64, hosts: &Hosts) -> BTreeMap<u64, Vec<String>> {
+    fn drive(txn: &mut Txn, deployment_id: u64, hosts: &mut Hosts) -> BTreeMap<u64, Vec<String>> {
         let mut given: BTreeMap<u64, Vec<String>> = BTreeMap::new();
         let mut time = 1_000_000;
         for _ in 0..500 {
@@ -591,10 +651,17 @@ mod tests {
                     }
                     _ => {}
                 }
+                let failing = match (&spec.op, hosts.failing_unwinds.get_mut(&host.agent_id)) {
+                    (ReleaseOp::SetWeight { weight: 0 }, Some(left)) if *left > 0 => {
+                        *left -= 1;
+                        true
+                    }
+                    _ => false,
+                };
                 let finish = Command::FinishJob {
                     job_id,
                     attempt: 1,
-                    end: JobEnd::Succeeded,
+                    end: if failing { JobEnd::Failed } else { JobEnd::Succeeded },
                     reason: None,
                     output: Some(serde_json::to_string(&output).unwrap()),
                 };
@@ -626,7 +693,7 @@ mod tests {
         let deploy = DeploySettings { public_port: Some(8080), keep_old_seconds: Some(5), ..DeploySettings::default() };
         let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::BlueGreen, deploy);
         start(&mut txn, deployment_id, hosts.clone());
-        let given = drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![], canary: (0, 0) });
+        let given = drive(&mut txn, deployment_id, &mut Hosts { unhealthy: vec![], canary: (0, 0), failing_unwinds: BTreeMap::new() });
         let ended = deployment(&txn, deployment_id);
         assert_eq!(ended.status, DeploymentStatus::Success, "{:?}", ended.status_reason);
         for host in &hosts {
@@ -647,7 +714,11 @@ mod tests {
         let deploy = DeploySettings { public_port: Some(8080), ..DeploySettings::default() };
         let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::BlueGreen, deploy);
         start(&mut txn, deployment_id, hosts.clone());
-        let given = drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![hosts[2].agent_id], canary: (0, 0) });
+        let given = drive(
+            &mut txn,
+            deployment_id,
+            &mut Hosts { unhealthy: vec![hosts[2].agent_id], canary: (0, 0), failing_unwinds: BTreeMap::new() },
+        );
         let ended = deployment(&txn, deployment_id);
         assert_eq!(ended.status, DeploymentStatus::RolledBack);
         assert!(ended.status_reason.as_deref().unwrap_or_default().contains("health check"), "{:?}", ended.status_reason);
@@ -668,7 +739,7 @@ mod tests {
         let deploy = DeploySettings { public_port: Some(8080), analysis_window_seconds: Some(5), ..DeploySettings::default() };
         let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::Canary, deploy);
         start(&mut txn, deployment_id, hosts.clone());
-        let given = drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![], canary: (30, 30) });
+        let given = drive(&mut txn, deployment_id, &mut Hosts { unhealthy: vec![], canary: (30, 30), failing_unwinds: BTreeMap::new() });
         let ended = deployment(&txn, deployment_id);
         assert_eq!(ended.status, DeploymentStatus::RolledBack);
         for host in &hosts {
@@ -681,12 +752,46 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_step_of_a_rollback_is_tried_again_until_traffic_is_back() {
+        let mut txn = Txn::new(&EmptyState);
+        let deploy = DeploySettings { public_port: Some(8080), analysis_window_seconds: Some(5), ..DeploySettings::default() };
+        let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::Canary, deploy);
+        start(&mut txn, deployment_id, hosts.clone());
+        // The second host's agent fails twice to move traffic back, then manages.
+        let failing_unwinds = [(hosts[1].agent_id, 2)].into_iter().collect();
+        let given = drive(&mut txn, deployment_id, &mut Hosts { unhealthy: vec![], canary: (30, 30), failing_unwinds });
+        assert_eq!(deployment(&txn, deployment_id).status, DeploymentStatus::RolledBack);
+        assert_eq!(given[&hosts[1].agent_id].iter().filter(|op| *op == "set_weight 0").count(), 3, "{:?}", given[&hosts[1].agent_id]);
+        let rollout = deployment(&txn, deployment_id).rollout.unwrap();
+        for host in &rollout.facts.hosts {
+            assert_eq!((host.weight, host.lost, &host.new), (0, false, &NewRelease::Stopped), "host {}", host.host);
+        }
+    }
+
+    #[test]
+    fn a_host_that_keeps_failing_to_unwind_is_given_up_and_the_rollback_ends() {
+        let mut txn = Txn::new(&EmptyState);
+        let deploy = DeploySettings { public_port: Some(8080), analysis_window_seconds: Some(5), ..DeploySettings::default() };
+        let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::Canary, deploy);
+        start(&mut txn, deployment_id, hosts.clone());
+        let failing_unwinds = [(hosts[0].agent_id, u32::MAX)].into_iter().collect();
+        let given = drive(&mut txn, deployment_id, &mut Hosts { unhealthy: vec![], canary: (30, 30), failing_unwinds });
+        let tries = given[&hosts[0].agent_id].iter().filter(|op| *op == "set_weight 0").count();
+        assert_eq!(tries as u32, UNWIND_ATTEMPTS);
+        let ended = deployment(&txn, deployment_id);
+        assert_eq!(ended.status, DeploymentStatus::RolledBack);
+        let facts = ended.rollout.unwrap().facts;
+        assert!(facts.hosts.iter().find(|host| host.host == hosts[0].agent_id).unwrap().lost);
+        assert!(facts.hosts.iter().filter(|host| host.host != hosts[0].agent_id).all(|host| host.weight == 0 && !host.lost));
+    }
+
+    #[test]
     fn a_healthy_canary_with_enough_traffic_goes_through_every_step() {
         let mut txn = Txn::new(&EmptyState);
         let deploy = DeploySettings { public_port: Some(8080), analysis_window_seconds: Some(5), ..DeploySettings::default() };
         let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::Canary, deploy);
         start(&mut txn, deployment_id, hosts.clone());
-        let given = drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![], canary: (50, 0) });
+        let given = drive(&mut txn, deployment_id, &mut Hosts { unhealthy: vec![], canary: (50, 0), failing_unwinds: BTreeMap::new() });
         assert_eq!(deployment(&txn, deployment_id).status, DeploymentStatus::Success);
         let weights: Vec<&String> = given[&hosts[0].agent_id].iter().filter(|op| op.starts_with("set_weight")).collect();
         assert_eq!(weights, ["set_weight 10", "set_weight 50", "set_weight 100"]);
@@ -698,7 +803,7 @@ mod tests {
         let deploy = DeploySettings { public_port: Some(8080), ..DeploySettings::default() };
         let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::Rolling, deploy);
         start(&mut txn, deployment_id, hosts.clone());
-        drive(&mut txn, deployment_id, &Hosts { unhealthy: vec![], canary: (0, 0) });
+        drive(&mut txn, deployment_id, &mut Hosts { unhealthy: vec![], canary: (0, 0), failing_unwinds: BTreeMap::new() });
         assert_eq!(deployment(&txn, deployment_id).status, DeploymentStatus::Success);
         let switched: Vec<Option<u64>> = events_after(&txn, deployment_id, 0, 1000)
             .unwrap()

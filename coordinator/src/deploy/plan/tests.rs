@@ -4,7 +4,9 @@
 //! Properties checked on every run: it ends, all-new or all-old; never more than
 //! `max_unavailable` hosts updating; no traffic to a release that is not healthy; blue-green
 //! switches only once every host is healthy; a canary never moves past a step without a passing
-//! verdict; no host is switched to the new release twice.
+//! verdict; no host is switched to the new release twice; region waves go in order (no host of a
+//! wave starts, and no canary step begins in it, before every host of the earlier waves has
+//! switched).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -32,16 +34,24 @@ struct Simulation {
     choices: Vec<u8>,
     round: u32,
     verdicts_given: usize,
-    passed_steps: BTreeSet<usize>,
+    /// Canary steps with a passing verdict, as (wave, step).
+    passed_steps: BTreeSet<(u32, usize)>,
     switches_to_new: BTreeMap<u64, u32>,
     failure_seen: bool,
+    /// Every weight change sent, in order, as (host, weight).
+    sent_weights: Vec<(u64, u8)>,
 }
 
 impl Simulation {
-    fn new(strategy: Strategy, hosts: usize, trouble: Trouble, choices: Vec<u8>) -> Simulation {
+    /// `waves`: each host's region wave (hosts come in wave order); missing ones are in wave 0.
+    fn new(strategy: Strategy, hosts: usize, waves: &[u32], trouble: Trouble, choices: Vec<u8>) -> Simulation {
+        let mut waves = waves.to_vec();
+        waves.sort_unstable();
         let facts = Facts {
             strategy,
-            hosts: (0..hosts as u64).map(|host| HostFacts::new(100 + host)).collect(),
+            hosts: (0..hosts)
+                .map(|index| HostFacts { wave: waves.get(index).copied().unwrap_or(0), ..HostFacts::new(100 + index as u64) })
+                .collect(),
             now: 1_000,
             rolling_back: None,
             canary: CanaryProgress::default(),
@@ -58,6 +68,7 @@ impl Simulation {
             passed_steps: BTreeSet::new(),
             switches_to_new: BTreeMap::new(),
             failure_seen: false,
+            sent_weights: Vec::new(),
         }
     }
 
@@ -126,6 +137,9 @@ impl Simulation {
                 assert!(!host.busy, "{action:?} planned for a busy host");
                 assert!(!host.lost, "{action:?} planned for a lost host");
                 self.check_dispatch(&action, &host);
+                if let Action::SetWeight { host, weight } = action {
+                    self.sent_weights.push((host, weight));
+                }
                 self.host(id).busy = true;
                 self.pending.push(action);
                 continue;
@@ -139,9 +153,13 @@ impl Simulation {
                     );
                     self.facts.rolling_back = Some(reason);
                 }
-                Action::BeginCanaryStep { step } => {
-                    assert!(step == 0 || self.passed_steps.contains(&(step - 1)), "canary step {step} began without a passing verdict");
-                    self.facts.canary = CanaryProgress { step: Some(step), step_started_at: self.facts.now, verdict: None };
+                Action::BeginCanaryStep { step, wave } => {
+                    assert!(
+                        step == 0 || self.passed_steps.contains(&(wave, step - 1)),
+                        "canary step {step} began in wave {wave} without a passing verdict"
+                    );
+                    assert!(self.earlier_waves_switched(wave), "canary step {step} began in wave {wave} before the earlier waves switched");
+                    self.facts.canary = CanaryProgress { step: Some(step), step_started_at: self.facts.now, verdict: None, wave };
                 }
                 Action::Analyze { step, since } => {
                     assert_eq!(Some(step), self.facts.canary.step);
@@ -154,7 +172,7 @@ impl Simulation {
                         };
                     self.verdicts_given += 1;
                     if verdict == Verdict::Pass {
-                        self.passed_steps.insert(step);
+                        self.passed_steps.insert((self.facts.canary.wave, step));
                     }
                     self.facts.canary.verdict = Some((verdict, self.facts.now));
                 }
@@ -183,20 +201,39 @@ impl Simulation {
         None
     }
 
+    /// Every host (not lost) of the waves before `wave` serves the new release.
+    fn earlier_waves_switched(&self, wave: u32) -> bool {
+        self.facts.hosts.iter().filter(|host| host.wave < wave && !host.lost).all(|host| host.switched())
+    }
+
     /// Rules that hold at the moment an action is sent.
     fn check_dispatch(&self, action: &Action, host: &HostFacts) {
+        if let Action::Start { .. } = action {
+            assert!(
+                self.earlier_waves_switched(host.wave),
+                "host {} of wave {} started before the earlier waves switched",
+                host.host,
+                host.wave
+            );
+        }
         if let Action::SetWeight { weight, .. } = action
             && *weight > 0
         {
             assert!(self.facts.rolling_back.is_none(), "traffic moved to the new release during a rollback");
             assert_eq!(host.new, NewRelease::Healthy, "traffic sent to a release that is not healthy");
             if matches!(self.facts.strategy, Strategy::BlueGreen(_) | Strategy::Canary(_)) {
-                let all_healthy = self.facts.hosts.iter().all(|host| host.new == NewRelease::Healthy);
-                assert!(all_healthy, "traffic moved before every host was healthy");
+                let all_healthy =
+                    self.facts.hosts.iter().filter(|other| other.wave == host.wave).all(|host| host.new == NewRelease::Healthy);
+                assert!(all_healthy, "traffic moved before every host of its wave was healthy");
             }
+            assert!(self.earlier_waves_switched(host.wave), "traffic moved in wave {} before the earlier waves switched", host.wave);
             let steps = self.steps();
             let index = steps.iter().position(|step| step == weight).expect("a weight that is a step");
-            assert!((0..index).all(|earlier| self.passed_steps.contains(&earlier)), "weight {weight} without passing verdicts before it");
+            assert!(
+                (0..index).all(|earlier| self.passed_steps.contains(&(host.wave, earlier))),
+                "weight {weight} without passing verdicts before it in wave {}",
+                host.wave
+            );
         }
         if let Action::StopOld { .. } = action {
             assert!(self.facts.cleaning_up, "the old release stopped before the deployment committed");
@@ -330,8 +367,9 @@ proptest! {
     fn every_rollout_ends_all_new_or_all_old_within_the_rules(
         (strategy, hosts, trouble) in (strategy(), 1usize..9).prop_flat_map(|(strategy, hosts)| (Just(strategy), Just(hosts), trouble(hosts))),
         choices in proptest::collection::vec(any::<u8>(), 1..32),
+        waves in proptest::collection::vec(0u32..3, 0..9),
     ) {
-        let mut simulation = Simulation::new(strategy, hosts, trouble, choices);
+        let mut simulation = Simulation::new(strategy, hosts, &waves, trouble, choices);
         let finish = simulation.run();
         simulation.check_end(&finish);
     }
@@ -341,21 +379,20 @@ fn canary(steps: Vec<u8>, on_inconclusive: Inconclusive) -> Strategy {
     Strategy::Canary(CanarySettings { steps, analysis_window_ms: 30_000, on_inconclusive })
 }
 
-/// The highest weight any host reached during the run.
+/// Runs with every action completing in the order sent; returns how it finished and the
+/// highest weight any host reached.
 fn run_recording_weights(strategy: Strategy, hosts: usize, trouble: Trouble) -> (Finish, u8, Simulation) {
-    let mut simulation = Simulation::new(strategy, hosts, trouble, vec![0]);
-    let mut highest = 0;
+    run_in_order(Simulation::new(strategy, hosts, &[], trouble, vec![0]))
+}
+
+fn run_in_order(mut simulation: Simulation) -> (Finish, u8, Simulation) {
     loop {
         simulation.round += 1;
         assert!(simulation.round < 1_000, "did not end");
         let actions = plan(&simulation.facts);
-        for action in &actions {
-            if let Action::SetWeight { weight, .. } = action {
-                highest = highest.max(*weight);
-            }
-        }
         let waited = actions.iter().any(|action| matches!(action, Action::WaitUntil { .. }));
         if let Some(finish) = simulation.dispatch(actions) {
+            let highest = simulation.sent_weights.iter().map(|(_, weight)| *weight).max().unwrap_or(0);
             return (finish, highest, simulation);
         }
         while !simulation.pending.is_empty() {
@@ -394,6 +431,39 @@ fn an_inconclusive_canary_rolls_back_or_waits_as_configured() {
     let trouble = Trouble { verdicts: vec![2, 0, 0], ..Trouble::default() };
     let (finish, highest, _) = run_recording_weights(canary(vec![10, 50], Inconclusive::Wait { max_wait_ms: 60_000 }), 2, trouble);
     assert_eq!((finish, highest), (Finish::Succeeded, 100));
+}
+
+#[test]
+fn region_waves_go_one_after_the_other_each_with_every_step() {
+    let strategies = [
+        canary(vec![10, 50], Inconclusive::RollBack),
+        Strategy::BlueGreen(BlueGreenSettings { keep_old_ms: 1_000 }),
+        Strategy::Rolling(RollingSettings { batch: BatchSize::Hosts(3), max_unavailable: 3 }),
+    ];
+    for strategy in strategies {
+        // Hosts 100 and 101 are the first region, 102 and 103 the second.
+        let simulation = Simulation::new(strategy.clone(), 4, &[0, 0, 1, 1], Trouble::default(), vec![0]);
+        let (finish, _, simulation) = run_in_order(simulation);
+        assert_eq!(finish, Finish::Succeeded, "{strategy:?}");
+        let sent = &simulation.sent_weights;
+        let second_wave_begins = sent.iter().position(|(host, _)| *host >= 102).expect("the second wave got traffic");
+        for host in [100, 101] {
+            assert!(sent[..second_wave_begins].contains(&(host, 100)), "{strategy:?}: host {host} had not switched: {sent:?}");
+            assert!(!sent[second_wave_begins..].iter().any(|(sent_to, _)| *sent_to == host), "{strategy:?}: {sent:?}");
+        }
+        let per_host = |host: u64| sent.iter().filter(|(to, _)| *to == host).map(|(_, weight)| *weight).collect::<Vec<u8>>();
+        let expected = if matches!(strategy, Strategy::Canary(_)) { vec![10, 50, 100] } else { vec![100] };
+        for host in 100..104 {
+            assert_eq!(per_host(host), expected, "{strategy:?}: host {host}");
+        }
+    }
+    // A failure in the second wave rolls the first one back too (a global abort).
+    let trouble = Trouble { health_fails: Some(3), ..Trouble::default() };
+    let simulation = Simulation::new(canary(vec![10, 50], Inconclusive::RollBack), 4, &[0, 0, 1, 1], trouble, vec![0]);
+    let (finish, _, simulation) = run_in_order(simulation);
+    assert!(matches!(finish, Finish::RolledBack(_)));
+    assert!(simulation.facts.hosts.iter().all(|host| host.weight == 0), "{:?}", simulation.facts.hosts);
+    assert!(simulation.sent_weights.contains(&(100, 100)), "the first wave had switched before the second failed");
 }
 
 #[test]
