@@ -322,6 +322,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("  embedded agent: {} executor, {} concurrent jobs", runtime.executor_name(), args.agent_capacity);
         if runtime.executor_name() == "shell" {
             println!("    (Docker is not usable here, so builds run as plain processes; start Docker and restart to build in containers)");
+        } else {
+            println!("    it also deploys to the development environment here, on 127.0.0.1 at each pipeline's public_port");
         }
         Some(tokio::spawn(runtime.run(agent_shutdown.clone())))
     };
@@ -340,7 +342,9 @@ fn data_dir_of(server: &RunningServer) -> PathBuf {
 }
 
 /// The agent `davit up` runs in-process: registered once (its identity lives in
-/// `<data_dir>/agent`), labelled for builds and every default environment.
+/// `<data_dir>/agent`), in both pools: it builds, and it is the development environment's one
+/// deploy host (its traffic switches listen on 127.0.0.1 only). Staging and production need
+/// deploy agents of their own.
 async fn embedded_agent(
     server: &RunningServer,
     data_dir: &std::path::Path,
@@ -361,6 +365,7 @@ async fn embedded_agent(
         executor,
         git_protocols: vec!["https".into(), "ssh".into(), "git".into(), "file".into()],
         exit_when_drained: false,
+        service_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         ..AgentConfig::default()
     };
     let identity = match Identity::load(&config.identity_path()) {
@@ -370,7 +375,7 @@ async fn embedded_agent(
                 crate::api::agents::create_token(&server.node, &crate::node::Requester::system(), "davit up: embedded agent".into(), 600)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot create the embedded agent's registration token: {}", e.message))?;
-            let labels = [("pool", "build"), ("environment", "development,testing,staging,production")]
+            let labels = [("pool", "build,deploy"), ("environment", "development")]
                 .into_iter()
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect();

@@ -220,23 +220,72 @@ impl Service {
         }
         // Only these agents' containers: another test's may run the same service name.
         for agent in &self.agents {
-            let instance = davit_agent::release::instance_of(&agent.state_dir);
-            let leftovers = std::process::Command::new("docker")
-                .args(["ps", "-aq", "--filter", &format!("label=davit.agent={instance}")])
-                .output()
-                .expect("docker ps");
-            for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
-                let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
-            }
-            let images = std::process::Command::new("docker")
-                .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=davit-release/{instance}-*")])
-                .output()
-                .expect("docker images");
-            for image in String::from_utf8_lossy(&images.stdout).split_whitespace() {
-                let _ = std::process::Command::new("docker").args(["rmi", image]).output();
-            }
+            remove_releases_of(&agent.state_dir);
         }
     }
+}
+
+/// Remove the release containers and images the agent with `state_dir` left behind.
+fn remove_releases_of(state_dir: &std::path::Path) {
+    let instance = davit_agent::release::instance_of(state_dir);
+    let leftovers = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=davit.agent={instance}")])
+        .output()
+        .expect("docker ps");
+    for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
+        let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
+    }
+    let images = std::process::Command::new("docker")
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=davit-release/{instance}-*")])
+        .output()
+        .expect("docker images");
+    for image in String::from_utf8_lossy(&images.stdout).split_whitespace() {
+        let _ = std::process::Command::new("docker").args(["rmi", image]).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn davit_up_builds_and_deploys_to_development_with_its_embedded_agent() {
+    let test = "up_deploys";
+    if !docker_ready(test) {
+        return;
+    }
+    let node = SingleNode::start_with(test, &["--agent-executor", "docker"]).await;
+    let api = api_for(&node);
+    let (git_server, commit) = GitServer::start_with(
+        "up-service",
+        &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
+    );
+    let port = git_server::free_port();
+    let connect = json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git", "poll_interval_seconds": 0});
+    let repo = api.post("/api/v1/repos/connect", connect).await;
+    let pipeline = api
+        .post(
+            "/api/v1/pipelines",
+            json!({
+                "name": "local", "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "development",
+                "build": {"dockerfile": "Dockerfile"},
+                "deploy": {"public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200, "keep_old_seconds": 1}
+            }),
+        )
+        .await;
+    let pipeline_id = pipeline["pipeline_id"].as_u64().unwrap();
+    let created = api
+        .post("/api/v1/deployments", json!({"pipeline_id": pipeline_id.to_string(), "commit_hash": commit, "environment": "development"}))
+        .await;
+    let deployment_id = created["deployment_id"].as_u64().unwrap();
+    let ended = wait_for_end(&api, deployment_id, Duration::from_secs(240)).await;
+    let state_dir = node.data_dir().join("agent");
+    let answer = match reqwest::get(format!("http://127.0.0.1:{port}/")).await {
+        Ok(response) => format!("{} {}", response.status().as_u16(), response.text().await.unwrap_or_default().trim()),
+        Err(error) => format!("error: {error}"),
+    };
+    remove_releases_of(&state_dir);
+    assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}\n{}", events(&api, deployment_id).await, node.log_tail(40));
+    assert_eq!(answer, "200 v1", "the release answers on 127.0.0.1:{port}");
+    // Staging has no deploy host here: the embedded agent deploys to development only.
+    let hosts: Vec<Value> = events(&api, deployment_id).await.into_iter().filter(|event| event["kind"] == "host_healthy").collect();
+    assert_eq!(hosts.len(), 1, "one host: the embedded agent");
 }
 
 #[tokio::test(flavor = "multi_thread")]
