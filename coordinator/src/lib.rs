@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cluster_service;
 pub mod commit_status;
 pub mod config;
+pub mod dashboard;
 pub mod deploy;
 pub mod fleet;
 pub mod grpc_api;

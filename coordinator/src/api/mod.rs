@@ -92,7 +92,7 @@ pub async fn propose(node: &Node, requester: &Requester, command: Command) -> Re
     Ok((outcome, log_index))
 }
 
-/// The whole HTTP surface: REST, OpenAPI document, health and metrics.
+/// The whole HTTP surface: REST, OpenAPI document, health, metrics and the dashboard.
 pub fn router(state: AppState) -> Router {
     let (router, openapi) = documented_routes().split_for_parts();
     let mut query_parameters = query_parameters::QueryParameters::from_document(&openapi);
@@ -102,6 +102,7 @@ pub fn router(state: AppState) -> Router {
     router
         .route("/api/v1/openapi.json", get(move || openapi_json(document.clone())))
         .merge(health::routes())
+        .merge(crate::dashboard::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; GET /api/v1/openapi.json lists them all") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
