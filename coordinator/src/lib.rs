@@ -21,6 +21,7 @@ pub mod outbound;
 /// the records name them through this crate, as the fuzz crate's copy of them does.
 pub use davit_agent::job_spec as release_spec;
 pub mod raft;
+pub mod release_usage;
 pub mod retention;
 pub mod scheduler;
 pub mod scm;

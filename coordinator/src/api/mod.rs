@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod audit;
 pub mod cluster;
 pub mod configs;
+pub mod delivery;
 pub mod deployment_events;
 pub mod deployments;
 pub mod environments;
@@ -50,6 +51,8 @@ pub struct AppState {
     /// What the coordinator may connect to on a user's behalf: handlers check URLs with it
     /// when they are saved, and its `http_client()` checks again when it connects.
     pub outbound: Arc<crate::outbound::OutboundPolicy>,
+    /// Live CPU and memory of release containers, from the agents connected to this node.
+    pub release_usage: Arc<crate::release_usage::ReleaseUsage>,
 }
 
 #[derive(OpenApi)]
@@ -64,6 +67,7 @@ pub struct AppState {
         schema::EnvironmentName,
         schema::Version,
         schema::DateTime,
+        schema::TimeOrMillis,
         schema::LogLevelName,
         schema::DeploymentStatusName,
         schema::ClusterOperationName
@@ -137,6 +141,7 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(configs::routes())
         .merge(logs::routes())
         .merge(monitoring::routes())
+        .merge(delivery::routes())
         .merge(audit::routes())
         .merge(cluster::routes())
         .merge(agents::routes())

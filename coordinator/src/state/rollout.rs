@@ -597,6 +597,7 @@ mod tests {
                     end: JobEnd::Succeeded,
                     reason: None,
                     output: Some(serde_json::to_string(&output).unwrap()),
+                    measured: Default::default(),
                 };
                 propose(txn, time, finish).result.expect("finished");
             }
