@@ -672,6 +672,17 @@ async fn a_rollout_followed_per_region_and_host() {
     assert!(batch.as_str().unwrap().contains("2 of 2 hosts switched"), "{batch}");
     check_accessibility(client, "deployment (rollout)").await;
     screenshots(client, "deployment-rollout").await;
+    // The environment matrix shows what runs in each region, on which hosts.
+    client.goto(&node.url("/environments")).await.unwrap();
+    wait_until(
+        client,
+        "document.querySelector('#matrix [data-region=eu]') && /eu \\(eu-1\\)/.test(document.querySelector('#matrix [data-region=eu]').innerText) && document.querySelector('#matrix [data-region=us]')",
+        "regions eu and us in the matrix",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(js(client, "return document.querySelector('#matrix [data-region=us]').innerText;").await.as_str().unwrap().contains("sha256:"));
+    screenshots(client, "environments-rollout").await;
     chrome.close().await;
 
     for host in &mut hosts {

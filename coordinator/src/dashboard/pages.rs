@@ -91,7 +91,7 @@ pub fn deployment(deployment_id: u64, actions: &DeploymentActions) -> String {
 
 pub fn environments() -> String {
     "<p class=\"muted\">What runs where: the last successful release of each pipeline in each environment, by region.</p>\
-     <div class=\"table-wrap\"><table id=\"matrix\" class=\"matrix\"><caption>Versions by pipeline and environment</caption>\
+     <div class=\"table-wrap\"><table id=\"matrix\" class=\"matrix responsive\"><caption>Versions by pipeline and environment</caption>\
      <thead></thead><tbody></tbody></table></div>\
      <h2>Environments</h2><div class=\"table-wrap\"><table id=\"environment-settings\" class=\"responsive\"><caption>Protection of each environment</caption>\
      <thead><tr><th scope=\"col\">Environment</th><th scope=\"col\">Promotes from</th><th scope=\"col\">Approvals</th><th scope=\"col\">Branches</th><th scope=\"col\">Updated</th></tr></thead>\
@@ -108,10 +108,10 @@ pub fn delivery() -> String {
      <p id=\"delivery-source\" class=\"muted\"></p>\
      <div class=\"tiles\" id=\"delivery-summary\"></div>\
      <div class=\"charts\">\
-     <figure><figcaption>Deployments (failed in red)</figcaption><div class=\"chart\" id=\"chart-deployments\"></div></figure>\
-     <figure><figcaption>Lead time, median (hours)</figcaption><div class=\"chart\" id=\"chart-lead-time\"></div></figure>\
+     <figure><figcaption>Deployments: successful in blue, failed or rolled back in red</figcaption><div class=\"chart\" id=\"chart-deployments\"></div></figure>\
+     <figure><figcaption>Lead time from commit to production, median</figcaption><div class=\"chart\" id=\"chart-lead-time\"></div></figure>\
      <figure><figcaption>Change failure rate (%)</figcaption><div class=\"chart\" id=\"chart-failure-rate\"></div></figure>\
-     <figure><figcaption>Time to restore, mean (minutes)</figcaption><div class=\"chart\" id=\"chart-restore\"></div></figure></div>"
+     <figure><figcaption>Time to restore, mean</figcaption><div class=\"chart\" id=\"chart-restore\"></div></figure></div>"
         .to_string()
 }
 

@@ -632,48 +632,22 @@
     const matrix = document.getElementById('matrix');
     const settings = document.getElementById('environment-settings');
 
-    // Cells from the matrix endpoint when the node has it, else from the deployments.
-    async function cellsFromDeployments(names, pipelines) {
-      const deployments = await all('/api/v1/deployments?status=success');
-      const cells = new Map();
-      for (const deployment of deployments) {
-        const regions = deployment.rollout ? Array.from(new Set(deployment.rollout.hosts.map((host) => host.region || 'no region'))) : [];
-        cells.set(deployment.pipeline_id + '\u0000' + deployment.environment, {
-          deployment_id: deployment.deployment_id,
-          commit_hash: deployment.commit_hash,
-          artifact_digest: deployment.rollout ? deployment.rollout.artifact_digest : null,
-          since: deployment.end_time || deployment.updated_at,
-          regions,
-        });
-      }
-      return { names, pipelines, cells };
-    }
-
+    // The live version per pipeline, environment and region (GET /api/v1/environments/matrix).
     async function cellsFromMatrix(names, pipelines) {
-      let reply;
-      try {
-        reply = await api('/api/v1/environments/matrix');
-      } catch (error) {
-        if (error.status === 404 || error.status === 400) return null;
-        throw error;
-      }
-      // A node without the matrix endpoint answers this path as the environment named "matrix".
-      if (!Array.isArray(reply.items) && !Array.isArray(reply.cells)) return null;
+      const reply = await api('/api/v1/environments/matrix');
+      // One item per pipeline, environment and region: a cell lists its regions, each with
+      // the version it runs (regions can differ while a rollout goes from one to the next).
       const cells = new Map();
-      for (const item of reply.items || reply.cells || []) {
+      for (const item of reply.items || []) {
         const key = item.pipeline_id + '\u0000' + item.environment;
-        const existing = cells.get(key);
-        const region = item.region || null;
-        if (existing) {
-          if (region && !existing.regions.includes(region)) existing.regions.push(region);
-          continue;
-        }
-        cells.set(key, {
+        if (!cells.has(key)) cells.set(key, { versions: [] });
+        cells.get(key).versions.push({
+          region: item.region || null,
+          hosts: item.hosts || [],
           deployment_id: item.deployment_id,
-          commit_hash: item.commit_hash || item.commit,
-          artifact_digest: item.artifact_digest || item.digest,
-          since: item.since || item.deployed_at,
-          regions: region ? [region] : [],
+          commit_hash: item.commit_hash,
+          artifact_digest: item.artifact_digest,
+          since: item.finished_at,
         });
       }
       return { names, pipelines, cells };
@@ -682,16 +656,16 @@
     every(5000, async () => {
       const [environments, pipelines] = await Promise.all([api('/api/v1/environments'), all('/api/v1/pipelines')]);
       const names = (environments.items || []).map((environment) => environment.name);
-      const data = (await cellsFromMatrix(names, pipelines)) || (await cellsFromDeployments(names, pipelines));
+      const data = await cellsFromMatrix(names, pipelines);
       replaceChildren(matrix.tHead, [el('tr', {}, el('th', { scope: 'col' }, 'Pipeline'), names.map((name) => el('th', { scope: 'col' }, name)))]);
       fillTable(matrix, pipelines.map((pipeline) => row([{ header: true, content: pipeline.name }].concat(names.map((name) => {
         const cell = data.cells.get(pipeline.pipeline_id + '\u0000' + name);
         if (!cell) return el('span', { class: 'muted' }, 'nothing yet');
-        return el('div', { class: 'cell' },
-          link('/deployments/' + cell.deployment_id, 'commit ' + short(cell.commit_hash, 8)),
-          cell.artifact_digest ? el('div', {}, el('code', { title: cell.artifact_digest }, 'sha256:' + short(cell.artifact_digest, 12))) : null,
-          el('div', { class: 'muted' }, 'since ', timeCell(cell.since)),
-          cell.regions.length ? el('div', { class: 'muted' }, 'regions: ' + cell.regions.join(', ')) : null);
+        return el('div', { class: 'cell' }, cell.versions.map((version) => el('div', { class: 'version', 'data-region': version.region || '' },
+          version.region ? el('strong', {}, version.region + (version.hosts.length ? ' (' + version.hosts.join(', ') + ')' : '') + ': ') : null,
+          link('/deployments/' + version.deployment_id, 'commit ' + short(version.commit_hash, 8)),
+          version.artifact_digest ? el('div', {}, el('code', { title: version.artifact_digest }, 'sha256:' + short(version.artifact_digest, 12))) : null,
+          el('div', { class: 'muted' }, 'since ', timeCell(version.since)))));
       })))));
       fillTable(settings, (environments.items || []).map((environment) => row([
         { header: true, content: environment.name },
@@ -707,60 +681,6 @@
 
   const DAY = 86400000;
 
-  function percentile(values, fraction) {
-    if (!values.length) return null;
-    const sorted = values.slice().sort((a, b) => a - b);
-    return sorted[Math.min(sorted.length - 1, Math.floor(fraction * sorted.length))];
-  }
-
-  // The delivery JSON computed from the deployments themselves, for nodes without
-  // /api/v1/monitoring/delivery: lead time here runs from the run's creation (the commit's own
-  // time is not in the deployment), time to restore from a failure to the next success.
-  function deliveryFromDeployments(deployments, from, to, environment, pipelineId) {
-    const chosen = deployments.filter((deployment) => deployment.environment === environment &&
-      (!pipelineId || String(deployment.pipeline_id) === pipelineId) && isFinal(deployment) && deployment.end_time &&
-      Date.parse(deployment.end_time) >= from && Date.parse(deployment.end_time) < to);
-    const bucketDays = (to - from) / DAY > 90 ? 7 : 1;
-    const series = [];
-    for (let start = from; start < to; start += bucketDays * DAY) {
-      const inside = chosen.filter((deployment) => Date.parse(deployment.end_time) >= start && Date.parse(deployment.end_time) < start + bucketDays * DAY);
-      const leads = inside.filter((deployment) => deployment.status === 'success').map((deployment) => (Date.parse(deployment.end_time) - Date.parse(deployment.created_at)) / 1000);
-      series.push({
-        start: new Date(start).toISOString(), deployments: inside.length,
-        failed: inside.filter((deployment) => deployment.status === 'failed').length,
-        rolled_back: inside.filter((deployment) => deployment.status === 'rolled_back').length,
-        lead_time_seconds_p50: percentile(leads, 0.5), restore_seconds_mean: null,
-      });
-    }
-    const restores = [];
-    const ordered = chosen.slice().sort((a, b) => Date.parse(a.end_time) - Date.parse(b.end_time));
-    let brokenSince = null;
-    for (const deployment of ordered) {
-      if (deployment.status !== 'success' && brokenSince === null) brokenSince = Date.parse(deployment.end_time);
-      if (deployment.status === 'success' && brokenSince !== null) {
-        restores.push({ at: Date.parse(deployment.end_time), seconds: (Date.parse(deployment.end_time) - brokenSince) / 1000 });
-        brokenSince = null;
-      }
-    }
-    for (const entry of series) {
-      const start = Date.parse(entry.start);
-      const inside = restores.filter((restore) => restore.at >= start && restore.at < start + bucketDays * DAY).map((restore) => restore.seconds);
-      entry.restore_seconds_mean = inside.length ? inside.reduce((a, b) => a + b, 0) / inside.length : null;
-    }
-    const failures = chosen.filter((deployment) => deployment.status !== 'success').length;
-    const leads = chosen.filter((deployment) => deployment.status === 'success').map((deployment) => (Date.parse(deployment.end_time) - Date.parse(deployment.created_at)) / 1000);
-    return {
-      from: new Date(from).toISOString(), to: new Date(to).toISOString(), bucket: bucketDays === 7 ? 'week' : 'day', series,
-      summary: {
-        deployments: chosen.length,
-        deployment_frequency_per_day: chosen.length / ((to - from) / DAY),
-        lead_time_seconds_p50: percentile(leads, 0.5),
-        change_failure_rate: chosen.length ? failures / chosen.length : null,
-        time_to_restore_seconds_mean: restores.length ? restores.reduce((a, b) => a + b.seconds, 0) / restores.length : null,
-      },
-    };
-  }
-
   // A bar chart of `values` (null: no data) with `labels`, as inline SVG; `stacked` draws a
   // second, red part of each bar.
   function barChart(container, title, labels, values, stacked, unit) {
@@ -768,7 +688,7 @@
     const height = 200;
     const left = 44;
     const bottom = 28;
-    const top = Math.max(1, ...values.map((value) => value || 0));
+    const top = Math.max(1, ...values.map((value, index) => (value || 0) + (stacked ? stacked[index] || 0 : 0)));
     const scale = (height - bottom - 10) / top;
     const barWidth = Math.max(2, (width - left - 8) / Math.max(1, values.length) - 2);
     const chart = svg('svg', { viewBox: '0 0 ' + width + ' ' + height, role: 'img', 'aria-label': title, preserveAspectRatio: 'none', class: 'chart-svg' },
@@ -785,13 +705,13 @@
       chart.append(bar);
       if (stacked && stacked[index]) {
         const failedHeight = stacked[index] * scale;
-        chart.append(svg('rect', { x, y: height - bottom - failedHeight, width: barWidth, height: failedHeight, class: 'bar failed' },
+        chart.append(svg('rect', { x, y: height - bottom - barHeight - failedHeight, width: barWidth, height: failedHeight, class: 'bar failed' },
           svg('title', {}, labels[index] + ': ' + stacked[index] + ' failed or rolled back')));
       }
     });
     const step = Math.max(1, Math.ceil(values.length / 6));
     labels.forEach((label, index) => {
-      if (index % step === 0) chart.append(svg('text', { x: left + 4 + index * (barWidth + 2), y: height - 8, class: 'tick' }, label));
+      if (index % step === 0 && left + 4 + index * (barWidth + 2) < width - 48) chart.append(svg('text', { x: left + 4 + index * (barWidth + 2), y: height - 8, class: 'tick' }, label));
     });
     replaceChildren(container, [chart]);
   }
@@ -824,15 +744,8 @@
       const bucket = Number(range.value) > 90 ? 'week' : 'day';
       const query = new URLSearchParams({ from: new Date(from).toISOString(), to: new Date(to).toISOString(), bucket, environment: environmentSelect.value });
       if (pipelineSelect.value) query.set('pipeline_id', pipelineSelect.value);
-      let data;
-      try {
-        data = await api('/api/v1/monitoring/delivery?' + query.toString());
-        source.textContent = 'From /api/v1/monitoring/delivery, by ' + data.bucket + '.';
-      } catch (error) {
-        if (error.status !== 404 && error.status !== 400) throw error;
-        data = deliveryFromDeployments(await all('/api/v1/deployments'), from, to, environmentSelect.value, pipelineSelect.value);
-        source.textContent = 'Computed in the browser from the deployments (lead time from each run\'s start), by ' + data.bucket + '.';
-      }
+      const data = await api('/api/v1/monitoring/delivery?' + query.toString());
+      source.textContent = 'Successful deployments to ' + data.environment + ' by ' + data.bucket + '; lead time runs from the commit to the end of its deployment.';
       const summary = data.summary || {};
       replaceChildren(tiles, [
         ['Deployments', formatNumber(summary.deployments)],
@@ -843,14 +756,21 @@
       ].map(([label, value]) => el('div', { class: 'tile' }, el('span', { class: 'tile-label' }, label), el('strong', {}, value))));
       const series = data.series || [];
       const labels = series.map((entry) => new Date(entry.start).toLocaleDateString(undefined, { month: 'short', day: 'numeric' }));
-      barChart(document.getElementById('chart-deployments'), 'Deployments per ' + data.bucket, labels,
+      barChart(document.getElementById('chart-deployments'), 'Deployments per ' + data.bucket + ' (successful, and failed or rolled back in red)', labels,
         series.map((entry) => entry.deployments), series.map((entry) => (entry.failed || 0) + (entry.rolled_back || 0)), '');
-      barChart(document.getElementById('chart-lead-time'), 'Median lead time per ' + data.bucket + ' in hours', labels,
-        series.map((entry) => (entry.lead_time_seconds_p50 === null || entry.lead_time_seconds_p50 === undefined ? null : entry.lead_time_seconds_p50 / 3600)), null, ' h');
+      const durationChart = (id, what, seconds) => {
+        const largest = Math.max(0, ...seconds.map((value) => value || 0));
+        const [divisor, unit] = largest < 120 ? [1, ' s'] : largest < 7200 ? [60, ' min'] : largest < 172800 ? [3600, ' h'] : [86400, ' d'];
+        barChart(document.getElementById(id), what + ' per ' + data.bucket + ' in' + unit, labels,
+          seconds.map((value) => (value === null || value === undefined ? null : value / divisor)), null, unit);
+      };
+      durationChart('chart-lead-time', 'Median lead time', series.map((entry) => entry.lead_time_seconds_p50));
       barChart(document.getElementById('chart-failure-rate'), 'Change failure rate per ' + data.bucket + ' in percent', labels,
-        series.map((entry) => (entry.deployments ? 100 * ((entry.failed || 0) + (entry.rolled_back || 0)) / entry.deployments : null)), null, ' %');
-      barChart(document.getElementById('chart-restore'), 'Mean time to restore per ' + data.bucket + ' in minutes', labels,
-        series.map((entry) => (entry.restore_seconds_mean === null || entry.restore_seconds_mean === undefined ? null : entry.restore_seconds_mean / 60)), null, ' min');
+        series.map((entry) => {
+          const failed = (entry.failed || 0) + (entry.rolled_back || 0);
+          return entry.deployments + failed ? (100 * failed) / (entry.deployments + failed) : null;
+        }), null, ' %');
+      durationChart('chart-restore', 'Mean time to restore', series.map((entry) => entry.restore_seconds_mean));
     }
 
     setUp().catch((error) => setLive(error.message, true)).then(() => {
