@@ -99,6 +99,30 @@ async fn head_commit(workspace: &Path) -> Result<String, CheckoutError> {
     Ok(String::from_utf8_lossy(&head.stdout).trim().to_string())
 }
 
+/// The committer time of the commit checked out in `workspace`, in Unix milliseconds
+/// (`git show -s --format=%ct HEAD`): where a deployment's lead time starts. `None` when the
+/// workspace holds no commit.
+pub async fn commit_time(workspace: &Path) -> Option<i64> {
+    if !workspace.join(".git").is_dir() {
+        return None;
+    }
+    let output = Command::new("git")
+        .args(["show", "-s", "--format=%ct", "HEAD"])
+        .current_dir(workspace)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let seconds: i64 = String::from_utf8_lossy(&output.stdout).trim().parse().ok()?;
+    Some(seconds * 1000)
+}
+
 /// Refuse a URL whose protocol the operator does not allow.
 fn check_protocol(url: &str, protocols: &[String]) -> Result<(), CheckoutError> {
     let scheme = scheme_of(url);
@@ -268,6 +292,9 @@ mod tests {
         assert_eq!(in_workspace(&["rev-parse", "HEAD"]), second);
         assert_eq!(in_workspace(&["remote", "get-url", "origin"]), url);
         assert_eq!(in_workspace(&["status", "--porcelain"]), "");
+        let committed: i64 = git_in(origin.path(), &["show", "-s", "--format=%ct", "HEAD"]).parse().unwrap();
+        assert_eq!(commit_time(workspace.path()).await, Some(committed * 1000));
+        assert_eq!(commit_time(tempfile::tempdir().unwrap().path()).await, None);
     }
 
     #[tokio::test]

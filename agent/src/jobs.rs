@@ -42,11 +42,15 @@ pub struct Ended {
     pub reason: String,
     /// `JobResult.output_json`: what a release step reports; empty for builds.
     pub output: Vec<u8>,
+    /// `JobResult.commit_time`: the committer time of the commit a build checked out (Unix ms).
+    pub commit_time: Option<i64>,
+    /// `JobResult.resources`: CPU and memory of the job's containers.
+    pub resources: Option<pb::ResourceUsage>,
 }
 
 impl Ended {
     pub(crate) fn new(outcome: JobOutcome, reason: impl Into<String>) -> Self {
-        Ended { outcome, reason: reason.into(), output: Vec::new() }
+        Ended { outcome, reason: reason.into(), output: Vec::new(), commit_time: None, resources: None }
     }
 }
 
@@ -56,6 +60,8 @@ struct Run<'a> {
     env: Vec<(String, String)>,
     deadline: Instant,
     timeout: Duration,
+    /// CPU and memory of the job's step containers.
+    usage: crate::resource_usage::UsageRecorder,
 }
 
 impl<'a> Run<'a> {
@@ -68,6 +74,7 @@ impl<'a> Run<'a> {
             env: job_environment(&context.offer.env),
             deadline: Instant::now() + timeout,
             timeout,
+            usage: Default::default(),
         }
     }
 
@@ -135,7 +142,9 @@ pub async fn run_job(context: &JobContext) -> Ended {
     let run = Run::new(context, build.timeout_seconds);
     let workspace = context.work_dir.join(format!("job-{}-{}", context.offer.job_id, context.offer.attempt));
     let _ = std::fs::remove_dir_all(&workspace);
-    let ended = run_build(&run, build, &spec.step_names(), &workspace).await;
+    let mut ended = run_build(&run, build, &spec.step_names(), &workspace).await;
+    ended.commit_time = crate::git::commit_time(&workspace).await;
+    ended.resources = run.usage.usage().to_proto();
     if let Executor::Docker(docker) = context.executor.as_ref() {
         docker.remove_job_containers(context.offer.job_id).await;
     }
@@ -164,6 +173,8 @@ async fn run_release(context: &JobContext, spec: &ReleaseSpec) -> Ended {
         Some(Ok(Ok(release_output))) => {
             let mut ended = Ended::new(JobOutcome::Succeeded, "");
             ended.output = serde_json::to_vec(&release_output).unwrap_or_default();
+            // The release container's CPU and memory so far, as this agent sampled them.
+            ended.resources = context.releases.release_usage(&spec.service, &spec.release);
             run.step(0, name, StepState::Succeeded, started, 0);
             ended
         }
@@ -240,6 +251,7 @@ async fn run_build(run: &Run<'_>, build: &BuildSpec, names: &[String], workspace
             env: &run.env,
             limits: Limits::default(),
             timeout: run.remaining(),
+            usage: Some(&run.usage),
         };
         let result = context.executor.run_step(&request, output, context.cancel.clone()).await;
         let _ = collector.await;

@@ -14,5 +14,6 @@ pub mod log_shipping;
 pub mod masking;
 pub mod packing;
 pub mod release;
+pub mod resource_usage;
 pub mod runtime;
 pub mod upload;

@@ -151,6 +151,20 @@ impl AgentRuntime {
 
     /// Run until `shutdown` (or, once drained, when `exit_when_drained`).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Live CPU and memory of the release containers, sent over whichever session is open.
+        let sampler = {
+            let (releases, shared) = (self.releases.clone(), self.shared.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RELEASE_SAMPLE_INTERVAL).await;
+                    let samples = releases.sample_releases().await;
+                    if !samples.is_empty() {
+                        shared.send(agent_message::Message::ReleaseStats(pb::ReleaseStats { samples }));
+                    }
+                }
+            })
+        };
+        let _stop_sampler = AbortOnDrop(sampler);
         let mut known: Vec<(String, String)> = self
             .config
             .coordinators
@@ -344,7 +358,7 @@ impl AgentRuntime {
         let shared = self.shared.clone();
         let shipper = self.shipper.clone();
         tokio::spawn(async move {
-            let Ended { outcome, reason, output } = run_job(&context).await;
+            let Ended { outcome, reason, output, commit_time, resources } = run_job(&context).await;
             let _ = std::fs::remove_file(&marker);
             let log_chunks = match shipper.finish(job_id, attempt).await {
                 Ok(chunks) => chunks,
@@ -355,7 +369,16 @@ impl AgentRuntime {
                 }
             };
             tracing::info!(job_id, attempt, ?outcome, %reason, "job ended");
-            let result = pb::JobResult { job_id, attempt, outcome: outcome as i32, reason, log_chunks, output_json: output };
+            let result = pb::JobResult {
+                job_id,
+                attempt,
+                outcome: outcome as i32,
+                reason,
+                log_chunks,
+                output_json: output,
+                commit_time: commit_time.unwrap_or(0),
+                resources,
+            };
             shared.results.lock().expect("results lock").insert((job_id, attempt), result.clone());
             {
                 let mut jobs = shared.jobs.lock().expect("jobs lock");
@@ -403,6 +426,18 @@ pub async fn register(config: &AgentConfig, token: &str, name: &str, labels: BTr
         return Ok(identity);
     }
     Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no coordinator address given (--coordinator host:port)")))
+}
+
+/// How often the release containers are sampled and their samples sent.
+const RELEASE_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Stops a background task when the runtime's `run` returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,17 @@ fn fresh_job_id() -> u64 {
 }
 
 fn request<'a>(job_id: u64, step_name: &'a str, command: &'a str, workspace: &'a Path, env: &'a [(String, String)]) -> StepRequest<'a> {
-    StepRequest { job_id, step_name, command, workspace, image: BASE_IMAGE, env, limits: Limits::default(), timeout: GENEROUS_TIMEOUT }
+    StepRequest {
+        job_id,
+        step_name,
+        command,
+        workspace,
+        image: BASE_IMAGE,
+        env,
+        limits: Limits::default(),
+        timeout: GENEROUS_TIMEOUT,
+        usage: None,
+    }
 }
 
 /// Collects everything a step prints; the buffer can be watched while the step runs.

@@ -158,6 +158,7 @@ impl SessionHandle {
             reason: String::new(),
             log_chunks,
             output_json: Vec::new(),
+            ..Default::default()
         }));
     }
 
@@ -273,6 +274,7 @@ async fn run_session(
                                 reason: String::new(),
                                 log_chunks: 0,
                                 output_json: Vec::new(),
+                                ..Default::default()
                             };
                             let _ = outbox.send(AgentMessage { message: Some(agent_message::Message::Result(result)) });
                         }

@@ -33,12 +33,13 @@ use crate::blob_store::BlobStore;
 use crate::fleet::{AgentPresence, Fleet};
 use crate::log_segments::{self, LogLevel, LogLine};
 use crate::node::{Node, NodeError, Requester};
+use crate::release_usage::ReleaseUsage;
 use crate::secrets::MasterKeys;
 use crate::state::Command;
 use crate::state::apply::{index, index_ids, job_status_name, load_id};
-use crate::state::command::{ArtifactOrigin, JobEnd};
+use crate::state::command::{ArtifactOrigin, JobEnd, JobMeasurements};
 use crate::state::events::StateEvent;
-use crate::state::records::{Agent, Deployment, Job, JobStatus, StepRecord, StepState};
+use crate::state::records::{Agent, Deployment, Job, JobStatus, ResourceUsage, StepRecord, StepState};
 use crate::state::{Outcome, RejectionCode};
 use crate::store::Table;
 
@@ -66,6 +67,9 @@ struct SessionState {
 /// than a `FinishJob` takes to apply. A finished attempt never becomes leased again (a retry is
 /// a new attempt), so forgetting it later is safe.
 const FINISHED_REMEMBERED: Duration = Duration::from_secs(60);
+
+/// Release samples read from one `ReleaseStats` message (one per release container).
+const MAX_RELEASE_SAMPLES: usize = 1000;
 
 impl SessionState {
     fn new(capacity: u32, draining: bool) -> Self {
@@ -117,6 +121,8 @@ pub struct AgentGateway {
     secrets: Arc<MasterKeys>,
     blobs: Arc<dyn BlobStore>,
     fleet: Arc<Fleet>,
+    /// Live samples of release containers from this node's sessions.
+    release_usage: Arc<ReleaseUsage>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     next_session_id: std::sync::atomic::AtomicU64,
     heartbeat_interval: Duration,
@@ -164,6 +170,7 @@ impl AgentGateway {
         secrets: Arc<MasterKeys>,
         blobs: Arc<dyn BlobStore>,
         fleet: Arc<Fleet>,
+        release_usage: Arc<ReleaseUsage>,
         heartbeat_interval: Duration,
     ) -> Arc<Self> {
         let upload_dir = node.config.data_dir.join("uploads");
@@ -172,6 +179,7 @@ impl AgentGateway {
             secrets,
             blobs,
             fleet,
+            release_usage,
             sessions: Mutex::new(HashMap::new()),
             next_session_id: std::sync::atomic::AtomicU64::new(1),
             heartbeat_interval,
@@ -511,6 +519,19 @@ impl AgentGateway {
                 session.send(coordinator_message::Message::ResultAck(ack));
                 Ok(())
             }
+            agent_message::Message::ReleaseStats(stats) => {
+                for sample in stats.samples.iter().take(MAX_RELEASE_SAMPLES) {
+                    self.release_usage.record(
+                        session.agent_id,
+                        &sample.service,
+                        &sample.release,
+                        sample.at,
+                        sample.cpu_millicores,
+                        sample.memory_bytes,
+                    );
+                }
+                Ok(())
+            }
         }
     }
 
@@ -540,7 +561,9 @@ impl AgentGateway {
             return Err(Status::invalid_argument(format!("a job's output is limited to {MAX_JOB_OUTPUT_BYTES} bytes")));
         }
         let output = (!result.output_json.is_empty()).then(|| String::from_utf8_lossy(&result.output_json).into_owned());
-        let outcome = self.propose(Command::FinishJob { job_id: result.job_id, attempt: result.attempt, end, reason, output }).await?;
+        let measured = measurements_of(&result);
+        let finish = Command::FinishJob { job_id: result.job_id, attempt: result.attempt, end, reason, output, measured };
+        let outcome = self.propose(finish).await?;
         Ok(match outcome.result {
             Ok(_) => pb::ResultAck { job_id: result.job_id, attempt: result.attempt, accepted: true, reason: String::new() },
             Err(rejection) => refuse(rejection.message),
@@ -725,6 +748,21 @@ impl AgentGateway {
             )));
         }
         Ok(job)
+    }
+}
+
+/// What an agent measured of a job, from its result: the proto's zero values mean "not sent"
+/// (proto3), so an older agent's result carries no measurements.
+pub fn measurements_of(result: &pb::JobResult) -> JobMeasurements {
+    JobMeasurements {
+        commit_time: (result.commit_time > 0).then_some(result.commit_time),
+        resources: result.resources.as_ref().filter(|usage| usage.samples > 0).map(|usage| ResourceUsage {
+            samples: usage.samples,
+            cpu_millicores_peak: usage.cpu_millicores_peak,
+            cpu_millicores_mean: usage.cpu_millicores_mean,
+            memory_bytes_peak: usage.memory_bytes_peak,
+            memory_bytes_mean: usage.memory_bytes_mean,
+        }),
     }
 }
 

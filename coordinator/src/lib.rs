@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cluster_service;
 pub mod commit_status;
 pub mod config;
+pub mod dashboard;
 pub mod deploy;
 pub mod fleet;
 pub mod grpc_api;
@@ -20,6 +21,7 @@ pub mod outbound;
 /// the records name them through this crate, as the fuzz crate's copy of them does.
 pub use davit_agent::job_spec as release_spec;
 pub mod raft;
+pub mod release_usage;
 pub mod retention;
 pub mod scheduler;
 pub mod scm;

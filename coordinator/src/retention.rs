@@ -253,6 +253,7 @@ mod tests {
             release_of: None,
             required_approvals: None,
             approvals: Vec::new(),
+            commit_time: None,
             created_at: ended - 1000,
             updated_at: ended,
         }

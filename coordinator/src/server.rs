@@ -75,11 +75,13 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     tracing::info!(allowed = %outbound.describe(), "outbound connections");
     let node = Node::start(config).await?;
     let fleet = crate::fleet::Fleet::new();
+    let release_usage = Arc::new(crate::release_usage::ReleaseUsage::default());
     let gateway = crate::agent_gateway::AgentGateway::new(
         node.clone(),
         secrets.clone(),
         blobs.clone(),
         fleet.clone(),
+        release_usage.clone(),
         Duration::from_millis(agent_settings.heartbeat_interval_ms.max(100)),
     );
     gateway.start();
@@ -117,7 +119,7 @@ pub async fn serve(config: NodeConfig) -> anyhow::Result<RunningServer> {
     });
 
     tracing::info!(blob_store = %blobs.describe(), master_key = secrets.active_key_id(), "storage ready");
-    let app = router(AppState { node: node.clone(), prometheus, secrets, blobs, outbound });
+    let app = router(AppState { node: node.clone(), prometheus, secrets, blobs, outbound, release_usage });
     match &tls {
         None => {
             tokio::spawn(async move {

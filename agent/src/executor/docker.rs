@@ -189,6 +189,19 @@ impl DockerExecutor {
             let ((), exit) = tokio::join!(forward_output(attached.output, output), self.wait_for_exit(container_id));
             exit
         };
+        // The container's CPU and memory are sampled while it runs, for the job's result.
+        let sampling = async {
+            match request.usage {
+                Some(recorder) => crate::resource_usage::sample_until_dropped(&self.docker, container_id, recorder).await,
+                None => std::future::pending().await,
+            }
+        };
+        let run = async {
+            tokio::select! {
+                exit = run => exit,
+                () = sampling => unreachable!("sampling runs until dropped"),
+            }
+        };
         let mut run = std::pin::pin!(run);
         let mut deadline = std::pin::pin!(deadline);
         let stopped = tokio::select! {

@@ -44,6 +44,9 @@ pub struct StepRequest<'a> {
     pub env: &'a [(String, String)],
     pub limits: Limits,
     pub timeout: Duration,
+    /// Where the Docker executor records the CPU and memory of the step's container while it
+    /// runs (the shell executor records nothing).
+    pub usage: Option<&'a crate::resource_usage::UsageRecorder>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -93,6 +93,8 @@ pub struct ReleaseManager {
     docker: Option<DockerExecutor>,
     service_address: IpAddr,
     services: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Service>>>>,
+    /// CPU and memory of each (service, release) container since this agent started sampling it.
+    usage: std::sync::Mutex<HashMap<(String, String), crate::resource_usage::Usage>>,
 }
 
 /// A short name for the agent owning `state_dir`: the first 8 hex digits of the SHA-256 of its
@@ -115,6 +117,7 @@ impl ReleaseManager {
             docker,
             service_address,
             services: std::sync::Mutex::new(HashMap::new()),
+            usage: std::sync::Mutex::new(HashMap::new()),
         };
         let Ok(entries) = std::fs::read_dir(&manager.releases_dir) else { return manager };
         for entry in entries.flatten() {
@@ -145,6 +148,39 @@ impl ReleaseManager {
             manager.services.lock().expect("services lock").insert(name, Arc::new(tokio::sync::Mutex::new(service)));
         }
         manager
+    }
+
+    /// One sample of each of this agent's running release containers (found by their labels),
+    /// also added to each release's usage. Empty without Docker.
+    pub async fn sample_releases(&self) -> Vec<davit_proto::agent::ReleaseSample> {
+        let Some(docker) = &self.docker else { return Vec::new() };
+        let filters = HashMap::from([("label", vec![format!("{}={}", containers::AGENT_LABEL, self.instance)])]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::new().filters(&filters).build();
+        let Ok(running) = docker.client().list_containers(Some(options)).await else { return Vec::new() };
+        let mut samples = Vec::new();
+        for container in running {
+            let labels = container.labels.unwrap_or_default();
+            let (Some(id), Some(service), Some(release)) =
+                (container.id, labels.get(containers::SERVICE_LABEL), labels.get(containers::RELEASE_LABEL))
+            else {
+                continue;
+            };
+            let Some(sample) = crate::resource_usage::sample(docker.client(), &id).await else { continue };
+            self.usage.lock().expect("usage lock").entry((service.clone(), release.clone())).or_default().record(sample);
+            samples.push(davit_proto::agent::ReleaseSample {
+                service: service.clone(),
+                release: release.clone(),
+                at: crate::log_shipping::now_millis(),
+                cpu_millicores: sample.cpu_millicores,
+                memory_bytes: sample.memory_bytes,
+            });
+        }
+        samples
+    }
+
+    /// The usage of a release's container sampled so far (peak and mean), if any.
+    pub fn release_usage(&self, service: &str, release: &str) -> Option<davit_proto::agent::ResourceUsage> {
+        self.usage.lock().expect("usage lock").get(&(service.to_string(), release.to_string())).and_then(|usage| usage.to_proto())
     }
 
     /// Find each running release's container again: its port may have changed with a restart

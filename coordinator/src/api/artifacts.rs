@@ -54,6 +54,15 @@ pub struct ArtifactView {
     pub size_in_mb: f64,
     pub created_at: String,
     pub updated_at: String,
+    /// The commit built, when a build produced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_hash: Option<String>,
+    /// The deployment (run) that produced it, when a build did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<u64>,
+    /// `files` (workspace paths) or `image` (a `docker save`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 impl From<Artifact> for ArtifactView {
@@ -68,6 +77,9 @@ impl From<Artifact> for ArtifactView {
             size_in_mb: (artifact.size_bytes as f64 / 1_048_576.0 * 100.0).round() / 100.0,
             created_at: timestamp(artifact.created_at),
             updated_at: timestamp(artifact.updated_at),
+            commit_hash: artifact.commit_hash,
+            deployment_id: artifact.deployment_id,
+            kind: artifact.kind,
         }
     }
 }

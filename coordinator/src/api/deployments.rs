@@ -248,9 +248,14 @@ pub fn scalar_to_string(field: &str, value: serde_json::Value) -> Result<String,
     }
 }
 
+/// The role that may cancel or roll back deployments of `environment` (the dashboard shows
+/// those buttons by the same rule).
+pub fn environment_role(environment: &str) -> Role {
+    if environment == PRODUCTION { Role::Admin } else { Role::Developer }
+}
+
 fn require_environment_role(caller: &Caller, environment: &str, action: &str) -> Result<(), ApiError> {
-    let role = if environment == PRODUCTION { Role::Admin } else { Role::Developer };
-    caller.require(role, &format!("{action} in {environment}"))
+    caller.require(environment_role(environment), &format!("{action} in {environment}"))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -67,6 +67,12 @@ pub fn authenticate(node: &Node, authorization: Option<&str>, source: Option<Str
         .strip_prefix("Bearer ")
         .map(str::trim)
         .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?;
+    authenticate_token(node, token, source)
+}
+
+/// Check a credential (a login JWT or an API token), from the Authorization header or the
+/// dashboard's session cookie, against the replicated state.
+pub fn authenticate_token(node: &Node, token: &str, source: Option<String>) -> Result<Caller, ApiError> {
     let state = node.state();
     if let Some(secret) = token.strip_prefix(API_TOKEN_PREFIX) {
         let token_hash = auth::token_hash(secret);
@@ -103,6 +109,17 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(axum::http::header::AUTHORIZATION).and_then(|value| value.to_str().ok());
+        // Without an Authorization header, the dashboard's session cookie; a request that
+        // changes something must then also carry the session's CSRF token in a header, which
+        // another site's page cannot read (see `dashboard::session`).
+        if header.is_none()
+            && let Some(session) = crate::dashboard::session::session_token(&parts.headers)
+        {
+            if !parts.method.is_safe() {
+                crate::dashboard::session::check_csrf_header(&parts.headers, &session)?;
+            }
+            return authenticate_token(&state.node, &session, client_address(parts));
+        }
         authenticate(&state.node, header, client_address(parts))
     }
 }

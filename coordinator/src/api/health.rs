@@ -36,7 +36,12 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     }
 }
 
-async fn metrics_endpoint(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus text: the recorder's metrics, then the deployment figures computed from this
+/// node's state (a local read: a scrape never waits on the quorum).
+async fn metrics_endpoint(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     crate::observability::record_raft_metrics(&state.node);
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render())
+    let mut text = state.prometheus.render();
+    let figures = super::monitoring::deployment_figures(&state, None, None, crate::observability::SCRAPED_DEPLOYMENTS)?;
+    text.push_str(&crate::observability::render_state_metrics(&figures, &text));
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

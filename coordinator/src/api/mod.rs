@@ -8,6 +8,7 @@ pub mod artifacts;
 pub mod audit;
 pub mod cluster;
 pub mod configs;
+pub mod delivery;
 pub mod deployment_events;
 pub mod deployments;
 pub mod environments;
@@ -50,6 +51,8 @@ pub struct AppState {
     /// What the coordinator may connect to on a user's behalf: handlers check URLs with it
     /// when they are saved, and its `http_client()` checks again when it connects.
     pub outbound: Arc<crate::outbound::OutboundPolicy>,
+    /// Live CPU and memory of release containers, from the agents connected to this node.
+    pub release_usage: Arc<crate::release_usage::ReleaseUsage>,
 }
 
 #[derive(OpenApi)]
@@ -64,6 +67,7 @@ pub struct AppState {
         schema::EnvironmentName,
         schema::Version,
         schema::DateTime,
+        schema::TimeOrMillis,
         schema::LogLevelName,
         schema::DeploymentStatusName,
         schema::ClusterOperationName
@@ -92,7 +96,7 @@ pub async fn propose(node: &Node, requester: &Requester, command: Command) -> Re
     Ok((outcome, log_index))
 }
 
-/// The whole HTTP surface: REST, OpenAPI document, health and metrics.
+/// The whole HTTP surface: REST, OpenAPI document, health, metrics and the dashboard.
 pub fn router(state: AppState) -> Router {
     let (router, openapi) = documented_routes().split_for_parts();
     let mut query_parameters = query_parameters::QueryParameters::from_document(&openapi);
@@ -102,6 +106,7 @@ pub fn router(state: AppState) -> Router {
     router
         .route("/api/v1/openapi.json", get(move || openapi_json(document.clone())))
         .merge(health::routes())
+        .merge(crate::dashboard::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint; GET /api/v1/openapi.json lists them all") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -136,6 +141,7 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .merge(configs::routes())
         .merge(logs::routes())
         .merge(monitoring::routes())
+        .merge(delivery::routes())
         .merge(audit::routes())
         .merge(cluster::routes())
         .merge(agents::routes())

@@ -56,6 +56,13 @@ pub const OPTIONAL_WORKSPACE_PATH_PATTERN: &str = concat!(r"^(\.|[A-Za-z0-9_-][A
 pub const IMAGE_PATTERN: &str = concat!(r"^[a-z0-9][A-Za-z0-9._/:@-]*", end!());
 /// Ids in the seed's forms: `12`, `"12"`, `"repo12"`. Mirrors `extract::parse_id`.
 pub const ID_PATTERN: &str = concat!(r"^[A-Za-z_]*0*[1-9][0-9]{0,18}", end!());
+/// A point in time as the monitoring API takes it (`delivery::parse_instant`): Unix
+/// milliseconds (up to 13 digits), or an RFC 3339 time. February stops at the 28th in the
+/// pattern so that every date it allows exists in every year; the parser also takes leap days.
+pub const TIME_OR_MILLIS_PATTERN: &str = concat!(
+    r"^([0-9]{1,13}|[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9]))",
+    end!()
+);
 /// `next_cursor` values: the last id of a page, or empty for the first page.
 pub const CURSOR_PATTERN: &str = concat!(r"^[0-9]{0,19}", end!());
 /// Environment names (`pipelines::validate_environment`).
@@ -184,6 +191,13 @@ impl PartialSchema for IdText {
 
 impl ToSchema for IdText {}
 string_schema!(Cursor, Some(CURSOR_PATTERN), None, None, "`next_cursor` of the previous page.");
+string_schema!(
+    TimeOrMillis,
+    Some(TIME_OR_MILLIS_PATTERN),
+    None,
+    None,
+    "Unix milliseconds (`1730419200000`) or an RFC 3339 time (`2024-11-01T00:00:00Z`)."
+);
 string_schema!(
     EnvironmentName,
     Some(ENVIRONMENT_PATTERN),

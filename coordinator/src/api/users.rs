@@ -92,6 +92,13 @@ async fn login(
     source: super::extract::ClientAddress,
     JsonBody(request): JsonBody<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
+    let token = log_in(&state, source.0, &request).await?;
+    Ok(Json(LoginResponse { token, expires_in: auth::TOKEN_LIFETIME_SECONDS }))
+}
+
+/// Check a username and password (lockout, argon2id, the audited `RecordLogin`) and issue a
+/// login token: what `POST /api/v1/auth/login` and the dashboard's login form share.
+pub async fn log_in(state: &AppState, source: Option<String>, request: &LoginRequest) -> Result<String, ApiError> {
     if request.username.is_empty() {
         return Err(ApiError::invalid_field("username", "username must not be empty"));
     }
@@ -122,7 +129,7 @@ async fn login(
     let stored_hash = user.as_ref().map(|user| user.password_hash.clone());
     let verified =
         auth::verify_password_async(request.password.clone(), stored_hash).await.map_err(|e| ApiError::internal(e.to_string()))?;
-    let requester = crate::node::Requester { user_id: user.as_ref().map(|user| user.user_id), source: source.0 };
+    let requester = crate::node::Requester { user_id: user.as_ref().map(|user| user.user_id), source };
     let record =
         Command::RecordLogin { username: request.username.clone(), user_id: user.as_ref().map(|user| user.user_id), succeeded: verified };
     super::propose(node, &requester, record).await?;
@@ -133,9 +140,7 @@ async fn login(
     let key = node
         .token_signing_key()
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cluster is still initializing"))?;
-    let token =
-        auth::issue_token(&key, user.user_id, &user.username, user.role, now / 1000).map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(LoginResponse { token, expires_in: auth::TOKEN_LIFETIME_SECONDS }))
+    auth::issue_token(&key, user.user_id, &user.username, user.role, now / 1000).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 /// The caller's own user record.

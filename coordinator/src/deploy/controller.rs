@@ -298,7 +298,11 @@ mod tests {
             produced_by: Some(origin),
         };
         apply(node, record).await;
-        apply(node, Command::FinishJob { job_id, attempt: 1, end: JobEnd::Succeeded, reason: None, output: None }).await;
+        apply(
+            node,
+            Command::FinishJob { job_id, attempt: 1, end: JobEnd::Succeeded, reason: None, output: None, measured: Default::default() },
+        )
+        .await;
         deployment_id
     }
 

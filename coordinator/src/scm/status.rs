@@ -504,6 +504,7 @@ mod tests {
             release_of: None,
             required_approvals: None,
             approvals: Vec::new(),
+            commit_time: None,
         }
     }
 
@@ -535,6 +536,8 @@ mod tests {
                 })
                 .into_iter()
                 .collect(),
+            commit_time: None,
+            resources: None,
         }
     }
 

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use super::codec::{decode, encode, id_key, key_id};
-use super::command::{Assignment, Command, ConfigEntry, JobEnd, NewDeploymentEvent, Outcome, Proposal, RejectionCode};
+use super::command::{Assignment, Command, ConfigEntry, JobEnd, JobMeasurements, NewDeploymentEvent, Outcome, Proposal, RejectionCode};
 use super::records::*;
 use super::txn::{StateRead, Txn};
 use crate::store::{StoreResult, Table};
@@ -839,14 +839,14 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
         }
         Command::CompleteJob { job_id, attempt, succeeded, failure_reason } => {
             let end = if *succeeded { JobEnd::Succeeded } else { JobEnd::Failed };
-            finish_job(txn, *job_id, *attempt, end, failure_reason.clone(), None, now)
+            finish_job(txn, *job_id, *attempt, end, failure_reason.clone(), None, &JobMeasurements::default(), now)
         }
-        Command::FinishJob { job_id, attempt, end, reason, output } => {
-            finish_job(txn, *job_id, *attempt, *end, reason.clone(), output.as_deref(), now)
+        Command::FinishJob { job_id, attempt, end, reason, output, measured } => {
+            finish_job(txn, *job_id, *attempt, *end, reason.clone(), output.as_deref(), measured, now)
         }
         Command::ExpireLease { job_id, attempt, reason } => {
             let reason = reason.clone().unwrap_or_else(|| format!("the lease of attempt {attempt} ran out"));
-            finish_job(txn, *job_id, *attempt, JobEnd::Infrastructure, Some(reason), None, now)
+            finish_job(txn, *job_id, *attempt, JobEnd::Infrastructure, Some(reason), None, &JobMeasurements::default(), now)
         }
         Command::RecordScmChanges { repo_id, source, changes } => super::scm::record_changes(txn, proposal, *repo_id, source, changes),
         Command::RecordDeploymentEvents { deployment_id, events } => super::progress::record(txn, *deployment_id, events, now),
@@ -914,6 +914,12 @@ pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &P
     // Approvals gate the rollout; a deployment that only builds has nothing to approve.
     let required_approvals =
         if pipeline.deploy.rolls_out() { super::environments::required_approvals(txn, &new.environment)? } else { None };
+    // A deployment that releases an earlier build (a promotion, a rollback) deploys that build's
+    // commit, made when that build's checkout said.
+    let commit_time = match new.release_of {
+        Some(source) => load_id::<Deployment>(txn, Table::Deployments, source)?.and_then(|source| source.commit_time),
+        None => None,
+    };
     let deployment = Deployment {
         deployment_id,
         pipeline_id,
@@ -936,6 +942,7 @@ pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &P
         release_of: new.release_of,
         required_approvals,
         approvals: Vec::new(),
+        commit_time,
     };
     let mut deployment = deployment;
     let queued =
@@ -1045,6 +1052,8 @@ pub(super) fn enqueue_job(
         queued_at: now,
         steps,
         attempts: Vec::new(),
+        commit_time: None,
+        resources: None,
     };
     store(txn, Table::Jobs, id_key(job_id), &job);
     txn.put(Table::Indexes, index_key(index::JOBS_BY_DEPLOYMENT, &deployment.deployment_id.to_string(), job_id), Vec::new());
@@ -1087,6 +1096,7 @@ fn assign(txn: &mut Txn, assignment: &Assignment, lease_expires_at: Timestamp, n
 }
 
 /// End an attempt as the agent (or the leader, for a lost lease) reported it.
+#[allow(clippy::too_many_arguments)]
 fn finish_job(
     txn: &mut Txn,
     job_id: u64,
@@ -1094,9 +1104,10 @@ fn finish_job(
     end: JobEnd,
     reason: Option<String>,
     output: Option<&str>,
+    measured: &JobMeasurements,
     now: Timestamp,
 ) -> StoreResult<Outcome> {
-    let Some(job) = load_id::<Job>(txn, Table::Jobs, job_id)? else {
+    let Some(mut job) = load_id::<Job>(txn, Table::Jobs, job_id)? else {
         return Ok(not_found("job", job_id));
     };
     if job.status != JobStatus::Running || job.lease.as_ref().map(|lease| lease.attempt) != Some(attempt) {
@@ -1104,6 +1115,22 @@ fn finish_job(
     }
     let deployment_id = job.deployment_id;
     let release_job = super::rollout::is_release_job(&job);
+    // What the agent measured belongs to this (the last) attempt; an older agent sends nothing
+    // and leaves what an earlier attempt recorded.
+    if measured.commit_time.is_some() {
+        job.commit_time = measured.commit_time;
+    }
+    if measured.resources.is_some() {
+        job.resources = measured.resources.clone();
+    }
+    if !release_job
+        && let Some(commit_time) = measured.commit_time
+        && let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, deployment_id)?
+        && deployment.commit_time != Some(commit_time)
+    {
+        deployment.commit_time = Some(commit_time);
+        store(txn, Table::Deployments, id_key(deployment_id), &deployment);
+    }
     match end {
         JobEnd::Succeeded => end_job(txn, job, JobStatus::Succeeded, None, "succeeded", now),
         JobEnd::Failed => end_job(txn, job, JobStatus::Failed, reason, "failed", now),

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::records::{
-    BuildSettings, DeploySettings, DeployStrategy, DeploymentStatus, EnvironmentSettings, NotificationType, Role, RolloutHost, ScmType,
-    StepRecord, Timestamp,
+    BuildSettings, DeploySettings, DeployStrategy, DeploymentStatus, EnvironmentSettings, NotificationType, ResourceUsage, Role,
+    RolloutHost, ScmType, StepRecord, Timestamp,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +97,24 @@ pub enum JobEnd {
     /// The agent could not run it: retried on another agent while attempts remain.
     Infrastructure,
     Cancelled,
+}
+
+/// What an agent measured of a job attempt besides its outcome. Agents before these fields
+/// send nothing, and the command then carries none.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobMeasurements {
+    /// The committer time of the commit checked out (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<Timestamp>,
+    /// CPU and memory of the job's containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceUsage>,
+}
+
+impl JobMeasurements {
+    pub fn is_empty(&self) -> bool {
+        self.commit_time.is_none() && self.resources.is_none()
+    }
 }
 
 /// How source-control changes reached the cluster.
@@ -383,6 +401,9 @@ pub enum Command {
         /// What the job reported besides its outcome (a release step's `ReleaseOutput` JSON).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         output: Option<String>,
+        /// What the agent measured: the commit's time, its containers' CPU and memory.
+        #[serde(default, skip_serializing_if = "JobMeasurements::is_empty")]
+        measured: JobMeasurements,
     },
     DeregisterAgent {
         agent_id: u64,

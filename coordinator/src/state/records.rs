@@ -344,6 +344,10 @@ pub struct Deployment {
     pub required_approvals: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<Approval>,
+    /// When the deployed commit was made (its committer time, Unix ms), as the build's checkout
+    /// reported it; a promotion or rollback carries its source's. The start of lead time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<Timestamp>,
 }
 
 impl Deployment {
@@ -796,4 +800,23 @@ pub struct Job {
     pub steps: Vec<StepRecord>,
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
+    /// The committer time (Unix ms) of the commit the job checked out, as its agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_time: Option<Timestamp>,
+    /// CPU and memory of the job's containers over its last attempt, sampled by its agent from
+    /// the Docker engine (absent for shell jobs and from agents that do not sample).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceUsage>,
+}
+
+/// CPU and memory of a job's containers, from the Docker engine's stats sampled every few
+/// seconds while it ran. Integral units keep records `Eq`: CPU in millicores (1000 = one core
+/// busy, i.e. 100 %), memory in bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    pub samples: u64,
+    pub cpu_millicores_peak: u64,
+    pub cpu_millicores_mean: u64,
+    pub memory_bytes_peak: u64,
+    pub memory_bytes_mean: u64,
 }

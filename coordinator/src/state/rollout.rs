@@ -664,6 +664,7 @@ mod tests {
                     end: if failing { JobEnd::Failed } else { JobEnd::Succeeded },
                     reason: None,
                     output: Some(serde_json::to_string(&output).unwrap()),
+                    measured: Default::default(),
                 };
                 propose(txn, time, finish).result.expect("finished");
             }

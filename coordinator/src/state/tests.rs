@@ -295,3 +295,66 @@ fn frozen_repository_without_polling_settings_still_decodes() {
     // Unset, the field is not written, so older versions read what this one writes.
     assert!(!String::from_utf8_lossy(&encode(&repository)).contains("poll_interval_seconds"));
 }
+
+/// An agent's measurements of a build (commit time, container usage) land on the job and the
+/// commit time on its deployment; a promotion of that build carries the commit time along, and
+/// a result without measurements (an older agent) leaves what was recorded.
+#[test]
+fn a_builds_measurements_are_recorded_and_a_promotion_carries_its_commit_time() {
+    let mut txn = Txn::new(&EmptyState);
+    let pipeline_id = seed_pipeline(&mut txn);
+    let create = |environment: &str, release_of: Option<u64>| Command::CreateDeployment {
+        pipeline_id,
+        commit_hash: "a".repeat(40),
+        environment: environment.into(),
+        config_overrides: BTreeMap::new(),
+        rollback_of: None,
+        branch: None,
+        release_of,
+    };
+    let staging = id(propose(&mut txn, 3, create("staging", None)));
+    propose(&mut txn, 3, Command::CreateRegistrationToken { description: "fleet".into(), token_hash: "t".into(), expires_at: 1_000 })
+        .result
+        .unwrap();
+    let register = Command::RegisterAgent {
+        name: "a".into(),
+        labels: BTreeMap::new(),
+        credential_hash: "h".into(),
+        registration_token_hash: "t".into(),
+    };
+    let agent_id = id(propose(&mut txn, 4, register));
+    let connected = Command::AgentConnected {
+        agent_id,
+        node_id: 1,
+        labels: BTreeMap::new(),
+        capacity: 1,
+        executors: vec!["shell".into()],
+        draining: false,
+        version: "test".into(),
+    };
+    propose(&mut txn, 4, connected).result.unwrap();
+    let job_id = index_ids(&txn, index::JOBS_BY_DEPLOYMENT, &staging.to_string()).unwrap()[0];
+    propose(&mut txn, 5, Command::AssignJob { job_id, agent_id, attempt: 1, lease_expires_at: 100 }).result.unwrap();
+    let usage = ResourceUsage {
+        samples: 4,
+        cpu_millicores_peak: 990,
+        cpu_millicores_mean: 700,
+        memory_bytes_peak: 300 << 20,
+        memory_bytes_mean: 200 << 20,
+    };
+    let measured = JobMeasurements { commit_time: Some(1_000), resources: Some(usage.clone()) };
+    let finish = Command::FinishJob { job_id, attempt: 1, end: JobEnd::Succeeded, reason: None, output: None, measured };
+    propose(&mut txn, 6, finish).result.unwrap();
+    let job: Job = load_id(&txn, Table::Jobs, job_id).unwrap().unwrap();
+    assert_eq!((job.commit_time, job.resources), (Some(1_000), Some(usage)));
+    let built: Deployment = load_id(&txn, Table::Deployments, staging).unwrap().unwrap();
+    assert_eq!((built.status, built.commit_time), (DeploymentStatus::Success, Some(1_000)));
+    let promoted = id(propose(&mut txn, 7, create("production", Some(staging))));
+    let promoted: Deployment = load_id(&txn, Table::Deployments, promoted).unwrap().unwrap();
+    assert_eq!(promoted.commit_time, Some(1_000), "the promoted build's commit is as old as it was");
+
+    // The old wire form of FinishJob (no `measured`) still decodes, and records nothing.
+    let old: Command = serde_json::from_str(r#"{"type":"finish_job","job_id":1,"attempt":1,"end":"succeeded","reason":null}"#)
+        .expect("old FinishJob decodes");
+    assert!(matches!(old, Command::FinishJob { ref measured, .. } if measured.is_empty()));
+}
