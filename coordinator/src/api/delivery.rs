@@ -642,6 +642,7 @@ mod tests {
                     name: name.to_string(),
                     region: region.map(str::to_string),
                     job: None,
+                    unwind_failures: 0,
                 })
                 .collect(),
             facts,
