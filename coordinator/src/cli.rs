@@ -19,7 +19,6 @@ mod login;
 mod logs;
 pub(crate) mod progress;
 
-
 use crate::config::{NodeConfig, RaftTuning};
 use crate::server::{RunningServer, serve};
 use crate::store::BackendKind;

@@ -111,6 +111,19 @@ fn deployment_id_in(stdout: &str) -> u64 {
         .unwrap_or_else(|| panic!("no deployment id in: {stdout}"))
 }
 
+/// The id of the first deployment to `environment`, once there is one.
+async fn wait_for_a_deployment(node: &SingleNode, environment: &str) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let list = node.get(&format!("/api/v1/deployments?environment={environment}"), &node.admin_token).await;
+        if let Some(id) = list.json["items"][0]["deployment_id"].as_u64() {
+            return id;
+        }
+        assert!(std::time::Instant::now() < deadline, "no deployment to {environment} appeared: {}", list.text());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 fn sha256_of(path: &Path) -> String {
     let bytes = std::fs::read(path).expect("read the download");
     Sha256::digest(&bytes).iter().map(|byte| format!("{byte:02x}")).collect()
@@ -306,16 +319,40 @@ async fn the_everyday_commands_work_against_a_real_node() {
     // Rollback of the newest good deployment: nothing earlier of another commit, refused (exit 1).
     let nothing = user.davit(&["rollback", &deployed.to_string()]).exits(1, "a rollback with nothing to go back to");
     assert!(nothing.stderr.contains("nothing_to_roll_back_to"), "{}", nothing.describe());
-    // Approvals: a deployment to a protected environment waits for one; approving one that
-    // does not wait is refused with the server's reason.
+    // A pipeline that rolls out to testing, protected by one approval: `deploy --follow` waits
+    // for the approval given meanwhile, then the rollout fails for lack of deploy agents (the
+    // embedded agent only builds): exit 3, with the reason.
+    pipeline(
+        &node,
+        json!({"name": "web", "repo_id": repo_id, "branch": "main", "build_command": "sh build.sh", "deploy_strategy": "rolling",
+               "environment": "testing", "build": {"artifacts": ["dist"]}, "deploy": {"public_port": 18089}}),
+    )
+    .await;
     let protect = node.put("/api/v1/environments/testing", &node.admin_token, &json!({"required_approvals": 1})).await;
     expect_status(&protect, 200, "protect testing");
-    let waiting = user.davit(&["deploy", "widget", "--env", "testing", "--commit", &commit]).success("deploy to a protected environment");
-    let waiting_id = deployment_id_in(&waiting.stdout).to_string();
+    let following = user
+        .command(&["deploy", "web", "--env", "testing", "--commit", &commit, "--follow"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start deploy --follow");
+    let waiting_id = wait_for_a_deployment(&node, "testing").await.to_string();
     let approved = user.davit(&["approve", &waiting_id]).success("approve");
     assert!(approved.stdout.contains(&format!("Approved deployment {waiting_id} to testing (1 of 1 approvals")), "{}", approved.describe());
-    let approved = user.davit(&["approve", &waiting_id, "--json"]).exits(1, "approving twice");
-    assert!(approved.stderr.contains(&waiting_id), "{}", approved.describe());
+    let twice = user.davit(&["approve", &waiting_id, "--json"]).exits(1, "approving twice");
+    assert!(twice.stderr.contains(&waiting_id), "{}", twice.describe());
+    let output = following.wait_with_output().expect("wait for deploy --follow");
+    let rolled_out = Ran {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+    .exits(3, "a rollout without deploy agents");
+    assert!(
+        rolled_out.stdout.contains("approval_required") && rolled_out.stdout.contains("no online deploy agent"),
+        "{}",
+        rolled_out.describe()
+    );
     let not_waiting = user.davit(&["approve", &deployed.to_string()]).exits(1, "approving what needs no approval");
     assert!(not_waiting.stderr.contains("does not wait for approvals"), "{}", not_waiting.describe());
 

@@ -244,25 +244,24 @@ pub fn pack_directory(directory: &Path) -> anyhow::Result<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     builder.mode(tar::HeaderMode::Deterministic);
     builder.follow_symlinks(false);
-    let mut stack = vec![PathBuf::new()];
-    while let Some(relative) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(directory.join(&relative))
-            .with_context(|| format!("cannot read {}", directory.join(&relative).display()))?
-            .collect::<Result<_, _>>()?;
-        entries.sort_by_key(|entry| entry.file_name());
-        let mut subdirectories = Vec::new();
-        for entry in entries {
-            let name = relative.join(entry.file_name());
-            let file_type = entry.file_type()?;
-            builder.append_path_with_name(entry.path(), &name).with_context(|| format!("cannot pack {}", entry.path().display()))?;
-            if file_type.is_dir() {
-                subdirectories.push(name);
-            }
-        }
-        // Depth first, in name order.
-        stack.extend(subdirectories.into_iter().rev());
-    }
+    append_entries(&mut builder, directory, Path::new(""))?;
     Ok(builder.into_inner()?)
+}
+
+/// The entries of `directory/relative` in name order, each directory followed by its contents.
+fn append_entries(builder: &mut tar::Builder<Vec<u8>>, directory: &Path, relative: &Path) -> anyhow::Result<()> {
+    let here = directory.join(relative);
+    let mut entries: Vec<_> =
+        std::fs::read_dir(&here).with_context(|| format!("cannot read {}", here.display()))?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|entry| entry.file_name());
+    for entry in entries {
+        let name = relative.join(entry.file_name());
+        builder.append_path_with_name(entry.path(), &name).with_context(|| format!("cannot pack {}", entry.path().display()))?;
+        if entry.file_type()?.is_dir() {
+            append_entries(builder, directory, &name)?;
+        }
+    }
+    Ok(())
 }
 
 /// 512 B, 1.5 KiB, 12.3 MiB.
@@ -296,6 +295,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("b/c")).unwrap();
         std::fs::write(root.path().join("a.txt"), "alpha").unwrap();
+        std::fs::write(root.path().join("b/e.txt"), "epsilon").unwrap();
+        std::fs::write(root.path().join("z.txt"), "zeta").unwrap();
         std::fs::write(root.path().join("b/c/d.txt"), "delta").unwrap();
         let first = pack_directory(root.path()).unwrap();
         // Another modification time: the same bytes.
@@ -305,7 +306,7 @@ mod tests {
         let mut archive = tar::Archive::new(first.as_slice());
         let names: Vec<String> =
             archive.entries().unwrap().map(|entry| entry.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(names, ["a.txt", "b", "b/c", "b/c/d.txt"]);
+        assert_eq!(names, ["a.txt", "b", "b/c", "b/c/d.txt", "b/e.txt", "z.txt"]);
     }
 
     #[test]
