@@ -152,13 +152,10 @@ pub fn prompt(question: &str, echo: bool) -> anyhow::Result<String> {
     }
     eprint!("{question}");
     std::io::stderr().flush()?;
+    // With echo off, ECHONL still shows the newline typed.
     let hidden = if echo { None } else { EchoOff::new() };
     let mut line = String::new();
     let read = stdin.lock().read_line(&mut line);
-    if hidden.is_some() {
-        // The newline typed was not echoed.
-        eprintln!();
-    }
     drop(hidden);
     read.context("cannot read from the terminal")?;
     Ok(line.trim_end_matches(['\r', '\n']).to_string())
