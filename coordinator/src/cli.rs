@@ -1,5 +1,8 @@
-//! The `davit` command: `up` (all-in-one single node), `serve --config`, and the operator
-//! commands under `cluster`, which talk to any node's REST API.
+//! The `davit` command: `up` (all-in-one single node), `serve --config`, and the commands
+//! people type every day (`login`, `pipelines`, `runs`, `deploy`, `logs`, `artifacts`,
+//! `config`, `agents`, `cluster`), which talk to any node's REST API through one [`ApiClient`].
+//! Flow: `davit <command> -> ApiClient -> REST /api/v1 -> (the server's handlers)`. Nothing here
+//! decides anything the server decides; exit statuses are in [`failure`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,6 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+mod artifacts;
+mod config;
+pub mod credentials;
+mod deployments;
+pub mod failure;
+mod login;
+mod logs;
 pub(crate) mod progress;
 
 use crate::config::{NodeConfig, RaftTuning};
@@ -14,8 +24,17 @@ use crate::server::{RunningServer, serve};
 use crate::store::BackendKind;
 
 #[derive(Parser)]
-#[command(name = "davit", version, about = "Davit: self-hosted builds and deployments on your own VM fleet")]
+#[command(
+    name = "davit",
+    version,
+    about = "Davit: self-hosted builds and deployments on your own VM fleet",
+    after_help = failure::EXIT_STATUS_HELP
+)]
 pub struct Cli {
+    /// Print the API's JSON instead of tables and summaries (when following: one JSON object
+    /// per line).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: TopCommand,
 }
@@ -29,6 +48,21 @@ enum TopCommand {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Log in to a Davit server and save the token (mode 0600) for the other commands.
+    Login(login::LoginArgs),
+    /// Forget the saved login.
+    Logout,
+    /// The pipelines, with their repository, branch, environment and strategy.
+    Pipelines {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Runs (deployments) of every pipeline or one, newest last.
+    Runs(deployments::RunsArgs),
+    /// Start a run of a pipeline in its own environment: a branch's current head (default the
+    /// pipeline's branch) or a commit.
+    #[command(after_help = progress::EXIT_STATUS_HELP)]
+    Run(deployments::RunArgs),
     /// Operate a cluster: status, membership, leadership, snapshots, certificates.
     Cluster {
         #[command(subcommand)]
@@ -51,44 +85,51 @@ enum TopCommand {
     Jobs {
         /// The deployment's id.
         deployment_id: u64,
-        /// Print the API's JSON instead of a table.
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
-    /// Deploy a pipeline: the current head of a branch (`--branch`, read from the repository
-    /// now) or a given commit (`--commit`), to the pipeline's environment or `--environment`.
-    /// With `--follow`, show its progress until it ends.
+    /// Deploy a pipeline (by id or name): the current head of a branch (`--branch`, read from
+    /// the repository now; default the pipeline's branch) or a given commit (`--commit`), to
+    /// the pipeline's environment or `--env`. With `--follow`, show its progress until it ends.
     #[command(after_help = progress::EXIT_STATUS_HELP)]
-    Deploy {
-        /// The pipeline's id.
-        #[arg(long)]
-        pipeline: u64,
-        /// Deploy this branch's current head.
-        #[arg(long, conflicts_with = "commit", required_unless_present = "commit")]
-        branch: Option<String>,
-        /// Deploy this commit.
-        #[arg(long)]
-        commit: Option<String>,
-        /// Defaults to the pipeline's environment.
-        #[arg(long, visible_alias = "env")]
-        environment: Option<String>,
-        /// Print the API's JSON instead of a summary (with --follow: each event as one JSON line).
-        #[arg(long)]
-        json: bool,
-        /// Follow the deployment's progress until it ends: each event as a line and, on a
-        /// terminal, a progress bar per region; the exit status says how it ended.
+    Deploy(deployments::DeployArgs),
+    /// Roll a deployment back: deploy again the last good release before it.
+    #[command(after_help = progress::EXIT_STATUS_HELP)]
+    Rollback {
+        /// The deployment to undo.
+        deployment_id: u64,
+        /// Follow the rollback's progress until it ends; the exit status says how it ended.
         #[arg(long)]
         follow: bool,
         #[command(flatten)]
         connection: Connection,
+    },
+    /// Approve a deployment waiting for approvals (not your own, unless you are an admin).
+    Approve {
+        deployment_id: u64,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// A run's log lines; `-f` follows them live until the run ends.
+    #[command(after_help = progress::EXIT_STATUS_HELP)]
+    Logs(logs::LogsArgs),
+    /// Artifacts: list them, download one, upload a file or a directory.
+    Artifacts {
+        #[command(subcommand)]
+        command: artifacts::ArtifactsCommand,
+    },
+    /// Configuration variables of an environment (secrets always shown masked).
+    Config {
+        #[command(subcommand)]
+        command: config::ConfigCommand,
     },
     /// Deployments: their progress events.
     Deployments {
         #[command(subcommand)]
         command: DeploymentsCommand,
     },
+    /// Print a shell completion script, e.g. `davit completions bash > /etc/bash_completion.d/davit`.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Subcommand)]
@@ -102,9 +143,6 @@ enum DeploymentsCommand {
         /// Keep showing new events until the deployment ends; the exit status says how it ended.
         #[arg(long)]
         follow: bool,
-        /// Print each event as one JSON line.
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -165,12 +203,15 @@ struct UpArgs {
     poll_interval_seconds: u64,
 }
 
-#[derive(Args, Clone)]
+/// Where an API command sends its requests and with which token: each from its flag, else its
+/// environment variable, else the login `davit login` saved (see [`credentials`]).
+#[derive(Args, Clone, Default)]
 struct Connection {
-    /// Any node's HTTP address.
-    #[arg(long, env = "DAVIT_SERVER", default_value = "http://127.0.0.1:7700")]
-    server: String,
-    /// An API token or JWT (else --username/--password log in first).
+    /// Any node's URL [default: the saved login's, else http://127.0.0.1:7700; DAVIT_SERVER is
+    /// read too].
+    #[arg(long, visible_alias = "url", env = "DAVIT_URL")]
+    server: Option<String>,
+    /// An API token or JWT [default: the saved login's] (or --username/--password log in first).
     #[arg(long, env = "DAVIT_TOKEN", hide_env_values = true)]
     token: Option<String>,
     #[arg(long, env = "DAVIT_USERNAME")]
@@ -238,6 +279,7 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
     match cli.command {
         TopCommand::Up(args) => up(args).await,
         TopCommand::Serve { config } => {
@@ -248,7 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             wait_for_shutdown().await;
             Ok(())
         }
-        TopCommand::Cluster { command } => cluster(command).await,
+        TopCommand::Cluster { command } => cluster(command, json).await,
         TopCommand::Audit { command: AuditCommand::Verify { data_dir, connection } } => audit_verify(data_dir, connection).await,
         TopCommand::Secrets { command: SecretsCommand::NewKey { key_id } } => {
             if key_id.is_empty() || key_id.contains([':', ' ']) {
@@ -257,12 +299,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::secrets::MasterKeys::generate_file_text(&key_id));
             Ok(())
         }
-        TopCommand::Agents(args) => agents(args).await,
-        TopCommand::Jobs { deployment_id, json, connection } => deployment_jobs(deployment_id, json, connection).await,
-        TopCommand::Deploy { pipeline, branch, commit, environment, json, follow, connection } => {
-            deploy(pipeline, branch, commit, environment, json, follow, connection).await
+        TopCommand::Agents(args) => agents(args, json).await,
+        TopCommand::Jobs { deployment_id, connection } => deployment_jobs(deployment_id, json, connection).await,
+        TopCommand::Login(args) => login::login(args).await,
+        TopCommand::Logout => login::logout(),
+        TopCommand::Pipelines { connection } => deployments::pipelines(&ApiClient::connect(&connection).await?, json).await,
+        TopCommand::Runs(args) => deployments::runs(args, json).await,
+        TopCommand::Run(args) => deployments::run(args, json).await,
+        TopCommand::Deploy(args) => deployments::deploy(args, json).await,
+        TopCommand::Rollback { deployment_id, follow, connection } => {
+            deployments::rollback(&ApiClient::connect(&connection).await?, deployment_id, follow, json).await
         }
-        TopCommand::Deployments { command: DeploymentsCommand::Events { deployment_id, follow, json, connection } } => {
+        TopCommand::Approve { deployment_id, connection } => {
+            deployments::approve(&ApiClient::connect(&connection).await?, deployment_id, json).await
+        }
+        TopCommand::Logs(args) => logs::logs(args, json).await,
+        TopCommand::Artifacts { command } => artifacts::artifacts(command, json).await,
+        TopCommand::Config { command } => config::config(command, json).await,
+        TopCommand::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "davit", &mut std::io::stdout());
+            Ok(())
+        }
+        TopCommand::Deployments { command: DeploymentsCommand::Events { deployment_id, follow, connection } } => {
             let client = ApiClient::connect(&connection).await?;
             let output = progress::Output::choose(json);
             match progress::show_events(&client, deployment_id, follow, output).await? {
@@ -410,73 +468,120 @@ async fn wait_for_shutdown() {
     }
 }
 
+/// The one HTTP client of every API command: the resolved server, its token, and the hint to
+/// give when that token is refused.
 struct ApiClient {
     http: reqwest::Client,
     base: String,
     token: String,
+    /// Said after a 401 when the token came from the saved login.
+    refused_token_hint: Option<String>,
 }
 
 impl ApiClient {
+    /// The server and token from flags, then environment, then the saved login (see
+    /// [`credentials`]); `--username`/`--password` log in first.
     async fn connect(connection: &Connection) -> anyhow::Result<Self> {
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(180));
-        if let Some(ca_file) = &connection.ca_file {
-            let pem = std::fs::read(ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?;
-            builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-        }
-        let http = builder.build()?;
-        let base = connection.server.trim_end_matches('/').to_string();
+        let path = credentials::credentials_path()?;
+        let saved = credentials::load(&path)?;
+        let server_env = std::env::var("DAVIT_SERVER").ok().filter(|server| !server.is_empty());
+        let base = credentials::choose_server(connection.server.as_deref(), server_env.as_deref(), saved.as_ref());
+        // The saved login is only for the server it was issued by, with the CA given then.
+        let saved_here = saved.as_ref().filter(|login| credentials::normalize_url(&login.url) == base);
+        let ca_file = connection.ca_file.clone().or_else(|| saved_here.and_then(|login| login.ca_file.clone()));
+        let http = http_client(ca_file.as_deref())?;
+        let mut refused_token_hint = None;
         let token = match (&connection.token, &connection.username, &connection.password) {
             (Some(token), _, _) => token.clone(),
             (None, Some(username), Some(password)) => {
-                let response = http
-                    .post(format!("{base}/api/v1/auth/login"))
-                    .json(&serde_json::json!({ "username": username, "password": password }))
-                    .send()
-                    .await
-                    .with_context(|| format!("cannot reach {base}"))?;
-                let body: serde_json::Value = check(response).await?;
-                body["token"].as_str().context("login response has no token")?.to_string()
+                log_in(&http, &base, username, password).await?["token"].as_str().context("login response has no token")?.to_string()
             }
-            _ => bail!("give --token (or DAVIT_TOKEN), or --username and --password (or DAVIT_USERNAME / DAVIT_PASSWORD)"),
+            _ => {
+                let login = credentials::saved_token_for(&base, saved.as_ref(), &path, std::time::SystemTime::now())?;
+                refused_token_hint = Some(format!("the saved login was refused; run `davit login --url {base}` again"));
+                login.token.clone()
+            }
         };
-        Ok(Self { http, base, token })
+        Ok(Self { http, base, token, refused_token_hint })
+    }
+
+    /// Send a request, telling an unreachable server (exit 5) from other failures.
+    async fn send(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        request.send().await.map_err(|error| failure::send_failure(&self.base, error))
+    }
+
+    /// The JSON body of a successful response, else an error with the API's status, message
+    /// and code (and what to do when the saved login was refused).
+    async fn check(&self, response: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+        let unauthorized = response.status() == reqwest::StatusCode::UNAUTHORIZED;
+        check(response).await.map_err(|error| match (&self.refused_token_hint, unauthorized) {
+            (Some(hint), true) => error.context(hint.clone()),
+            _ => error,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
     }
 
     async fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
-        check(response).await
+        let response = self.send(self.request(reqwest::Method::GET, path)).await?;
+        self.check(response).await
+    }
+
+    /// Every item of a paged list (`{"items", "next_cursor"}`), following the cursors; `path`
+    /// may carry a query already.
+    async fn get_all(&self, path: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page_path = match &cursor {
+                Some(cursor) => format!("{path}{separator}limit=500&cursor={cursor}"),
+                None => format!("{path}{separator}limit=500"),
+            };
+            let page = self.get(&page_path).await?;
+            items.extend(page["items"].as_array().cloned().context("the server's list has no items")?);
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_string()),
+                None => return Ok(items),
+            }
+        }
     }
 
     async fn post(&self, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
-        check(response).await
+        let response = self.send(self.request(reqwest::Method::POST, path).json(&body)).await?;
+        self.check(response).await
     }
 
     async fn delete(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let response = self
-            .http
-            .delete(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.base))?;
-        check(response).await
+        let response = self.send(self.request(reqwest::Method::DELETE, path)).await?;
+        self.check(response).await
     }
 }
 
+/// The HTTP client of the commands, trusting `ca_file` in addition to the system's roots.
+fn http_client(ca_file: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(180)).connect_timeout(Duration::from_secs(10));
+    if let Some(ca_file) = ca_file {
+        let pem = std::fs::read(ca_file).with_context(|| format!("cannot read {}", ca_file.display()))?;
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    Ok(builder.build()?)
+}
+
+/// `POST /api/v1/auth/login`: the answer (`token`, `expires_in`).
+async fn log_in(http: &reqwest::Client, base: &str, username: &str, password: &str) -> anyhow::Result<serde_json::Value> {
+    let response = http
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&serde_json::json!({ "username": username, "password": password }))
+        .send()
+        .await
+        .map_err(|error| failure::send_failure(base, error))?;
+    check(response).await
+}
+
+/// The JSON body of a successful response, else an error with the API's status, message and code.
 async fn check(response: reqwest::Response) -> anyhow::Result<serde_json::Value> {
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
@@ -490,7 +595,7 @@ async fn check(response: reqwest::Response) -> anyhow::Result<serde_json::Value>
     Ok(body)
 }
 
-async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+async fn cluster(command: ClusterCommand, json: bool) -> anyhow::Result<()> {
     let (connection, path, body) = match command {
         ClusterCommand::Certs { out, nodes } => {
             let mut parsed = Vec::new();
@@ -507,7 +612,12 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Status(connection) => {
             let client = ApiClient::connect(&connection).await?;
             let status = client.get("/api/v1/cluster/status").await?;
-            println!("{}", serde_json::to_string_pretty(&status)?);
+            if json {
+                return print_json(&status);
+            }
+            let status: crate::node::ClusterStatus =
+                serde_json::from_value(status).context("the server's cluster status is not in the expected shape")?;
+            print_cluster_status(&status);
             return Ok(());
         }
         ClusterCommand::Add { node_id, grpc_addr, http_addr, region, connection } => {
@@ -524,6 +634,52 @@ async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
     let result = client.post(&format!("/api/v1/cluster/{path}"), body).await?;
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(())
+}
+
+/// `davit cluster status` for people: this node's view, then one row per member.
+fn print_cluster_status(status: &crate::node::ClusterStatus) {
+    let leader = status.leader_id.map(|leader| format!("node {leader}")).unwrap_or_else(|| "none (election under way?)".into());
+    let index = |index: Option<u64>| index.map(|index| index.to_string()).unwrap_or_else(|| "-".into());
+    println!(
+        "Node {} is {}; leader {leader}; term {}; storage {}",
+        status.node_id,
+        status.state.to_lowercase(),
+        status.term,
+        status.storage
+    );
+    println!(
+        "Log: last {}, committed {}, applied {}, snapshot {}, purged {}",
+        index(status.last_log_index),
+        index(status.commit_index),
+        index(status.applied_index),
+        index(status.snapshot_index),
+        index(status.purged_index)
+    );
+    let rows = status
+        .nodes
+        .iter()
+        .map(|(node_id, node)| {
+            let role = if status.leader_id == Some(*node_id) {
+                "leader"
+            } else if status.voters.contains(node_id) {
+                "voter"
+            } else if status.learners.contains(node_id) {
+                "learner"
+            } else {
+                "-"
+            };
+            let matched = status.replication.as_ref().and_then(|replication| replication.get(node_id).copied().flatten());
+            vec![
+                node_id.to_string(),
+                role.to_string(),
+                or_dash(node.region.clone()),
+                node.http_addr.clone(),
+                node.grpc_addr.clone(),
+                index(matched),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "ROLE", "REGION", "HTTP", "GRPC", "MATCHED"], rows, 0);
 }
 
 async fn audit_verify(data_dir: Option<PathBuf>, connection: Connection) -> anyhow::Result<()> {
@@ -568,9 +724,6 @@ struct AgentsArgs {
 
 #[derive(Args)]
 struct ListArgs {
-    /// Print the API's JSON instead of a table.
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
     connection: Connection,
 }
@@ -582,9 +735,6 @@ enum AgentsCommand {
     /// One agent: state, labels, executors, coordinator and running jobs.
     Show {
         agent_id: u64,
-        /// Print the API's JSON instead of a summary.
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -618,9 +768,6 @@ enum TokenCommand {
         /// usual layout: HTTP on 7700, gRPC on 7701); give it when your gRPC port differs.
         #[arg(long)]
         grpc_address: Option<String>,
-        /// Print the API's JSON instead of instructions.
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -634,9 +781,9 @@ enum TokenCommand {
     },
 }
 
-async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
+async fn agents(args: AgentsArgs, json: bool) -> anyhow::Result<()> {
     match args.command.unwrap_or(AgentsCommand::List(args.list)) {
-        AgentsCommand::List(ListArgs { json, connection }) => {
+        AgentsCommand::List(ListArgs { connection }) => {
             let list = ApiClient::connect(&connection).await?.get("/api/v1/agents").await?;
             if json {
                 return print_json(&list);
@@ -665,7 +812,7 @@ async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
             print_table(&["ID", "NAME", "STATE", "POOL", "REGION", "EXECUTORS", "JOBS", "CONNECTED"], rows, 0);
             Ok(())
         }
-        AgentsCommand::Show { agent_id, json, connection } => {
+        AgentsCommand::Show { agent_id, connection } => {
             let agent = ApiClient::connect(&connection).await?.get(&format!("/api/v1/agents/{agent_id}")).await?;
             if json {
                 return print_json(&agent);
@@ -680,7 +827,7 @@ async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
             println!("Deregistered agent {agent_id}: its credential no longer works, and its running jobs are retried on other agents.");
             Ok(())
         }
-        AgentsCommand::Token { command } => registration_tokens(command).await,
+        AgentsCommand::Token { command } => registration_tokens(command, json).await,
     }
 }
 
@@ -716,16 +863,17 @@ fn print_agent(agent: &crate::api::agents::AgentView) {
     }
 }
 
-async fn registration_tokens(command: TokenCommand) -> anyhow::Result<()> {
+async fn registration_tokens(command: TokenCommand, json: bool) -> anyhow::Result<()> {
     match command {
-        TokenCommand::Create { description, expires_in, grpc_address, json, connection } => {
+        TokenCommand::Create { description, expires_in, grpc_address, connection } => {
+            let client = ApiClient::connect(&connection).await?;
             let derived = grpc_address.is_none();
             let grpc_address = match grpc_address {
                 Some(address) => address,
-                None => grpc_address_of(&connection.server)?,
+                None => grpc_address_of(&client.base)?,
             };
             let body = serde_json::json!({ "description": description, "expires_in_seconds": expires_in.as_secs() });
-            let created = ApiClient::connect(&connection).await?.post("/api/v1/agents/registration-tokens", body).await?;
+            let created = client.post("/api/v1/agents/registration-tokens", body).await?;
             if json {
                 return print_json(&created);
             }
@@ -745,12 +893,12 @@ async fn registration_tokens(command: TokenCommand) -> anyhow::Result<()> {
                     "The coordinator address is the --server host with its port plus one; pass --grpc-address if gRPC listens elsewhere."
                 );
             }
-            if connection.server.starts_with("https://") {
+            if client.base.starts_with("https://") {
                 println!("The coordinators use TLS: set ca_file in the agent's config (e.g. /etc/davit/agent.toml) before registering.");
             }
             Ok(())
         }
-        TokenCommand::List(ListArgs { json, connection }) => {
+        TokenCommand::List(ListArgs { connection }) => {
             let list = ApiClient::connect(&connection).await?.get("/api/v1/agents/registration-tokens").await?;
             if json {
                 return print_json(&list);
@@ -812,57 +960,6 @@ fn grpc_address_of(server: &str) -> anyhow::Result<String> {
     let port = url.port_or_known_default().with_context(|| format!("--server {server:?} has no port"))?;
     let grpc_port = port.checked_add(1).with_context(|| format!("--server port {port} has no next port; give --grpc-address"))?;
     Ok(format!("{host}:{grpc_port}"))
-}
-
-/// `davit deploy`: `POST /api/v1/deployments` with a branch or a commit.
-async fn deploy(
-    pipeline_id: u64,
-    branch: Option<String>,
-    commit: Option<String>,
-    environment: Option<String>,
-    json: bool,
-    follow: bool,
-    connection: Connection,
-) -> anyhow::Result<()> {
-    let mut body = serde_json::json!({ "pipeline_id": pipeline_id });
-    match (branch, commit) {
-        (Some(branch), None) => body["branch"] = branch.into(),
-        (None, Some(commit)) => body["commit_hash"] = commit.into(),
-        _ => bail!("give either --branch or --commit"),
-    }
-    if let Some(environment) = environment {
-        body["environment"] = environment.into();
-    }
-    let client = ApiClient::connect(&connection).await?;
-    let deployment = client.post("/api/v1/deployments", body).await?;
-    if follow {
-        let deployment_id = deployment["deployment_id"].as_u64().context("the server's answer has no deployment_id")?;
-        let output = progress::Output::choose(json);
-        if output != progress::Output::JsonLines {
-            println!(
-                "Deployment {deployment_id} of commit {} to {} created; following its progress.",
-                deployment["commit_hash"].as_str().unwrap_or("?"),
-                deployment["environment"].as_str().unwrap_or("?")
-            );
-        }
-        let end = progress::show_events(&client, deployment_id, true, output).await?.context("the event stream ended early")?;
-        return progress::finish(deployment_id, end, output);
-    }
-    if json {
-        return print_json(&deployment);
-    }
-    println!(
-        "Deployment {} of commit {} to {} created ({}).",
-        deployment["deployment_id"],
-        deployment["commit_hash"].as_str().unwrap_or("?"),
-        deployment["environment"].as_str().unwrap_or("?"),
-        deployment["status"].as_str().unwrap_or("?")
-    );
-    println!(
-        "Follow it with `davit deployments events {} --follow` (or `davit deploy ... --follow`); its jobs: `davit jobs {}`.",
-        deployment["deployment_id"], deployment["deployment_id"]
-    );
-    Ok(())
 }
 
 async fn deployment_jobs(deployment_id: u64, json: bool, connection: Connection) -> anyhow::Result<()> {
@@ -1016,7 +1113,7 @@ mod agent_command_tests {
     #[test]
     fn bare_agents_lists_and_subcommands_parse() {
         let cli = Cli::try_parse_from(["davit", "agents", "--json", "--token", "t"]).unwrap();
-        assert!(matches!(cli.command, TopCommand::Agents(AgentsArgs { command: None, list: ListArgs { json: true, .. } })));
+        assert!(cli.json && matches!(cli.command, TopCommand::Agents(AgentsArgs { command: None, .. })));
         let cli = Cli::try_parse_from(["davit", "agents", "token", "create", "--expires-in", "2h", "--token", "t"]).unwrap();
         let TopCommand::Agents(AgentsArgs {
             command: Some(AgentsCommand::Token { command: TokenCommand::Create { expires_in, .. } }), ..
@@ -1028,16 +1125,55 @@ mod agent_command_tests {
         assert!(Cli::try_parse_from(["davit", "agents", "show", "abc"]).is_err());
         assert!(Cli::try_parse_from(["davit", "jobs", "12", "--json"]).is_ok());
         let cli = Cli::try_parse_from(["davit", "deployments", "events", "12", "--follow", "--json"]).unwrap();
+        assert!(cli.json);
         assert!(matches!(
             cli.command,
-            TopCommand::Deployments { command: DeploymentsCommand::Events { deployment_id: 12, follow: true, json: true, .. } }
+            TopCommand::Deployments { command: DeploymentsCommand::Events { deployment_id: 12, follow: true, .. } }
         ));
         assert!(Cli::try_parse_from(["davit", "deploy", "--pipeline", "1", "--commit", "abcd", "--follow"]).is_ok());
         assert!(Cli::try_parse_from(["davit", "deployments", "events", "x"]).is_err());
+        // `--json` is global: before or after the subcommand.
+        assert!(Cli::try_parse_from(["davit", "--json", "pipelines"]).unwrap().json);
         for command in [&["davit", "deploy", "--help"][..], &["davit", "deployments", "events", "--help"]] {
             let Err(help) = Cli::try_parse_from(command) else { panic!("--help is not a command") };
             let help = help.to_string();
             assert!(help.contains("0 the deployment succeeded; 3 it failed; 4 it was rolled back"), "{command:?}: {help}");
         }
+    }
+
+    #[test]
+    fn everyday_commands_parse() {
+        let parses = |args: &[&str]| Cli::try_parse_from(args).map(|_| ()).map_err(|error| error.to_string());
+        for args in [
+            &["davit", "login", "--url", "http://127.0.0.1:7700", "--username", "ada", "--password-stdin"][..],
+            &["davit", "logout"],
+            &["davit", "pipelines", "--json"],
+            &["davit", "runs", "--pipeline", "web", "--status", "failed", "--limit", "5"],
+            &["davit", "run", "web", "--branch", "main"],
+            &["davit", "run", "3", "--commit", "abc123", "--follow"],
+            &["davit", "deploy", "web", "--env", "staging", "--set", "replicas=3", "--set", "mode=fast", "--follow"],
+            &["davit", "rollback", "12", "--follow"],
+            &["davit", "approve", "12"],
+            &["davit", "logs", "12", "-f", "--level", "ERROR"],
+            &["davit", "artifacts", "ls", "--pipeline", "web"],
+            &["davit", "artifacts", "pull", "4", "-o", "out.tar", "--raw"],
+            &["davit", "artifacts", "push", "web", "dist", "--version", "v1"],
+            &["davit", "config", "get", "staging"],
+            &["davit", "config", "set", "staging", "a=1", "b=2"],
+            &["davit", "cluster", "status", "--url", "http://127.0.0.1:7700"],
+            &["davit", "completions", "zsh"],
+        ] {
+            assert_eq!(parses(args), Ok(()), "{args:?}");
+        }
+        let refused = |args: &[&str]| Cli::try_parse_from(args).err().map(|error| (error.exit_code(), error.to_string()));
+        let (code, message) = refused(&["davit", "deploy", "web", "--set", "replicas"]).expect("a --set without '=' is refused");
+        assert_eq!(code, 2);
+        assert!(message.contains("--set replicas=3"), "{message}");
+        assert!(refused(&["davit", "deploy", "web", "--pipeline", "web"]).is_some(), "one pipeline only");
+        assert!(refused(&["davit", "deploy", "--commit", "abc"]).is_some(), "a pipeline is needed");
+        assert!(refused(&["davit", "runs", "--status", "sideways"]).is_some());
+        assert!(refused(&["davit", "logs", "1", "--level", "LOUD"]).is_some());
+        assert!(refused(&["davit", "config", "set", "staging"]).is_some(), "at least one variable");
+        assert!(refused(&["davit", "completions", "tcsh"]).is_some());
     }
 }

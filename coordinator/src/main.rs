@@ -4,7 +4,7 @@ fn main() {
         // `{:#}` prints the whole chain of causes on one line, without a backtrace: these are
         // messages for operators, each saying what to fix.
         eprintln!("error: {error:#}");
-        std::process::exit(1);
+        std::process::exit(davit_coordinator::cli::failure::exit_status_of(&error));
     }
 }
 

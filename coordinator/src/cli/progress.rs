@@ -11,22 +11,22 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{ApiClient, check};
+use super::ApiClient;
 use crate::state::records::{DeploymentEvent, event_kind};
 
-/// How a followed deployment ended, as the process's exit status. 1 (the command could not
-/// follow: unreachable server, refused login, API error) and 2 (usage error) are the codes every
-/// `davit` command already uses, so the deployment's own outcomes start at 3.
+/// How a followed deployment ended, as the process's exit status (the values of
+/// [`super::failure::exit_status`]: 1, 2 and 5 are the command's own failures, so the
+/// deployment's outcomes are 3 and 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
     Succeeded = 0,
-    Failed = 3,
-    RolledBack = 4,
+    Failed = super::failure::exit_status::DEPLOYMENT_FAILED as isize,
+    RolledBack = super::failure::exit_status::DEPLOYMENT_ROLLED_BACK as isize,
 }
 
 impl ExitStatus {
     /// The end a terminal event kind or a deployment status names, if it names one.
-    fn from_name(name: &str) -> Option<Self> {
+    pub(super) fn from_name(name: &str) -> Option<Self> {
         match name {
             event_kind::SUCCEEDED | "success" => Some(ExitStatus::Succeeded),
             event_kind::FAILED => Some(ExitStatus::Failed),
@@ -35,7 +35,7 @@ impl ExitStatus {
         }
     }
 
-    fn describe(self) -> &'static str {
+    pub(super) fn describe(self) -> &'static str {
         match self {
             ExitStatus::Succeeded => "succeeded",
             ExitStatus::Failed => "failed",
@@ -46,7 +46,7 @@ impl ExitStatus {
 
 /// The text of `--help` about exit statuses.
 pub const EXIT_STATUS_HELP: &str = "Exit status with --follow: 0 the deployment succeeded; 3 it failed; 4 it was rolled back; \
-1 it could not be followed (server unreachable, login refused, API error); 2 usage error.";
+1 it could not be followed (login refused, API error); 2 usage error or not logged in; 5 the server could not be reached.";
 
 /// How events are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,9 +106,9 @@ pub(super) async fn show_events(
         if last_seq > 0 {
             request = request.header("Last-Event-ID", last_seq.to_string());
         }
-        let mut response = request.send().await.with_context(|| format!("cannot reach {}", client.base))?;
+        let mut response = client.send(request).await?;
         if !response.status().is_success() {
-            check(response).await?;
+            client.check(response).await?;
             anyhow::bail!("the server refused to stream the events");
         }
         let mut parser = SseParser::default();
