@@ -164,6 +164,20 @@ fn switches_to(agent: &AgentProcess, service: &str, release: &str) -> usize {
     state["history"].as_array().unwrap().iter().filter(|change| change["weights"][release] == 100).count()
 }
 
+/// The service's repository (v1: answers `v1`, healthy), served by `git daemon` and connected;
+/// returns its first commit and the connected repository.
+async fn service_repository(api: &Api, name: &str) -> (GitServer, String, Value) {
+    let (git_server, commit) = GitServer::start_with(
+        name,
+        &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
+    );
+    // Not polled: each version is deployed by the test, and a run the poller started for a new
+    // commit would roll out beside (and after) the test's own deployment of it.
+    let connect = json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git", "poll_interval_seconds": 0});
+    let repo = api.post("/api/v1/repos/connect", connect).await;
+    (git_server, commit, repo)
+}
+
 /// The service's repository, its pipeline, a Docker build agent and the four deploy agents.
 struct Service {
     git_server: GitServer,
@@ -177,10 +191,7 @@ struct Service {
 
 impl Service {
     async fn start(api: &Api, coordinators: &[String]) -> Service {
-        let (git_server, first_commit) = GitServer::start_with(
-            "service",
-            &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
-        );
+        let (git_server, first_commit, repo) = service_repository(api, "service").await;
         let token = api.registration_token().await;
         let mut agents = vec![AgentProcess::register("builder", coordinators, &token, "docker")];
         for (name, region, address) in HOSTS {
@@ -191,10 +202,6 @@ impl Service {
         }
         api.wait_for_agents(agents.len()).await;
         let port = git_server::free_port();
-        // Not polled: each version is deployed by the test, and a run the poller started for a
-        // new commit would roll out beside (and after) the test's own deployment of it.
-        let connect = json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git", "poll_interval_seconds": 0});
-        let repo = api.post("/api/v1/repos/connect", connect).await;
         let pipeline = api
             .post(
                 "/api/v1/pipelines",
@@ -252,13 +259,8 @@ async fn davit_up_builds_and_deploys_to_development_with_its_embedded_agent() {
     }
     let node = SingleNode::start_with(test, &["--agent-executor", "docker"]).await;
     let api = api_for(&node);
-    let (git_server, commit) = GitServer::start_with(
-        "up-service",
-        &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
-    );
+    let (_git_server, commit, repo) = service_repository(&api, "up-service").await;
     let port = git_server::free_port();
-    let connect = json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git", "poll_interval_seconds": 0});
-    let repo = api.post("/api/v1/repos/connect", connect).await;
     let pipeline = api
         .post(
             "/api/v1/pipelines",
