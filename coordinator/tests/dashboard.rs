@@ -583,8 +583,8 @@ async fn the_dashboard_in_a_real_browser() {
 }
 
 /// A rolling deployment to two deploy agents (real `davit-agent` processes with Docker) in two
-/// regions, followed on its page: each region's hosts, their traffic weight and health, the
-/// batch, and the events as they come.
+/// regions, approved on its page (staging is protected) and followed there to its end: each
+/// region's hosts, their traffic weight and health, the batch, and the events as they come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_followed_per_region_and_host() {
     let test = "dashboard_rollout";
@@ -623,6 +623,8 @@ async fn a_rollout_followed_per_region_and_host() {
         .await;
     expect_status(&pipeline, 201, "create the pipeline");
     let pipeline_id = pipeline.json["pipeline_id"].as_u64().unwrap();
+    // Staging is protected: the rollout waits for an approval, given on the page.
+    expect_status(&node.put("/api/v1/environments/staging", &node.admin_token, &json!({"required_approvals": 1})).await, 200, "protect");
 
     let chrome = Browser::start(&browser_path, &driver_path).await;
     let client = chrome.client();
@@ -637,6 +639,14 @@ async fn a_rollout_followed_per_region_and_host() {
     expect_status(&deployment, 201, "deploy to staging");
     let deployment_id = deployment.json["deployment_id"].as_u64().unwrap();
     client.goto(&node.url(&format!("/deployments/{deployment_id}"))).await.unwrap();
+    wait_until(
+        client,
+        "document.getElementById('action-approve').getClientRects().length > 0",
+        "the approve button",
+        Duration::from_secs(120),
+    )
+    .await;
+    client.find(Locator::Id("action-approve")).await.unwrap().click().await.unwrap();
     wait_until(
         client,
         "document.querySelector('#regions [data-region=eu] [data-host=eu-1]')",
@@ -668,6 +678,7 @@ async fn a_rollout_followed_per_region_and_host() {
     let kinds: Vec<&str> = kinds.as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(kinds.iter().filter(|kind| **kind == "host_switched").count(), 2, "{kinds:?}");
     assert_eq!(kinds.last(), Some(&"succeeded"), "{kinds:?}");
+    assert_eq!(kinds[..3], ["queued", "approval_required", "approved"], "approved on the page before it rolled out");
     let batch = js(client, "return document.getElementById('rollout').innerText;").await;
     assert!(batch.as_str().unwrap().contains("2 of 2 hosts switched"), "{batch}");
     check_accessibility(client, "deployment (rollout)").await;
@@ -689,19 +700,7 @@ async fn a_rollout_followed_per_region_and_host() {
         host.kill();
     }
     for host in &hosts {
-        let instance = davit_agent::release::instance_of(&host.state_dir);
-        let leftovers =
-            Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=davit.agent={instance}")]).output().expect("docker ps");
-        for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["rm", "-f", id]).output();
-        }
-        let images = Command::new("docker")
-            .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=davit-release/{instance}-*")])
-            .output()
-            .expect("docker images");
-        for image in String::from_utf8_lossy(&images.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["rmi", image]).output();
-        }
+        fleet::remove_releases_of(&host.state_dir);
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleet::{AgentProcess, Api, api_for, docker_ready};
+use fleet::{AgentProcess, Api, api_for, docker_ready, remove_releases_of};
 use git_server::GitServer;
 use serde_json::{Value, json};
 use single_node::SingleNode;
@@ -229,25 +229,6 @@ impl Service {
         for agent in &self.agents {
             remove_releases_of(&agent.state_dir);
         }
-    }
-}
-
-/// Remove the release containers and images the agent with `state_dir` left behind.
-fn remove_releases_of(state_dir: &std::path::Path) {
-    let instance = davit_agent::release::instance_of(state_dir);
-    let leftovers = std::process::Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=davit.agent={instance}")])
-        .output()
-        .expect("docker ps");
-    for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
-        let _ = std::process::Command::new("docker").args(["rm", "-f", id]).output();
-    }
-    let images = std::process::Command::new("docker")
-        .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=davit-release/{instance}-*")])
-        .output()
-        .expect("docker images");
-    for image in String::from_utf8_lossy(&images.stdout).split_whitespace() {
-        let _ = std::process::Command::new("docker").args(["rmi", image]).output();
     }
 }
 

@@ -264,3 +264,20 @@ impl Api {
 pub fn api_for(node: &SingleNode) -> Api {
     Api { client: node.client.clone(), base: node.base_url(), token: node.admin_token.clone() }
 }
+
+/// Remove the release containers and images the agent with `state_dir` left behind.
+pub fn remove_releases_of(state_dir: &std::path::Path) {
+    let instance = davit_agent::release::instance_of(state_dir);
+    let leftovers =
+        Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=davit.agent={instance}")]).output().expect("docker ps");
+    for id in String::from_utf8_lossy(&leftovers.stdout).split_whitespace() {
+        let _ = Command::new("docker").args(["rm", "-f", id]).output();
+    }
+    let images = Command::new("docker")
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}", "--filter", &format!("reference=davit-release/{instance}-*")])
+        .output()
+        .expect("docker images");
+    for image in String::from_utf8_lossy(&images.stdout).split_whitespace() {
+        let _ = Command::new("docker").args(["rmi", image]).output();
+    }
+}
