@@ -71,6 +71,9 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     let machine = Machine::describe()?;
     eprintln!("{}", machine.render());
     let chunk_bytes = 512 * 1024;
+    // The corpus's lines carry times from when it is built (every deployment ships the same
+    // lines), so a time range around that instant holds lines of every deployment.
+    let corpus_time = sim_agent::now_millis();
     let corpus = Arc::new(sim_agent::build_log_corpus(32, chunk_bytes, 1));
     // The oldest job's first chunk: corpus lines with the rare line among them, three times.
     let mut rare_chunks = Vec::new();
@@ -135,7 +138,6 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     let mut raw = std::io::BufWriter::new(std::fs::File::create(&raw_path)?);
     let ingest_started = Instant::now();
     let mut stored_bytes = 0u64;
-    let mut middle_time = None;
     for index in 0..arguments.jobs {
         node.post(
             "/api/v1/deployments",
@@ -173,9 +175,6 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
             stored_bytes += chunk.text_bytes;
         }
         sessions[agent].finish(offer.job_id, offer.attempt, pb::JobOutcome::Succeeded, shipped.acknowledged);
-        if index == arguments.jobs / 2 {
-            middle_time = Some(sim_agent::now_millis());
-        }
     }
     raw.flush()?;
     drop(raw);
@@ -183,7 +182,6 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     eprintln!("stored {} MB of log text in {ingest_seconds:.1} s", stored_bytes / 1_000_000);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let middle = middle_time.context("no middle deployment")?;
     let rfc3339 = |millis: i64| humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(millis as u64)).to_string();
     let raw_text = raw_path.display().to_string();
     let mut searches = vec![
@@ -208,8 +206,8 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
             grep_newest_first: Duration::ZERO,
         },
         Search {
-            name: "time range (one minute around the middle deployment) + text `Compiling`",
-            query: format!("start_time={}&end_time={}&q=Compiling&limit=50", rfc3339(middle - 30_000), rfc3339(middle + 30_000)),
+            name: "time range (the minute the lines carry) + text `Compiling`",
+            query: format!("start_time={}&end_time={}&q=Compiling&limit=50", rfc3339(corpus_time - 1_000), rfc3339(corpus_time + 59_000)),
             grep: vec!["-F".into(), "-m".into(), "50".into(), "Compiling".into()],
             api: Vec::new(),
             matches: 0,
