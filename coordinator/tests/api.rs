@@ -637,6 +637,29 @@ async fn pipelines_deployments_logs_and_metrics() {
     expect_status(&found, 200, "search by text");
     let matches = found.json["matches"].as_array().unwrap();
     assert!(matches.iter().any(|m| m["deployment_id"] == staging_id && m["pipeline_id"] == pipeline_id), "{}", found.text());
+    // Across all runs, newest first, a page at a time: the pages, read one after the other with
+    // their cursors, are the whole answer in the same order.
+    let all = node.get("/api/v1/logs/search?q=deployment&limit=10000", &viewer).await;
+    expect_status(&all, 200, "every line saying created");
+    let all = all.json["matches"].as_array().unwrap().clone();
+    assert!(all.len() >= 3 && all.iter().any(|m| m["deployment_id"] != all[0]["deployment_id"]), "{all:?}");
+    let ids: Vec<u64> = all.iter().map(|m| m["deployment_id"].as_u64().unwrap()).collect();
+    assert!(ids.windows(2).all(|pair| pair[0] >= pair[1]), "newest deployments first: {ids:?}");
+    let (mut paged, mut cursor) = (Vec::new(), String::new());
+    loop {
+        let page = node.get(&format!("/api/v1/logs/search?q=deployment&limit=2&cursor={cursor}"), &viewer).await;
+        expect_status(&page, 200, "a page of a search");
+        paged.extend(page.json["matches"].as_array().unwrap().iter().cloned());
+        match page.json["next_cursor"].as_str() {
+            Some(next) => {
+                assert_eq!(page.json["truncated"], true);
+                cursor = next.to_string();
+            }
+            None => break,
+        }
+    }
+    assert_eq!(paged, all, "pages follow each other without gaps or repeats");
+    expect_field_error(&node.get("/api/v1/logs/search?cursor=7", &viewer).await, "cursor", "a malformed cursor");
     let backwards = node.get("/api/v1/logs/search?start_time=2024-11-07T00:00:00Z&end_time=2024-11-01T00:00:00Z", &viewer).await;
     expect_status(&backwards, 200, "a range that ends before it starts");
     assert_eq!(backwards.json["matches"], json!([]));

@@ -14,6 +14,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -445,9 +446,12 @@ pub struct LogSearchQuery {
     pub end_time: Option<String>,
     /// Text the message must contain (case-insensitive).
     pub q: Option<String>,
-    /// At most this many lines (default 1000, at most 10000).
+    /// Lines per page (default 100, at most 10000). Pages run newest first, across every run.
     #[param(minimum = 1, maximum = 10_000)]
     pub limit: Option<usize>,
+    /// `next_cursor` of the previous page: the next page starts after it.
+    #[param(value_type = Option<schema::SearchCursor>)]
+    pub cursor: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -460,8 +464,12 @@ pub struct LogMatch {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct LogSearchResult {
+    /// Newest first: deployments by id descending, and within one its lines from the latest.
     pub matches: Vec<LogMatch>,
+    /// True when the page is full: more lines may match (ask again with `next_cursor`).
     pub truncated: bool,
+    /// Where the next page starts; absent on the last page.
+    pub next_cursor: Option<String>,
 }
 
 fn parse_time(field: &str, text: Option<&str>) -> Result<Option<Timestamp>, ApiError> {
@@ -546,7 +554,141 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
-/// Search logs with filters (e.g. error logs).
+/// Where a search page ended: the last line returned, as (deployment, job, segment sequence,
+/// line index in the segment). Written `<deployment>.<job>.<sequence>.<line>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchCursor {
+    pub deployment_id: u64,
+    pub job_id: u64,
+    pub sequence: u64,
+    pub line: u64,
+}
+
+impl SearchCursor {
+    pub fn parse(text: &str) -> Option<SearchCursor> {
+        let parts: Vec<u64> = text
+            .split('.')
+            .map(
+                |part| {
+                    if part.is_empty() || part.len() > 19 || !part.bytes().all(|b| b.is_ascii_digit()) { None } else { part.parse().ok() }
+                },
+            )
+            .collect::<Option<_>>()?;
+        let [deployment_id, job_id, sequence, line] = parts.as_slice() else { return None };
+        Some(SearchCursor { deployment_id: *deployment_id, job_id: *job_id, sequence: *sequence, line: *line })
+    }
+
+    pub fn render(&self) -> String {
+        format!("{}.{}.{}.{}", self.deployment_id, self.job_id, self.sequence, self.line)
+    }
+}
+
+/// A deployment's segments in the order a search reads them: the latest lines first.
+fn newest_first(segments: &mut [LogSegment]) {
+    segments.sort_by(|a, b| {
+        (b.last_timestamp, b.first_timestamp, b.job_id, b.sequence).cmp(&(a.last_timestamp, a.first_timestamp, a.job_id, a.sequence))
+    });
+}
+
+/// What a search wants of a line; `keeps` decides on a parsed line, `prefilter` on its stored
+/// JSON bytes (lower-cased), so that most lines are never parsed.
+struct SearchFilter {
+    level: Option<LogLevel>,
+    start: Option<Timestamp>,
+    end: Option<Timestamp>,
+    /// The text, lower-cased.
+    text: Option<String>,
+    /// The bytes a stored line must contain (lower-cased JSON): the text when JSON writes it
+    /// unchanged (ASCII without quotes, backslashes or control characters), and the level's field.
+    needles: Vec<Vec<u8>>,
+}
+
+impl SearchFilter {
+    fn new(level: Option<LogLevel>, start: Option<Timestamp>, end: Option<Timestamp>, text: Option<&str>) -> SearchFilter {
+        let text = text.filter(|text| !text.is_empty()).map(str::to_lowercase);
+        let mut needles = Vec::new();
+        if let Some(text) = &text
+            && text.bytes().all(|b| b.is_ascii() && !b.is_ascii_control() && b != b'"' && b != b'\\')
+        {
+            needles.push(text.as_bytes().to_vec());
+        }
+        if let Some(level) = level {
+            let name = serde_json::to_string(&level).expect("levels serialize").to_lowercase();
+            needles.push(format!("\"level\":{name}").into_bytes());
+        }
+        SearchFilter { level, start, end, text, needles }
+    }
+
+    fn skips_segment(&self, segment: &LogSegment) -> bool {
+        self.start.is_some_and(|start| segment.last_timestamp < start)
+            || self.end.is_some_and(|end| segment.first_timestamp > end)
+            || (self.level == Some(LogLevel::Error) && segment.error_lines == 0)
+    }
+
+    fn keeps(&self, line: &LogLine) -> bool {
+        self.level.is_none_or(|level| line.level == level)
+            && self.start.is_none_or(|start| line.timestamp >= start)
+            && self.end.is_none_or(|end| line.timestamp <= end)
+            && self.text.as_ref().is_none_or(|text| line.message.to_lowercase().contains(text.as_str()))
+    }
+}
+
+/// The matching lines of one stored segment, as (index in the segment, line), from the last.
+/// The segment is decompressed once; with needles, only lines holding all of them are parsed.
+fn search_segment(bytes: &[u8], filter: &SearchFilter, before_line: Option<u64>) -> Result<Vec<(u64, LogLine)>, String> {
+    let jsonl = zstd::decode_all(bytes).map_err(|e| format!("log segment is not zstd: {e}"))?;
+    let lowered = if filter.needles.is_empty() {
+        None
+    } else {
+        let mut lowered = jsonl.clone();
+        lowered.make_ascii_lowercase();
+        Some(lowered)
+    };
+    // Line boundaries, then the lines (newest first) that may match.
+    let mut starts = vec![0usize];
+    starts.extend(memchr::memchr_iter(b'\n', &jsonl).map(|at| at + 1));
+    let line_count = starts.len() - 1 + usize::from(starts.last().is_some_and(|&last| last < jsonl.len()));
+    let candidates: Vec<usize> = match &lowered {
+        None => (0..line_count).collect(),
+        Some(lowered) => {
+            // Lines holding the first needle (the rarest, the text, comes first), then the others.
+            let finder = memchr::memmem::Finder::new(&filter.needles[0]);
+            let mut lines: Vec<usize> = Vec::new();
+            for at in finder.find_iter(lowered) {
+                let line = starts.partition_point(|&start| start <= at) - 1;
+                if lines.last() != Some(&line) {
+                    lines.push(line);
+                }
+            }
+            let span = |line: usize| &lowered[starts[line]..starts.get(line + 1).copied().unwrap_or(lowered.len())];
+            lines.retain(|&line| filter.needles[1..].iter().all(|needle| memchr::memmem::find(span(line), needle).is_some()));
+            lines
+        }
+    };
+    let mut found = Vec::new();
+    for &index in candidates.iter().rev() {
+        if before_line.is_some_and(|before| index as u64 >= before) {
+            continue;
+        }
+        let end = starts.get(index + 1).copied().unwrap_or(jsonl.len());
+        let raw = &jsonl[starts[index]..end];
+        let raw = raw.strip_suffix(b"\n").unwrap_or(raw);
+        if raw.is_empty() {
+            continue;
+        }
+        let line: LogLine = serde_json::from_slice(raw).map_err(|e| format!("bad log line: {e}"))?;
+        if filter.keeps(&line) {
+            found.push((index as u64, line));
+        }
+    }
+    Ok(found)
+}
+
+/// Segments fetched and searched at once (on the blocking pool), ahead of the one being read.
+const SEARCH_READ_AHEAD: usize = 4;
+
+/// Search logs with filters (e.g. error logs) and free text, across all runs, newest first, a
+/// page at a time: it stops reading as soon as the page is full.
 #[utoipa::path(get, path = "/api/v1/logs/search", tag = "logs", params(LogSearchQuery), security(("bearer" = [])),
     responses((status = 200, body = LogSearchResult), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody)))]
 async fn search_logs(
@@ -558,17 +700,29 @@ async fn search_logs(
     let level = parse_level(query.log_level.as_deref())?;
     let start = parse_time("start_time", query.start_time.as_deref())?;
     let end = parse_time("end_time", query.end_time.as_deref())?;
-    let limit = parse_limit(query.limit)?;
+    let limit = match query.limit {
+        None => 100,
+        Some(limit) if (1..=10_000).contains(&limit) => limit,
+        Some(_) => return Err(ApiError::invalid_field("limit", "limit must be between 1 and 10000")),
+    };
+    let cursor = match query.cursor.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(SearchCursor::parse(text).ok_or_else(|| {
+            ApiError::invalid_field("cursor", "cursor must be the next_cursor of a previous page (<deployment>.<job>.<sequence>.<line>)")
+        })?),
+    };
+    let empty = LogSearchResult { matches: Vec::new(), truncated: false, next_cursor: None };
     if let (Some(start), Some(end)) = (start, end)
         && start > end
     {
         // An empty range: nothing can match, which is an answer rather than an error.
-        return Ok(Json(LogSearchResult { matches: Vec::new(), truncated: false }));
+        return Ok(Json(empty));
     }
-    let text = query.q.as_ref().map(|q| q.to_lowercase());
+    let filter = Arc::new(SearchFilter::new(level, start, end, query.q.as_deref()));
     state.node.read_barrier().await?;
     let view = state.node.state();
-    let deployment_ids: Vec<u64> = match pipeline_id {
+    // Deployments newest first (ids only grow), from the cursor's on.
+    let mut deployment_ids: Vec<u64> = match pipeline_id {
         Some(pipeline_id) => index_ids(&view, index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string())?,
         None => state
             .node
@@ -578,35 +732,62 @@ async fn search_logs(
             .filter_map(|(key, _)| crate::state::codec::key_id(&key))
             .collect(),
     };
+    deployment_ids.sort_unstable_by(|a, b| b.cmp(a));
+    if let Some(cursor) = cursor {
+        deployment_ids.retain(|&id| id <= cursor.deployment_id);
+    }
     let mut matches = Vec::new();
-    let mut truncated = false;
-    'deployments: for deployment_id in deployment_ids {
+    for deployment_id in deployment_ids {
         let Some(deployment) = load_id::<Deployment>(&view, Table::Deployments, deployment_id)? else { continue };
-        for segment in segments_of(&state.node, deployment_id, None)? {
-            // Skip whole segments by their metadata before fetching any bytes.
-            if start.is_some_and(|start| segment.last_timestamp < start) || end.is_some_and(|end| segment.first_timestamp > end) {
-                continue;
-            }
-            if level == Some(LogLevel::Error) && segment.error_lines == 0 {
-                continue;
-            }
-            for line in read_segment(state.blobs.as_ref(), &segment).await? {
-                let keep = level.is_none_or(|level| line.level == level)
-                    && start.is_none_or(|start| line.timestamp >= start)
-                    && end.is_none_or(|end| line.timestamp <= end)
-                    && text.as_ref().is_none_or(|text| line.message.to_lowercase().contains(text));
-                if !keep {
-                    continue;
+        // A deployment that ended before the range, or began after it, has no line in it.
+        if start.is_some_and(|start| deployment.status.is_final() && deployment.updated_at < start)
+            || end.is_some_and(|end| deployment.created_at > end)
+        {
+            continue;
+        }
+        let mut segments = segments_of(&state.node, deployment_id, None)?;
+        newest_first(&mut segments);
+        let mut from_line = None;
+        if let Some(cursor) = cursor.filter(|cursor| cursor.deployment_id == deployment_id) {
+            // Resume after the cursor's line: the rest of its segment, then the segments after it.
+            match segments.iter().position(|segment| segment.job_id == cursor.job_id && segment.sequence == cursor.sequence) {
+                Some(position) => {
+                    segments.drain(..position);
+                    from_line = Some(cursor.line);
                 }
-                if matches.len() == limit {
-                    truncated = true;
-                    break 'deployments;
-                }
+                None => continue,
+            }
+        }
+        segments.retain(|segment| !filter.skips_segment(segment));
+        // Fetch and search a few segments ahead, in order.
+        let reads = segments.into_iter().enumerate().map(|(position, segment)| {
+            let (blobs, filter) = (state.blobs.clone(), filter.clone());
+            let before = if position == 0 { from_line } else { None };
+            async move {
+                let bytes = blobs.get(&segment.blob_key).await.map_err(|e| ApiError::internal(e.to_string()))?.ok_or_else(|| {
+                    ApiError::internal(format!("log segment {} is recorded but missing from the blob store", segment.blob_key))
+                })?;
+                let found = tokio::task::spawn_blocking(move || search_segment(&bytes, &filter, before))
+                    .await
+                    .map_err(|e| ApiError::internal(format!("searching a log segment failed: {e}")))?
+                    .map_err(ApiError::internal)?;
+                Ok::<_, ApiError>((segment, found))
+            }
+        });
+        let mut reads = futures::stream::iter(reads).buffered(SEARCH_READ_AHEAD);
+        while let Some(read) = futures::StreamExt::next(&mut reads).await {
+            let (segment, found) = read?;
+            for (index, line) in found {
                 matches.push(LogMatch { deployment_id, pipeline_id: deployment.pipeline_id, line });
+                if matches.len() == limit {
+                    // The page is full: stop reading; the next page starts after this line.
+                    let next = SearchCursor { deployment_id, job_id: segment.job_id, sequence: segment.sequence, line: index };
+                    return Ok(Json(LogSearchResult { matches, truncated: true, next_cursor: Some(next.render()) }));
+                }
             }
         }
     }
-    Ok(Json(LogSearchResult { matches, truncated }))
+    Ok(Json(LogSearchResult { matches, truncated: false, next_cursor: None }))
 }
 
 #[cfg(test)]
@@ -640,6 +821,42 @@ mod tests {
         for bad in ["", "1:2", "1:2:3:4", "1:2:3,", "a:2:3", "1:-2:3", " 1:2:3", "1:2:3;4:5:6", "12345678901234567890:1:1"] {
             assert_eq!(LogCursor::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn search_cursors_round_trip() {
+        let cursor = SearchCursor { deployment_id: 12, job_id: 0, sequence: 4_294_967_297, line: 7 };
+        assert_eq!(SearchCursor::parse(&cursor.render()), Some(cursor));
+        for bad in ["", "1.2.3", "1.2.3.4.5", "a.2.3.4", "1.2.3.-4", "12345678901234567890.1.1.1"] {
+            assert_eq!(SearchCursor::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    /// A stored segment searched from its last line: the text (any case) and the level
+    /// prefilter the JSON bytes, only candidates are parsed, and a line in another field or
+    /// another case of a non-ASCII text is judged on the parsed message.
+    #[test]
+    fn segments_are_searched_newest_first_on_their_bytes() {
+        let line = |timestamp, level, message: &str| LogLine { timestamp, level, job_id: 3, message: message.into(), step: Some(1) };
+        let lines = vec![
+            line(1, LogLevel::Info, "compiling Davit"),
+            line(2, LogLevel::Error, "ERROR: disk full on DAVIT host"),
+            line(3, LogLevel::Info, "level says error but this is info"),
+            line(4, LogLevel::Error, "Größe überschritten"),
+            line(5, LogLevel::Info, "davit done"),
+        ];
+        let bytes = crate::log_segments::encode_segment(&lines);
+        let search = |level, text: Option<&str>, before| {
+            let filter = SearchFilter::new(level, None, None, text);
+            search_segment(&bytes, &filter, before).unwrap().into_iter().map(|(index, line)| (index, line.timestamp)).collect::<Vec<_>>()
+        };
+        assert_eq!(search(None, Some("davit"), None), vec![(4, 5), (1, 2), (0, 1)]);
+        assert_eq!(search(Some(LogLevel::Error), Some("davit"), None), vec![(1, 2)]);
+        assert_eq!(search(Some(LogLevel::Error), None, None), vec![(3, 4), (1, 2)]);
+        assert_eq!(search(None, Some("GRÖSSE"), None), vec![], "to_lowercase does not fold ß into ss");
+        assert_eq!(search(None, Some("ÜBER"), None), vec![(3, 4)]);
+        assert_eq!(search(None, Some("\"level\""), None), vec![], "field names are not message text");
+        assert_eq!(search(None, None, Some(2)), vec![(1, 2), (0, 1)], "a cursor resumes before its line");
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub struct AppState {
         // Schemas that only parameters refer to; the derive registers those of bodies itself.
         schema::IdText,
         schema::Cursor,
+        schema::SearchCursor,
         schema::EnvironmentName,
         schema::Version,
         schema::DateTime,

@@ -360,6 +360,9 @@ async fn metrics(
     Query(query): Query<MetricsQuery>,
 ) -> Result<Json<MonitoringMetrics>, ApiError> {
     let pipeline_id = query.pipeline_id.as_deref().map(|id| parse_id("pipeline_id", id)).transpose()?;
+    if let Some(environment) = &query.environment {
+        super::pipelines::validate_environment("environment", environment)?;
+    }
     let limit = match query.limit {
         None => DEFAULT_DEPLOYMENT_LIMIT,
         Some(limit) if (1..=MAX_DEPLOYMENT_LIMIT).contains(&limit) => limit,

@@ -155,10 +155,32 @@ impl From<DeploySettings> for DeployFields {
     }
 }
 
+/// Numbers written with a fraction of zero (`153.0`) as the integers they are: JSON Schema's
+/// `integer` includes them, and serde would refuse them for an integer field.
+fn integral_numbers(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Number(number) => {
+            if let Some(float) = number.as_f64().filter(|_| number.is_f64())
+                && float.fract() == 0.0
+            {
+                if float >= 0.0 && float <= u64::MAX as f64 {
+                    *number = serde_json::Number::from(float as u64);
+                } else if float < 0.0 && float >= i64::MIN as f64 {
+                    *number = serde_json::Number::from(float as i64);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
+}
+
 /// Lay the request's `deploy` object over `current`: a field present replaces the current one,
 /// `null` returns it to its default, a missing one keeps it. Then check the result.
 fn merge_deploy_fields(current: &DeploySettings, fields: Option<serde_json::Value>) -> Result<DeploySettings, ApiError> {
-    let Some(fields) = fields else { return Ok(current.clone()) };
+    let Some(mut fields) = fields else { return Ok(current.clone()) };
+    integral_numbers(&mut fields);
     let serde_json::Value::Object(fields) = fields else {
         return Err(ApiError::invalid_field("deploy", "deploy must be an object of settings, such as {\"public_port\": 8080}"));
     };
@@ -697,6 +719,17 @@ async fn delete_pipeline(State(state): State<AppState>, caller: Caller, Path(pip
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// JSON Schema's integers include `153.0`; the deploy settings take it as 153.
+    #[test]
+    fn deploy_settings_take_integers_written_with_a_zero_fraction() {
+        let fields = serde_json::json!({"public_port": 8080.0, "cpu_millis": 153.0, "canary_steps": [10.0, 50]});
+        let settings = merge_deploy_fields(&DeploySettings::default(), Some(fields)).unwrap();
+        assert_eq!((settings.public_port, settings.cpu_millis), (Some(8080), Some(153)));
+        assert_eq!(settings.canary_steps, Some(vec![10, 50]));
+        let error = merge_deploy_fields(&DeploySettings::default(), Some(serde_json::json!({"cpu_millis": 1.5}))).unwrap_err();
+        assert_eq!(error.field.as_deref(), Some("deploy.cpu_millis"));
+    }
 
     #[test]
     fn trigger_events_are_checked_and_kept() {

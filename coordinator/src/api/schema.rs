@@ -63,6 +63,8 @@ pub const TIME_OR_MILLIS_PATTERN: &str = concat!(
     r"^([0-9]{1,13}|[0-9]{4}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)|02-(0[1-9]|1[0-9]|2[0-8]))[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9]))",
     end!()
 );
+/// `next_cursor` of a log search (`logs::SearchCursor`), or empty for the first page.
+pub const SEARCH_CURSOR_PATTERN: &str = concat!(r"^([0-9]{1,19}\.[0-9]{1,19}\.[0-9]{1,19}\.[0-9]{1,19})?", end!());
 /// `next_cursor` values: the last id of a page, or empty for the first page.
 pub const CURSOR_PATTERN: &str = concat!(r"^[0-9]{0,19}", end!());
 /// Environment names (`pipelines::validate_environment`).
@@ -191,6 +193,13 @@ impl PartialSchema for IdText {
 
 impl ToSchema for IdText {}
 string_schema!(Cursor, Some(CURSOR_PATTERN), None, None, "`next_cursor` of the previous page.");
+string_schema!(
+    SearchCursor,
+    Some(SEARCH_CURSOR_PATTERN),
+    None,
+    None,
+    "`next_cursor` of the previous page of a log search (`<deployment>.<job>.<sequence>.<line>`), or empty for the first."
+);
 string_schema!(
     TimeOrMillis,
     Some(TIME_OR_MILLIS_PATTERN),
