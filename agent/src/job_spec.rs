@@ -94,7 +94,7 @@ pub enum ReleaseOp {
 }
 
 /// What a release runs: an image exported by a build (`docker save` tar), or a tarball of files
-/// run by `run.command` in `run.image`.
+/// mounted in `run.image` and started by `run.command` (or the image's own command).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseArtifact {
     /// SHA-256 of the artifact's uncompressed bytes (fetched with `FetchArtifact`).

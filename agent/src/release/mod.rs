@@ -356,13 +356,15 @@ impl ReleaseManager {
                 (tag.clone(), image_id, tag, spec.run.command.clone(), None)
             }
             "files" => {
-                let (Some(image), Some(command)) = (&spec.run.image, &spec.run.command) else {
+                // The files are mounted in `run.image`; `run.command` starts them, else the
+                // image's own command does (an image made to serve a directory).
+                let Some(image) = &spec.run.image else {
                     return Err(ReleaseError::Job(
-                        "a files artifact needs run.image (the image its files run in) and run.command (how to start it)".to_string(),
+                        "a files artifact needs run.image (the image its files run in; the pipeline's deploy.run_image)".to_string(),
                     ));
                 };
                 files_dir = self.unpack_files(&archive, &spec.artifact.digest).await?;
-                (image.clone(), image.clone(), String::new(), Some(command.clone()), Some(files_dir.as_path()))
+                (image.clone(), image.clone(), String::new(), spec.run.command.clone(), Some(files_dir.as_path()))
             }
             other => return Err(ReleaseError::Job(format!("artifact kind {other:?} cannot be released; it must be image or files"))),
         };

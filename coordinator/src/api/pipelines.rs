@@ -57,8 +57,9 @@ pub struct DeployFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 65535)]
     pub container_port: Option<u16>,
-    /// `image` (the image the build exported) or `files` (the build's files, run by
-    /// `start_command` in `run_image`); default `image` when the pipeline builds a Dockerfile.
+    /// `image` (the image the build exported) or `files` (the build's files, mounted in
+    /// `run_image` and started by `start_command`, or by the image's own command without one);
+    /// default `image` when the pipeline builds a Dockerfile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^(image|files)$")]
     pub artifact: Option<String>,
@@ -223,9 +224,6 @@ fn validate_deploy(settings: &DeploySettings) -> Result<(), ApiError> {
         && artifact != "files"
     {
         return invalid("artifact", "must be \"image\" or \"files\"");
-    }
-    if settings.artifact.as_deref() == Some("files") && settings.public_port.is_some() && settings.start_command.is_none() {
-        return invalid("start_command", "is needed to run a files artifact (for example \"./server --port 8080\")");
     }
     if let Some(path) = &settings.health_path
         && (!path.starts_with('/') || path.len() > 500 || path.chars().any(|c| c.is_whitespace() || c.is_control()))
