@@ -261,18 +261,6 @@ async fn log_in(client: &Client, node: &SingleNode, username: &str, password: &s
     .await;
 }
 
-async fn wait_for_status(node: &SingleNode, deployment_id: u64, done: &[&str]) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let reply = node.get(&format!("/api/v1/deployments/{deployment_id}"), &node.admin_token).await;
-        if done.contains(&reply.json["status"].as_str().unwrap_or_default()) {
-            return reply.json;
-        }
-        assert!(Instant::now() < deadline, "deployment {deployment_id} stayed {}", reply.text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_in_a_real_browser() {
     let test = "the_dashboard_in_a_real_browser";
@@ -480,7 +468,7 @@ async fn the_dashboard_in_a_real_browser() {
         Duration::from_secs(60),
     )
     .await;
-    let ended = wait_for_status(&node, waiting_id, &["success", "failed", "rolled_back"]).await;
+    let ended = node.wait_for_status(waiting_id, &["success", "failed", "rolled_back"]).await;
     let kinds = js(client, "return Array.from(document.querySelectorAll('#events li')).map((li) => li.dataset.kind);").await;
     let expected_end = match ended["status"].as_str().unwrap() {
         "success" => "succeeded",
@@ -661,7 +649,7 @@ async fn a_rollout_followed_per_region_and_host() {
         Duration::from_secs(180),
     )
     .await;
-    let ended = wait_for_status(&node, deployment_id, &["success", "failed", "rolled_back"]).await;
+    let ended = node.wait_for_status(deployment_id, &["success", "failed", "rolled_back"]).await;
     assert_eq!(ended["status"], "success", "{ended:#}");
     wait_until(
         client,

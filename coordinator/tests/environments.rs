@@ -7,23 +7,11 @@ mod git_server;
 #[allow(dead_code)]
 mod single_node;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use git_server::GitServer;
-use serde_json::{Value, json};
+use serde_json::json;
 use single_node::SingleNode;
-
-async fn wait_for_status(node: &SingleNode, deployment_id: u64, done: &[&str]) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let reply = node.get(&format!("/api/v1/deployments/{deployment_id}"), &node.admin_token).await;
-        if done.contains(&reply.json["status"].as_str().unwrap_or_default()) {
-            return reply.json;
-        }
-        assert!(Instant::now() < deadline, "deployment {deployment_id} stayed {}", reply.text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn production_takes_only_what_passed_staging_and_waits_for_an_approval() {
@@ -73,7 +61,7 @@ async fn production_takes_only_what_passed_staging_and_waits_for_an_approval() {
         .await;
     assert_eq!(staging.status, 201, "{}", staging.text());
     let staging_id = staging.json["deployment_id"].as_u64().unwrap();
-    assert_eq!(wait_for_status(&node, staging_id, &["success", "failed"]).await["status"], "success");
+    assert_eq!(node.wait_for_status(staging_id, &["success", "failed"]).await["status"], "success");
     // From now on the pipeline's deployments roll out to hosts (so approvals apply).
     let updated = node.put(&format!("/api/v1/pipelines/{pipeline_id}"), &admin, &json!({"deploy": {"public_port": 18080}})).await;
     assert_eq!(updated.status, 200, "{}", updated.text());
@@ -97,7 +85,7 @@ async fn production_takes_only_what_passed_staging_and_waits_for_an_approval() {
     let again = node.post(&format!("/api/v1/deployments/{promoted_id}/approve"), &developer, &json!({})).await;
     assert_eq!(again.status, 409, "{}", again.text());
     // Approved, it rolls out: this machine has no deploy agent for production, which it says.
-    let ended = wait_for_status(&node, promoted_id, &["failed", "success", "rolled_back"]).await;
+    let ended = node.wait_for_status(promoted_id, &["failed", "success", "rolled_back"]).await;
     assert_eq!(ended["status"], "failed");
     assert!(ended["status_reason"].as_str().unwrap().contains("pool=deploy and environment=production"), "{ended}");
     let events = node.get(&format!("/api/v1/deployments/{promoted_id}/events"), &viewer).await;

@@ -256,6 +256,19 @@ impl SingleNode {
     }
 
     /// Log in and return the token; panics unless the login succeeds.
+    /// Poll a deployment (as the admin, up to 120 s) until its status is one of `done`.
+    pub async fn wait_for_status(&self, deployment_id: u64, done: &[&str]) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let reply = self.get(&format!("/api/v1/deployments/{deployment_id}"), &self.admin_token).await;
+            if done.contains(&reply.json["status"].as_str().unwrap_or_default()) {
+                return reply.json;
+            }
+            assert!(Instant::now() < deadline, "deployment {deployment_id} stayed {}", reply.text());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn login(&self, username: &str, password: &str) -> String {
         let reply = self
             .call(reqwest::Method::POST, "/api/v1/auth/login", None, Some(&serde_json::json!({"username": username, "password": password})))
