@@ -91,6 +91,11 @@ pub enum ReleaseOp {
     StopNew,
     /// Report the switch's counters since `since_ms` (Unix milliseconds).
     Stats { since_ms: i64 },
+    /// The service is no longer wanted on this host (its environment went away: a closed pull
+    /// request's preview): take its traffic off, stop every release once its requests in flight
+    /// are answered, give up the public port, and remove its images, cached artifacts and
+    /// recorded state. A service this host does not know is already retired.
+    Retire,
 }
 
 /// What a release runs: an image exported by a build (`docker save` tar), or a tarball of files
@@ -208,6 +213,7 @@ impl ReleaseOp {
             ReleaseOp::StopOld => "stop_old",
             ReleaseOp::StopNew => "stop_new",
             ReleaseOp::Stats { .. } => "stats",
+            ReleaseOp::Retire => "retire",
         }
     }
 }

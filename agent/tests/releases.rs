@@ -438,6 +438,49 @@ async fn docker_executor() -> DockerExecutor {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retiring_a_service_stops_its_releases_frees_its_port_and_forgets_it() {
+    let Some(docker) = docker_or_skip("retiring_a_service_stops_its_releases_frees_its_port_and_forgets_it").await else { return };
+    let service = Service::new("retire");
+    let _cleanup = Cleanup { service: service.name.clone() };
+    let state_dir = tempfile::tempdir().unwrap();
+    let manager = ReleaseManager::restore(state_dir.path(), Some(docker), LOCALHOST).await;
+    // A canary under way: d1 and d2 both run and share the traffic.
+    start_healthy(&manager, &service, "d1", "v1").await;
+    run(&manager, &service.spec(ReleaseOp::SetWeight { weight: 100 }, "d1", None, "v1")).await.unwrap();
+    start_healthy(&manager, &service, "d2", "v2").await;
+    run(&manager, &service.spec(ReleaseOp::SetWeight { weight: 50 }, "d2", Some("d1"), "v2")).await.unwrap();
+    assert_eq!(containers_of(&service.name).len(), 2);
+    let instance = instance_of(state_dir.path());
+    let tag = |release: &str| format!("davit-release/{instance}-{}:{release}", service.name);
+    assert!(image_tag_exists(&tag("d1")) && image_tag_exists(&tag("d2")));
+
+    let retired = run(&manager, &service.spec(ReleaseOp::Retire, "d2", None, "v2")).await.unwrap();
+    assert!(retired.weights.is_empty(), "no traffic goes anywhere: {:?}", retired.weights);
+    assert!(containers_of(&service.name).is_empty(), "every release container is removed");
+    assert!(!image_tag_exists(&tag("d1")) && !image_tag_exists(&tag("d2")), "the service's images are removed");
+    assert!(manager.switch_address(&service.name).await.is_none());
+    // The public port is free again: nothing of the service answers there, and it can be bound.
+    assert!(get(&client(), &service.url()).await.is_err(), "nothing answers on the retired service's port");
+    std::net::TcpListener::bind(("127.0.0.1", service.public_port)).expect("the retired service's port is free");
+    assert!(!state::state_path(&state_dir.path().join("releases"), &service.name).exists(), "its state file is gone");
+    let cached: Vec<_> = std::fs::read_dir(state_dir.path().join("releases/artifacts")).unwrap().flatten().collect();
+    assert!(cached.is_empty(), "no cached artifact of the service stays: {cached:?}");
+
+    // Retiring again (a retried job), or after a restart of the agent, is nothing to do.
+    run(&manager, &service.spec(ReleaseOp::Retire, "d2", None, "v2")).await.unwrap();
+    drop(manager);
+    let docker = docker_executor().await;
+    let restarted = ReleaseManager::restore(state_dir.path(), Some(docker), LOCALHOST).await;
+    assert!(restarted.weights(&service.name).await.is_empty());
+    assert!(restarted.switch_address(&service.name).await.is_none());
+    run(&restarted, &service.spec(ReleaseOp::Retire, "d2", None, "v2")).await.unwrap();
+    // The same service can be deployed again afterwards (a reopened pull request).
+    start_healthy(&restarted, &service, "d3", "v1").await;
+    run(&restarted, &service.spec(ReleaseOp::SetWeight { weight: 100 }, "d3", None, "v1")).await.unwrap();
+    assert_eq!(get(&client(), &service.url()).await.unwrap(), (200, "v1".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_failing_its_health_check_is_reported_unhealthy_and_gets_no_traffic() {
     let Some(docker) = docker_or_skip("a_release_failing_its_health_check_is_reported_unhealthy_and_gets_no_traffic").await else { return };
     let service = Service::new("sick");

@@ -433,7 +433,8 @@ async fn embedded_agent(
                 crate::api::agents::create_token(&server.node, &crate::node::Requester::system(), "davit up: embedded agent".into(), 600)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot create the embedded agent's registration token: {}", e.message))?;
-            let labels = [("pool", "build,deploy"), ("environment", "development")]
+            // A developer's own machine: development, and the previews of pull requests.
+            let labels = [("pool", "build,deploy"), ("environment", "development,preview")]
                 .into_iter()
                 .map(|(key, value)| (key.to_string(), value.to_string()))
                 .collect();

@@ -430,3 +430,122 @@ async fn a_rollout_survives_the_leader_being_killed_and_no_host_is_switched_twic
     clients.stop().await;
     Service { git_server, first_commit, agents, pipeline_id, port, service }.stop();
 }
+
+/// A GitHub `pull_request` delivery for pull request `number` of the connected repository,
+/// signed with `secret` (the fixture's payload with the number, action and head changed).
+fn pull_request_delivery(number: u64, action: &str, head: &str, secret: &str, delivery: &str) -> (Vec<u8>, Vec<(&'static str, String)>) {
+    use hmac::{KeyInit, Mac};
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/webhooks/github-pull_request-opened.json");
+    let mut payload: Value = serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+    payload["action"] = json!(action);
+    payload["number"] = json!(number);
+    payload["pull_request"]["number"] = json!(number);
+    payload["pull_request"]["head"]["sha"] = json!(head);
+    payload["pull_request"]["base"]["ref"] = json!("main");
+    payload["pull_request"]["state"] = json!(if action == "closed" { "closed" } else { "open" });
+    let body = serde_json::to_vec(&payload).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(&body);
+    let signature: String = mac.finalize().into_bytes().iter().map(|byte| format!("{byte:02x}")).collect();
+    let headers = vec![
+        ("x-github-event", "pull_request".to_string()),
+        ("x-github-delivery", delivery.to_string()),
+        ("x-hub-signature-256", format!("sha256={signature}")),
+        ("content-type", "application/json".to_string()),
+    ];
+    (body, headers)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_requests_preview_is_deployed_and_retired_from_its_hosts_when_it_closes() {
+    let test = "preview";
+    if !docker_ready(test) {
+        return;
+    }
+    // `davit up`'s embedded agent serves development and every preview.
+    let node = SingleNode::start_with(test, &["--agent-executor", "docker"]).await;
+    let api = api_for(&node);
+    let (git_server, commit) = GitServer::start_with(
+        "preview-service",
+        &[("Dockerfile", DOCKERFILE), ("www/index.html", "preview\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
+    );
+    // The provider's merge ref of pull request 7, which its checks and preview are built from.
+    git_server::git(&git_server.bare(), &["update-ref", "refs/pull/7/merge", &commit]);
+    let secret = "preview-hook-secret";
+    let connect = json!({"repo_url": git_server.url(), "scm_type": "github", "branch": "main", "webhook_secret": secret});
+    let repo_id = api.post("/api/v1/repos/connect", connect).await["repo_id"].as_u64().unwrap();
+    let (public_port, base) = (git_server::free_port(), 21_000 + (std::process::id() % 20_000) as u16);
+    let pipeline = api
+        .post(
+            "/api/v1/pipelines",
+            json!({
+                "name": "previewed", "repo_id": repo_id, "branch": "main", "deploy_strategy": "blue-green", "environment": "development",
+                "build": {"dockerfile": "Dockerfile", "preview_environments": true, "trigger_events": ["pull_request"]},
+                "deploy": {"public_port": public_port, "preview_port_base": base, "container_port": 8080, "health_path": "/health",
+                           "health_interval_ms": 200, "keep_old_seconds": 1}
+            }),
+        )
+        .await;
+    let pipeline_id = pipeline["pipeline_id"].as_u64().unwrap();
+    let deliver = |body: Vec<u8>, headers: Vec<(&'static str, String)>| {
+        let mut request = api.client.post(format!("{}/api/v1/repos/{repo_id}/webhook", api.base)).body(body);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+
+    // Opened: its preview is built and released on the preview host, on base + 7.
+    let (body, headers) = pull_request_delivery(7, "opened", &commit, secret, "preview-opened");
+    let reply = deliver(body, headers).await.unwrap();
+    let (status, accepted) = (reply.status().as_u16(), reply.text().await.unwrap());
+    assert_eq!(status, 202, "{accepted}");
+    let deployments = api.get(&format!("/api/v1/deployments?pipeline_id={pipeline_id}")).await;
+    let deployment = deployments["items"].as_array().unwrap().iter().find(|item| item["environment"] == "pr-7").cloned();
+    let deployment_id =
+        deployment.unwrap_or_else(|| panic!("a deployment into pr-7: {deployments:#}\nthe webhook's answer: {accepted}"))["deployment_id"]
+            .as_u64()
+            .unwrap();
+    let ended = wait_for_end(&api, deployment_id, Duration::from_secs(240)).await;
+    let state_dir = node.data_dir().join("agent");
+    let answer = |port: u16| async move {
+        match reqwest::get(format!("http://127.0.0.1:{port}/")).await {
+            Ok(response) => format!("{} {}", response.status().as_u16(), response.text().await.unwrap_or_default().trim()),
+            Err(error) => format!("error: {error}"),
+        }
+    };
+    let served = answer(base + 7).await;
+    if ended["status"] != "success" || served != "200 preview" {
+        remove_releases_of(&state_dir);
+    }
+    assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}\n{}", events(&api, deployment_id).await, node.log_tail(40));
+    assert_eq!(served, "200 preview", "pull request 7's preview answers on port {base} + 7");
+    let service = format!("p{pipeline_id}-pr-7");
+    let containers = || {
+        let listed = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("label=davit.service={service}")])
+            .output()
+            .expect("docker ps");
+        String::from_utf8_lossy(&listed.stdout).split_whitespace().count()
+    };
+    assert_eq!(containers(), 1, "one release container runs the preview");
+
+    // Closed: the preview environment goes, and so does what runs on its host.
+    let (body, headers) = pull_request_delivery(7, "closed", &commit, secret, "preview-closed");
+    let reply = deliver(body, headers).await.unwrap();
+    assert_eq!(reply.status().as_u16(), 202, "{}", reply.text().await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (containers() > 0 || !answer(base + 7).await.starts_with("error")) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (left, after) = (containers(), answer(base + 7).await);
+    remove_releases_of(&state_dir);
+    assert_eq!(left, 0, "the preview's release containers are removed\n{:#?}", events(&api, deployment_id).await);
+    assert!(after.starts_with("error"), "nothing answers on the preview's port any more: {after}");
+    std::net::TcpListener::bind(("127.0.0.1", base + 7)).expect("the preview's port is free again");
+    let retired: Vec<Value> = events(&api, deployment_id).await.into_iter().filter(|event| event["kind"] == "service_retired").collect();
+    assert_eq!(retired.len(), 1, "the host reports the service retired: {retired:#?}");
+    assert!(retired[0]["message"].as_str().unwrap().contains("retired"), "{retired:#?}");
+    let environments = api.get("/api/v1/environments").await;
+    assert!(!environments.to_string().contains("\"pr-7\""), "the preview environment is gone: {environments:#}");
+}

@@ -280,6 +280,7 @@ impl ReleaseManager {
             ReleaseOp::Stats { since_ms } => {
                 output.stats = Some(service.switch.as_ref().map(|switch| switch.stats(&spec.release, *since_ms)).unwrap_or_default());
             }
+            ReleaseOp::Retire => self.retire(&mut service, progress).await?,
         }
         output.weights = service.state.weights.clone();
         Ok(output)
@@ -541,6 +542,43 @@ impl ReleaseManager {
             self.stop_release(service, &spec.release, progress).await?;
         }
         self.save(service)
+    }
+
+    /// Take the whole service down: no traffic, no releases, no port, no images, no state file.
+    /// The service's entry stays (empty), so an operation waiting for it finds a clean slate.
+    async fn retire(&self, service: &mut Service, progress: Progress<'_>) -> Result<(), ReleaseError> {
+        let running: Vec<String> =
+            service.state.releases.iter().filter(|release| !release.stopped).map(|release| release.name.clone()).collect();
+        if service.state.releases.is_empty() && service.switch.is_none() {
+            progress(format!("service {} does not run on this host; nothing to retire", service.state.service));
+            return self.forget(service);
+        }
+        // Out of routing first, so that no new request reaches a release being stopped.
+        if service.state.set_weights(BTreeMap::new(), now_millis()) {
+            self.save(service)?;
+            apply_routing(service);
+        }
+        for name in &running {
+            self.stop_release(service, name, progress).await?;
+        }
+        if let Some(switch) = service.switch.take() {
+            progress(format!("port {} of {} given up", switch.address(), service.state.service));
+        }
+        self.remove_old_images(service, 0, progress).await;
+        progress(format!("service {} retired: {} release(s) stopped", service.state.service, running.len()));
+        self.forget(service)
+    }
+
+    /// Drop what is recorded of `service` (its state file too), keeping an empty entry.
+    fn forget(&self, service: &mut Service) -> Result<(), ReleaseError> {
+        let path = state::state_path(&self.releases_dir, &service.state.service);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(ReleaseError::Infrastructure(format!("cannot remove {}: {error}", path.display()))),
+        }
+        service.state = ServiceState::new(&service.state.service);
+        Ok(())
     }
 
     /// Stop a release that takes no traffic any more, once its requests in flight are answered.

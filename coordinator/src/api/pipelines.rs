@@ -148,6 +148,12 @@ pub struct DeployFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 100)]
     pub keep_images: Option<u32>,
+    /// Previews (`pr-<n>` environments, see `build.preview_environments`): pull request n's
+    /// service listens on this port + n on the preview hosts, so that several pull requests'
+    /// previews share hosts; without it a preview listens on `public_port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 65535, example = 20000)]
+    pub preview_port_base: Option<u16>,
 }
 
 impl From<DeploySettings> for DeployFields {
@@ -218,6 +224,9 @@ fn validate_deploy(settings: &DeploySettings) -> Result<(), ApiError> {
     }
     if settings.container_port == Some(0) {
         return invalid("container_port", "must be a port from 1 to 65535");
+    }
+    if settings.preview_port_base == Some(0) {
+        return invalid("preview_port_base", "must be a port from 1 to 65535");
     }
     if let Some(artifact) = &settings.artifact
         && artifact != "image"

@@ -14,6 +14,7 @@ use crate::state::apply::{index, index_ids, load_id};
 use crate::state::events::StateEvent;
 use crate::state::records::*;
 use crate::state::rollout::release_name;
+use crate::state::scm::{PREVIEW_HOSTS, preview_pull_request};
 use crate::state::txn::StateRead;
 use crate::store::Table;
 
@@ -108,10 +109,18 @@ impl Controller {
         let Some(pipeline) = load_id::<Pipeline>(&state, Table::Pipelines, deployment.pipeline_id)? else {
             return Ok(fail(format!("pipeline {} no longer exists", deployment.pipeline_id)));
         };
+        if let Err(reason) = crate::state::rollout::public_port(&pipeline.deploy, &deployment.environment) {
+            return Ok(fail(reason));
+        }
         let hosts = deploy_hosts(&state, &deployment.environment, pipeline.deploy.regions.as_deref().unwrap_or_default())?;
         if hosts.is_empty() {
+            let also = if preview_pull_request(&deployment.environment).is_some() {
+                format!(" (or environment={PREVIEW_HOSTS})")
+            } else {
+                String::new()
+            };
             return Ok(fail(format!(
-                "no online deploy agent serves environment {env}: register agents with the labels pool=deploy and environment={env}",
+                "no online deploy agent serves environment {env}: register agents with the labels pool=deploy and environment={env}{also}",
                 env = deployment.environment
             )));
         }
@@ -166,15 +175,18 @@ fn build_succeeded(state: &dyn StateRead, deployment: &Deployment) -> anyhow::Re
 }
 
 /// The environment's online deploy agents, in rollout order: region waves (the pipeline's
-/// `regions` first, in its order, then the others by name), then by agent name.
+/// `regions` first, in its order, then the others by name), then by agent name. A pull
+/// request's preview (`pr-<n>`) also goes to the hosts labelled `environment=preview`.
 fn deploy_hosts(state: &dyn StateRead, environment: &str, regions: &[String]) -> anyhow::Result<Vec<RolloutHost>> {
     let has = |labels: &std::collections::BTreeMap<String, String>, key: &str, value: &str| {
         labels.get(key).is_some_and(|values| values.split(',').any(|element| element.trim() == value))
     };
+    let preview = preview_pull_request(environment).is_some();
     let mut hosts = Vec::new();
     for (_, bytes) in state.scan_prefix(Table::Agents, b"")? {
         let agent: Agent = crate::state::codec::decode(Table::Agents, &bytes)?;
-        if agent.state == AgentState::Online && has(&agent.labels, "pool", "deploy") && has(&agent.labels, "environment", environment) {
+        let serves = has(&agent.labels, "environment", environment) || (preview && has(&agent.labels, "environment", PREVIEW_HOSTS));
+        if agent.state == AgentState::Online && has(&agent.labels, "pool", "deploy") && serves {
             hosts.push(RolloutHost {
                 agent_id: agent.agent_id,
                 name: agent.name,

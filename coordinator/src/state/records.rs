@@ -196,6 +196,11 @@ pub struct DeploySettings {
     /// Images of this many recent releases are kept on each host (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_images: Option<u32>,
+    /// Previews (`pr-<n>` environments): pull request n's switch listens on this port + n, so
+    /// that the previews of several pull requests share deploy hosts; without it a preview
+    /// listens on `public_port`, and a host runs one preview at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_port_base: Option<u16>,
 }
 
 impl DeploySettings {
@@ -472,6 +477,9 @@ pub mod event_kind {
     pub const ROLLBACK_STARTED: &str = "rollback_started";
     pub const OLD_STOPPED: &str = "old_stopped";
     pub const NEW_STOPPED: &str = "new_stopped";
+    /// A host of an environment that went away (a closed pull request's preview) stopped the
+    /// service's releases and gave up its port.
+    pub const SERVICE_RETIRED: &str = "service_retired";
     /// The deployment ended: `succeeded`, `failed` or `rolled_back`.
     pub const SUCCEEDED: &str = "succeeded";
     pub const FAILED: &str = "failed";

@@ -6,9 +6,11 @@
 //! from the same facts, and a host with a job in flight is never given a second one — which is
 //! why no host is switched twice across a leader change.
 
+use std::collections::BTreeMap;
+
 use davit_agent::job_spec::{HealthCheck, JobSpec, ReleaseArtifact, ReleaseOp, ReleaseOutput, ReleaseSpec, RunSettings};
 
-use super::apply::{enqueue_job, load_id, not_found, set_deployment_status, store};
+use super::apply::{enqueue_job, index, index_ids, load_id, not_found, set_deployment_status, store};
 use super::codec::id_key;
 use super::command::{NewDeploymentEvent, Outcome, RejectionCode};
 use super::records::*;
@@ -62,11 +64,26 @@ pub fn strategy_of(pipeline: &Pipeline, hosts: usize) -> Strategy {
     }
 }
 
-fn run_settings(pipeline: &Pipeline) -> RunSettings {
+/// The port the service's switch owns in `environment`: `public_port`, or for pull request n's
+/// preview `preview_port_base + n` when the pipeline sets a base.
+pub fn public_port(deploy: &DeploySettings, environment: &str) -> Result<u16, String> {
+    let port = deploy.public_port.unwrap_or(0);
+    match (super::scm::preview_pull_request(environment), deploy.preview_port_base) {
+        (Some(number), Some(base)) => u16::try_from(u64::from(base) + number).map_err(|_| {
+            format!(
+                "the preview of pull request #{number} would listen on port {base} + {number}, beyond 65535: \
+                 lower the pipeline's deploy.preview_port_base"
+            )
+        }),
+        _ => Ok(port),
+    }
+}
+
+fn run_settings(pipeline: &Pipeline, environment: &str) -> RunSettings {
     let deploy = &pipeline.deploy;
     RunSettings {
         container_port: deploy.container_port.unwrap_or(8080),
-        public_port: deploy.public_port.unwrap_or(0),
+        public_port: public_port(deploy, environment).unwrap_or(0),
         image: deploy.run_image.clone(),
         command: deploy.start_command.clone(),
         cpu_millis: deploy.cpu_millis.unwrap_or(1000),
@@ -151,7 +168,7 @@ pub(super) fn start(txn: &mut Txn, deployment_id: u64, hosts: &[RolloutHost], re
         facts,
         version: 1,
         config: config.to_vec(),
-        run: run_settings(&pipeline),
+        run: run_settings(&pipeline, &deployment.environment),
         health: health_check(&pipeline),
         analysis: Vec::new(),
         started_at: now,
@@ -327,7 +344,27 @@ fn host_job(txn: &mut Txn, deployment: &Deployment, rollout: &mut Rollout, host:
         ReleaseOp::CheckHealth => rollout.health.deadline_ms / 1000 + 30,
         _ => 120,
     };
-    let name = format!("{RELEASE_JOB_PREFIX}{}:{}", op.name(), rollout.hosts[index].name);
+    // One attempt: a release step that could not run is a fact for the planner, not a retry
+    // on another host.
+    let job_id = enqueue_release_job(txn, deployment, rollout, &rollout.hosts[index].clone(), op, timeout_seconds, 1, now)?;
+    rollout.hosts[index].job = Some(job_id);
+    rollout.facts.hosts[index].busy = true;
+    Ok(1)
+}
+
+/// Queue `op` of `rollout`'s release for `host`'s agent alone.
+#[allow(clippy::too_many_arguments)]
+fn enqueue_release_job(
+    txn: &mut Txn,
+    deployment: &Deployment,
+    rollout: &Rollout,
+    host: &RolloutHost,
+    op: ReleaseOp,
+    timeout_seconds: u64,
+    max_attempts: u32,
+    now: Timestamp,
+) -> StoreResult<u64> {
+    let name = format!("{RELEASE_JOB_PREFIX}{}:{}", op.name(), host.name);
     let spec = JobSpec::Release(ReleaseSpec {
         op,
         service: rollout.service.clone(),
@@ -339,13 +376,45 @@ fn host_job(txn: &mut Txn, deployment: &Deployment, rollout: &mut Rollout, host:
         timeout_seconds,
     });
     let spec = serde_json::to_value(&spec).expect("release specs serialize");
-    let labels = [("agent_id".to_string(), host.to_string())].into_iter().collect();
-    // One attempt: a release step that could not run is a fact for the planner, not a retry
-    // on another host.
-    let job_id = enqueue_job(txn, now, deployment, &name, labels, spec, 1)?;
-    rollout.hosts[index].job = Some(job_id);
-    rollout.facts.hosts[index].busy = true;
-    Ok(1)
+    let labels = [("agent_id".to_string(), host.agent_id.to_string())].into_iter().collect();
+    enqueue_job(txn, now, deployment, &name, labels, spec, max_attempts)
+}
+
+/// Attempts of a retire job: an agent lost meanwhile gets it again when it is back.
+const RETIRE_ATTEMPTS: u32 = 3;
+
+/// `pipeline_id`'s service in `environment` is no longer wanted (the environment is being
+/// removed: a closed pull request's preview): every host any of its rollouts reached gets a
+/// retire job (stop every release, give up the port, remove images and state), queued on the
+/// newest of those deployments. Agents that were deregistered are skipped; a lost one runs the job
+/// when it is back. Returns how many jobs were queued.
+pub(super) fn retire_service(txn: &mut Txn, pipeline_id: u64, environment: &str, now: Timestamp) -> StoreResult<u64> {
+    let mut deployments = Vec::new();
+    for deployment_id in index_ids(txn, index::DEPLOYMENTS_BY_PIPELINE, &pipeline_id.to_string())? {
+        if let Some(deployment) = load_id::<Deployment>(txn, Table::Deployments, deployment_id)?
+            && deployment.environment == environment
+            && deployment.rollout.is_some()
+        {
+            deployments.push(deployment);
+        }
+    }
+    deployments.sort_by_key(|deployment| deployment.deployment_id);
+    let Some(newest) = deployments.last() else { return Ok(0) };
+    let rollout = newest.rollout.as_ref().expect("kept only deployments with a rollout");
+    let mut hosts: BTreeMap<u64, RolloutHost> = BTreeMap::new();
+    for host in deployments.iter().flat_map(|deployment| deployment.rollout.iter().flat_map(|rollout| rollout.hosts.iter())) {
+        hosts.insert(host.agent_id, host.clone());
+    }
+    let mut queued = 0;
+    for host in hosts.values() {
+        // A deregistered agent never takes a job again.
+        if load_id::<Agent>(txn, Table::Agents, host.agent_id)?.is_none_or(|agent| agent.deregistered_at.is_some()) {
+            continue;
+        }
+        enqueue_release_job(txn, newest, rollout, host, ReleaseOp::Retire, 300, RETIRE_ATTEMPTS, now)?;
+        queued += 1;
+    }
+    Ok(queued)
 }
 
 /// How many times a step of a rollback (traffic back to the old release, the new one stopped)
@@ -376,6 +445,19 @@ pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: T
     }
     let Ok(JobSpec::Release(spec)) = serde_json::from_value::<JobSpec>(job.spec.clone()) else { return Ok(()) };
     let Some(mut deployment) = load_id::<Deployment>(txn, Table::Deployments, job.deployment_id)? else { return Ok(()) };
+    if spec.op == ReleaseOp::Retire {
+        let host = job.name.rsplit(':').next().unwrap_or_default().to_string();
+        let message = match job.status {
+            JobStatus::Succeeded => format!("{host}: {} retired (releases stopped, port given up)", spec.service),
+            _ => {
+                format!("{host}: retiring {} failed: {}", spec.service, job.failure_reason.as_deref().unwrap_or("the job did not succeed"))
+            }
+        };
+        let event = NewDeploymentEvent::new(event_kind::SERVICE_RETIRED, message);
+        super::progress::append(txn, &mut deployment, &[event], now);
+        store(txn, Table::Deployments, id_key(deployment.deployment_id), &deployment);
+        return Ok(());
+    }
     let Some(mut rollout) = deployment.rollout.take() else { return Ok(()) };
     let Some(index) = rollout.hosts.iter().position(|host| host.job == Some(job_id)) else {
         deployment.rollout = Some(rollout);
@@ -488,6 +570,8 @@ pub(super) fn job_ended(txn: &mut Txn, job_id: u64, output: Option<&str>, now: T
                     rollout.facts.canary.verdict = Some((verdict, now));
                 }
             }
+            // Answered above: a retire job is never a rollout host's job.
+            ReleaseOp::Retire => {}
         }
     }
     rollout.version += 1;
@@ -534,8 +618,6 @@ fn judge(txn: &Txn, deployment: &Deployment, rollout: &Rollout) -> StoreResult<O
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use davit_agent::job_spec::{HealthReport, TrafficCounts, TrafficStats};
 
     use super::*;
@@ -707,6 +789,72 @@ mod tests {
         // A step planned from facts that have since moved on is refused.
         let stale = Command::RolloutStep { deployment_id, version: 1, actions: vec![Action::Start { host: hosts[0].agent_id }] };
         assert!(propose(&mut txn, 2_000_000, stale).result.is_err());
+    }
+
+    #[test]
+    fn a_preview_listens_on_its_own_port_when_the_pipeline_sets_a_base() {
+        let mut deploy = DeploySettings { public_port: Some(8080), ..DeploySettings::default() };
+        assert_eq!(public_port(&deploy, "pr-7"), Ok(8080), "without a base, previews use public_port");
+        deploy.preview_port_base = Some(20_000);
+        assert_eq!(public_port(&deploy, "production"), Ok(8080));
+        assert_eq!(public_port(&deploy, "pr-7"), Ok(20_007));
+        // Only pr-<n> is a preview: not pr-, pr-07 or pr-x.
+        for other in ["pr-", "pr-07", "pr-x", "apr-7"] {
+            assert_eq!(public_port(&deploy, other), Ok(8080), "{other}");
+        }
+        let error = public_port(&deploy, "pr-45536").unwrap_err();
+        assert!(error.contains("beyond 65535") && error.contains("preview_port_base"), "{error}");
+    }
+
+    #[test]
+    fn retiring_a_service_gives_each_host_it_reached_one_retire_job_and_records_what_it_did() {
+        let mut txn = Txn::new(&EmptyState);
+        let deploy = DeploySettings { public_port: Some(8080), keep_old_seconds: Some(5), ..DeploySettings::default() };
+        let (deployment_id, hosts) = setup(&mut txn, DeployStrategy::BlueGreen, deploy);
+        start(&mut txn, deployment_id, hosts.clone());
+        drive(&mut txn, deployment_id, &mut Hosts { unhealthy: vec![], canary: (0, 0), failing_unwinds: BTreeMap::new() });
+        let ended = deployment(&txn, deployment_id);
+        assert_eq!(ended.status, DeploymentStatus::Success);
+        // Another environment of the pipeline has nothing to retire.
+        assert_eq!(retire_service(&mut txn, ended.pipeline_id, "staging", 2_000_000).unwrap(), 0);
+        // A host whose agent was removed meanwhile is skipped.
+        propose(&mut txn, 2_000_000, Command::DeregisterAgent { agent_id: hosts[3].agent_id }).result.unwrap();
+
+        assert_eq!(retire_service(&mut txn, ended.pipeline_id, "production", 2_000_000).unwrap(), 3);
+        let mut retire_jobs = Vec::new();
+        for job_id in index_ids(&txn, index::JOBS_BY_DEPLOYMENT, &deployment_id.to_string()).unwrap() {
+            let job: Job = load_id(&txn, Table::Jobs, job_id).unwrap().unwrap();
+            if let Ok(JobSpec::Release(spec)) = serde_json::from_value::<JobSpec>(job.spec.clone())
+                && spec.op == ReleaseOp::Retire
+            {
+                assert_eq!(spec.service, ended.rollout.as_ref().unwrap().service);
+                assert_eq!(job.status, JobStatus::Queued);
+                retire_jobs.push((job.labels["agent_id"].parse::<u64>().unwrap(), job_id));
+            }
+        }
+        let pinned: Vec<u64> = retire_jobs.iter().map(|(agent_id, _)| *agent_id).collect();
+        assert_eq!(pinned, hosts[..3].iter().map(|host| host.agent_id).collect::<Vec<_>>(), "one job pinned to each remaining host");
+
+        // The hosts report: a success and a failure become events; the deployment stays as it ended.
+        for (index, (agent_id, job_id)) in retire_jobs.iter().take(2).enumerate() {
+            let assign = Command::AssignJob { job_id: *job_id, agent_id: *agent_id, attempt: 1, lease_expires_at: 3_000_000 };
+            propose(&mut txn, 2_100_000, assign).result.unwrap();
+            let end = if index == 0 { JobEnd::Succeeded } else { JobEnd::Failed };
+            let reason = (index == 1).then(|| "docker is not running".to_string());
+            let finish = Command::FinishJob { job_id: *job_id, attempt: 1, end, reason, output: None, measured: Default::default() };
+            propose(&mut txn, 2_100_000, finish).result.unwrap();
+        }
+        let after = deployment(&txn, deployment_id);
+        assert_eq!((after.status, after.end_time), (DeploymentStatus::Success, ended.end_time));
+        let messages: Vec<String> = events_after(&txn, deployment_id, 0, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|event| event.kind == event_kind::SERVICE_RETIRED)
+            .map(|event| event.message)
+            .collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].starts_with("eu-1: ") && messages[0].contains("retired"), "{messages:?}");
+        assert!(messages[1].starts_with("eu-2: ") && messages[1].contains("docker is not running"), "{messages:?}");
     }
 
     #[test]

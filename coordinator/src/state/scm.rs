@@ -80,6 +80,18 @@ pub fn preview_environment_name(pull_request: u64) -> String {
     format!("pr-{pull_request}")
 }
 
+/// The pull request whose preview environment `environment` is, if it is one (`pr-<n>`).
+pub fn preview_pull_request(environment: &str) -> Option<u64> {
+    let digits = environment.strip_prefix("pr-")?;
+    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The label value (`environment=preview`) of deploy hosts that serve every preview.
+pub const PREVIEW_HOSTS: &str = "preview";
+
 /// Drop what is kept about a repository that is being deleted: its known heads and pull request
 /// heads. Its delivery ids expire by themselves. Returns the rows deleted.
 pub(super) fn forget_repository(txn: &mut Txn, repo_id: u64) -> StoreResult<u64> {
@@ -400,6 +412,12 @@ impl Trigger<'_> {
                 set_deployment_status(txn, &mut deployment, DeploymentStatus::Failed, Some(reason.clone()), now);
                 self.affected += 1 + cancel_deployment_jobs(txn, deployment_id, &reason, now)?;
                 self.report.cancelled_deployments.push(deployment_id);
+            }
+            // What already runs on the preview's hosts stops too.
+            let retired = super::rollout::retire_service(txn, owner.pipeline_id, &name, now)?;
+            if retired > 0 {
+                report.skipped.push(format!("preview environment {name}: its service is retired on {retired} host(s)"));
+                self.affected += retired;
             }
         }
         if kept.is_empty() {

@@ -579,7 +579,7 @@
     // final one, which is written with the final status.
     const KINDS = ['queued', 'rollout_started', 'approval_required', 'approved', 'host_started', 'host_healthy', 'host_unhealthy',
       'host_failed', 'weight_changed', 'host_switched', 'canary_step', 'analysis_verdict', 'rollback_started', 'old_stopped',
-      'new_stopped', 'succeeded', 'failed', 'rolled_back'];
+      'new_stopped', 'service_retired', 'succeeded', 'failed', 'rolled_back'];
     const FINAL = ['succeeded', 'failed', 'rolled_back'];
     const source = new EventSource('/api/v1/deployments/' + deploymentId + '/events?follow=true');
     function onEvent(event) {
