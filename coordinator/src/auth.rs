@@ -20,6 +20,10 @@ pub struct Claims {
     pub username: String,
     pub exp: i64,
     pub iat: i64,
+    /// A random id (hex), so that two logins in the same second get different tokens and a
+    /// logout revokes only its own (tokens issued before it existed have none).
+    #[serde(default)]
+    pub jti: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +89,7 @@ pub fn issue_token(signing_key: &str, user_id: u64, username: &str, role: Role, 
         username: username.to_string(),
         exp: now_seconds + TOKEN_LIFETIME_SECONDS,
         iat: now_seconds,
+        jti: crate::state::apply::hex(&rand::random::<[u8; 16]>()),
     };
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(signing_key.as_bytes()))
         .map_err(|_| AuthError::BadToken)
@@ -133,6 +138,9 @@ mod tests {
         assert!(claims.is_err());
         let fresh = issue_token("key", 7, "john_doe", Role::Developer, jsonwebtoken::get_current_timestamp() as i64).unwrap();
         assert_eq!(check_token("key", &fresh).unwrap().sub, "7");
+        // Two logins in the same second are two tokens (a logout revokes only its own).
+        let same_second = issue_token("key", 7, "john_doe", Role::Developer, jsonwebtoken::get_current_timestamp() as i64).unwrap();
+        assert_ne!(check_token("key", &same_second).unwrap().jti, check_token("key", &fresh).unwrap().jti);
         assert!(check_token("other key", &fresh).is_err());
         // The algorithm is pinned: an unsigned token with `alg: none` is refused.
         let header = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, r#"{"alg":"none","typ":"JWT"}"#);

@@ -302,7 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         TopCommand::Agents(args) => agents(args, json).await,
         TopCommand::Jobs { deployment_id, connection } => deployment_jobs(deployment_id, json, connection).await,
         TopCommand::Login(args) => login::login(args).await,
-        TopCommand::Logout => login::logout(),
+        TopCommand::Logout => login::logout().await,
         TopCommand::Pipelines { connection } => deployments::pipelines(&ApiClient::connect(&connection).await?, json).await,
         TopCommand::Runs(args) => deployments::runs(args, json).await,
         TopCommand::Run(args) => deployments::run(args, json).await,
@@ -580,6 +580,17 @@ async fn log_in(http: &reqwest::Client, base: &str, username: &str, password: &s
         .await
         .map_err(|error| failure::send_failure(base, error))?;
     check(response).await
+}
+
+/// `POST /api/v1/auth/logout`: the server refuses `token` from now on.
+async fn log_out(http: &reqwest::Client, base: &str, token: &str) -> anyhow::Result<()> {
+    let response = http
+        .post(format!("{base}/api/v1/auth/logout"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|error| failure::send_failure(base, error))?;
+    check(response).await.map(|_| ())
 }
 
 /// The JSON body of a successful response, else an error with the API's status, message and code.

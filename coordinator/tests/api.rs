@@ -117,6 +117,29 @@ async fn login_users_tokens_and_lockout() {
     expect_status(&basic, 401, "me with Basic auth");
     assert_eq!(basic.error_code(), Some("unauthorized"));
 
+    // Logout ends that login token, and only that one: another login of the same user still works.
+    let second = node.login("john_doe", "your_password").await;
+    expect_status(&node.call(Method::POST, "/api/v1/auth/logout", Some(&second), None).await, 204, "logout");
+    let after = node.get("/api/v1/auth/me", &second).await;
+    expect_status(&after, 401, "a logged-out token");
+    assert!(after.text().contains("logout"), "the refusal says why: {}", after.text());
+    expect_status(&node.call(Method::POST, "/api/v1/auth/logout", Some(&second), None).await, 401, "logging out twice");
+    expect_status(&node.get("/api/v1/auth/me", &john).await, 200, "the other login of john_doe");
+    expect_status(&node.call(Method::POST, "/api/v1/auth/logout", None, None).await, 401, "logout without a token");
+    // The dashboard's logout revokes its session's token as well; the form must carry the CSRF token.
+    let third = node.login("john_doe", "your_password").await;
+    let cookie = format!("davit_session={third}");
+    let forged =
+        node.client.post(node.url("/logout")).header("cookie", &cookie).header("content-type", "application/x-www-form-urlencoded");
+    expect_status(&node.send(forged.body("csrf=wrong")).await, 403, "a dashboard logout without the page's CSRF token");
+    expect_status(&node.get("/api/v1/auth/me", &third).await, 200, "a refused logout leaves the session");
+    let csrf = davit_coordinator::dashboard::session::csrf_token(&third);
+    let form = node.client.post(node.url("/logout")).header("cookie", &cookie).header("content-type", "application/x-www-form-urlencoded");
+    let dashboard_logout = node.send(form.body(format!("csrf={csrf}"))).await;
+    // It redirects to the login page (which the client follows).
+    assert!([200, 303].contains(&dashboard_logout.status), "the dashboard logout: {}", dashboard_logout.text());
+    expect_status(&node.get("/api/v1/auth/me", &third).await, 401, "the dashboard session's token after its logout");
+
     let (viewer_id, viewer) = node.create_user("vera_viewer", "viewer-password", "viewer").await;
     let (other_id, other_dev) = node.create_user("dev_two", "developer-two", "developer").await;
 

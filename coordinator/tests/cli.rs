@@ -356,9 +356,15 @@ async fn the_everyday_commands_work_against_a_real_node() {
     let not_waiting = user.davit(&["approve", &deployed.to_string()]).exits(1, "approving what needs no approval");
     assert!(not_waiting.stderr.contains("does not wait for approvals"), "{}", not_waiting.describe());
 
-    // Logout: the file is gone, and commands ask for a login again.
-    user.davit(&["logout"]).success("logout");
+    // Logout: the server refuses the token from then on, the file is gone, and commands ask for
+    // a login again.
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(user.credentials()).unwrap()).unwrap();
+    let saved_token = saved["token"].as_str().unwrap().to_string();
+    let logged_out = user.davit(&["logout"]).success("logout");
+    assert!(logged_out.stdout.contains("no longer accepts the token"), "{}", logged_out.describe());
     assert!(!user.credentials().exists());
+    let copy = user.davit(&["pipelines", "--url", &url, "--token", &saved_token]).exits(1, "pipelines with the logged-out token");
+    assert!(copy.stderr.contains("logout"), "{}", copy.describe());
     let again = user.davit(&["pipelines", "--url", &url]).exits(2, "pipelines after logout");
     assert!(again.stderr.contains("davit login"), "{}", again.describe());
     // An explicit token still works without a login.

@@ -12,9 +12,9 @@ use super::AppState;
 use crate::api_error::ApiError;
 use crate::auth::{self, Claims};
 use crate::node::{Node, Requester};
-use crate::state::apply::{index, index_ids, load_id};
+use crate::state::apply::{index, index_ids, load, load_id, meta_keys};
 use crate::state::codec::key_id;
-use crate::state::records::{ApiToken, Role, User};
+use crate::state::records::{ApiToken, Role, Timestamp, User};
 use crate::store::Table;
 
 /// The authenticated caller of a request.
@@ -93,6 +93,9 @@ pub fn authenticate_token(node: &Node, token: &str, source: Option<String>) -> R
         ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cluster is still initializing; retry shortly")
     })?;
     let claims: Claims = auth::check_token(&key, token).map_err(|error| ApiError::unauthorized(error.to_string()))?;
+    if load::<Timestamp>(&state, Table::StateMeta, &meta_keys::revoked_login(&auth::token_hash(token)))?.is_some() {
+        return Err(ApiError::unauthorized("this login token ended with a logout; log in again with POST /api/v1/auth/login"));
+    }
     let user_id: u64 = claims.sub.parse().map_err(|_| ApiError::unauthorized("malformed token subject"))?;
     // The role comes from the current user record, so a demoted or deleted user loses access
     // at once rather than when the token expires.

@@ -26,6 +26,7 @@ pub const MAX_FAILED_LOGINS: usize = 10;
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(login))
+        .routes(routes!(logout))
         .routes(routes!(me))
         .routes(routes!(list_users, create_user))
         .routes(routes!(get_user, update_user, delete_user))
@@ -141,6 +142,39 @@ pub async fn log_in(state: &AppState, source: Option<String>, request: &LoginReq
         .token_signing_key()
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the cluster is still initializing"))?;
     auth::issue_token(&key, user.user_id, &user.username, user.role, now / 1000).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// End the caller's login session: the login token this request presents (bearer header or the
+/// dashboard's cookie) is refused from now on, on every node. API tokens are not sessions; they
+/// are revoked with `DELETE /api/v1/tokens/{id}`.
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", security(("bearer" = [])),
+    responses((status = 204, description = "The login token is revoked"), (status = 400, body = crate::api_error::ErrorBody),
+        (status = 401, body = crate::api_error::ErrorBody)))]
+async fn logout(State(state): State<AppState>, caller: Caller, headers: axum::http::HeaderMap) -> Result<StatusCode, ApiError> {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(|token| token.trim().to_string());
+    let token = bearer.or_else(|| crate::dashboard::session::session_token(&headers)).unwrap_or_default();
+    revoke_login_token(&state, &caller, &token).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Revoke the login token `token` that authenticated `caller` (what `POST /api/v1/auth/logout`
+/// and the dashboard's logout share).
+pub async fn revoke_login_token(state: &AppState, caller: &Caller, token: &str) -> Result<(), ApiError> {
+    if token.starts_with(API_TOKEN_PREFIX) {
+        return Err(ApiError::invalid_field(
+            "authorization",
+            "an API token is not a login session: revoke it with DELETE /api/v1/tokens/{id} (GET /api/v1/tokens lists them)",
+        ));
+    }
+    let key = state.node.token_signing_key().ok_or_else(|| ApiError::internal("the token signing key is missing"))?;
+    let claims = auth::check_token(&key, token).map_err(|error| ApiError::unauthorized(error.to_string()))?;
+    let command = Command::RevokeLoginToken { token_hash: auth::token_hash(token), expires_at: claims.exp.saturating_mul(1000) };
+    super::propose(&state.node, &caller.requester(), command).await?;
+    Ok(())
 }
 
 /// The caller's own user record.

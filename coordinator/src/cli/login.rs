@@ -64,15 +64,28 @@ pub async fn login(args: LoginArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn logout() -> anyhow::Result<()> {
+/// Revoke the saved login token at its server (when it answers), then forget it here.
+pub async fn logout() -> anyhow::Result<()> {
     let path = credentials::credentials_path()?;
     let saved = credentials::load(&path).unwrap_or(None);
+    let revoked = match &saved {
+        Some(login) => {
+            let http = super::http_client(login.ca_file.as_deref())?;
+            super::log_out(&http, &login.url, &login.token).await
+        }
+        None => Ok(()),
+    };
     if credentials::remove(&path)? {
         match saved {
             Some(login) => {
                 println!("Logged out of {} ({}): removed {}.", login.url, login.username, path.display());
-                if let Some(expires_at) = login.expires_at {
-                    println!("A copy of the token taken before would still work until it expires at {expires_at}.");
+                match (revoked, login.expires_at) {
+                    (Ok(()), _) => println!("The server no longer accepts the token."),
+                    // An expired token, or a server that cannot be reached: the copy is all that is left.
+                    (Err(error), Some(expires_at)) => {
+                        println!("The server could not revoke the token ({error:#}); a copy taken before works until {expires_at}.")
+                    }
+                    (Err(error), None) => println!("The server could not revoke the token ({error:#})."),
                 }
             }
             None => println!("Removed {}.", path.display()),

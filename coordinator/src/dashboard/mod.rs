@@ -267,15 +267,21 @@ async fn login_submit(State(state): State<AppState>, headers: HeaderMap, source:
     }
 }
 
-/// End the session: the cookie is cleared. The login token itself stays valid until it
-/// expires (an hour at most), as a JWT cannot be recalled; the browser no longer has it.
-async fn logout(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+/// End the session: its login token is revoked on every node (a copy of the cookie taken
+/// before no longer works), and the cookie is cleared.
+async fn logout(State(state): State<AppState>, source: crate::api::extract::ClientAddress, headers: HeaderMap, body: Bytes) -> Response {
     let presented = url::form_urlencoded::parse(&body).find(|(key, _)| key == "csrf").map(|(_, value)| value.into_owned());
-    if let Some(session) = session::session_token(&headers)
-        && !session::csrf_matches(&session, presented.as_deref().unwrap_or_default())
-    {
-        return crate::api_error::ApiError::forbidden("log out with the page's Log out button (the form carries its CSRF token)")
-            .into_response();
+    if let Some(session) = session::session_token(&headers) {
+        if !session::csrf_matches(&session, presented.as_deref().unwrap_or_default()) {
+            return crate::api_error::ApiError::forbidden("log out with the page's Log out button (the form carries its CSRF token)")
+                .into_response();
+        }
+        // A session that no longer authenticates (expired, or revoked already) has nothing to revoke.
+        if let Ok(caller) = crate::api::extract::authenticate_token(&state.node, &session, source.0)
+            && let Err(error) = crate::api::users::revoke_login_token(&state, &caller, &session).await
+        {
+            return error.into_response();
+        }
     }
     let mut response = redirect("/login");
     if let Ok(cookie) = HeaderValue::from_str(&session::cleared_cookie(state.node.config.tls.is_some())) {

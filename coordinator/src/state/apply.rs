@@ -20,6 +20,11 @@ pub mod meta_keys {
     pub fn login_failures(username: &str) -> Vec<u8> {
         format!("login_failures/{username}").into_bytes()
     }
+    /// Login tokens revoked by a logout, by hash, each with the time it expires.
+    pub const REVOKED_LOGINS: &[u8] = b"revoked_logins/";
+    pub fn revoked_login(token_hash: &str) -> Vec<u8> {
+        [REVOKED_LOGINS, token_hash.as_bytes()].concat()
+    }
     pub fn next_id(table: crate::store::Table) -> Vec<u8> {
         format!("next_id/{}", table.name()).into_bytes()
     }
@@ -318,6 +323,22 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             0 => Ok(not_found("API token", *token_id)),
             affected => Ok(Outcome::applied(Some(*token_id), affected)),
         },
+        Command::RevokeLoginToken { token_hash, expires_at } => {
+            // Revocations of tokens that have expired meanwhile are no longer needed: at most an
+            // hour of logouts is kept.
+            let mut affected = 0;
+            for (key, value) in txn.scan_prefix(Table::StateMeta, meta_keys::REVOKED_LOGINS)? {
+                if super::codec::decode::<Timestamp>(Table::StateMeta, &value)? <= now {
+                    txn.delete(Table::StateMeta, key);
+                    affected += 1;
+                }
+            }
+            if *expires_at > now {
+                store(txn, Table::StateMeta, meta_keys::revoked_login(token_hash), expires_at);
+                affected += 1;
+            }
+            Ok(Outcome::applied(None, affected))
+        }
         Command::ConnectRepository { name, repo_url, branch, scm_type, webhook_secret, api_url, access_token, poll_interval_seconds } => {
             if repo_url.trim().is_empty() {
                 return Ok(Outcome::rejected(RejectionCode::Invalid, "repo_url must not be empty"));

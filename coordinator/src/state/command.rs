@@ -240,6 +240,12 @@ pub enum Command {
     RevokeApiToken {
         token_id: u64,
     },
+    /// A login token (JWT) is refused from now on, until it would have expired anyway: its
+    /// owner logged out. Only the token's hash is kept.
+    RevokeLoginToken {
+        token_hash: String,
+        expires_at: Timestamp,
+    },
     ConnectRepository {
         name: String,
         repo_url: String,
@@ -532,6 +538,7 @@ impl Command {
             Command::DeleteUser { .. } => "user.delete",
             Command::CreateApiToken { .. } => "api_token.create",
             Command::RevokeApiToken { .. } => "api_token.revoke",
+            Command::RevokeLoginToken { .. } => "auth.logout",
             Command::ConnectRepository { .. } => "repository.connect",
             Command::UpdateRepository { .. } => "repository.update",
             Command::DeleteRepository { .. } => "repository.delete",

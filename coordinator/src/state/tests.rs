@@ -358,3 +358,17 @@ fn a_builds_measurements_are_recorded_and_a_promotion_carries_its_commit_time() 
         .expect("old FinishJob decodes");
     assert!(matches!(old, Command::FinishJob { ref measured, .. } if measured.is_empty()));
 }
+
+#[test]
+fn a_logout_is_kept_until_its_token_would_have_expired() {
+    let mut txn = Txn::new(&EmptyState);
+    let revoked = |txn: &Txn, hash: &str| load::<Timestamp>(txn, Table::StateMeta, &apply::meta_keys::revoked_login(hash)).unwrap();
+    propose(&mut txn, 1_000, Command::RevokeLoginToken { token_hash: "first".into(), expires_at: 5_000 }).result.unwrap();
+    assert_eq!(revoked(&txn, "first"), Some(5_000));
+    // A later logout drops the revocations whose tokens have expired meanwhile; a token that has
+    // expired already needs none.
+    propose(&mut txn, 6_000, Command::RevokeLoginToken { token_hash: "second".into(), expires_at: 6_000 }).result.unwrap();
+    assert_eq!((revoked(&txn, "first"), revoked(&txn, "second")), (None, None));
+    propose(&mut txn, 7_000, Command::RevokeLoginToken { token_hash: "third".into(), expires_at: 3_607_000 }).result.unwrap();
+    assert_eq!(revoked(&txn, "third"), Some(3_607_000));
+}
