@@ -247,7 +247,7 @@ mod tests {
     use crate::state::apply::{index, load_id};
     use crate::state::codec::encode;
     use crate::state::command::{Command, ConfigEntry};
-    use crate::state::records::{AuditLog, Deployment, DeploymentStatus, RolloutHost};
+    use crate::state::records::{AuditLog, Deployment, RolloutHost};
     use crate::state::tests::{propose, seed_pipeline};
     use crate::state::txn::EmptyState;
 
