@@ -167,15 +167,44 @@ fn switches_to(agent: &AgentProcess, service: &str, release: &str) -> usize {
 /// The service's repository (v1: answers `v1`, healthy), served by `git daemon` and connected;
 /// returns its first commit and the connected repository.
 async fn service_repository(api: &Api, name: &str) -> (GitServer, String, Value) {
-    let (git_server, commit) = GitServer::start_with(
-        name,
-        &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
-    );
+    let files = [("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)];
+    connected_repository(api, name, &files).await
+}
+
+/// A repository of these files served by `git daemon` and connected; returns its first commit
+/// and the connected repository.
+async fn connected_repository(api: &Api, name: &str, files: &[(&str, &str)]) -> (GitServer, String, Value) {
+    let (git_server, commit) = GitServer::start_with(name, files);
     // Not polled: each version is deployed by the test, and a run the poller started for a new
     // commit would roll out beside (and after) the test's own deployment of it.
     let connect = json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git", "poll_interval_seconds": 0});
     let repo = api.post("/api/v1/repos/connect", connect).await;
     (git_server, commit, repo)
+}
+
+/// A pipeline releasing the repository's image, blue-green, to development: on `davit up`, its
+/// embedded agent on this machine. Returns the pipeline's id and the service's port.
+async fn development_pipeline(api: &Api, repo: &Value, name: &str) -> (u64, u16) {
+    let port = git_server::free_port();
+    let pipeline = api
+        .post(
+            "/api/v1/pipelines",
+            json!({
+                "name": name, "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "development",
+                "build": {"dockerfile": "Dockerfile"},
+                "deploy": {"public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200, "keep_old_seconds": 1}
+            }),
+        )
+        .await;
+    (pipeline["pipeline_id"].as_u64().unwrap(), port)
+}
+
+/// What the service answers on this machine: status and body, or the error.
+async fn local_answer(port: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{port}/")).await {
+        Ok(response) => format!("{} {}", response.status().as_u16(), response.text().await.unwrap_or_default().trim()),
+        Err(error) => format!("error: {error}"),
+    }
 }
 
 /// The service's repository, its pipeline, a Docker build agent and the four deploy agents.
@@ -241,28 +270,14 @@ async fn davit_up_builds_and_deploys_to_development_with_its_embedded_agent() {
     let node = SingleNode::start_with(test, &["--agent-executor", "docker"]).await;
     let api = api_for(&node);
     let (_git_server, commit, repo) = service_repository(&api, "up-service").await;
-    let port = git_server::free_port();
-    let pipeline = api
-        .post(
-            "/api/v1/pipelines",
-            json!({
-                "name": "local", "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "development",
-                "build": {"dockerfile": "Dockerfile"},
-                "deploy": {"public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200, "keep_old_seconds": 1}
-            }),
-        )
-        .await;
-    let pipeline_id = pipeline["pipeline_id"].as_u64().unwrap();
+    let (pipeline_id, port) = development_pipeline(&api, &repo, "local").await;
     let created = api
         .post("/api/v1/deployments", json!({"pipeline_id": pipeline_id.to_string(), "commit_hash": commit, "environment": "development"}))
         .await;
     let deployment_id = created["deployment_id"].as_u64().unwrap();
     let ended = wait_for_end(&api, deployment_id, Duration::from_secs(240)).await;
     let state_dir = node.data_dir().join("agent");
-    let answer = match reqwest::get(format!("http://127.0.0.1:{port}/")).await {
-        Ok(response) => format!("{} {}", response.status().as_u16(), response.text().await.unwrap_or_default().trim()),
-        Err(error) => format!("error: {error}"),
-    };
+    let answer = local_answer(port).await;
     remove_releases_of(&state_dir);
     assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}\n{}", events(&api, deployment_id).await, node.log_tail(40));
     assert_eq!(answer, "200 v1", "the release answers on 127.0.0.1:{port}");
@@ -292,30 +307,9 @@ async fn a_rollback_releases_the_configuration_versions_its_target_ran_with() {
     let mut node = SingleNode::start_with(test, &["--agent-executor", "docker"]).await;
     let api = api_for(&node);
     let v1_cgi = environment_cgi("v1");
-    let (git_server, first_commit) = GitServer::start_with(
-        "versioned-service",
-        &[("Dockerfile", DOCKERFILE), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", v1_cgi.as_str())],
-    );
-    let connect = json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git", "poll_interval_seconds": 0});
-    let repo = api.post("/api/v1/repos/connect", connect).await;
-    let port = git_server::free_port();
-    let pipeline = api
-        .post(
-            "/api/v1/pipelines",
-            json!({
-                "name": "versioned", "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "development",
-                "build": {"dockerfile": "Dockerfile"},
-                "deploy": {"public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200, "keep_old_seconds": 1}
-            }),
-        )
-        .await;
-    let pipeline_id = pipeline["pipeline_id"].as_u64().unwrap();
-    let answer = || async move {
-        match reqwest::get(format!("http://127.0.0.1:{port}/")).await {
-            Ok(response) => format!("{} {}", response.status().as_u16(), response.text().await.unwrap_or_default().trim()),
-            Err(error) => format!("error: {error}"),
-        }
-    };
+    let files = [("Dockerfile", DOCKERFILE), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", v1_cgi.as_str())];
+    let (git_server, first_commit, repo) = connected_repository(&api, "versioned-service", &files).await;
+    let (pipeline_id, port) = development_pipeline(&api, &repo, "versioned").await;
     let deploy = |commit: String| {
         let api = &api;
         async move {
@@ -332,14 +326,14 @@ async fn a_rollback_releases_the_configuration_versions_its_target_ran_with() {
     let written = api.post("/api/v1/configs/development", json!({"db_password": FIRST_SECRET, "GREETING": "hello"})).await;
     assert_eq!(written["versions"], json!({"db_password": 1, "GREETING": 1}), "{written}");
     let first = deploy(first_commit.clone()).await;
-    assert_eq!(answer().await, format!("200 v1 db_password={FIRST_SECRET} greeting=hello env=dev-override"));
+    assert_eq!(local_answer(port).await, format!("200 v1 db_password={FIRST_SECRET} greeting=hello env=dev-override"));
 
     // The secret changes (version 2) and a new commit is released with it.
     let written = api.post("/api/v1/configs/development", json!({"db_password": SECOND_SECRET})).await;
     assert_eq!(written["versions"], json!({"db_password": 2}), "{written}");
     let second_commit = git_server.commit_files(&[("www/cgi-bin/index.cgi", Some(environment_cgi("v2").as_str()))], "v2");
     let second = deploy(second_commit).await;
-    assert_eq!(answer().await, format!("200 v2 db_password={SECOND_SECRET} greeting=hello env=dev-override"));
+    assert_eq!(local_answer(port).await, format!("200 v2 db_password={SECOND_SECRET} greeting=hello env=dev-override"));
     let listed = api.get("/api/v1/configs/development").await;
     assert_eq!((&listed["variables"]["db_password"]["version"], &listed["variables"]["db_password"]["value"]), (&json!(2), &json!("***")));
 
@@ -350,7 +344,7 @@ async fn a_rollback_releases_the_configuration_versions_its_target_ran_with() {
     assert_eq!(rollback["release_of"], first);
     let ended = wait_for_end(&api, rollback_id, Duration::from_secs(240)).await;
     assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(&api, rollback_id).await);
-    assert_eq!(answer().await, format!("200 v1 db_password={FIRST_SECRET} greeting=hello env=dev-override"));
+    assert_eq!(local_answer(port).await, format!("200 v1 db_password={FIRST_SECRET} greeting=hello env=dev-override"));
 
     // The deployments show keys and versions, never a value.
     let versions_of = |deployment: &Value| -> Vec<(String, u64, bool)> {
