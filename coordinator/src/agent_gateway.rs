@@ -38,8 +38,9 @@ use crate::secrets::MasterKeys;
 use crate::state::Command;
 use crate::state::apply::{index, index_ids, job_status_name, load_id};
 use crate::state::command::{ArtifactOrigin, JobEnd, JobMeasurements};
+use crate::state::config_history;
 use crate::state::events::StateEvent;
-use crate::state::records::{Agent, Deployment, Job, JobStatus, ResourceUsage, StepRecord, StepState};
+use crate::state::records::{Agent, ConfigVersion, Deployment, Job, JobStatus, ResourceUsage, StepRecord, StepState};
 use crate::state::{Outcome, RejectionCode};
 use crate::store::Table;
 
@@ -260,27 +261,16 @@ impl AgentGateway {
         let deployment = load_id::<Deployment>(&self.node.state(), Table::Deployments, job.deployment_id)
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| Status::not_found(format!("deployment {} of job {} is gone", job.deployment_id, job.job_id)))?;
-        // A rollout's release steps run with the configuration recorded when it began.
-        let recorded =
-            deployment.rollout.as_ref().filter(|_| crate::state::rollout::is_release_job(job)).map(|rollout| rollout.config.clone());
-        let rows: Vec<(String, crate::state::records::Configuration)> = match recorded {
-            Some(config) => config.into_iter().map(|row| (row.key.clone(), row)).collect(),
-            None => effective_configuration(&self.node, &deployment.environment, Some(deployment.pipeline_id), true)
-                .await
-                .map_err(status_of)?
-                .into_iter()
-                .collect(),
-        };
         let mut env = Vec::new();
-        for (key, row) in rows {
+        for row in self.configuration_of(&deployment, job).await? {
             let value = if row.is_secret {
-                self.secrets
-                    .open(&row.value, &secret_context(&row.environment, row.pipeline_id, &row.key))
-                    .map_err(|e| Status::internal(format!("secret {key:?} of {} cannot be opened on this node: {e}", row.environment)))?
+                self.secrets.open(&row.value, &secret_context(&row.environment, row.pipeline_id, &row.key)).map_err(|e| {
+                    Status::internal(format!("secret {:?} of {} cannot be opened on this node: {e}", row.key, row.environment))
+                })?
             } else {
                 row.value
             };
-            env.push(pb::EnvVar { name: key, value, secret: row.is_secret });
+            env.push(pb::EnvVar { name: row.key, value, secret: row.is_secret });
         }
         for (key, value) in &deployment.config_overrides {
             env.retain(|var| &var.name != key);
@@ -294,6 +284,38 @@ impl AgentGateway {
             spec_json: serde_json::to_vec(&job.spec).unwrap_or_default(),
             env,
         })
+    }
+
+    /// The configuration (sealed, as stored) a job of `deployment` runs with: the versions the
+    /// deployment resolved, read from the history. A deployment from before versions existed
+    /// gives its release jobs the copies its rollout recorded, and its build the environment's
+    /// configuration as it is now.
+    async fn configuration_of(&self, deployment: &Deployment, job: &Job) -> Result<Vec<ConfigVersion>, Status> {
+        if let Some(references) = &deployment.configuration {
+            let state = self.node.state();
+            let mut rows = Vec::with_capacity(references.len());
+            for reference in references {
+                let version = config_history::load_version(&state, reference.config_id, reference.version)
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .ok_or_else(|| {
+                        Status::internal(format!(
+                            "version {} of configuration {:?} (config id {}) that deployment {} references is missing from the history",
+                            reference.version, reference.key, reference.config_id, deployment.deployment_id
+                        ))
+                    })?;
+                rows.push(version);
+            }
+            return Ok(rows);
+        }
+        let copies = match deployment.rollout.as_ref().filter(|_| crate::state::rollout::is_release_job(job)) {
+            Some(rollout) => rollout.config.clone(),
+            None => effective_configuration(&self.node, &deployment.environment, Some(deployment.pipeline_id), true)
+                .await
+                .map_err(status_of)?
+                .into_values()
+                .collect(),
+        };
+        Ok(copies.iter().map(config_history::as_version).collect())
     }
 
     async fn offer(&self, session: &Session, job: &Job) {

@@ -254,6 +254,7 @@ mod tests {
             required_approvals: None,
             approvals: Vec::new(),
             commit_time: None,
+            configuration: None,
             created_at: ended - 1000,
             updated_at: ended,
         }

@@ -932,6 +932,32 @@ async fn configs_audit_log_and_cluster() {
     expect_field_error(&node.post("/api/v1/configs/staging", &admin, &json!({"ключ": "v"})).await, "ключ", "a non-ASCII key");
     expect_status(&node.get("/api/v1/configs/staging?pipeline_id=999999", &viewer).await, 404, "an unknown pipeline's configuration");
 
+    // Versions: every set is a new one; listed newest first, secrets masked.
+    let again = node.post("/api/v1/configs/staging", &developer, &json!({"db_host": "db-2.example.com"})).await;
+    expect_status(&again, 200, "set a key again");
+    assert_eq!(again.json["versions"], json!({"db_host": 2}));
+    let history = node.get("/api/v1/configs/staging/db_host/versions", &viewer).await;
+    expect_status(&history, 200, "a viewer lists a key's versions");
+    assert_eq!(history.json["current_version"], 2);
+    let listed: Vec<(u64, &str, bool)> = history.json["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|version| (version["version"].as_u64().unwrap(), version["value"].as_str().unwrap(), version["current"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(listed, [(2, "db-2.example.com", true), (1, "staging-db.example.com", false)]);
+    let secret = node.get("/api/v1/configs/staging/db_password/versions", &viewer).await;
+    expect_status(&secret, 200, "a secret's versions");
+    assert_eq!((&secret.json["versions"][0]["value"], &secret.json["versions"][0]["secret"]), (&json!("***"), &json!(true)));
+    assert!(!secret.text().contains("new_password") && !secret.text().contains("davit-sealed"), "{}", secret.text());
+    expect_status(&node.get("/api/v1/configs/staging/no_such_key/versions", &viewer).await, 404, "an unknown key's versions");
+    expect_field_error(
+        &node.get("/api/v1/configs/Bad_Env/db_host/versions", &viewer).await,
+        "environment",
+        "versions in a bad environment",
+    );
+    expect_status(&node.call(Method::GET, "/api/v1/configs/staging/db_host/versions", None, None).await, 401, "versions without a token");
+
     // Pipeline-scoped values override the environment's.
     let repo =
         node.post("/api/v1/repos/connect", &developer, &json!({"repo_url": "https://github.com/org/repo", "scm_type": "github"})).await;
@@ -945,7 +971,7 @@ async fn configs_audit_log_and_cluster() {
         "a pipeline's own value",
     );
     let scoped = node.get(&format!("/api/v1/configs/staging?pipeline_id={pipeline_id}"), &viewer).await;
-    assert_eq!(scoped.json["variables"]["db_host"], json!({"value": "app-db", "secret": false, "scope": "pipeline"}));
+    assert_eq!(scoped.json["variables"]["db_host"], json!({"value": "app-db", "secret": false, "scope": "pipeline", "version": 1}));
     assert_eq!(scoped.json["variables"]["replicas"]["scope"], "environment");
 
     // Delete.
@@ -958,6 +984,8 @@ async fn configs_audit_log_and_cluster() {
     expect_field_error(&node.delete("/api/v1/configs/BAD/x", &admin).await, "environment", "delete in a bad environment");
     let read = node.get("/api/v1/configs/staging", &viewer).await;
     assert!(read.json["variables"].get("db_host").is_none() && read.json["variables"].get("db_password").is_none(), "{}", read.text());
+    // No deployment referenced them, so their history went with them.
+    expect_status(&node.get("/api/v1/configs/staging/db_password/versions", &viewer).await, 404, "a deleted key's versions");
 
     // The audit log: admins only, paged, and never a secret in clear.
     let audit = node.get("/api/v1/audit-logs", &admin).await;

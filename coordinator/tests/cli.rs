@@ -303,6 +303,10 @@ async fn the_everyday_commands_work_against_a_real_node() {
     let got = user.davit(&["config", "get", "development", "--json"]).success("config get --json").json("config get");
     assert_eq!(got["variables"]["api_url"]["value"], "https://api.example.com");
     assert_eq!(got["variables"]["db_password"]["value"], "***");
+    // Every set is a new version of the key.
+    user.davit(&["config", "set", "development", "api_url=https://api2.example.com"]).success("config set again");
+    let got = user.davit(&["config", "get", "development", "--json"]).success("config get --json").json("config get");
+    assert_eq!((&got["variables"]["api_url"]["version"], &got["variables"]["db_password"]["version"]), (&json!(2), &json!(1)));
     user.davit(&["config", "set", "development", "novalue"]).exits(2, "config set without '='");
 
     // Agents and the cluster, both forms.

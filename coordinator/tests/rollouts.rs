@@ -167,15 +167,44 @@ fn switches_to(agent: &AgentProcess, service: &str, release: &str) -> usize {
 /// The service's repository (v1: answers `v1`, healthy), served by `git daemon` and connected;
 /// returns its first commit and the connected repository.
 async fn service_repository(api: &Api, name: &str) -> (GitServer, String, Value) {
-    let (git_server, commit) = GitServer::start_with(
-        name,
-        &[("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)],
-    );
+    let files = [("Dockerfile", DOCKERFILE), ("www/index.html", "v1\n"), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", FAILING_CGI)];
+    connected_repository(api, name, &files).await
+}
+
+/// A repository of these files served by `git daemon` and connected; returns its first commit
+/// and the connected repository.
+async fn connected_repository(api: &Api, name: &str, files: &[(&str, &str)]) -> (GitServer, String, Value) {
+    let (git_server, commit) = GitServer::start_with(name, files);
     // Not polled: each version is deployed by the test, and a run the poller started for a new
     // commit would roll out beside (and after) the test's own deployment of it.
     let connect = json!({"repo_url": git_server.url(), "branch": "main", "scm_type": "git", "poll_interval_seconds": 0});
     let repo = api.post("/api/v1/repos/connect", connect).await;
     (git_server, commit, repo)
+}
+
+/// A pipeline releasing the repository's image, blue-green, to development: on `davit up`, its
+/// embedded agent on this machine. Returns the pipeline's id and the service's port.
+async fn development_pipeline(api: &Api, repo: &Value, name: &str) -> (u64, u16) {
+    let port = git_server::free_port();
+    let pipeline = api
+        .post(
+            "/api/v1/pipelines",
+            json!({
+                "name": name, "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "development",
+                "build": {"dockerfile": "Dockerfile"},
+                "deploy": {"public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200, "keep_old_seconds": 1}
+            }),
+        )
+        .await;
+    (pipeline["pipeline_id"].as_u64().unwrap(), port)
+}
+
+/// What the service answers on this machine: status and body, or the error.
+async fn local_answer(port: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{port}/")).await {
+        Ok(response) => format!("{} {}", response.status().as_u16(), response.text().await.unwrap_or_default().trim()),
+        Err(error) => format!("error: {error}"),
+    }
 }
 
 /// The service's repository, its pipeline, a Docker build agent and the four deploy agents.
@@ -241,34 +270,147 @@ async fn davit_up_builds_and_deploys_to_development_with_its_embedded_agent() {
     let node = SingleNode::start_with(test, &["--agent-executor", "docker"]).await;
     let api = api_for(&node);
     let (_git_server, commit, repo) = service_repository(&api, "up-service").await;
-    let port = git_server::free_port();
-    let pipeline = api
-        .post(
-            "/api/v1/pipelines",
-            json!({
-                "name": "local", "repo_id": repo["repo_id"], "branch": "main", "deploy_strategy": "blue-green", "environment": "development",
-                "build": {"dockerfile": "Dockerfile"},
-                "deploy": {"public_port": port, "container_port": 8080, "health_path": "/health", "health_interval_ms": 200, "keep_old_seconds": 1}
-            }),
-        )
-        .await;
-    let pipeline_id = pipeline["pipeline_id"].as_u64().unwrap();
+    let (pipeline_id, port) = development_pipeline(&api, &repo, "local").await;
     let created = api
         .post("/api/v1/deployments", json!({"pipeline_id": pipeline_id.to_string(), "commit_hash": commit, "environment": "development"}))
         .await;
     let deployment_id = created["deployment_id"].as_u64().unwrap();
     let ended = wait_for_end(&api, deployment_id, Duration::from_secs(240)).await;
     let state_dir = node.data_dir().join("agent");
-    let answer = match reqwest::get(format!("http://127.0.0.1:{port}/")).await {
-        Ok(response) => format!("{} {}", response.status().as_u16(), response.text().await.unwrap_or_default().trim()),
-        Err(error) => format!("error: {error}"),
-    };
+    let answer = local_answer(port).await;
     remove_releases_of(&state_dir);
     assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}\n{}", events(&api, deployment_id).await, node.log_tail(40));
     assert_eq!(answer, "200 v1", "the release answers on 127.0.0.1:{port}");
     // Staging has no deploy host here: the embedded agent deploys to development only.
     let hosts: Vec<Value> = events(&api, deployment_id).await.into_iter().filter(|event| event["kind"] == "host_healthy").collect();
     assert_eq!(hosts.len(), 1, "one host: the embedded agent");
+}
+
+/// Answers with its version and what its environment says (the CGI runs with the release
+/// container's environment).
+fn environment_cgi(version: &str) -> String {
+    format!("#!/bin/sh\necho \"Content-Type: text/plain\"\necho\necho \"{version} db_password=$DB_PASSWORD greeting=$GREETING env=$env\"\n")
+}
+
+/// A secret at version 1 is released, changed to version 2 and released with a new commit; the
+/// rollback to the first deployment runs with version 1 again, because deployments record the
+/// versions they resolved (never the values), and nothing stored with a deployment holds the
+/// secret, sealed or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_releases_the_configuration_versions_its_target_ran_with() {
+    let test = "config_versions";
+    if !docker_ready(test) {
+        return;
+    }
+    const FIRST_SECRET: &str = "hunter2-version-one";
+    const SECOND_SECRET: &str = "hunter2-version-two";
+    let mut node = SingleNode::start_with(test, &["--agent-executor", "docker"]).await;
+    let api = api_for(&node);
+    let v1_cgi = environment_cgi("v1");
+    let files = [("Dockerfile", DOCKERFILE), ("www/health", "ok\n"), ("www/cgi-bin/index.cgi", v1_cgi.as_str())];
+    let (git_server, first_commit, repo) = connected_repository(&api, "versioned-service", &files).await;
+    let (pipeline_id, port) = development_pipeline(&api, &repo, "versioned").await;
+    let deploy = |commit: String| {
+        let api = &api;
+        async move {
+            let body = json!({"pipeline_id": pipeline_id.to_string(), "commit_hash": commit, "environment": "development",
+                "config_overrides": {"env": "dev-override"}});
+            let deployment_id = api.post("/api/v1/deployments", body).await["deployment_id"].as_u64().unwrap();
+            let ended = wait_for_end(api, deployment_id, Duration::from_secs(240)).await;
+            assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(api, deployment_id).await);
+            deployment_id
+        }
+    };
+
+    // The seed's body: a secret (by its name) and a plain value, both version 1.
+    let written = api.post("/api/v1/configs/development", json!({"db_password": FIRST_SECRET, "GREETING": "hello"})).await;
+    assert_eq!(written["versions"], json!({"db_password": 1, "GREETING": 1}), "{written}");
+    let first = deploy(first_commit.clone()).await;
+    assert_eq!(local_answer(port).await, format!("200 v1 db_password={FIRST_SECRET} greeting=hello env=dev-override"));
+
+    // The secret changes (version 2) and a new commit is released with it.
+    let written = api.post("/api/v1/configs/development", json!({"db_password": SECOND_SECRET})).await;
+    assert_eq!(written["versions"], json!({"db_password": 2}), "{written}");
+    let second_commit = git_server.commit_files(&[("www/cgi-bin/index.cgi", Some(environment_cgi("v2").as_str()))], "v2");
+    let second = deploy(second_commit).await;
+    assert_eq!(local_answer(port).await, format!("200 v2 db_password={SECOND_SECRET} greeting=hello env=dev-override"));
+    let listed = api.get("/api/v1/configs/development").await;
+    assert_eq!((&listed["variables"]["db_password"]["version"], &listed["variables"]["db_password"]["value"]), (&json!(2), &json!("***")));
+
+    // Rolled back: the first commit, with the secret's version 1.
+    let (status, rollback) = api.call(reqwest::Method::POST, &format!("/api/v1/deployments/{second}/rollback"), None).await;
+    assert_eq!(status, 201, "{rollback}");
+    let rollback_id = rollback["deployment_id"].as_u64().unwrap();
+    assert_eq!(rollback["release_of"], first);
+    let ended = wait_for_end(&api, rollback_id, Duration::from_secs(240)).await;
+    assert_eq!(ended["status"], "success", "{ended:#}\n{:#?}", events(&api, rollback_id).await);
+    assert_eq!(local_answer(port).await, format!("200 v1 db_password={FIRST_SECRET} greeting=hello env=dev-override"));
+
+    // The deployments show keys and versions, never a value.
+    let versions_of = |deployment: &Value| -> Vec<(String, u64, bool)> {
+        deployment["configuration"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no configuration: {deployment:#}"))
+            .iter()
+            .map(|key| (key["key"].as_str().unwrap().to_string(), key["version"].as_u64().unwrap(), key["secret"].as_bool().unwrap()))
+            .collect()
+    };
+    let first_view = api.get(&format!("/api/v1/deployments/{first}")).await;
+    let expected_first = vec![("GREETING".to_string(), 1, false), ("db_password".to_string(), 1, true)];
+    assert_eq!(versions_of(&first_view), expected_first);
+    assert_eq!(versions_of(&api.get(&format!("/api/v1/deployments/{second}")).await)[1], ("db_password".to_string(), 2, true));
+    let rollback_view = api.get(&format!("/api/v1/deployments/{rollback_id}")).await;
+    assert_eq!(versions_of(&rollback_view), expected_first);
+    assert_eq!(rollback_view["config_overrides"], json!({"env": "dev-override"}));
+    for view in [&first_view, &rollback_view] {
+        let text = view.to_string();
+        assert!(!text.contains(FIRST_SECRET) && !text.contains("davit-sealed"), "{text}");
+    }
+
+    // The key's history: both versions, masked, both kept for the deployments that use them.
+    let history = api.get("/api/v1/configs/development/db_password/versions").await;
+    assert_eq!(history["current_version"], 2, "{history:#}");
+    let listed: Vec<(u64, &str, bool, bool)> = history["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|version| {
+            let number = version["version"].as_u64().unwrap();
+            (number, version["value"].as_str().unwrap(), version["current"].as_bool().unwrap(), version["in_use"].as_bool().unwrap())
+        })
+        .collect();
+    assert_eq!(listed, [(2, "***", true, true), (1, "***", false, true)]);
+    let (status, missing) = api.call(reqwest::Method::GET, "/api/v1/configs/development/no_such_key/versions", None).await;
+    assert_eq!(status, 404, "{missing}");
+
+    // The audit log names the versions.
+    let audit = api.get("/api/v1/audit-logs?action=configuration.set").await;
+    let details: Vec<&str> = audit["items"].as_array().unwrap().iter().map(|entry| entry["details"].as_str().unwrap()).collect();
+    assert!(details.iter().any(|details| details.ends_with("versions=db_password@2")), "{details:?}");
+
+    // On disk, no deployment record (rollouts included) holds the secret, sealed or in clear.
+    remove_releases_of(&node.data_dir().join("agent"));
+    node.kill();
+    let store = davit_coordinator::store::open_backend(davit_coordinator::store::BackendKind::Redb, &node.data_dir().join("store"))
+        .expect("open the node's store");
+    let deployments = store
+        .scan(davit_coordinator::store::Table::Deployments, davit_coordinator::store::full_range(), usize::MAX, false)
+        .expect("read the deployments");
+    assert_eq!(deployments.len(), 3);
+    for (_, record) in &deployments {
+        let record = String::from_utf8_lossy(record);
+        for secret in [FIRST_SECRET, SECOND_SECRET, "davit-sealed"] {
+            assert!(!record.contains(secret), "a stored deployment holds {secret:?}: {record}");
+        }
+        assert!(record.contains("\"configuration\":[") && record.contains("\"rollout\":{"), "{record}");
+    }
+    // The history holds the secret's versions sealed (never in clear).
+    let history = store
+        .scan(davit_coordinator::store::Table::ConfigVersions, davit_coordinator::store::full_range(), usize::MAX, false)
+        .expect("read the history");
+    let history: Vec<String> = history.iter().map(|(_, record)| String::from_utf8_lossy(record).into_owned()).collect();
+    assert_eq!(history.iter().filter(|record| record.contains("davit-sealed")).count(), 2, "{history:#?}");
+    assert!(!history.iter().any(|record| record.contains(FIRST_SECRET) || record.contains(SECOND_SECRET)), "{history:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

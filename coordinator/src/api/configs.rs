@@ -1,7 +1,8 @@
 //! Configuration variables and secrets per environment (and optionally per pipeline, which
 //! overrides the environment-wide value). Secret values are sealed with the master key before
 //! they are proposed, so they never reach the Raft log, the store or a snapshot in clear; the
-//! API always returns them masked. Setting or deleting a secret needs an admin.
+//! API always returns them masked. Setting or deleting a secret needs an admin. Every set of a
+//! key makes a new version (`state::config_history`); `GET .../{key}/versions` lists them.
 
 use std::collections::BTreeMap;
 
@@ -18,17 +19,17 @@ use super::deployments::scalar_to_string;
 use super::extract::{Caller, JsonBody, Path, Query, parse_id};
 use super::pipelines::{load_pipeline, validate_environment};
 use super::schema;
-use super::users::applied_id;
+use super::users::{applied_id, timestamp};
 use crate::api_error::ApiError;
 use crate::node::Node;
-use crate::state::apply::{configuration_key, configuration_prefix, load};
-use crate::state::codec::decode;
+use crate::state::apply::{configuration_key, load};
+use crate::state::config_history;
 use crate::state::records::{Configuration, Role};
 use crate::state::{Command, ConfigEntry};
-use crate::store::{Table, prefix_range};
+use crate::store::Table;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(get_configs, set_configs)).routes(routes!(delete_config))
+    OpenApiRouter::new().routes(routes!(get_configs, set_configs)).routes(routes!(delete_config)).routes(routes!(list_config_versions))
 }
 
 /// Words that make a key a secret even when the request does not say so.
@@ -62,6 +63,8 @@ pub struct ConfigValue {
     pub secret: bool,
     /// `environment` or `pipeline`: where the value comes from.
     pub scope: String,
+    /// The key's current version: every set makes a new one (see `.../{key}/versions`).
+    pub version: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -70,15 +73,6 @@ pub struct ConfigView {
     pub pipeline_id: Option<u64>,
     /// Every key with its effective value.
     pub variables: BTreeMap<String, ConfigValue>,
-}
-
-fn rows(node: &Node, environment: &str, pipeline_id: Option<u64>) -> Result<Vec<Configuration>, ApiError> {
-    let prefix = configuration_prefix(environment, pipeline_id);
-    node.backend
-        .scan(Table::Configurations, prefix_range(&prefix), usize::MAX, false)?
-        .into_iter()
-        .map(|(_, bytes)| decode(Table::Configurations, &bytes).map_err(ApiError::from))
-        .collect()
 }
 
 /// The effective configuration rows of an environment for a pipeline (pipeline rows override
@@ -92,12 +86,7 @@ pub async fn effective_configuration(
     if !stale_ok {
         node.read_barrier().await?;
     }
-    let mut effective: BTreeMap<String, Configuration> =
-        rows(node, environment, None)?.into_iter().map(|row| (row.key.clone(), row)).collect();
-    if pipeline_id.is_some() {
-        effective.extend(rows(node, environment, pipeline_id)?.into_iter().map(|row| (row.key.clone(), row)));
-    }
-    Ok(effective)
+    Ok(config_history::effective_rows(&node.state(), environment, pipeline_id)?)
 }
 
 /// Get configuration variables for a specific environment (secrets masked).
@@ -119,10 +108,12 @@ async fn get_configs(
     let variables = effective
         .into_iter()
         .map(|(key, row)| {
+            let version = row.current_version();
             let value = ConfigValue {
                 value: if row.is_secret { "***".into() } else { row.value },
                 secret: row.is_secret,
-                scope: if row.pipeline_id.is_some() { "pipeline".into() } else { "environment".into() },
+                scope: scope_name(row.pipeline_id).into(),
+                version,
             };
             (key, value)
         })
@@ -137,6 +128,8 @@ pub struct ConfigWritten {
     pub written: u64,
     /// Keys stored as secrets (sealed, shown masked).
     pub secret_keys: Vec<String>,
+    /// The version each key written now has.
+    pub versions: BTreeMap<String, u64>,
 }
 
 /// Add or update configuration variables. The body is the seed's flat object
@@ -166,11 +159,7 @@ async fn set_configs(
     let mut entries = Vec::with_capacity(body.len());
     let mut secret_keys = Vec::new();
     for (key, value) in body {
-        // Printable ASCII: keys become variable names in build environments, and the state
-        // machine counts its limit of 100 in bytes.
-        if key.is_empty() || key.len() > 100 || !key.bytes().all(|byte| (0x20..=0x7e).contains(&byte)) {
-            return Err(ApiError::invalid_field(&key, format!("key {key:?} must be 1 to 100 printable ASCII characters")));
-        }
+        validate_key(&key)?;
         let (value, marked_secret) = match value {
             serde_json::Value::Object(mut object) => {
                 let secret = match object.remove("secret") {
@@ -206,7 +195,7 @@ async fn set_configs(
     let command = Command::SetConfigurations { environment: environment.clone(), pipeline_id, entries };
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     let applied = outcome.result.map_err(ApiError::from)?;
-    Ok(Json(ConfigWritten { environment, pipeline_id, written: applied.affected, secret_keys }))
+    Ok(Json(ConfigWritten { environment, pipeline_id, written: applied.affected, secret_keys, versions: applied.config_versions }))
 }
 
 /// Delete one variable (admin for a secret).
@@ -232,6 +221,93 @@ async fn delete_config(
     let (outcome, _) = super::propose(&state.node, &caller.requester(), command).await?;
     applied_id(outcome)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `environment` or `pipeline`: where a row of this pipeline (or none) comes from.
+pub fn scope_name(pipeline_id: Option<u64>) -> &'static str {
+    if pipeline_id.is_some() { "pipeline" } else { "environment" }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConfigVersionView {
+    /// The row the version belongs to; a key deleted and set again is a new row, whose
+    /// versions start at 1 again.
+    pub config_id: u64,
+    pub version: u64,
+    /// The value, or `"***"` for a secret.
+    pub value: String,
+    pub secret: bool,
+    /// When it was set (RFC 3339) and by which user.
+    pub created_at: String,
+    pub created_by: Option<u64>,
+    /// The key's value now.
+    pub current: bool,
+    /// A stored deployment runs (or ran) with it, so it is kept for rollbacks.
+    pub in_use: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConfigVersions {
+    pub environment: String,
+    pub pipeline_id: Option<u64>,
+    pub key: String,
+    /// The key's current version; null when the key was deleted (versions that deployments
+    /// still reference are kept).
+    pub current_version: Option<u64>,
+    /// Newest first. Kept: versions referenced by stored deployments and the last 10 of an
+    /// existing key; older ones are pruned.
+    pub versions: Vec<ConfigVersionView>,
+}
+
+/// List the stored versions of one variable, newest first (secret values masked). Every set of
+/// a key makes a new version; deployments record the versions they resolved, and a rollback
+/// runs with its target's.
+#[utoipa::path(get, path = "/api/v1/configs/{environment}/{key}/versions", tag = "configuration",
+    params(("environment" = schema::EnvironmentName, Path), ("key" = String, Path), ConfigScope), security(("bearer" = [])),
+    responses((status = 200, body = ConfigVersions), (status = 400, body = crate::api_error::ErrorBody), (status = 401, body = crate::api_error::ErrorBody),
+        (status = 404, body = crate::api_error::ErrorBody)))]
+async fn list_config_versions(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path((environment, key)): Path<(String, String)>,
+    Query(scope): Query<ConfigScope>,
+) -> Result<Json<ConfigVersions>, ApiError> {
+    validate_environment("environment", &environment)?;
+    // Any key may be asked for: one that cannot exist is simply not found.
+    let pipeline_id = scope.pipeline_id.as_deref().map(|id| parse_id("pipeline_id", id)).transpose()?;
+    if !scope.stale_ok {
+        state.node.read_barrier().await?;
+    }
+    let view = state.node.state();
+    let current: Option<Configuration> = load(&view, Table::Configurations, &configuration_key(&environment, pipeline_id, &key))?;
+    let mut versions = Vec::new();
+    for version in config_history::versions_of(&view, &environment, pipeline_id, &key)?.into_iter().rev() {
+        let is_current = current.as_ref().is_some_and(|row| row.config_id == version.config_id && row.current_version() == version.version);
+        versions.push(ConfigVersionView {
+            config_id: version.config_id,
+            version: version.version,
+            value: if version.is_secret { "***".into() } else { version.value },
+            secret: version.is_secret,
+            created_at: timestamp(version.created_at),
+            created_by: version.created_by,
+            current: is_current,
+            in_use: config_history::in_use(&view, version.config_id, version.version)?,
+        });
+    }
+    if versions.is_empty() {
+        let scope = pipeline_id.map(|id| format!(" for pipeline {id}")).unwrap_or_default();
+        return Err(ApiError::not_found(format!("configuration {key:?} not found in environment {environment:?}{scope}")));
+    }
+    Ok(Json(ConfigVersions { environment, pipeline_id, key, current_version: current.map(|row| row.current_version()), versions }))
+}
+
+/// Keys are 1 to 100 printable ASCII characters: they become variable names in build
+/// environments, and the state machine counts its limit of 100 in bytes.
+fn validate_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > 100 || !key.bytes().all(|byte| (0x20..=0x7e).contains(&byte)) {
+        return Err(ApiError::invalid_field(key, format!("key {key:?} must be 1 to 100 printable ASCII characters")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

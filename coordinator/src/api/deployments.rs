@@ -62,6 +62,56 @@ pub struct DeploymentView {
     /// The environment is protected: developer approvals needed (or one admin's), and given.
     pub required_approvals: Option<u32>,
     pub approvals: Vec<ApprovalView>,
+    /// The configuration the deployment runs with, resolved when it was created (a rollback
+    /// takes its target's): each key with its version, never a value. `config_overrides` apply
+    /// on top. Null for a deployment from before configuration versions that has not rolled out.
+    pub configuration: Option<Vec<ResolvedVariableView>>,
+}
+
+/// One key of a deployment's configuration.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ResolvedVariableView {
+    pub key: String,
+    /// The version of the key the deployment runs with (see
+    /// `GET /api/v1/configs/{environment}/{key}/versions`); null for a rollout recorded before
+    /// configuration versions, which holds a copy.
+    pub version: Option<u64>,
+    pub config_id: u64,
+    pub secret: bool,
+    /// `environment` or `pipeline`: where the value comes from.
+    pub scope: String,
+}
+
+/// The keys and versions a deployment runs with: its references, or the copies of a rollout
+/// recorded before versions.
+fn resolved_configuration(deployment: &Deployment) -> Option<Vec<ResolvedVariableView>> {
+    if let Some(references) = &deployment.configuration {
+        return Some(
+            references
+                .iter()
+                .map(|reference| ResolvedVariableView {
+                    key: reference.key.clone(),
+                    version: Some(reference.version),
+                    config_id: reference.config_id,
+                    secret: reference.is_secret,
+                    scope: super::configs::scope_name(reference.pipeline_id).into(),
+                })
+                .collect(),
+        );
+    }
+    deployment.rollout.as_ref().map(|rollout| {
+        rollout
+            .config
+            .iter()
+            .map(|row| ResolvedVariableView {
+                key: row.key.clone(),
+                version: None,
+                config_id: row.config_id,
+                secret: row.is_secret,
+                scope: super::configs::scope_name(row.pipeline_id).into(),
+            })
+            .collect()
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -191,7 +241,9 @@ impl From<ScmOrigin> for ScmOriginView {
 
 impl From<Deployment> for DeploymentView {
     fn from(deployment: Deployment) -> Self {
+        let configuration = resolved_configuration(&deployment);
         Self {
+            configuration,
             deployment_id: deployment.deployment_id,
             pipeline_id: deployment.pipeline_id,
             commit_hash: deployment.commit_hash,

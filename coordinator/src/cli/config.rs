@@ -12,7 +12,7 @@ use super::{ApiClient, Connection, print_json, print_table};
 #[derive(Subcommand)]
 pub enum ConfigCommand {
     /// The effective variables of an environment (a pipeline's own values over the
-    /// environment's with --pipeline); secrets show as ***.
+    /// environment's with --pipeline) and their current versions; secrets show as ***.
     Get {
         environment: String,
         /// The values this pipeline (id or name) gets.
@@ -69,10 +69,11 @@ pub async fn config(command: ConfigCommand, json: bool) -> anyhow::Result<()> {
                         value["value"].as_str().unwrap_or_default().to_string(),
                         if value["secret"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
                         value["scope"].as_str().unwrap_or("-").to_string(),
+                        value["version"].as_u64().map(|version| version.to_string()).unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();
-            print_table(&["KEY", "VALUE", "SECRET", "SCOPE"], rows, 0);
+            print_table(&["KEY", "VALUE", "SECRET", "SCOPE", "VERSION"], rows, 0);
             Ok(())
         }
         ConfigCommand::Set { environment, variables, secret, pipeline, connection } => {

@@ -134,21 +134,16 @@ impl Controller {
             )));
         };
         let previous = live_release(&state, deployment)?;
-        // A release of an earlier rollout runs with the configuration that one recorded; a new
-        // one with the environment's as it is now.
-        let recorded = match deployment.release_of.map(|id| load_id::<Deployment>(&state, Table::Deployments, id)).transpose()?.flatten() {
-            Some(source) => source.rollout.map(|rollout| rollout.config),
-            None => None,
-        };
-        let config = match recorded {
-            Some(config) => config,
-            None => crate::api::configs::effective_configuration(&self.node, &deployment.environment, Some(deployment.pipeline_id), true)
-                .await
-                .map_err(|error| anyhow::anyhow!("reading the configuration of {}: {}", deployment.environment, error.message))?
-                .into_values()
-                .collect(),
-        };
-        Ok(Some(Command::StartRollout { deployment_id: deployment.deployment_id, hosts, artifact_digest, artifact_kind, previous, config }))
+        // The configuration is not chosen here: the deployment resolved its versions when it was
+        // created (a rollback took its target's), and `apply` takes them from the record.
+        Ok(Some(Command::StartRollout {
+            deployment_id: deployment.deployment_id,
+            hosts,
+            artifact_digest,
+            artifact_kind,
+            previous,
+            config: Vec::new(),
+        }))
     }
 }
 

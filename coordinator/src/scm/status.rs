@@ -505,6 +505,7 @@ mod tests {
             required_approvals: None,
             approvals: Vec::new(),
             commit_time: None,
+            configuration: None,
         }
     }
 

@@ -43,6 +43,10 @@ pub mod index {
     pub const DEPLOYMENTS_BY_STATUS: &str = "deployments.status";
     pub const ARTIFACTS_BY_PIPELINE: &str = "artifacts.pipeline_id";
     pub const CONFIGURATIONS_BY_PIPELINE: &str = "configurations.pipeline_id";
+    /// The config ids whose versions are stored, by row (environment, pipeline, key).
+    pub const CONFIG_VERSIONS_BY_ROW: &str = "config_versions.row";
+    /// The deployments referencing a version (`<config id>:<version>`).
+    pub const CONFIG_VERSIONS_USED_BY: &str = "config_versions.used_by";
     pub const NOTIFICATIONS_BY_USER: &str = "notifications.user_id";
     pub const JOBS_BY_DEPLOYMENT: &str = "jobs.deployment_id";
     pub const JOBS_BY_STATUS: &str = "jobs.status";
@@ -146,8 +150,10 @@ pub fn apply(state: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResul
     let (outcome, writes) = {
         let mut child = Txn::new(state);
         let mut outcome = execute(&mut child, proposal)?;
-        if outcome.result.is_ok() && proposal.command.is_audited() {
-            append_audit(&mut child, proposal, log_index)?;
+        if let Ok(applied) = &outcome.result
+            && proposal.command.is_audited()
+        {
+            append_audit(&mut child, proposal, log_index, &applied.config_versions)?;
         }
         let writes = child.into_writes();
         if let Ok(applied) = &mut outcome.result {
@@ -173,14 +179,26 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-fn append_audit(txn: &mut Txn, proposal: &Proposal, log_index: u64) -> StoreResult<()> {
+/// Append the audit entry of an applied proposal; `config_versions` (key -> version) are what a
+/// configuration change made, named in the details.
+fn append_audit(
+    txn: &mut Txn,
+    proposal: &Proposal,
+    log_index: u64,
+    config_versions: &std::collections::BTreeMap<String, u64>,
+) -> StoreResult<()> {
     let previous_hash: String = load(txn, Table::StateMeta, meta_keys::AUDIT_HEAD)?.unwrap_or_default();
     let audit_id = next_id(txn, Table::AuditLogs)?;
+    let mut details = proposal.command.audit_details();
+    if !config_versions.is_empty() {
+        let versions: Vec<String> = config_versions.iter().map(|(key, version)| format!("{key}@{version}")).collect();
+        details.push_str(&format!(" versions={}", versions.join(",")));
+    }
     let mut entry = AuditLog {
         audit_id,
         user_id: proposal.actor,
         action: proposal.command.action().to_string(),
-        details: proposal.command.audit_details(),
+        details,
         timestamp: proposal.time,
         log_index,
         previous_hash: previous_hash.clone(),
@@ -586,7 +604,7 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             affected => Ok(Outcome::applied(Some(*artifact_id), affected)),
         },
         Command::SetConfigurations { environment, pipeline_id, entries } => {
-            set_configurations(txn, now, environment, *pipeline_id, entries)
+            set_configurations(txn, proposal, environment, *pipeline_id, entries)
         }
         Command::DeleteConfiguration { environment, pipeline_id, key } => {
             let row_key = configuration_key(environment, *pipeline_id, key);
@@ -600,7 +618,12 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             if let Some(pipeline_id) = pipeline_id {
                 txn.delete(Table::Indexes, configuration_index_key(*pipeline_id, &row_key));
             }
-            Ok(Outcome::applied(Some(row.config_id), 1))
+            super::config_history::prune(txn, row.config_id)?;
+            let mut outcome = Outcome::applied(Some(row.config_id), 1);
+            if let Ok(applied) = &mut outcome.result {
+                applied.config_versions.insert(key.clone(), row.current_version());
+            }
+            Ok(outcome)
         }
         Command::RecordLogSegment {
             deployment_id,
@@ -937,10 +960,23 @@ pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &P
         if pipeline.deploy.rolls_out() { super::environments::required_approvals(txn, &new.environment)? } else { None };
     // A deployment that releases an earlier build (a promotion, a rollback) deploys that build's
     // commit, made when that build's checkout said.
-    let commit_time = match new.release_of {
-        Some(source) => load_id::<Deployment>(txn, Table::Deployments, source)?.and_then(|source| source.commit_time),
+    let source = match new.release_of {
+        Some(source) => load_id::<Deployment>(txn, Table::Deployments, source)?,
         None => None,
     };
+    let commit_time = source.as_ref().and_then(|source| source.commit_time);
+    // The configuration is resolved once, now: a release of an earlier deployment in the same
+    // environment (a rollback) takes the versions that one resolved; anything else (a new
+    // build, a promotion into another environment) the environment's current ones. A source
+    // from before versions resolved nothing: its rollout's copies are taken when this one
+    // rolls out (`rollout::start`).
+    let configuration = match source.filter(|source| source.environment == new.environment) {
+        Some(source) => source.configuration,
+        None => Some(super::config_history::resolve(txn, &new.environment, pipeline_id)?),
+    };
+    if let Some(references) = &configuration {
+        super::config_history::hold(txn, deployment_id, references);
+    }
     let deployment = Deployment {
         deployment_id,
         pipeline_id,
@@ -964,6 +1000,7 @@ pub(super) fn create_deployment(txn: &mut Txn, proposal: &Proposal, pipeline: &P
         required_approvals,
         approvals: Vec::new(),
         commit_time,
+        configuration,
     };
     let mut deployment = deployment;
     let queued =
@@ -1367,7 +1404,7 @@ fn configuration_index_key(pipeline_id: u64, row_key: &[u8]) -> Vec<u8> {
 
 fn set_configurations(
     txn: &mut Txn,
-    now: Timestamp,
+    proposal: &Proposal,
     environment: &str,
     pipeline_id: Option<u64>,
     entries: &[ConfigEntry],
@@ -1389,33 +1426,33 @@ fn set_configurations(
         }
     }
     let mut last_id = None;
+    let mut versions = std::collections::BTreeMap::new();
     for entry in entries {
-        let row_key = configuration_key(environment, pipeline_id, &entry.key);
-        let row = match load::<Configuration>(txn, Table::Configurations, &row_key)? {
-            Some(mut row) => {
-                row.value = entry.value.clone();
-                row.is_secret = entry.is_secret;
-                row.updated_at = now;
-                row
-            }
-            None => Configuration {
-                config_id: next_id(txn, Table::Configurations)?,
-                environment: environment.to_string(),
-                key: entry.key.clone(),
-                value: entry.value.clone(),
-                is_secret: entry.is_secret,
-                pipeline_id,
-                created_at: now,
-                updated_at: now,
-            },
-        };
+        let row = super::config_history::set(
+            txn,
+            environment,
+            pipeline_id,
+            &entry.key,
+            &entry.value,
+            entry.is_secret,
+            proposal.actor,
+            proposal.time,
+        )?;
         last_id = Some(row.config_id);
         if let Some(pipeline_id) = pipeline_id {
-            txn.put(Table::Indexes, configuration_index_key(pipeline_id, &row_key), Vec::new());
+            txn.put(
+                Table::Indexes,
+                configuration_index_key(pipeline_id, &configuration_key(environment, Some(pipeline_id), &entry.key)),
+                Vec::new(),
+            );
         }
-        store(txn, Table::Configurations, row_key, &row);
+        versions.insert(entry.key.clone(), row.version);
     }
-    Ok(Outcome::applied(last_id, entries.len() as u64))
+    let mut outcome = Outcome::applied(last_id, entries.len() as u64);
+    if let Ok(applied) = &mut outcome.result {
+        applied.config_versions = versions;
+    }
+    Ok(outcome)
 }
 
 fn delete_token(txn: &mut Txn, token_id: u64) -> StoreResult<u64> {
@@ -1452,6 +1489,9 @@ fn delete_deployment(txn: &mut Txn, deployment_id: u64) -> StoreResult<u64> {
     };
     let mut affected = 1;
     txn.delete(Table::Deployments, id_key(deployment_id));
+    if let Some(references) = &deployment.configuration {
+        super::config_history::release(txn, deployment_id, references)?;
+    }
     txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_PIPELINE, &deployment.pipeline_id.to_string(), deployment_id));
     txn.delete(Table::Indexes, index_key(index::DEPLOYMENTS_BY_STATUS, status_name(deployment.status), deployment_id));
     for (key, _) in txn.scan_prefix(Table::Logs, &id_key(deployment_id))? {
@@ -1486,7 +1526,11 @@ fn delete_pipeline(txn: &mut Txn, pipeline_id: u64) -> StoreResult<u64> {
     }
     let prefix = index_prefix(index::CONFIGURATIONS_BY_PIPELINE, &owner);
     for (index_entry, _) in txn.scan_prefix(Table::Indexes, &prefix)? {
-        txn.delete(Table::Configurations, index_entry[prefix.len()..].to_vec());
+        let row_key = index_entry[prefix.len()..].to_vec();
+        if let Some(row) = load::<Configuration>(txn, Table::Configurations, &row_key)? {
+            txn.delete(Table::Configurations, row_key);
+            super::config_history::prune(txn, row.config_id)?;
+        }
         txn.delete(Table::Indexes, index_entry);
         affected += 1;
     }

@@ -493,8 +493,10 @@ pub enum Command {
         artifact_digest: String,
         artifact_kind: String,
         previous: Option<String>,
-        /// The configuration rows the release runs with (secrets sealed).
-        #[serde(default)]
+        /// Only in entries proposed before configuration versions existed: copies of the
+        /// configuration rows the release runs with (secrets sealed). Today's controller sends
+        /// none; `apply` takes the deployment's referenced versions instead.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         config: Vec<super::records::Configuration>,
     },
     /// Carry out the planner's actions for a rollout whose facts are at `version` (refused as
@@ -683,6 +685,10 @@ pub struct Applied {
     /// Deployments that got new progress events (for their followers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub progressed: Vec<u64>,
+    /// For [`Command::SetConfigurations`]: each key's new version; for
+    /// [`Command::DeleteConfiguration`]: the version the key had. The audit entry names them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config_versions: BTreeMap<String, u64>,
 }
 
 /// What a [`Command::RecordScmChanges`] did.

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod codec;
 pub mod command;
+pub mod config_history;
 pub mod environments;
 pub mod events;
 pub mod progress;

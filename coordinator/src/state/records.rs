@@ -353,6 +353,13 @@ pub struct Deployment {
     /// reported it; a promotion or rollback carries its source's. The start of lead time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commit_time: Option<Timestamp>,
+    /// The environment's configuration as the deployment resolved it when it was created
+    /// (the pipeline's own keys over the environment-wide ones), as references into the
+    /// version history: its build and release jobs run with exactly these versions, and a
+    /// rollback to it copies them. `None` on deployments created before versions existed
+    /// (their rollouts hold copies in [`Rollout::config`]). `config_overrides` apply on top.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration: Option<Vec<ConfigReference>>,
 }
 
 impl Deployment {
@@ -386,8 +393,10 @@ pub struct Rollout {
     pub facts: crate::deploy::plan::Facts,
     /// Bumped by every change of the facts; a `RolloutStep` planned from older facts is refused.
     pub version: u64,
-    /// The environment's configuration when the rollout began (secrets sealed, as stored):
-    /// what every release job of the rollout gets, and what a rollback to it gets again.
+    /// Only on rollouts recorded before configuration versions existed: copies of the
+    /// environment's configuration rows when the rollout began (secrets sealed). Their release
+    /// jobs, and a rollback to them, still run with these. A newer rollout leaves this empty:
+    /// its deployment's [`Deployment::configuration`] references the versions instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config: Vec<Configuration>,
     /// What each host runs, as the release jobs are given it.
@@ -604,6 +613,51 @@ pub struct Configuration {
     pub pipeline_id: Option<u64>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// The key's current version (1, 2, ...): every set makes a new one, kept in
+    /// [`ConfigVersion`]s. 0 on rows stored before versions existed, whose value counts as
+    /// version 1 and enters the history the first time `apply` touches the row.
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl Configuration {
+    /// The version the row's value is (a row stored before versions is version 1).
+    pub fn current_version(&self) -> u64 {
+        self.version.max(1)
+    }
+}
+
+/// One version of a configuration key, in the replicated history (`config_versions`, keyed by
+/// config id and version). A secret's value stays sealed exactly as the row held it, bound to
+/// the same context (`configuration:<environment>:<pipeline>:<key>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigVersion {
+    pub config_id: u64,
+    pub version: u64,
+    pub environment: String,
+    #[serde(default)]
+    pub pipeline_id: Option<u64>,
+    pub key: String,
+    pub value: String,
+    pub is_secret: bool,
+    /// When the version was set, and by whom.
+    pub created_at: Timestamp,
+    #[serde(default)]
+    pub created_by: Option<u64>,
+}
+
+/// One key of the configuration a deployment resolved when it was created: a reference into
+/// the version history, never the value (a secret is opened from the history when a job of
+/// the deployment is offered).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigReference {
+    pub config_id: u64,
+    pub key: String,
+    pub version: u64,
+    pub is_secret: bool,
+    /// Set when the value is the pipeline's own (over the environment-wide one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_id: Option<u64>,
 }
 
 /// Metadata of one stored log segment; the lines themselves live in the blob store.

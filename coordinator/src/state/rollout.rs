@@ -104,12 +104,34 @@ fn health_check(pipeline: &Pipeline) -> HealthCheck {
     }
 }
 
-/// What a rollout releases: the artifact, the release it replaces, the configuration.
+/// What a rollout releases: the artifact, the release it replaces, and, only in a command
+/// proposed before configuration versions existed, copies of the configuration.
 pub(super) struct Release<'a> {
     pub digest: &'a str,
     pub kind: &'a str,
     pub previous: Option<String>,
     pub config: &'a [Configuration],
+}
+
+/// The configuration copies a rollout records: none, when its deployment references versions
+/// (resolving them now for a deployment created before versions existed); a command's own copies
+/// (proposed before versions existed); or the copies of the rollout it releases again in the same
+/// environment, when that one is from before versions.
+fn legacy_copies(txn: &mut Txn, deployment: &mut Deployment, proposed: &[Configuration]) -> StoreResult<Vec<Configuration>> {
+    if !proposed.is_empty() || deployment.configuration.is_some() {
+        return Ok(proposed.to_vec());
+    }
+    let source = match deployment.release_of {
+        Some(source) => load_id::<Deployment>(txn, Table::Deployments, source)?,
+        None => None,
+    };
+    if let Some(rollout) = source.filter(|source| source.environment == deployment.environment).and_then(|source| source.rollout) {
+        return Ok(rollout.config);
+    }
+    let references = super::config_history::resolve(txn, &deployment.environment, deployment.pipeline_id)?;
+    super::config_history::hold(txn, deployment.deployment_id, &references);
+    deployment.configuration = Some(references);
+    Ok(Vec::new())
 }
 
 /// `Command::StartRollout`.
@@ -133,6 +155,7 @@ pub(super) fn start(txn: &mut Txn, deployment_id: u64, hosts: &[RolloutHost], re
         pipeline.deploy_strategy = strategy;
     }
     let strategy = strategy_of(&pipeline, hosts.len());
+    let config = legacy_copies(txn, &mut deployment, config)?;
     let facts = Facts {
         strategy,
         hosts: host_facts(hosts, pipeline.deploy.regions.as_ref().is_some_and(|regions| !regions.is_empty())),
@@ -167,7 +190,7 @@ pub(super) fn start(txn: &mut Txn, deployment_id: u64, hosts: &[RolloutHost], re
         hosts: hosts.to_vec(),
         facts,
         version: 1,
-        config: config.to_vec(),
+        config,
         run: run_settings(&pipeline, &deployment.environment),
         health: health_check(&pipeline),
         analysis: Vec::new(),

@@ -35,6 +35,8 @@ pub enum Table {
     Environments,
     Artifacts,
     Configurations,
+    /// Every version of every configuration key, key = config id, version (both big-endian).
+    ConfigVersions,
     Logs,
     Notifications,
     AuditLogs,
@@ -53,7 +55,7 @@ impl Table {
         Table::ALL.into_iter().filter(|table| table.is_state())
     }
 
-    pub const ALL: [Table; 19] = [
+    pub const ALL: [Table; 20] = [
         Table::RaftLog,
         Table::RaftMeta,
         Table::StateMeta,
@@ -65,6 +67,7 @@ impl Table {
         Table::Environments,
         Table::Artifacts,
         Table::Configurations,
+        Table::ConfigVersions,
         Table::Logs,
         Table::Notifications,
         Table::AuditLogs,
@@ -88,6 +91,7 @@ impl Table {
             Table::Environments => "environments",
             Table::Artifacts => "artifacts",
             Table::Configurations => "configurations",
+            Table::ConfigVersions => "config_versions",
             Table::Logs => "logs",
             Table::Notifications => "notifications",
             Table::AuditLogs => "audit_logs",
