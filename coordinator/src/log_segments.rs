@@ -1,12 +1,14 @@
 //! Deployment logs: lines are stored in the blob store as zstd-compressed JSON-lines segments
 //! (see [`segment_blob_key`]); Raft records only each segment's metadata (`RecordLogSegment`,
 //! which holds the blob key, so readers never derive it). Job 0 holds the coordinator's own
-//! lines about a deployment.
+//! lines about a deployment. Each segment's metadata also carries an index of its text
+//! ([`LogTextIndex`]), built with the encoding, that lets a search skip the segment.
 
 use serde::{Deserialize, Serialize};
 
 use crate::api_error::ApiError;
 use crate::blob_store::BlobStore;
+use crate::log_text_index::LogTextIndex;
 use crate::node::{Node, Requester};
 use crate::state::Command;
 use crate::state::apply::log_segment_key;
@@ -173,6 +175,7 @@ pub struct EncodedSegment {
     pub error_lines: u64,
     pub first_timestamp: Timestamp,
     pub last_timestamp: Timestamp,
+    pub text_index: LogTextIndex,
 }
 
 impl EncodedSegment {
@@ -183,6 +186,7 @@ impl EncodedSegment {
             error_lines: lines.iter().filter(|line| line.level == LogLevel::Error).count() as u64,
             first_timestamp: lines.iter().map(|line| line.timestamp).min().unwrap_or(0),
             last_timestamp: lines.iter().map(|line| line.timestamp).max().unwrap_or(0),
+            text_index: LogTextIndex::build(lines.iter().map(|line| line.message.as_str())),
         }
     }
 }
@@ -238,6 +242,7 @@ fn segment_command(deployment_id: u64, job_id: u64, sequence: u64, blob_key: Str
         error_lines: segment.error_lines,
         first_timestamp: segment.first_timestamp,
         last_timestamp: segment.last_timestamp,
+        text_index: Some(segment.text_index.clone()),
     }
 }
 

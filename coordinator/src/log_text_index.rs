@@ -1,0 +1,268 @@
+//! A per-segment index of the text of a log segment's messages, kept in the segment's metadata,
+//! so that a text search skips segments that cannot hold its text without fetching or
+//! decompressing them. It must never rule out a segment that holds the text (no false
+//! negatives); letting through a segment that does not is only a cost.
+//!
+//! The index is a Bloom filter of the byte trigrams of each message lower-cased with
+//! `str::to_lowercase`, the same lower-casing the search applies to messages and to the text
+//! (`message.to_lowercase().contains(text.to_lowercase())`): every trigram of a lower-cased
+//! text found in a lower-cased message is a trigram of that message, so it is in the filter.
+//! Trigrams never span two messages, as a match never does. A text shorter than three bytes
+//! (lower-cased) has no trigram and rules nothing out.
+//!
+//! Layout (format 1): 64-bit words, a power of two of them, from 1 to [`MAX_WORDS`] (8 KiB);
+//! each trigram sets three bits of one word (a blocked Bloom filter: one memory access per
+//! trigram to build and to test). The filter is built at the largest size and then halved (the
+//! upper half OR-ed onto the lower, which keeps every bit a trigram set, since a trigram's word
+//! is its hash modulo the word count) while the halved filter has at most a quarter of its bits
+//! set, so a small segment gets a small index.
+//!
+//! Design false-positive rate, per trigram of the text that the segment does not hold: 2-3%
+//! (about `fill^3` plus the unevenness of blocked filters) up to a quarter of the bits set,
+//! which every index that could be halved has and a full one keeps up to about 6,000 distinct
+//! trigrams. A 512 KiB agent chunk holds more: measured, the benchmark's build-log corpus has
+//! 7,800 distinct trigrams per chunk (30% of the bits set, 3.5% per trigram) and Rust source
+//! 9,000-12,000 (34-41%, 4-8%). A text lets a segment through only when all its trigrams
+//! pass, so a text of ten characters of which a segment lacks even two trigrams rarely does.
+//! Stored in JSON as base64: at most 10,924 characters.
+//!
+//! The hash is part of the stored format: never change it or the layout without a new format
+//! number. An index of a format this version does not know rules nothing out.
+
+use serde::{Deserialize, Serialize};
+
+/// The largest index, in 64-bit words (8 KiB).
+pub const MAX_WORDS: usize = 1024;
+/// The only layout this version writes and reads.
+const FORMAT: u32 = 1;
+
+/// The text index of one segment, as stored in its metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogTextIndex {
+    /// Layout of `bloom`: 1 is described in this module's documentation.
+    pub format: u32,
+    /// The filter's words, little-endian, as base64 in JSON.
+    #[serde(with = "base64_bytes")]
+    pub bloom: Vec<u8>,
+}
+
+/// A text prepared for testing against indexes: its trigrams' probes, computed once per search.
+#[derive(Debug, Clone)]
+pub struct TextQuery {
+    probes: Vec<Probe>,
+}
+
+/// Where one trigram lives in a filter: the word (modulo the word count) and its bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Probe {
+    word: u32,
+    bits: u64,
+}
+
+impl Probe {
+    /// Fibonacci hashing: the trigram times 2^64 / φ. Bits 32 and up of the product depend on
+    /// every bit of a 24-bit trigram; the word is bits 32-63 (modulo the word count, so bits
+    /// 32-41 at most), the three bits are numbered by bits 42-47, 48-53 and 54-59.
+    fn of(trigram: u32) -> Probe {
+        let hash = u64::from(trigram).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let bits = (1u64 << ((hash >> 42) & 63)) | (1u64 << ((hash >> 48) & 63)) | (1u64 << ((hash >> 54) & 63));
+        Probe { word: (hash >> 32) as u32, bits }
+    }
+}
+
+/// Calls `each` with every byte trigram (`b0 << 16 | b1 << 8 | b2`) of `bytes`.
+fn for_each_trigram(bytes: &[u8], mut each: impl FnMut(u32)) {
+    for window in bytes.windows(3) {
+        each((u32::from(window[0]) << 16) | (u32::from(window[1]) << 8) | u32::from(window[2]));
+    }
+}
+
+impl LogTextIndex {
+    /// The index of a segment holding `messages` (as stored, before any lower-casing).
+    pub fn build<'a>(messages: impl IntoIterator<Item = &'a str>) -> LogTextIndex {
+        let mut words = vec![0u64; MAX_WORDS];
+        let mut add = |trigram: u32| {
+            let probe = Probe::of(trigram);
+            words[probe.word as usize & (MAX_WORDS - 1)] |= probe.bits;
+        };
+        let mut lowered = Vec::new();
+        for message in messages {
+            if message.is_ascii() {
+                // What `to_lowercase` gives for ASCII, in a buffer used again for every line.
+                lowered.clear();
+                lowered.extend_from_slice(message.as_bytes());
+                lowered.make_ascii_lowercase();
+                for_each_trigram(&lowered, &mut add);
+            } else {
+                for_each_trigram(message.to_lowercase().as_bytes(), &mut add);
+            }
+        }
+        while words.len() > 1 {
+            let half = words.len() / 2;
+            let set_bits: u32 = (0..half).map(|index| (words[index] | words[index + half]).count_ones()).sum();
+            if set_bits as usize * 4 > half * 64 {
+                break;
+            }
+            for index in 0..half {
+                words[index] |= words[index + half];
+            }
+            words.truncate(half);
+        }
+        LogTextIndex { format: FORMAT, bloom: words.iter().flat_map(|word| word.to_le_bytes()).collect() }
+    }
+
+    /// False only when no message of the segment can contain the text of `query`.
+    pub fn may_contain(&self, query: &TextQuery) -> bool {
+        let word_count = self.bloom.len() / 8;
+        if self.format != FORMAT || !word_count.is_power_of_two() || self.bloom.len() % 8 != 0 {
+            return true;
+        }
+        query.probes.iter().all(|probe| {
+            let at = (probe.word as usize & (word_count - 1)) * 8;
+            let word = u64::from_le_bytes(self.bloom[at..at + 8].try_into().expect("eight bytes"));
+            word & probe.bits == probe.bits
+        })
+    }
+}
+
+impl TextQuery {
+    /// The query for a text as the search matches it (`text` lower-cased with
+    /// `str::to_lowercase`), or `None` when it has no trigram and every segment must be read.
+    pub fn new(lowered_text: &str) -> Option<TextQuery> {
+        let mut probes = Vec::new();
+        for_each_trigram(lowered_text.as_bytes(), |trigram| probes.push(Probe::of(trigram)));
+        probes.sort_unstable_by_key(|probe| (probe.word, probe.bits));
+        probes.dedup();
+        (!probes.is_empty()).then_some(TextQuery { probes })
+    }
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What the search decides for a message, as `api::logs` does.
+    fn search_matches(message: &str, text: &str) -> bool {
+        message.to_lowercase().contains(&text.to_lowercase())
+    }
+
+    fn passes(index: &LogTextIndex, text: &str) -> bool {
+        TextQuery::new(&text.to_lowercase()).is_none_or(|query| index.may_contain(&query))
+    }
+
+    #[test]
+    fn texts_in_the_segment_pass_and_others_mostly_do_not() {
+        let messages = ["   Compiling serde v1.0.210", "error[E0308]: mismatched types", "Größe überschritten", "ΟΔΟΣ closed"];
+        let index = LogTextIndex::build(messages);
+        for text in ["compiling SERDE", "E0308", "größe", "ÜBER", "οδος", "ΟΔΟΣ CL", "ser", "ab", "", "x"] {
+            assert!(passes(&index, text), "{text:?}");
+        }
+        for text in ["checksum mismatch", "vendored blob 7f3a9c", "GRÖSSE"] {
+            assert!(!passes(&index, text), "{text:?} is in no message");
+        }
+        // A text never spans two messages, so the index need not hold their junction.
+        assert!(!passes(&index, "serde v1.0.210error"));
+        // Small segments get small indexes; an empty one rules out every text with a trigram.
+        assert_eq!(index.bloom.len(), 128);
+        let empty = LogTextIndex::build([]);
+        assert_eq!(empty.bloom.len(), 8);
+        assert!(!passes(&empty, "abc") && passes(&empty, "ab"));
+    }
+
+    #[test]
+    fn large_segments_stay_within_eight_kib() {
+        // Every trigram of a-z and 0-9 (46,656 distinct ones), far more than a segment holds.
+        let alphabet: Vec<char> = ('a'..='z').chain('0'..='9').collect();
+        let mut messages = Vec::new();
+        for a in &alphabet {
+            for b in &alphabet {
+                messages.extend(alphabet.iter().map(|c| format!("{a}{b}{c}")));
+            }
+        }
+        let index = LogTextIndex::build(messages.iter().map(String::as_str));
+        assert_eq!(index.bloom.len(), MAX_WORDS * 8);
+        assert!(messages.iter().all(|message| passes(&index, message)));
+        assert!(serde_json::to_string(&index).unwrap().len() < 11_000);
+    }
+
+    #[test]
+    fn an_index_of_an_unknown_format_rules_nothing_out() {
+        let mut index = LogTextIndex::build(["one message"]);
+        index.format = 2;
+        assert!(passes(&index, "another text"));
+        let mut index = LogTextIndex::build(["one message"]);
+        index.bloom.pop();
+        assert!(passes(&index, "another text"));
+    }
+
+    /// Format 1, frozen: this index was written by this version and must read the same forever
+    /// (the hash and the layout are the stored format).
+    #[test]
+    fn frozen_format_1() {
+        let stored = r#"{"format":1,"bloom":"EkQAkIAAQgAAARAGjAAMCQ=="}"#;
+        let index: LogTextIndex = serde_json::from_str(stored).unwrap();
+        assert_eq!(serde_json::to_string(&LogTextIndex::build(["Disk full", "ok"])).unwrap(), stored);
+        assert!(passes(&index, "DISK") && passes(&index, "k fu"));
+        assert!(!passes(&index, "disk fully") && !passes(&index, "oka"));
+    }
+
+    fn message() -> impl Strategy<Value = String> {
+        // ASCII with both cases, and letters whose lower case changes length or depends on
+        // context (İ, ẞ, Σ at a word's end), so that lower-casing is not byte for byte.
+        prop::collection::vec(
+            prop_oneof![4 => prop::char::range(' ', '~'), 1 => prop::sample::select(vec!['İ', 'ẞ', 'Σ', 'Ω', 'ö', 'Ö', 'K', '€', '日'])],
+            0..40,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    proptest! {
+        /// No false negative: any substring of a message, lower-cased as the search does or in
+        /// another case, passes the index whenever the search would match it.
+        #[test]
+        fn every_substring_of_a_message_passes(messages in prop::collection::vec(message(), 1..20), pick in any::<prop::sample::Index>(), start in any::<prop::sample::Index>(), length in 0usize..30) {
+            let index = LogTextIndex::build(messages.iter().map(String::as_str));
+            let message = &messages[pick.index(messages.len())];
+            let chars: Vec<char> = message.chars().collect();
+            let from = if chars.is_empty() { 0 } else { start.index(chars.len()) };
+            let substring: String = chars[from..].iter().take(length).collect();
+            let lowered = message.to_lowercase();
+            let lowered_substring = &lowered[lowered.char_indices().nth(from.min(lowered.chars().count())).map_or(lowered.len(), |(at, _)| at)..];
+            for text in [substring.clone(), substring.to_uppercase(), substring.to_lowercase(), lowered_substring.chars().take(length).collect()] {
+                if messages.iter().any(|message| search_matches(message, &text)) {
+                    prop_assert!(passes(&index, &text), "{text:?} is in {messages:?}");
+                }
+            }
+            // Every substring of a lower-cased message matches by construction.
+            prop_assert!(search_matches(message, &lowered_substring.chars().take(length).collect::<String>()));
+        }
+
+        /// The index's answer is the same after a JSON round trip (as stored in the metadata).
+        #[test]
+        fn the_stored_index_answers_the_same(messages in prop::collection::vec(message(), 0..20), text in message()) {
+            let index = LogTextIndex::build(messages.iter().map(String::as_str));
+            let stored: LogTextIndex = serde_json::from_str(&serde_json::to_string(&index).unwrap()).unwrap();
+            prop_assert_eq!(passes(&index, &text), passes(&stored, &text));
+            if messages.iter().any(|message| search_matches(message, &text)) {
+                prop_assert!(passes(&stored, &text));
+            }
+        }
+    }
+}
