@@ -971,17 +971,19 @@ mod tests {
             })
             .await
             .unwrap();
-        for _ in 1..=4 {
-            test.propose(Command::CreateDeployment {
-                pipeline_id,
-                commit_hash: "a".repeat(40),
-                environment: "staging".into(),
-                config_overrides: Default::default(),
-                rollback_of: None,
-                branch: None,
-                release_of: None,
-            })
-            .await;
+        for expected_id in 1..=4 {
+            let deployment_id = test
+                .propose(Command::CreateDeployment {
+                    pipeline_id,
+                    commit_hash: "a".repeat(40),
+                    environment: "staging".into(),
+                    config_overrides: Default::default(),
+                    rollback_of: None,
+                    branch: None,
+                    release_of: None,
+                })
+                .await;
+            assert_eq!(deployment_id, Some(expected_id), "the reference scan reads deployments 1 to 4");
         }
         let rare = "checksum mismatch in vendored blob 7f3a9c";
         let line = |timestamp: i64, level, message: String| LogLine { timestamp, level, job_id: 1, message, step: Some(0) };
