@@ -1,7 +1,8 @@
-//! A per-segment index of the text of a log segment's messages, kept in the segment's metadata,
-//! so that a text search skips segments that cannot hold its text without fetching or
-//! decompressing them. It must never rule out a segment that holds the text (no false
-//! negatives); letting through a segment that does not is only a cost.
+//! A per-segment index of the text of a log segment's messages, stored at the start of the
+//! segment's blob, so that a text search skips segments that cannot hold its text after reading
+//! a few kilobytes instead of fetching and decompressing the whole segment. It must never rule
+//! out a segment that holds the text (no false negatives); letting through a segment that does
+//! not is only a cost.
 //!
 //! The index is a Bloom filter (one hash) of the byte trigrams of each message lower-cased with
 //! `str::to_lowercase`, the same lower-casing the search applies to messages and to the text
@@ -11,7 +12,7 @@
 //! of the next are in the filter too, which only lets a few more segments through. A text
 //! shorter than three bytes (lower-cased) has no trigram and rules nothing out.
 //!
-//! Layout (format 1): a bit array of 64-bit words, a power of two of them, from 1 to
+//! Filter layout (format 1): a bit array of 64-bit words, a power of two of them, from 1 to
 //! [`MAX_WORDS`] (8 KiB); each trigram sets one bit, chosen by its hash. The filter is built at
 //! the largest size and then halved (the upper half OR-ed onto the lower, which keeps every bit
 //! a trigram set, since a trigram's word is its hash modulo the word count) while the halved
@@ -20,33 +21,42 @@
 //! One bit per trigram, not the three or more a Bloom filter of this size would best use:
 //! building the index goes through every byte of every agent chunk, and with three bits a
 //! trigram it took 16% of the coordinator's CPU in the log-ingest benchmark, more than zstd
-//! (14%); one bit costs less than half as much. A text lets a segment through only when all its trigrams pass, so the
-//! rate per trigram compounds. Design false-positive rate, per trigram of the text that the
-//! segment does not hold: the share of bits set, at most 12.5% for any index that could be
-//! halved, which a full one keeps up to about 8,500 distinct trigrams. Measured on 512 KiB
-//! chunks: build-log lines like the benchmark's (7,800 distinct trigrams) 11.6%, a dpkg log
-//! (4,500) 6.4%, Rust source (9,200-12,000) 13-16%. A text of ten characters of which a
-//! segment lacks three trigrams gets through about once in 600 segments.
-//! Stored in JSON as base64: at most 10,924 characters.
+//! (14%); one bit costs about half as much. A text lets a segment through only when all its
+//! trigrams pass, so the rate per trigram compounds. Design false-positive rate, per trigram of
+//! the text that the segment does not hold: the share of bits set, at most 12.5% for any index
+//! that could be halved, which a full one keeps up to about 8,500 distinct trigrams. Measured
+//! on 512 KiB chunks: build-log lines like the benchmark's (7,800 distinct trigrams) 11.6%, a
+//! dpkg log (4,500) 6.4%, Rust source (9,200-12,000) 13-16%. A text of ten characters of which
+//! a segment lacks three trigrams gets through about once in 600 segments.
 //!
-//! The hash is part of the stored format: never change it or the layout without a new format
-//! number. An index of a format this version does not know rules nothing out.
-
-use serde::{Deserialize, Serialize};
+//! Where it is stored: a zstd skippable frame before the segment's zstd frame (magic
+//! [`FRAME_MAGIC`], the content's length, then a format byte and the filter's words,
+//! little-endian). Every zstd decoder skips such frames, so a segment reads as before, also on
+//! a coordinator that predates the index; segments written before it have no such frame and
+//! are read whole. Not in the segment's metadata: replicated through Raft, up to 8 KiB per
+//! 512 KiB chunk would have made the state machine, and every snapshot of it, grow by about 2%
+//! of all log text ever stored, against about 0.05% for the rest of the metadata.
+//!
+//! The hash and the layout are a stored format: never change them without a new format byte.
+//! An index of a format this version does not know rules nothing out.
 
 /// The largest index, in 64-bit words (8 KiB).
 pub const MAX_WORDS: usize = 1024;
-/// The only layout this version writes and reads.
-const FORMAT: u32 = 1;
+/// The only filter layout this version writes and reads.
+const FORMAT: u8 = 1;
+/// The skippable-frame magic number (zstd reserves 0x184D2A50 to 0x184D2A5F for them) that
+/// marks a segment's text index.
+pub const FRAME_MAGIC: u32 = 0x184d_2a5d;
+/// The skippable frame's header: its magic and the length of what follows, both little-endian.
+pub const FRAME_HEADER_BYTES: usize = 8;
+/// The largest frame content: the format byte and a full-size filter.
+const MAX_CONTENT_BYTES: usize = 1 + MAX_WORDS * 8;
 
-/// The text index of one segment, as stored in its metadata.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The text index of one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogTextIndex {
-    /// Layout of `bloom`: 1 is described in this module's documentation.
-    pub format: u32,
-    /// The filter's words, little-endian, as base64 in JSON.
-    #[serde(with = "base64_bytes")]
-    pub bloom: Vec<u8>,
+    /// The filter: a power of two of words, at most [`MAX_WORDS`].
+    words: Vec<u64>,
 }
 
 /// A text prepared for testing against indexes: its trigrams' probes, computed once per search.
@@ -117,20 +127,49 @@ impl LogTextIndex {
             }
             words.truncate(half);
         }
-        LogTextIndex { format: FORMAT, bloom: words.iter().flat_map(|word| word.to_le_bytes()).collect() }
+        LogTextIndex { words }
+    }
+
+    /// The index as a zstd skippable frame, to put before the segment's zstd frame.
+    pub fn to_frame(&self) -> Vec<u8> {
+        let content_length = 1 + self.words.len() * 8;
+        let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + content_length);
+        frame.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        frame.extend_from_slice(&(content_length as u32).to_le_bytes());
+        frame.push(FORMAT);
+        frame.extend(self.words.iter().flat_map(|word| word.to_le_bytes()));
+        frame
+    }
+
+    /// How many bytes of content follow `header` (the first bytes of a segment's blob) when it
+    /// starts an index frame; `None` when the segment has no index (written before it existed).
+    pub fn frame_content_length(header: &[u8; FRAME_HEADER_BYTES]) -> Option<usize> {
+        let [m0, m1, m2, m3, l0, l1, l2, l3] = *header;
+        let length = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+        (u32::from_le_bytes([m0, m1, m2, m3]) == FRAME_MAGIC && length <= MAX_CONTENT_BYTES).then_some(length)
+    }
+
+    /// The index in a frame's content; `None` (read the segment) for a format this version
+    /// does not know or a filter that is not one.
+    pub fn from_frame_content(content: &[u8]) -> Option<LogTextIndex> {
+        let (&format, filter) = content.split_first()?;
+        let word_count = filter.len() / 8;
+        if format != FORMAT || filter.len() % 8 != 0 || !word_count.is_power_of_two() || word_count > MAX_WORDS {
+            return None;
+        }
+        let words = filter.chunks_exact(8).map(|word| u64::from_le_bytes(word.try_into().expect("eight bytes"))).collect();
+        Some(LogTextIndex { words })
     }
 
     /// False only when no message of the segment can contain the text of `query`.
     pub fn may_contain(&self, query: &TextQuery) -> bool {
-        let word_count = self.bloom.len() / 8;
-        if self.format != FORMAT || !word_count.is_power_of_two() || self.bloom.len() % 8 != 0 {
-            return true;
-        }
-        query.probes.iter().all(|probe| {
-            let at = (probe.word as usize & (word_count - 1)) * 8;
-            let word = u64::from_le_bytes(self.bloom[at..at + 8].try_into().expect("eight bytes"));
-            word & probe.bit != 0
-        })
+        let mask = self.words.len() - 1;
+        query.probes.iter().all(|probe| self.words[probe.word as usize & mask] & probe.bit != 0)
+    }
+
+    /// The filter's size in bytes.
+    pub fn filter_bytes(&self) -> usize {
+        self.words.len() * 8
     }
 }
 
@@ -143,21 +182,6 @@ impl TextQuery {
         probes.sort_unstable_by_key(|probe| (probe.word, probe.bit));
         probes.dedup();
         (!probes.is_empty()).then_some(TextQuery { probes })
-    }
-}
-
-mod base64_bytes {
-    use base64::Engine as _;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
     }
 }
 
@@ -186,12 +210,12 @@ mod tests {
         for text in ["checksum mismatch", "vendored blob 7f3a9c", "GRÖSSE"] {
             assert!(!passes(&index, text), "{text:?} is in no message");
         }
-        // A text never spans two messages, so the index need not hold their junction.
+        // Two messages one after the other are not one text.
         assert!(!passes(&index, "serde v1.0.210error"));
         // Small segments get small indexes; an empty one rules out every text with a trigram.
-        assert_eq!(index.bloom.len(), 128);
+        assert_eq!(index.filter_bytes(), 128);
         let empty = LogTextIndex::build([]);
-        assert_eq!(empty.bloom.len(), 8);
+        assert_eq!(empty.filter_bytes(), 8);
         assert!(!passes(&empty, "abc") && passes(&empty, "ab"));
     }
 
@@ -206,28 +230,42 @@ mod tests {
             }
         }
         let index = LogTextIndex::build(messages.iter().map(String::as_str));
-        assert_eq!(index.bloom.len(), MAX_WORDS * 8);
+        assert_eq!(index.filter_bytes(), MAX_WORDS * 8);
         assert!(messages.iter().all(|message| passes(&index, message)));
-        assert!(serde_json::to_string(&index).unwrap().len() < 11_000);
+        assert_eq!(index.to_frame().len(), FRAME_HEADER_BYTES + MAX_CONTENT_BYTES);
     }
 
+    /// The frame round-trips; a frame of another format, a filter that is not one, or a blob
+    /// that does not start with an index frame gives no index (the segment is read).
     #[test]
-    fn an_index_of_an_unknown_format_rules_nothing_out() {
-        let mut index = LogTextIndex::build(["one message"]);
-        index.format = 2;
-        assert!(passes(&index, "another text"));
-        let mut index = LogTextIndex::build(["one message"]);
-        index.bloom.pop();
-        assert!(passes(&index, "another text"));
+    fn frames_of_other_formats_or_sizes_give_no_index() {
+        let index = LogTextIndex::build(["one message", "and another"]);
+        let frame = index.to_frame();
+        let header: [u8; FRAME_HEADER_BYTES] = frame[..FRAME_HEADER_BYTES].try_into().unwrap();
+        assert_eq!(LogTextIndex::frame_content_length(&header), Some(frame.len() - FRAME_HEADER_BYTES));
+        assert_eq!(LogTextIndex::from_frame_content(&frame[FRAME_HEADER_BYTES..]), Some(index));
+        let mut other_format = frame[FRAME_HEADER_BYTES..].to_vec();
+        other_format[0] = 2;
+        assert_eq!(LogTextIndex::from_frame_content(&other_format), None);
+        assert_eq!(LogTextIndex::from_frame_content(&frame[FRAME_HEADER_BYTES..frame.len() - 1]), None);
+        assert_eq!(LogTextIndex::from_frame_content(&frame[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + 1 + 24]), None, "three words");
+        assert_eq!(LogTextIndex::from_frame_content(&[]), None);
+        let mut too_long = header;
+        too_long[4..].copy_from_slice(&(MAX_CONTENT_BYTES as u32 + 1).to_le_bytes());
+        assert_eq!(LogTextIndex::frame_content_length(&too_long), None);
+        let plain_zstd = zstd::encode_all(&b"{}\n"[..], 1).unwrap();
+        assert_eq!(LogTextIndex::frame_content_length(&plain_zstd[..FRAME_HEADER_BYTES].try_into().unwrap()), None);
     }
 
-    /// Format 1, frozen: this index was written by this version and must read the same forever
+    /// Format 1, frozen: this frame was written by this version and must read the same forever
     /// (the hash and the layout are the stored format).
     #[test]
     fn frozen_format_1() {
-        let stored = r#"{"format":1,"bloom":"RAgEQAIAAAAAAIAgYAAEAA=="}"#;
-        let index: LogTextIndex = serde_json::from_str(stored).unwrap();
-        assert_eq!(serde_json::to_string(&LogTextIndex::build(["Disk full", "ok"])).unwrap(), stored);
+        let hex = |bytes: &[u8]| bytes.iter().map(|byte| format!("{byte:02x}")).collect::<String>();
+        let stored = "5d2a4d18110000000144080440020000000000802060000400";
+        assert_eq!(hex(&LogTextIndex::build(["Disk full", "ok"]).to_frame()), stored);
+        let bytes: Vec<u8> = (0..stored.len()).step_by(2).map(|at| u8::from_str_radix(&stored[at..at + 2], 16).unwrap()).collect();
+        let index = LogTextIndex::from_frame_content(&bytes[FRAME_HEADER_BYTES..]).unwrap();
         assert!(passes(&index, "DISK") && passes(&index, "k fu"));
         assert!(!passes(&index, "disk fully") && !passes(&index, "oka"));
     }
@@ -263,11 +301,11 @@ mod tests {
             prop_assert!(search_matches(message, &lowered_substring.chars().take(length).collect::<String>()));
         }
 
-        /// The index's answer is the same after a JSON round trip (as stored in the metadata).
+        /// The index's answer is the same read back from its frame (as stored in the blob).
         #[test]
         fn the_stored_index_answers_the_same(messages in prop::collection::vec(message(), 0..20), text in message()) {
             let index = LogTextIndex::build(messages.iter().map(String::as_str));
-            let stored: LogTextIndex = serde_json::from_str(&serde_json::to_string(&index).unwrap()).unwrap();
+            let stored = LogTextIndex::from_frame_content(&index.to_frame()[FRAME_HEADER_BYTES..]).unwrap();
             prop_assert_eq!(passes(&index, &text), passes(&stored, &text));
             if messages.iter().any(|message| search_matches(message, &text)) {
                 prop_assert!(passes(&stored, &text));

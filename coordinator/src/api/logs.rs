@@ -27,7 +27,7 @@ use super::extract::{Caller, Path, Query, parse_id};
 use super::{schema, sse};
 use crate::api_error::ApiError;
 use crate::blob_store::BlobStore;
-use crate::log_segments::{LogLevel, LogLine, read_segment, segments_of};
+use crate::log_segments::{LogLevel, LogLine, missing_segment, read_segment, read_text_index, segments_of};
 use crate::log_text_index::TextQuery;
 use crate::node::Node;
 use crate::state::apply::{index, index_ids, load_id, log_segment_key};
@@ -602,8 +602,8 @@ struct SearchFilter {
     /// The bytes a stored line must contain (lower-cased JSON): the text when JSON writes it
     /// unchanged (ASCII without quotes, backslashes or control characters), and the level's field.
     needles: Vec<Vec<u8>>,
-    /// The text's trigrams, tested against each segment's text index; `None` without a text or
-    /// with one too short to have a trigram.
+    /// The text's trigrams, tested against each segment's text index before the segment is
+    /// fetched; `None` without a text or with one too short to have a trigram.
     text_query: Option<TextQuery>,
 }
 
@@ -624,14 +624,10 @@ impl SearchFilter {
         SearchFilter { level, start, end, text, needles, text_query }
     }
 
-    /// Whether the segment's metadata alone shows that no line of it matches: its time range,
-    /// its count of errors, or its text index (segments recorded before the index have none,
-    /// and are read).
     fn skips_segment(&self, segment: &LogSegment) -> bool {
         self.start.is_some_and(|start| segment.last_timestamp < start)
             || self.end.is_some_and(|end| segment.first_timestamp > end)
             || (self.level == Some(LogLevel::Error) && segment.error_lines == 0)
-            || self.text_query.as_ref().zip(segment.text_index.as_ref()).is_some_and(|(query, index)| !index.may_contain(query))
     }
 
     fn keeps(&self, line: &LogLine) -> bool {
@@ -768,14 +764,22 @@ async fn search_logs(
             }
         }
         segments.retain(|segment| !filter.skips_segment(segment));
-        // Fetch and search a few segments ahead, in order.
+        // Fetch and search a few segments ahead, in order; with a text, first the segment's text
+        // index alone (segments written before the index have none, and are read).
         let reads = segments.into_iter().enumerate().map(|(position, segment)| {
             let (blobs, filter) = (state.blobs.clone(), filter.clone());
             let before = if position == 0 { from_line } else { None };
             async move {
-                let bytes = blobs.get(&segment.blob_key).await.map_err(|e| ApiError::internal(e.to_string()))?.ok_or_else(|| {
-                    ApiError::internal(format!("log segment {} is recorded but missing from the blob store", segment.blob_key))
-                })?;
+                if let Some(query) = &filter.text_query
+                    && read_text_index(blobs.as_ref(), &segment).await?.is_some_and(|index| !index.may_contain(query))
+                {
+                    return Ok((segment, Vec::new()));
+                }
+                let bytes = blobs
+                    .get(&segment.blob_key)
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?
+                    .ok_or_else(|| missing_segment(&segment))?;
                 let found = tokio::task::spawn_blocking(move || search_segment(&bytes, &filter, before))
                     .await
                     .map_err(|e| ApiError::internal(format!("searching a log segment failed: {e}")))?
@@ -819,7 +823,6 @@ mod tests {
             error_lines: 0,
             first_timestamp: 0,
             last_timestamp: 0,
-            text_index: None,
         };
         assert!(cursor.segment_consumed(&segment(0, 2, 1)) && cursor.segment_consumed(&segment(0, 1, 50)));
         assert!(!cursor.segment_consumed(&segment(0, 2, 2)) && !cursor.segment_consumed(&segment(0, 3, 1)));
@@ -1009,29 +1012,30 @@ mod tests {
             }
             crate::log_segments::append(&node, blobs.as_ref(), 1, 1, lines).await.unwrap();
         }
-        // Deployment 2: recorded by a version before the index (no index in the metadata), the
-        // rare text in another case in its first segment.
+        // Deployment 2: stored by a version before the index (the blob is only the zstd frame of
+        // its JSON lines), the rare text in another case in its first segment.
         for sequence in 1..=2 {
             let mut lines = ordinary(2, sequence as i64);
             if sequence == 1 {
                 lines.push(line(2_001_100, LogLevel::Info, format!("note: {} elsewhere", rare.to_uppercase())));
             }
-            let encoded = crate::log_segments::EncodedSegment::new(&lines);
+            let jsonl: Vec<u8> = lines.iter().flat_map(|line| [serde_json::to_vec(line).unwrap(), b"\n".to_vec()].concat()).collect();
+            let stored_before = zstd::encode_all(jsonl.as_slice(), 1).unwrap();
             let blob_key = crate::log_segments::segment_blob_key(2, 1, sequence);
-            blobs.put(&blob_key, encoded.bytes.clone()).await.unwrap();
+            let encoded = crate::log_segments::EncodedSegment::new(&lines);
             test.propose(Command::RecordLogSegment {
                 deployment_id: 2,
                 job_id: 1,
                 sequence,
-                blob_key,
-                bytes: encoded.bytes.len() as u64,
+                blob_key: blob_key.clone(),
+                bytes: stored_before.len() as u64,
                 lines: encoded.lines,
                 error_lines: encoded.error_lines,
                 first_timestamp: encoded.first_timestamp,
                 last_timestamp: encoded.last_timestamp,
-                text_index: None,
             })
             .await;
+            blobs.put(&blob_key, stored_before).await.unwrap();
         }
         // Deployments 3 and 4, the newest: indexed segments without the rare text.
         for deployment in 3..=4 {
@@ -1039,8 +1043,11 @@ mod tests {
                 crate::log_segments::append(&node, blobs.as_ref(), deployment, 1, ordinary(deployment as i64, segment)).await.unwrap();
             }
         }
-        assert!(segments_of(&node, 2, None).unwrap().iter().all(|segment| segment.text_index.is_none()));
-        assert!(segments_of(&node, 3, None).unwrap().iter().all(|segment| segment.text_index.is_some()));
+        for (deployment_id, indexed) in [(1, true), (2, false), (3, true), (4, true)] {
+            for segment in segments_of(&node, deployment_id, None).unwrap() {
+                assert_eq!(read_text_index(blobs.as_ref(), &segment).await.unwrap().is_some(), indexed, "{}", segment.blob_key);
+            }
+        }
 
         let searches: [(&str, Option<LogLevel>); 9] = [
             (rare, None),
@@ -1063,13 +1070,18 @@ mod tests {
         let rare_matches = test.scan(rare, None).await;
         assert_eq!(rare_matches.iter().map(|(deployment, _)| *deployment).collect::<Vec<_>>(), vec![2, 1]);
 
-        // Without the blobs of every indexed segment that lacks the rare text, the search for it
-        // still answers the same: those segments are skipped unread.
+        // With every indexed segment that lacks the rare text cut down to its index (the lines
+        // replaced by bytes that are not zstd), the search for it still answers the same: those
+        // segments are skipped after reading only their index.
         for deployment_id in [1, 3, 4] {
             for segment in segments_of(&node, deployment_id, None).unwrap() {
                 let lines = read_segment(blobs.as_ref(), &segment).await.unwrap();
                 if !lines.iter().any(|line| line.message.contains(rare)) {
-                    blobs.delete(&segment.blob_key).await.unwrap();
+                    let blob = blobs.get(&segment.blob_key).await.unwrap().unwrap();
+                    let index_length =
+                        crate::log_text_index::FRAME_HEADER_BYTES + u32::from_le_bytes(blob[4..8].try_into().unwrap()) as usize;
+                    blobs.put(&segment.blob_key, [&blob[..index_length], b"not zstd"].concat()).await.unwrap();
+                    assert!(read_segment(blobs.as_ref(), &segment).await.is_err());
                 }
             }
         }

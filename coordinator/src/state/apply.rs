@@ -591,7 +591,6 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
             error_lines,
             first_timestamp,
             last_timestamp,
-            text_index,
         } => {
             let segment = LogSegment {
                 deployment_id: *deployment_id,
@@ -603,15 +602,11 @@ fn execute(txn: &mut Txn, proposal: &Proposal) -> StoreResult<Outcome> {
                 error_lines: *error_lines,
                 first_timestamp: *first_timestamp,
                 last_timestamp: *last_timestamp,
-                text_index: text_index.clone(),
             };
             let key = log_segment_key(*deployment_id, *job_id, *sequence);
-            // Recording the same segment twice (a retried upload) is not an error, even when
-            // only one of the two records carries a text index (a chunk first recorded by a
-            // version without it, resent to one with it).
+            // Recording the same segment twice (a retried upload) is not an error.
             if let Some(existing) = load::<LogSegment>(txn, Table::Logs, &key)? {
-                let without_index = |segment: &LogSegment| LogSegment { text_index: None, ..segment.clone() };
-                if without_index(&existing) == without_index(&segment) {
+                if existing == segment {
                     return Ok(Outcome::applied(None, 0));
                 }
                 return Ok(Outcome::rejected(

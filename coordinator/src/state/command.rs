@@ -10,7 +10,6 @@ use super::records::{
     BuildSettings, DeploySettings, DeployStrategy, DeploymentStatus, EnvironmentSettings, NotificationType, ResourceUsage, Role,
     RolloutHost, ScmType, StepRecord, Timestamp,
 };
-use crate::log_text_index::LogTextIndex;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
@@ -335,9 +334,6 @@ pub enum Command {
         error_lines: u64,
         first_timestamp: Timestamp,
         last_timestamp: Timestamp,
-        /// Absent in commands of versions before the index (and then in the record).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        text_index: Option<LogTextIndex>,
     },
     CreateNotification {
         user_id: u64,

@@ -6,8 +6,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::log_text_index::LogTextIndex;
-
 /// Milliseconds since the Unix epoch, stamped by the leader.
 pub type Timestamp = i64;
 
@@ -612,10 +610,6 @@ pub struct LogSegment {
     pub error_lines: u64,
     pub first_timestamp: Timestamp,
     pub last_timestamp: Timestamp,
-    /// What text the segment's messages can hold, so that a search skips the segment without
-    /// reading it. Absent on segments recorded before the index existed: those are read.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub text_index: Option<LogTextIndex>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

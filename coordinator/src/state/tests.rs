@@ -296,55 +296,6 @@ fn frozen_repository_without_polling_settings_still_decodes() {
     assert!(!String::from_utf8_lossy(&encode(&repository)).contains("poll_interval_seconds"));
 }
 
-/// A log segment and its command as version 1 wrote them before text indexes existed: they
-/// still decode, without an index (a search reads such a segment). A retried command that
-/// carries an index for a segment recorded without one is the same segment, not a conflict.
-#[test]
-fn frozen_log_segment_without_a_text_index_still_decodes() {
-    let segment = b"\x01{\"deployment_id\":7,\"job_id\":2,\"sequence\":4294967297,\"blob_key\":\"logs/000000/7-2-004294967297.jsonl.zst\",\"bytes\":120,\"lines\":3,\"error_lines\":1,\"first_timestamp\":10,\"last_timestamp\":12}";
-    let segment: LogSegment = decode(Table::Logs, segment).unwrap();
-    assert_eq!((segment.lines, &segment.text_index), (3, &None));
-    assert!(!String::from_utf8_lossy(&encode(&segment)).contains("text_index"), "unset, the field is not written");
-    let proposal = b"{\"time\":1,\"actor\":null,\"command\":{\"type\":\"record_log_segment\",\"deployment_id\":7,\"job_id\":2,\"sequence\":4294967297,\"blob_key\":\"logs/000000/7-2-004294967297.jsonl.zst\",\"bytes\":120,\"lines\":3,\"error_lines\":1,\"first_timestamp\":10,\"last_timestamp\":12}}";
-    let proposal: Proposal = serde_json::from_slice(proposal).unwrap();
-    let Command::RecordLogSegment { text_index: None, .. } = &proposal.command else { panic!("{:?}", proposal.command) };
-
-    let mut txn = Txn::new(&EmptyState);
-    apply(&mut txn, &proposal, 1).unwrap().result.unwrap();
-    let Command::RecordLogSegment {
-        deployment_id,
-        job_id,
-        sequence,
-        blob_key,
-        bytes,
-        lines,
-        error_lines,
-        first_timestamp,
-        last_timestamp,
-        ..
-    } = proposal.command
-    else {
-        unreachable!()
-    };
-    let indexed = |lines, text_index| Command::RecordLogSegment {
-        deployment_id,
-        job_id,
-        sequence,
-        blob_key: blob_key.clone(),
-        bytes,
-        lines,
-        error_lines,
-        first_timestamp,
-        last_timestamp,
-        text_index,
-    };
-    let index = crate::log_text_index::LogTextIndex::build(["one", "two", "three"]);
-    assert_eq!(propose(&mut txn, 2, indexed(lines, Some(index))).result.unwrap().affected, 0, "the same segment again");
-    let stored: LogSegment = load(&txn, Table::Logs, &apply::log_segment_key(7, 2, 4_294_967_297)).unwrap().unwrap();
-    assert_eq!(stored.text_index, None, "the first record stays");
-    assert_eq!(propose(&mut txn, 3, indexed(lines + 1, None)).result.unwrap_err().code, RejectionCode::Conflict);
-}
-
 /// An agent's measurements of a build (commit time, container usage) land on the job and the
 /// commit time on its deployment; a promotion of that build carries the commit time along, and
 /// a result without measurements (an older agent) leaves what was recorded.
