@@ -4,13 +4,17 @@
 //! out a segment that holds the text (no false negatives); letting through a segment that does
 //! not is only a cost.
 //!
-//! The index is a Bloom filter (one hash) of the byte trigrams of each message lower-cased with
+//! The index is a Bloom filter (one hash) of byte trigrams of the messages lower-cased with
 //! `str::to_lowercase`, the same lower-casing the search applies to messages and to the text
-//! (`message.to_lowercase().contains(text.to_lowercase())`): every trigram of a lower-cased
-//! text found in a lower-cased message is a trigram of that message, so it is in the filter.
-//! A match never spans two messages; the trigrams across the end of one message and the start
-//! of the next are in the filter too, which only lets a few more segments through. A text
-//! shorter than three bytes (lower-cased) has no trigram and rules nothing out.
+//! (`message.to_lowercase().contains(text.to_lowercase())`), so every trigram of a lower-cased
+//! text found in a message is a trigram of the lower-cased message. The messages are indexed
+//! one after the other, each followed by a newline, and only the trigrams starting at every
+//! [`STRIDE`]-th byte of that go in: wherever a text sits, the trigrams at the text's offsets of
+//! one residue modulo the stride are all in the filter, so a segment passes when, for some
+//! residue, all of those are in it. A text of fewer than `2 + STRIDE` (four) bytes, lower-cased,
+//! rules nothing out. A match never spans two messages; the trigrams across the end of one
+//! message and the start of the next are in the filter too, which only lets a few more
+//! segments through.
 //!
 //! Filter layout (format 1): a bit array of 64-bit words, a power of two of them, from 1 to
 //! [`MAX_WORDS`] (8 KiB); each trigram sets one bit, chosen by its hash. The filter is built at
@@ -18,16 +22,17 @@
 //! a trigram set, since a trigram's word is its hash modulo the word count) while the halved
 //! filter has at most an eighth of its bits set, so a small segment gets a small index.
 //!
-//! One bit per trigram, not the three or more a Bloom filter of this size would best use:
-//! building the index goes through every byte of every agent chunk, and with three bits a
-//! trigram it took 16% of the coordinator's CPU in the log-ingest benchmark, more than zstd
-//! (14%); one bit costs about half as much. A text lets a segment through only when all its
-//! trigrams pass, so the rate per trigram compounds. Design false-positive rate, per trigram of
-//! the text that the segment does not hold: the share of bits set, at most 12.5% for any index
-//! that could be halved, which a full one keeps up to about 8,500 distinct trigrams. Measured
-//! on 512 KiB chunks: build-log lines like the benchmark's (7,800 distinct trigrams) 11.6%, a
-//! dpkg log (4,500) 6.4%, Rust source (9,200-12,000) 13-16%. A text of ten characters of which
-//! a segment lacks three trigrams gets through about once in 600 segments.
+//! Why one bit per trigram and a trigram every second byte, not the three bits a filter of
+//! this size would best use at every byte: building the index goes through every byte of every
+//! agent chunk. With three bits at every byte it took 16% of the coordinator's CPU in the
+//! log-ingest benchmark, more than zstd (14%); with one bit, 8%, and ingest was still 12-20%
+//! slower than without an index. The false-positive rate per trigram of the text that the
+//! segment does not hold is the share of bits set: at most 12.5% in any index that could be
+//! halved, which a full one keeps up to about 8,500 distinct trigrams. Measured on 512 KiB
+//! chunks: build-log lines like the benchmark's 11.2%, Rust source 13% (23% at most). A text
+//! lets a segment through only when all the trigrams of one residue pass: a text of ten
+//! characters that a segment shares no trigram with gets through about once in 3,000
+//! segments (`2 × 0.12^4`); a four-character one about once in 4 (`2 × 0.12`).
 //!
 //! Where it is stored: a zstd skippable frame before the segment's zstd frame (magic
 //! [`FRAME_MAGIC`], the content's length, then a format byte and the filter's words,
@@ -37,7 +42,8 @@
 //! 512 KiB chunk would have made the state machine, and every snapshot of it, grow by about 2%
 //! of all log text ever stored, against about 0.05% for the rest of the metadata.
 //!
-//! The hash and the layout are a stored format: never change them without a new format byte.
+//! The hash, the stride and the layout are a stored format: never change them without a new
+//! format byte.
 //! An index of a format this version does not know rules nothing out.
 
 /// The largest index, in 64-bit words (8 KiB).
