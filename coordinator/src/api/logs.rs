@@ -948,46 +948,8 @@ mod tests {
     async fn text_indexes_skip_segments_without_changing_any_answer() {
         use crate::state::Command;
         let test = SearchedNode::start().await;
-        let repo_id = test
-            .propose(Command::ConnectRepository {
-                name: "search".into(),
-                repo_url: "https://github.com/org/search".into(),
-                branch: "main".into(),
-                scm_type: crate::state::records::ScmType::Github,
-                webhook_secret: None,
-                api_url: None,
-                access_token: None,
-                poll_interval_seconds: None,
-            })
-            .await
-            .unwrap();
-        let pipeline_id = test
-            .propose(Command::CreatePipeline {
-                name: "search".into(),
-                repo_id,
-                branch: None,
-                build_command: None,
-                deploy_strategy: crate::state::records::DeployStrategy::Rolling,
-                environment: "staging".into(),
-                build: Default::default(),
-                deploy: Default::default(),
-            })
-            .await
-            .unwrap();
-        for expected_id in 1..=4 {
-            let deployment_id = test
-                .propose(Command::CreateDeployment {
-                    pipeline_id,
-                    commit_hash: "a".repeat(40),
-                    environment: "staging".into(),
-                    config_overrides: Default::default(),
-                    rollback_of: None,
-                    branch: None,
-                    release_of: None,
-                })
-                .await;
-            assert_eq!(deployment_id, Some(expected_id), "the reference scan reads deployments 1 to 4");
-        }
+        let deployment_ids = crate::node::testing::deployments_of_a_new_pipeline(&test.state.node, 4).await;
+        assert_eq!(deployment_ids, vec![1, 2, 3, 4], "the reference scan reads deployments 1 to 4");
         let rare = "checksum mismatch in vendored blob 7f3a9c";
         let line = |timestamp: i64, level, message: String| LogLine { timestamp, level, job_id: 1, message, step: Some(0) };
         let ordinary = |deployment: i64, segment: i64| -> Vec<LogLine> {
