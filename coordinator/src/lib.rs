@@ -14,6 +14,7 @@ pub mod deploy;
 pub mod fleet;
 pub mod grpc_api;
 pub mod log_segments;
+pub mod log_text_index;
 pub mod node;
 pub mod observability;
 pub mod outbound;

@@ -1,12 +1,15 @@
 //! Deployment logs: lines are stored in the blob store as zstd-compressed JSON-lines segments
 //! (see [`segment_blob_key`]); Raft records only each segment's metadata (`RecordLogSegment`,
 //! which holds the blob key, so readers never derive it). Job 0 holds the coordinator's own
-//! lines about a deployment.
+//! lines about a deployment. Each segment's blob starts with an index of its text
+//! ([`LogTextIndex`], in a zstd skippable frame), built with the encoding, that lets a search
+//! skip the segment after reading only that.
 
 use serde::{Deserialize, Serialize};
 
 use crate::api_error::ApiError;
 use crate::blob_store::BlobStore;
+use crate::log_text_index::{FRAME_HEADER_BYTES, LogTextIndex};
 use crate::node::{Node, Requester};
 use crate::state::Command;
 use crate::state::apply::log_segment_key;
@@ -72,19 +75,24 @@ thread_local! {
     static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
 }
 
+/// A segment's blob: the text index of its messages (a zstd skippable frame), then its lines
+/// as zstd-compressed JSON lines.
 pub fn encode_segment(lines: &[LogLine]) -> Vec<u8> {
     let mut jsonl = Vec::with_capacity(lines.iter().map(|line| line.message.len() + 64).sum());
     for line in lines {
         serde_json::to_writer(&mut jsonl, line).expect("log lines serialize");
         jsonl.push(b'\n');
     }
+    let mut blob = LogTextIndex::build(lines.iter().map(|line| line.message.as_str())).to_frame();
     COMPRESSOR.with(|compressor| {
         let mut compressor = compressor.borrow_mut();
         if compressor.is_none() {
             *compressor = Some(zstd::bulk::Compressor::new(SEGMENT_ZSTD_LEVEL).expect("a zstd context can be created"));
         }
-        compressor.as_mut().expect("just set").compress(&jsonl).expect("zstd compression of memory does not fail")
-    })
+        let compressed = compressor.as_mut().expect("just set").compress(&jsonl).expect("zstd compression of memory does not fail");
+        blob.extend_from_slice(&compressed);
+    });
+    blob
 }
 
 pub fn decode_segment(bytes: &[u8]) -> Result<Vec<LogLine>, String> {
@@ -109,12 +117,30 @@ pub fn segments_of(node: &Node, deployment_id: u64, job_id: Option<u64>) -> Resu
         .collect()
 }
 
+/// The text index at the start of a segment's blob, reading only it; `None` for a segment
+/// written before the index existed (or with an index of a format this version does not know).
+pub async fn read_text_index(blobs: &dyn BlobStore, segment: &LogSegment) -> Result<Option<LogTextIndex>, ApiError> {
+    use tokio::io::AsyncReadExt as _;
+    let reader = blobs.open(&segment.blob_key, 0).await.map_err(|e| ApiError::internal(e.to_string()))?;
+    let Some(mut blob) = reader else { return Err(missing_segment(segment)) };
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    if blob.total_len < FRAME_HEADER_BYTES as u64 {
+        return Ok(None);
+    }
+    blob.reader.read_exact(&mut header).await.map_err(|e| ApiError::internal(format!("reading {}: {e}", segment.blob_key)))?;
+    let Some(length) = LogTextIndex::frame_content_length(&header) else { return Ok(None) };
+    let mut content = vec![0u8; length];
+    blob.reader.read_exact(&mut content).await.map_err(|e| ApiError::internal(format!("reading {}: {e}", segment.blob_key)))?;
+    Ok(LogTextIndex::from_frame_content(&content))
+}
+
+pub fn missing_segment(segment: &LogSegment) -> ApiError {
+    ApiError::internal(format!("log segment {} is recorded but missing from the blob store", segment.blob_key))
+}
+
 pub async fn read_segment(blobs: &dyn BlobStore, segment: &LogSegment) -> Result<Vec<LogLine>, ApiError> {
-    let bytes = blobs
-        .get(&segment.blob_key)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .ok_or_else(|| ApiError::internal(format!("log segment {} is recorded but missing from the blob store", segment.blob_key)))?;
+    let bytes =
+        blobs.get(&segment.blob_key).await.map_err(|e| ApiError::internal(e.to_string()))?.ok_or_else(|| missing_segment(segment))?;
     decode_segment(&bytes).map_err(ApiError::internal)
 }
 
@@ -276,6 +302,42 @@ mod tests {
             let lines: Vec<LogLine> = (0..count).map(|index| LogLine { timestamp: index, ..lines[0].clone() }).collect();
             assert_eq!(decode_segment(&encode_segment(&lines)).unwrap(), lines);
         }
+    }
+
+    /// A segment's blob starts with its text index, which any zstd decoder skips (so a
+    /// coordinator that predates the index reads it); a blob written before the index has none.
+    #[tokio::test]
+    async fn blobs_start_with_a_text_index_that_zstd_skips() {
+        let lines = vec![LogLine { timestamp: 7, level: LogLevel::Error, job_id: 2, message: "Disk FULL on runner".into(), step: Some(0) }];
+        let blob = encode_segment(&lines);
+        let mut jsonl = serde_json::to_vec(&lines[0]).unwrap();
+        jsonl.push(b'\n');
+        assert_eq!(zstd::decode_all(blob.as_slice()).unwrap(), jsonl, "the index frame is skipped");
+        assert_eq!(decode_segment(&blob).unwrap(), lines);
+
+        let directory = tempfile::tempdir().unwrap();
+        let blobs = crate::blob_store::DirBlobStore::open(directory.path()).unwrap();
+        let segment = |blob_key: &str| LogSegment {
+            deployment_id: 1,
+            job_id: 2,
+            sequence: 1,
+            blob_key: blob_key.into(),
+            bytes: 0,
+            lines: 1,
+            error_lines: 1,
+            first_timestamp: 7,
+            last_timestamp: 7,
+        };
+        blobs.put("logs/indexed", blob).await.unwrap();
+        blobs.put("logs/before-the-index", zstd::encode_all(jsonl.as_slice(), 1).unwrap()).await.unwrap();
+        blobs.put("logs/empty", Vec::new()).await.unwrap();
+        let index = read_text_index(&blobs, &segment("logs/indexed")).await.unwrap().expect("an index");
+        let passes = |text: &str| crate::log_text_index::TextQuery::new(text).is_none_or(|query| index.may_contain(&query));
+        assert!(passes("disk full") && !passes("disk empty"));
+        assert_eq!(read_text_index(&blobs, &segment("logs/before-the-index")).await.unwrap(), None);
+        assert_eq!(read_text_index(&blobs, &segment("logs/empty")).await.unwrap(), None);
+        let missing = read_text_index(&blobs, &segment("logs/missing")).await.unwrap_err();
+        assert!(missing.message.contains("missing from the blob store"), "{}", missing.message);
     }
 
     #[test]

@@ -585,4 +585,52 @@ pub mod testing {
         }
         node
     }
+
+    /// A repository (with a webhook secret, so nothing polls it), a pipeline of it and `count`
+    /// deployments of that pipeline in `development`, proposed on `node`; nothing runs their
+    /// builds. The deployments' ids, oldest first.
+    pub async fn deployments_of_a_new_pipeline(node: &Node, count: usize) -> Vec<u64> {
+        use crate::state::Command;
+        use crate::state::records::{DeployStrategy, ScmType};
+        let propose = |command| async move {
+            let (outcome, _) = node.propose(&super::Requester::system(), command).await.expect("proposed");
+            outcome.result.expect("applied").id.expect("an id")
+        };
+        let repo_id = propose(Command::ConnectRepository {
+            name: "repo".into(),
+            repo_url: "https://github.com/org/repo".into(),
+            branch: "main".into(),
+            scm_type: ScmType::Github,
+            webhook_secret: Some("sealed".into()),
+            api_url: None,
+            access_token: None,
+            poll_interval_seconds: None,
+        })
+        .await;
+        let pipeline_id = propose(Command::CreatePipeline {
+            name: "web".into(),
+            repo_id,
+            branch: Some("main".into()),
+            build_command: Some("true".into()),
+            deploy_strategy: DeployStrategy::Rolling,
+            environment: "development".into(),
+            build: Default::default(),
+            deploy: Default::default(),
+        })
+        .await;
+        let mut deployment_ids = Vec::new();
+        for _ in 0..count {
+            let create = Command::CreateDeployment {
+                pipeline_id,
+                commit_hash: "a".repeat(40),
+                environment: "development".into(),
+                config_overrides: Default::default(),
+                rollback_of: None,
+                branch: None,
+                release_of: None,
+            };
+            deployment_ids.push(propose(create).await);
+        }
+        deployment_ids
+    }
 }

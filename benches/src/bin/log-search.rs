@@ -264,7 +264,7 @@ async fn run(arguments: Arguments) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         out,
-        "- Data: {} MB of build-log text ({} deployments, one job each, shipped in 512 KiB chunks through `ShipLogs` by simulated agents and acknowledged: stored as zstd JSON-lines segments with their metadata in Raft), ingested in {ingest_seconds:.0} s. The rare text is only in the oldest deployment.",
+        "- Data: {} MB of build-log text ({} deployments, one job each, shipped in 512 KiB chunks through `ShipLogs` by simulated agents and acknowledged: stored as zstd JSON-lines segments, each behind its text index, with their metadata in Raft), ingested in {ingest_seconds:.0} s. The rare text is only in the oldest deployment.",
         stored_bytes / 1_000_000,
         arguments.jobs
     );

@@ -27,7 +27,8 @@ use super::extract::{Caller, Path, Query, parse_id};
 use super::{schema, sse};
 use crate::api_error::ApiError;
 use crate::blob_store::BlobStore;
-use crate::log_segments::{LogLevel, LogLine, read_segment, segments_of};
+use crate::log_segments::{LogLevel, LogLine, missing_segment, read_segment, read_text_index, segments_of};
+use crate::log_text_index::TextQuery;
 use crate::node::Node;
 use crate::state::apply::{index, index_ids, load_id, log_segment_key};
 use crate::state::codec::{decode, id_key};
@@ -601,6 +602,9 @@ struct SearchFilter {
     /// The bytes a stored line must contain (lower-cased JSON): the text when JSON writes it
     /// unchanged (ASCII without quotes, backslashes or control characters), and the level's field.
     needles: Vec<Vec<u8>>,
+    /// The text's trigrams, tested against each segment's text index before the segment is
+    /// fetched; `None` without a text or with one too short to have a trigram.
+    text_query: Option<TextQuery>,
 }
 
 impl SearchFilter {
@@ -616,7 +620,8 @@ impl SearchFilter {
             let name = serde_json::to_string(&level).expect("levels serialize").to_lowercase();
             needles.push(format!("\"level\":{name}").into_bytes());
         }
-        SearchFilter { level, start, end, text, needles }
+        let text_query = text.as_deref().and_then(TextQuery::new);
+        SearchFilter { level, start, end, text, needles, text_query }
     }
 
     fn skips_segment(&self, segment: &LogSegment) -> bool {
@@ -759,14 +764,22 @@ async fn search_logs(
             }
         }
         segments.retain(|segment| !filter.skips_segment(segment));
-        // Fetch and search a few segments ahead, in order.
+        // Fetch and search a few segments ahead, in order; with a text, first the segment's text
+        // index alone (segments written before the index have none, and are read).
         let reads = segments.into_iter().enumerate().map(|(position, segment)| {
             let (blobs, filter) = (state.blobs.clone(), filter.clone());
             let before = if position == 0 { from_line } else { None };
             async move {
-                let bytes = blobs.get(&segment.blob_key).await.map_err(|e| ApiError::internal(e.to_string()))?.ok_or_else(|| {
-                    ApiError::internal(format!("log segment {} is recorded but missing from the blob store", segment.blob_key))
-                })?;
+                if let Some(query) = &filter.text_query
+                    && read_text_index(blobs.as_ref(), &segment).await?.is_some_and(|index| !index.may_contain(query))
+                {
+                    return Ok((segment, Vec::new()));
+                }
+                let bytes = blobs
+                    .get(&segment.blob_key)
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?
+                    .ok_or_else(|| missing_segment(&segment))?;
                 let found = tokio::task::spawn_blocking(move || search_segment(&bytes, &filter, before))
                     .await
                     .map_err(|e| ApiError::internal(format!("searching a log segment failed: {e}")))?
@@ -857,6 +870,185 @@ mod tests {
         assert_eq!(search(None, Some("ÜBER"), None), vec![(3, 4)]);
         assert_eq!(search(None, Some("\"level\""), None), vec![], "field names are not message text");
         assert_eq!(search(None, None, Some(2)), vec![(1, 2), (0, 1)], "a cursor resumes before its line");
+    }
+
+    /// The deployments, pipeline and store of a node whose logs a test searches in-process.
+    struct SearchedNode {
+        state: AppState,
+        _dir: tempfile::TempDir,
+    }
+
+    impl SearchedNode {
+        async fn start() -> SearchedNode {
+            let dir = tempfile::tempdir().unwrap();
+            let node = crate::node::testing::single_leader(&dir.path().join("data"), "").await;
+            let blobs: Arc<dyn BlobStore> = Arc::new(crate::blob_store::DirBlobStore::open(&dir.path().join("blobs")).unwrap());
+            let secrets = crate::secrets::MasterKeys::parse(&crate::secrets::MasterKeys::generate_file_text("test")).unwrap();
+            let state = AppState {
+                node,
+                prometheus: crate::observability::prometheus(),
+                secrets: Arc::new(secrets),
+                blobs,
+                outbound: Arc::new(crate::outbound::OutboundPolicy::new(&Default::default()).unwrap()),
+                release_usage: Default::default(),
+            };
+            SearchedNode { state, _dir: dir }
+        }
+
+        /// Propose `command`, which must apply; the id it created, if any.
+        async fn propose(&self, command: crate::state::Command) -> Option<u64> {
+            let (outcome, _) = self.state.node.propose(&crate::node::Requester::system(), command).await.unwrap();
+            outcome.result.unwrap().id
+        }
+
+        /// Every match of a search, newest first, read page by page through the handler.
+        async fn search(&self, query: &str, level: Option<&str>, limit: usize) -> Vec<(u64, LogLine)> {
+            let caller = Caller { user_id: 1, username: "viewer".into(), role: crate::state::records::Role::Viewer, source: None };
+            let (mut found, mut cursor) = (Vec::new(), None);
+            loop {
+                let query = LogSearchQuery {
+                    pipeline_id: None,
+                    log_level: level.map(str::to_string),
+                    start_time: None,
+                    end_time: None,
+                    q: Some(query.to_string()),
+                    limit: Some(limit),
+                    cursor: cursor.take(),
+                };
+                let Json(page) = search_logs(State(self.state.clone()), caller.clone(), Query(query)).await.unwrap();
+                found.extend(page.matches.into_iter().map(|found| (found.deployment_id, found.line)));
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return found,
+                }
+            }
+        }
+
+        /// What reading every segment whole, index or not, answers: the reference.
+        async fn scan(&self, query: &str, level: Option<LogLevel>) -> Vec<(u64, LogLine)> {
+            let filter = SearchFilter::new(level, None, None, Some(query));
+            let mut found = Vec::new();
+            for deployment_id in (1..=4).rev() {
+                let mut segments = segments_of(&self.state.node, deployment_id, None).unwrap();
+                newest_first(&mut segments);
+                for segment in segments {
+                    let lines = read_segment(self.state.blobs.as_ref(), &segment).await.unwrap();
+                    found.extend(lines.into_iter().rev().filter(|line| filter.keeps(line)).map(|line| (deployment_id, line)));
+                }
+            }
+            found
+        }
+    }
+
+    /// A rare text in the oldest deployment is found through the newer deployments' segments,
+    /// which their text indexes skip unread (their blobs are gone by the end, so reading one
+    /// would fail the search), and through segments recorded before the index existed, which
+    /// are read; every search answers what reading every segment whole answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn text_indexes_skip_segments_without_changing_any_answer() {
+        use crate::state::Command;
+        let test = SearchedNode::start().await;
+        let deployment_ids = crate::node::testing::deployments_of_a_new_pipeline(&test.state.node, 4).await;
+        assert_eq!(deployment_ids, vec![1, 2, 3, 4], "the reference scan reads deployments 1 to 4");
+        let rare = "checksum mismatch in vendored blob 7f3a9c";
+        let line = |timestamp: i64, level, message: String| LogLine { timestamp, level, job_id: 1, message, step: Some(0) };
+        let ordinary = |deployment: i64, segment: i64| -> Vec<LogLine> {
+            (0..40)
+                .map(|index| {
+                    let timestamp = deployment * 1_000_000 + segment * 1000 + index;
+                    match index % 4 {
+                        0 => line(timestamp, LogLevel::Info, format!("   Compiling serde v1.0.{index} (segment {segment})")),
+                        1 => line(timestamp, LogLevel::Warning, format!("warning: unused variable `value_{index}`")),
+                        2 => line(timestamp, LogLevel::Error, format!("error[E0308]: mismatched types in deployment {deployment}")),
+                        _ => line(timestamp, LogLevel::Info, format!("Größe der Datei {index}: ΟΔΟΣ ok")),
+                    }
+                })
+                .collect()
+        };
+        let (node, blobs) = (test.state.node.clone(), test.state.blobs.clone());
+        // Deployment 1, the oldest: indexed segments, the rare text in the second of three.
+        for segment in 0..3 {
+            let mut lines = ordinary(1, segment);
+            if segment == 1 {
+                lines.insert(7, line(1_001_006, LogLevel::Error, format!("error: {rare} (attempt 1)")));
+            }
+            crate::log_segments::append(&node, blobs.as_ref(), 1, 1, lines).await.unwrap();
+        }
+        // Deployment 2: stored by a version before the index (the blob is only the zstd frame of
+        // its JSON lines), the rare text in another case in its first segment.
+        for sequence in 1..=2 {
+            let mut lines = ordinary(2, sequence as i64);
+            if sequence == 1 {
+                lines.push(line(2_001_100, LogLevel::Info, format!("note: {} elsewhere", rare.to_uppercase())));
+            }
+            let jsonl: Vec<u8> = lines.iter().flat_map(|line| [serde_json::to_vec(line).unwrap(), b"\n".to_vec()].concat()).collect();
+            let stored_before = zstd::encode_all(jsonl.as_slice(), 1).unwrap();
+            let blob_key = crate::log_segments::segment_blob_key(2, 1, sequence);
+            let encoded = crate::log_segments::EncodedSegment::new(&lines);
+            test.propose(Command::RecordLogSegment {
+                deployment_id: 2,
+                job_id: 1,
+                sequence,
+                blob_key: blob_key.clone(),
+                bytes: stored_before.len() as u64,
+                lines: encoded.lines,
+                error_lines: encoded.error_lines,
+                first_timestamp: encoded.first_timestamp,
+                last_timestamp: encoded.last_timestamp,
+            })
+            .await;
+            blobs.put(&blob_key, stored_before).await.unwrap();
+        }
+        // Deployments 3 and 4, the newest: indexed segments without the rare text.
+        for deployment in 3..=4 {
+            for segment in 0..4 {
+                crate::log_segments::append(&node, blobs.as_ref(), deployment, 1, ordinary(deployment as i64, segment)).await.unwrap();
+            }
+        }
+        for (deployment_id, indexed) in [(1, true), (2, false), (3, true), (4, true)] {
+            for segment in segments_of(&node, deployment_id, None).unwrap() {
+                assert_eq!(read_text_index(blobs.as_ref(), &segment).await.unwrap().is_some(), indexed, "{}", segment.blob_key);
+            }
+        }
+
+        let searches: [(&str, Option<LogLevel>); 9] = [
+            (rare, None),
+            ("CHECKSUM Mismatch", None),
+            ("mismatch", Some(LogLevel::Error)),
+            ("größe der", None),
+            ("ΟΔΟΣ OK", None),
+            ("οδος", Some(LogLevel::Info)),
+            ("ok", None),
+            ("7", None),
+            ("not in any log", None),
+        ];
+        for (text, level) in searches {
+            let expected = test.scan(text, level).await;
+            let level_name = level.map(|level| serde_json::to_value(level).unwrap().as_str().unwrap().to_string());
+            for limit in [1000, 7] {
+                assert_eq!(test.search(text, level_name.as_deref(), limit).await, expected, "{text:?} {level:?}, pages of {limit}");
+            }
+        }
+        let rare_matches = test.scan(rare, None).await;
+        assert_eq!(rare_matches.iter().map(|(deployment, _)| *deployment).collect::<Vec<_>>(), vec![2, 1]);
+
+        // With every indexed segment that lacks the rare text cut down to its index (the lines
+        // replaced by bytes that are not zstd), the search for it still answers the same: those
+        // segments are skipped after reading only their index.
+        for deployment_id in [1, 3, 4] {
+            for segment in segments_of(&node, deployment_id, None).unwrap() {
+                let lines = read_segment(blobs.as_ref(), &segment).await.unwrap();
+                if !lines.iter().any(|line| line.message.contains(rare)) {
+                    let blob = blobs.get(&segment.blob_key).await.unwrap().unwrap();
+                    let index_length =
+                        crate::log_text_index::FRAME_HEADER_BYTES + u32::from_le_bytes(blob[4..8].try_into().unwrap()) as usize;
+                    blobs.put(&segment.blob_key, [&blob[..index_length], b"not zstd"].concat()).await.unwrap();
+                    assert!(read_segment(blobs.as_ref(), &segment).await.is_err());
+                }
+            }
+        }
+        assert_eq!(test.search(rare, None, 1).await, rare_matches);
+        assert_eq!(test.search("Vendored BLOB", None, 50).await, rare_matches);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::node::{Node, Requester};
 use crate::server::RunningServer;
 use crate::state::Command;
 use crate::state::command::NewDeploymentEvent;
-use crate::state::records::{DeployStrategy, DeploymentStatus, ScmType, event_kind};
+use crate::state::records::{DeploymentStatus, event_kind};
 
 struct Coordinator {
     server: RunningServer,
@@ -67,43 +67,7 @@ impl Coordinator {
     /// A pipeline (its repository has a webhook secret, so nothing polls it) and a deployment
     /// of it; no agent runs its build, so it stays queued until the test ends it.
     async fn new_deployment(&self) -> u64 {
-        let repo_id = self
-            .propose(Command::ConnectRepository {
-                name: "repo".into(),
-                repo_url: "https://github.com/org/repo".into(),
-                branch: "main".into(),
-                scm_type: ScmType::Github,
-                webhook_secret: Some("sealed".into()),
-                api_url: None,
-                access_token: None,
-                poll_interval_seconds: None,
-            })
-            .await
-            .expect("repository id");
-        let pipeline_id = self
-            .propose(Command::CreatePipeline {
-                name: "web".into(),
-                repo_id,
-                branch: Some("main".into()),
-                build_command: Some("true".into()),
-                deploy_strategy: DeployStrategy::Rolling,
-                environment: "development".into(),
-                build: Default::default(),
-                deploy: Default::default(),
-            })
-            .await
-            .expect("pipeline id");
-        self.propose(Command::CreateDeployment {
-            pipeline_id,
-            commit_hash: "a".repeat(40),
-            environment: "development".into(),
-            config_overrides: Default::default(),
-            rollback_of: None,
-            branch: None,
-            release_of: None,
-        })
-        .await
-        .expect("deployment id")
+        crate::node::testing::deployments_of_a_new_pipeline(self.node(), 1).await[0]
     }
 
     async fn record(&self, deployment_id: u64, events: Vec<NewDeploymentEvent>) {
