@@ -339,13 +339,14 @@ async fn docker_step_gets_its_limits_labels_and_name() {
     let workspace = tempfile::tempdir().unwrap();
     let job_id = fresh_job_id();
     let (output, collected) = Collected::new(16);
-    // What the kernel enforces, seen from inside (cgroup v2, or v1 on older hosts).
+    // What the kernel enforces, seen from inside (cgroup v2, or v1 on older hosts). The container
+    // lives long enough to be found and inspected on a loaded machine.
     let command = "if [ -f /sys/fs/cgroup/cpu.max ]; then \
                        echo cpu=$(cat /sys/fs/cgroup/cpu.max); echo memory=$(cat /sys/fs/cgroup/memory.max); \
                    else \
                        echo cpu=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us); \
                        echo memory=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes); \
-                   fi; sleep 3";
+                   fi; sleep 10";
     let mut step = request(job_id, "limits check", command, workspace.path(), &[]);
     step.limits = Limits { cpus: 0.5, memory_bytes: 64 * 1024 * 1024 };
 
