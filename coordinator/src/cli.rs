@@ -381,7 +381,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         if runtime.executor_name() == "shell" {
             println!("    (Docker is not usable here, so builds run as plain processes; start Docker and restart to build in containers)");
         } else {
-            println!("    it also deploys to the development environment here, on 127.0.0.1 at each pipeline's public_port");
+            println!(
+                "    it also deploys to the development environment and pull requests' previews here, on 127.0.0.1 at each pipeline's public_port"
+            );
         }
         Some(tokio::spawn(runtime.run(agent_shutdown.clone())))
     };
